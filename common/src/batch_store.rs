@@ -1,0 +1,266 @@
+//! Published batch versions: the layout both the batch layer (writer) and the serving layer
+//! (reader) use.
+//!
+//! ```text
+//! <data>/batch/versions/<version>/views.bin   every view's partials (postcard)
+//! <data>/batch/CURRENT                        manifest of the served version (JSON)
+//! <data>/batch/requests/<run id>              on-demand recompute requests
+//! ```
+//!
+//! A version is written beside the old ones and fsynced, then published by renaming a new
+//! `CURRENT` over the old one: one atomic step. A run that dies before the rename leaves the old
+//! version served; its directory is removed by the next run.
+
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::handoff::Offsets;
+use crate::views::{Partial, ViewKey, ViewSet};
+use crate::{Error, Result};
+
+/// What a published version holds and covers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u64,
+    /// When the version was published (RFC 3339).
+    pub published_at: String,
+    /// The handoff block size the cutoffs are aligned to.
+    pub block_size: u64,
+    /// Per partition: every offset below the cutoff is in this version, none at or above it.
+    pub cutoffs: Offsets,
+    /// Events folded (after dedupe), duplicates skipped.
+    pub events: u64,
+    pub duplicates: u64,
+    /// Number of view keys in the version.
+    pub keys: u64,
+    /// Wall time the recompute took.
+    pub duration_ms: u64,
+}
+
+pub fn root(data_dir: &Path) -> PathBuf {
+    data_dir.join("batch")
+}
+
+fn versions_dir(data_dir: &Path) -> PathBuf {
+    root(data_dir).join("versions")
+}
+
+fn version_dir(data_dir: &Path, version: u64) -> PathBuf {
+    versions_dir(data_dir).join(format!("{version:010}"))
+}
+
+fn current_path(data_dir: &Path) -> PathBuf {
+    root(data_dir).join("CURRENT")
+}
+
+fn requests_dir(data_dir: &Path) -> PathBuf {
+    root(data_dir).join("requests")
+}
+
+/// The manifest of the served version, if one was ever published.
+pub fn read_current(data_dir: &Path) -> Result<Option<Manifest>> {
+    let path = current_path(data_dir);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::corrupt(path.display().to_string(), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Loads the views of a published version.
+pub fn load_views(data_dir: &Path, manifest: &Manifest) -> Result<ViewSet> {
+    let path = version_dir(data_dir, manifest.version).join("views.bin");
+    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| Error::io(&path, e))?;
+    let entries: Vec<(ViewKey, Partial)> =
+        postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e))?;
+    let mut views = ViewSet::default();
+    views.entries.reserve(entries.len());
+    views.entries.extend(entries);
+    Ok(views)
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Writes `views` as the next version and publishes it atomically. `manifest.version` and
+/// `manifest.keys` are filled in here.
+pub fn publish(data_dir: &Path, views: &ViewSet, mut manifest: Manifest) -> Result<Manifest> {
+    let previous = read_current(data_dir)?.map_or(0, |m| m.version);
+    manifest.version = previous.max(highest_version_dir(data_dir)?) + 1;
+    manifest.keys = views.len() as u64;
+    let dir = version_dir(data_dir, manifest.version);
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+
+    let mut entries: Vec<(&ViewKey, &Partial)> = views.entries.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let bytes = postcard::to_stdvec(&entries).map_err(|e| Error::Other(e.to_string()))?;
+    let path = dir.join("views.bin");
+    write_synced(&path, &bytes)?;
+    write_synced(
+        &dir.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
+    )?;
+    sync_dir(&dir)?;
+    sync_dir(&versions_dir(data_dir))?;
+
+    let tmp = root(data_dir).join("CURRENT.tmp");
+    write_synced(
+        &tmp,
+        &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
+    )?;
+    let current = current_path(data_dir);
+    fs::rename(&tmp, &current).map_err(|e| Error::io(&current, e))?;
+    sync_dir(&root(data_dir))?;
+    Ok(manifest)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    w.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn version_dirs(data_dir: &Path) -> Result<Vec<u64>> {
+    let dir = versions_dir(data_dir);
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        if let Some(v) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(v);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn highest_version_dir(data_dir: &Path) -> Result<u64> {
+    Ok(version_dirs(data_dir)?.last().copied().unwrap_or(0))
+}
+
+/// Removes what dead runs left (unpublished versions, temporary files) and old versions beyond
+/// the newest `keep` published ones. Returns the versions removed.
+pub fn clean(data_dir: &Path, keep: usize) -> Result<Vec<u64>> {
+    let current = read_current(data_dir)?.map_or(0, |m| m.version);
+    let _ = fs::remove_file(root(data_dir).join("CURRENT.tmp"));
+    let mut removed = Vec::new();
+    let published: Vec<u64> = version_dirs(data_dir)?
+        .into_iter()
+        .filter(|&v| v <= current)
+        .collect();
+    let old = published.len().saturating_sub(keep.max(1));
+    for v in version_dirs(data_dir)? {
+        let dead = v > current;
+        let expired = published[..old].contains(&v);
+        if dead || expired {
+            let dir = version_dir(data_dir, v);
+            fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            removed.push(v);
+        }
+    }
+    Ok(removed)
+}
+
+/// Asks the batch layer for a recompute; returns the run id.
+pub fn request_run(data_dir: &Path) -> Result<String> {
+    let dir = requests_dir(data_dir);
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let id = format!(
+        "run-{}-{:04x}",
+        crate::time::now_millis(),
+        rand::random::<u16>()
+    );
+    let path = dir.join(&id);
+    File::create(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(id)
+}
+
+/// Takes (removes and returns) the pending recompute requests.
+pub fn take_requests(data_dir: &Path) -> Result<Vec<String>> {
+    let dir = requests_dir(data_dir);
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let path = entry.path();
+        if let Some(name) = entry.file_name().to_str() {
+            out.push(name.to_string());
+        }
+        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::ItemStats;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: 0,
+            published_at: "2026-11-25T00:00:00.000Z".into(),
+            block_size: 100,
+            cutoffs: Offsets::from([(0, 300)]),
+            events: 3,
+            duplicates: 0,
+            keys: 0,
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn publish_then_read_then_clean() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_current(dir.path()).expect("read"), None);
+        let mut views = ViewSet::default();
+        views.add(
+            ViewKey::Item("i".into()),
+            &Partial::Item(ItemStats {
+                views: 3,
+                ..Default::default()
+            }),
+        );
+        let m1 = publish(dir.path(), &views, manifest()).expect("publish");
+        assert_eq!((m1.version, m1.keys), (1, 1));
+        let m2 = publish(dir.path(), &views, manifest()).expect("publish");
+        assert_eq!(m2.version, 2);
+        assert_eq!(read_current(dir.path()).expect("read"), Some(m2.clone()));
+        assert_eq!(load_views(dir.path(), &m2).expect("load"), views);
+        // A dead run's directory, above the published version.
+        fs::create_dir_all(version_dir(dir.path(), 3)).expect("mkdir");
+        let removed = clean(dir.path(), 1).expect("clean");
+        assert_eq!(removed, vec![1, 3]);
+        assert_eq!(load_views(dir.path(), &m2).expect("load"), views);
+    }
+
+    #[test]
+    fn requests_are_taken_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = request_run(dir.path()).expect("request");
+        assert_eq!(take_requests(dir.path()).expect("take"), vec![id]);
+        assert!(take_requests(dir.path()).expect("take").is_empty());
+    }
+}

@@ -1,0 +1,117 @@
+//! Which events count: the idempotency rule, one definition for both layers.
+//!
+//! Copies of an event share its `id` and its Kafka key, so they land in one partition. Within a
+//! partition, in offset order, the rule is:
+//!
+//! - the partition's watermark `W` is the largest event time of any valid event so far;
+//! - an event whose id was counted earlier, while `W` has not yet passed that first count's time
+//!   plus the horizon, is a duplicate and is not counted;
+//! - otherwise it counts, and its id is remembered until the watermark passes `W + horizon`.
+//!
+//! The decision depends only on the partition's messages before it, so the batch layer (scanning
+//! the master dataset) and the speed layer (consuming live, across restarts) make the same
+//! decision for every message. Remembered ids whose expiry the watermark has passed can never match
+//! again, so dropping them from storage at any time changes nothing.
+
+use std::collections::HashMap;
+
+use crate::time::Millis;
+
+/// The rule's one parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dedupe {
+    pub horizon_ms: Millis,
+}
+
+/// The outcome for one valid event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Count the event and remember its id until the watermark passes `expiry`.
+    Count { expiry: Millis },
+    /// A copy of an event already counted.
+    Duplicate,
+}
+
+/// The watermark of a partition before its first event.
+pub const START_WATERMARK: Millis = Millis::MIN;
+
+impl Dedupe {
+    pub fn new(horizon_ms: Millis) -> Self {
+        Dedupe { horizon_ms }
+    }
+
+    /// Decides one event at time `ts`, given the expiry remembered for its id (if any), and
+    /// advances the partition's watermark.
+    pub fn decide(&self, watermark: &mut Millis, remembered: Option<Millis>, ts: Millis) -> Decision {
+        *watermark = (*watermark).max(ts);
+        match remembered {
+            Some(expiry) if expiry >= *watermark => Decision::Duplicate,
+            _ => Decision::Count {
+                expiry: watermark.saturating_add(self.horizon_ms),
+            },
+        }
+    }
+}
+
+/// The rule run in memory over one partition, as the batch layer and tests use it.
+#[derive(Debug)]
+pub struct PartitionDeduper {
+    rule: Dedupe,
+    watermark: Millis,
+    seen: HashMap<String, Millis>,
+    /// Size at which expired ids are next swept out.
+    sweep_at: usize,
+}
+
+impl PartitionDeduper {
+    pub fn new(rule: Dedupe) -> Self {
+        PartitionDeduper {
+            rule,
+            watermark: START_WATERMARK,
+            seen: HashMap::new(),
+            sweep_at: 1 << 16,
+        }
+    }
+
+    /// Whether the event with this id and time counts. Call in offset order.
+    pub fn admit(&mut self, id: &str, ts: Millis) -> bool {
+        let remembered = self.seen.get(id).copied();
+        match self.rule.decide(&mut self.watermark, remembered, ts) {
+            Decision::Count { expiry } => {
+                self.seen.insert(id.to_string(), expiry);
+                if self.seen.len() >= self.sweep_at {
+                    let w = self.watermark;
+                    self.seen.retain(|_, e| *e >= w);
+                    self.sweep_at = (self.seen.len() * 2).max(1 << 16);
+                }
+                true
+            }
+            Decision::Duplicate => false,
+        }
+    }
+
+    pub fn watermark(&self) -> Millis {
+        self.watermark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Millis = 24 * 3600 * 1000;
+
+    #[test]
+    fn copies_within_horizon_count_once() {
+        let mut d = PartitionDeduper::new(Dedupe::new(H));
+        assert!(d.admit("a", 1_000));
+        assert!(!d.admit("a", 1_000));
+        assert!(d.admit("b", 500));
+        assert!(!d.admit("b", 500), "a late copy is still a copy");
+        assert!(d.admit("c", 1_000 + H));
+        assert!(!d.admit("a", 1_000), "watermark 1000+H has not passed a's expiry 1000+H");
+        assert!(d.admit("d", 1_001 + H));
+        assert!(d.admit("a", 1_000), "forgotten once the watermark passed its expiry");
+        assert!(!d.admit("a", 1_000));
+    }
+}

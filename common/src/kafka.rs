@@ -1,0 +1,358 @@
+//! Kafka plumbing shared by the consuming layers: client configuration, topic creation, a
+//! consumer that resumes from offsets the layer stores itself, and the dead-letter producer.
+//!
+//! Strata never trusts the consumer group's committed offsets for its position: each layer
+//! stores its offsets with its own state (RocksDB for the speed layer, segment names for the
+//! archiver) and [`ResumeContext`] seeks every assigned partition there. Offsets are still
+//! committed to the group afterwards, so that standard tools show the lag.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::handoff::{Offsets, Partition};
+use crate::{Error, Result};
+
+/// The base client configuration: brokers plus the pass-through properties.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates the topics that do not exist yet; existing topics are used as they are.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(|e| Error::kafka("create admin client", e))?;
+    let existing = existing_topics(&admin, topics)?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .filter(|(name, _)| !existing.contains(&name.to_string()))
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| Error::kafka("create topics", e))?;
+    for r in results {
+        match r {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(Error::kafka(
+                    format!("create topic {name}"),
+                    KafkaError::AdminOp(code),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn existing_topics<C: ClientContext>(
+    admin: &AdminClient<C>,
+    topics: &[(&str, i32)],
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, _) in topics {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(10))
+            .map_err(|e| Error::kafka(format!("metadata of {name}"), e))?;
+        if md
+            .topics()
+            .iter()
+            .any(|t| t.name() == *name && t.error().is_none() && !t.partitions().is_empty())
+        {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Where to resume a partition: the offset stored with the layer's state, `None` for the start.
+pub type PositionFn = dyn Fn(Partition) -> Result<Option<i64>> + Send + Sync;
+
+/// A consumer context that assigns every partition at the position the layer stored itself.
+pub struct ResumeContext {
+    topic: String,
+    positions: Box<PositionFn>,
+    assigned: Mutex<Vec<Partition>>,
+    generation: AtomicU64,
+}
+
+impl ResumeContext {
+    /// Partitions currently assigned, and a counter that changes with every rebalance.
+    pub fn assignment(&self) -> (Vec<Partition>, u64) {
+        let a = self
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        (a, self.generation.load(Ordering::Acquire))
+    }
+}
+
+impl ClientContext for ResumeContext {}
+
+impl ConsumerContext for ResumeContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assigned = Vec::new();
+                for elem in tpl.elements() {
+                    assigned.push(elem.partition());
+                }
+                for &p in &assigned {
+                    let offset = match (self.positions)(p) {
+                        Ok(Some(o)) => Offset::Offset(o),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "cannot read the stored position; not consuming this partition");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set the start offset");
+                    }
+                }
+                tracing::info!(topic = %self.topic, partitions = ?assigned, "partitions assigned");
+                if let Err(e) = base_consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+                if let Ok(mut a) = self.assigned.lock() {
+                    *a = assigned;
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(topic = %self.topic, "partitions revoked");
+                if let Err(e) = base_consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+                if let Ok(mut a) = self.assigned.lock() {
+                    a.clear();
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; unassigning");
+                let _ = base_consumer.unassign();
+                if let Ok(mut a) = self.assigned.lock() {
+                    a.clear();
+                }
+            }
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A group consumer that resumes every partition at the layer's own stored position.
+pub type ResumingConsumer = BaseConsumer<ResumeContext>;
+
+/// Subscribes `group` to `topic`, resuming partitions where `positions` says.
+pub fn resuming_consumer(
+    cfg: &KafkaConfig,
+    group: &str,
+    positions: Box<PositionFn>,
+) -> Result<ResumingConsumer> {
+    let ctx = ResumeContext {
+        topic: cfg.topic.clone(),
+        positions,
+        assigned: Mutex::new(Vec::new()),
+        generation: AtomicU64::new(0),
+    };
+    let mut c = client_config(cfg);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "50")
+        .set("queued.min.messages", "200000");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    let consumer: ResumingConsumer = c
+        .create_with_context(ctx)
+        .map_err(|e| Error::kafka("create consumer", e))?;
+    consumer
+        .subscribe(&[&cfg.topic])
+        .map_err(|e| Error::kafka(format!("subscribe to {}", cfg.topic), e))?;
+    Ok(consumer)
+}
+
+/// Commits `offsets` (next offsets to read) to the consumer group, without waiting. Only for
+/// lag visibility: positions come from the layer's own state.
+pub fn commit_for_lag<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    offsets: &Offsets,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &o) in offsets {
+        if tpl.add_partition_offset(topic, p, Offset::Offset(o)).is_err() {
+            return;
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit for lag visibility failed");
+        }
+    }
+}
+
+/// The high watermark (next offset to be written) of every partition of `topic`.
+pub fn high_watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<Offsets> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(|e| Error::kafka(format!("metadata of {topic}"), e))?;
+    let mut out = BTreeMap::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                .map_err(|e| Error::kafka(format!("watermarks of {topic}/{}", p.id()), e))?;
+            out.insert(p.id(), high);
+        }
+    }
+    Ok(out)
+}
+
+/// Counts failed deliveries so that a flush can tell whether everything arrived.
+#[derive(Default)]
+pub struct DeliveryTracker {
+    failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            tracing::error!(error = %e, "dead-letter delivery failed");
+            self.failed.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The dead-letter producer: a rejected message, unchanged, with its reason in headers.
+pub struct DeadLetters {
+    producer: ThreadedProducer<DeliveryTracker>,
+    topic: String,
+    pending: u64,
+}
+
+/// Header names on dead-letter messages.
+pub mod dlq_header {
+    pub const REASON: &str = "strata-reason";
+    pub const CODE: &str = "strata-code";
+    pub const SOURCE: &str = "strata-source";
+}
+
+impl DeadLetters {
+    pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
+        let producer = client_config(cfg)
+            .set("linger.ms", "5")
+            .set("message.max.bytes", "10000000")
+            .create_with_context(DeliveryTracker::default())
+            .map_err(|e| Error::kafka("create dead-letter producer", e))?;
+        Ok(DeadLetters {
+            producer,
+            topic,
+            pending: 0,
+        })
+    }
+
+    /// Queues one rejected message. `source` names where it came from (`topic/partition@offset`).
+    pub fn send(
+        &mut self,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        code: &str,
+        reason: &str,
+        source: &str,
+    ) -> Result<()> {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: dlq_header::REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: dlq_header::CODE,
+                value: Some(code),
+            })
+            .insert(Header {
+                key: dlq_header::SOURCE,
+                value: Some(source),
+            });
+        let mut record: BaseRecord<'_, [u8], [u8], ()> =
+            BaseRecord::to(&self.topic).payload(payload).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let mut record = record;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(Error::kafka("queue a dead letter", e)),
+            }
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Waits until every queued dead letter is acknowledged; fails if any was lost.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        self.producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| Error::kafka("flush dead letters", e))?;
+        let failed = self.producer.context().failed.swap(0, Ordering::AcqRel);
+        if failed > 0 {
+            return Err(Error::Other(format!(
+                "{failed} dead letters were not delivered to {}",
+                self.topic
+            )));
+        }
+        self.pending = 0;
+        Ok(())
+    }
+}
+
+/// Shared handle type for the position callback of [`resuming_consumer`].
+pub type SharedPositions = Arc<PositionFn>;

@@ -1,0 +1,436 @@
+//! The speed layer's state in RocksDB: the layout both the speed layer (writer) and the serving
+//! layer (reader) use.
+//!
+//! Column families ([`Cf`]):
+//! - `blocks`: `partition u32 BE | block u64 BE | view key` -> [`Partial`], combined by a merge
+//!   operator that is the view's own `merge`, so a flush writes deltas without reading;
+//! - `meta`: per partition the next offset to consume, the dedupe watermark and the first live
+//!   block; and the block size the state was built with;
+//! - `dedupe`: `partition u32 BE | event id` -> expiry (the dedupe rule's memory).
+//!
+//! The speed layer writes all three in one `WriteBatch` per flush, so its state and its offsets
+//! never disagree, whatever moment it is killed at.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands, Options,
+    ReadOptions, DB,
+};
+
+use crate::handoff::{BlockRange, Offset, Partition, SpeedPartition};
+use crate::time::Millis;
+use crate::views::{Partial, ViewKey};
+use crate::{Error, Result};
+
+/// The column families of the speed state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cf {
+    Blocks,
+    Meta,
+    Dedupe,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 3] = [Cf::Blocks, Cf::Meta, Cf::Dedupe];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Blocks => "blocks",
+            Cf::Meta => "meta",
+            Cf::Dedupe => "dedupe",
+        }
+    }
+}
+
+fn merge_partials(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut iter = existing.into_iter().chain(operands);
+    let mut acc = Partial::decode(iter.next()?)?;
+    for op in iter {
+        acc.merge(&Partial::decode(op)?);
+    }
+    Some(acc.encode())
+}
+
+fn cf_options(cf: Cf) -> Options {
+    let mut opts = Options::default();
+    if cf == Cf::Blocks {
+        opts.set_merge_operator_associative("strata-partial-merge", merge_partials);
+    }
+    opts
+}
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(4);
+    opts
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    Cf::ALL
+        .iter()
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)))
+        .collect()
+}
+
+/// Opens (creating if missing) the speed state for writing.
+pub fn open_primary(path: &Path) -> Result<DB> {
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    DB::open_cf_descriptors(&db_options(), path, descriptors())
+        .map_err(|e| Error::rocks("open speed state", e))
+}
+
+/// Opens the speed state of another process as a read-only follower; `scratch` holds the
+/// follower's own logs.
+pub fn open_secondary(path: &Path, scratch: &Path) -> Result<DB> {
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+    let mut opts = db_options();
+    opts.set_max_open_files(-1);
+    DB::open_cf_descriptors_as_secondary(&opts, path, scratch, descriptors())
+        .map_err(|e| Error::rocks("open speed state as a follower", e))
+}
+
+pub fn cf(db: &DB, cf: Cf) -> Result<&ColumnFamily> {
+    db.cf_handle(cf.name())
+        .ok_or_else(|| Error::corrupt("speed state", format!("missing column family {}", cf.name())))
+}
+
+fn partition_bytes(p: Partition) -> [u8; 4] {
+    (p as u32).to_be_bytes()
+}
+
+/// The key of one view key's partial in one block.
+pub fn block_key(p: Partition, block: u64, key: &ViewKey) -> Vec<u8> {
+    let mut out = block_prefix(p, block);
+    out.extend_from_slice(&key.encode());
+    out
+}
+
+/// The prefix of every key of one block.
+pub fn block_prefix(p: Partition, block: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + 24);
+    out.extend_from_slice(&partition_bytes(p));
+    out.extend_from_slice(&block.to_be_bytes());
+    out
+}
+
+/// The key remembering an event id in the dedupe family.
+pub fn dedupe_key(p: Partition, id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + id.len());
+    out.extend_from_slice(&partition_bytes(p));
+    out.extend_from_slice(id.as_bytes());
+    out
+}
+
+/// Keys of the meta family.
+pub mod meta_key {
+    use super::*;
+
+    pub const BLOCK_SIZE: &[u8] = b"block-size";
+
+    fn tagged(tag: u8, p: Partition) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&partition_bytes(p));
+        out
+    }
+
+    pub fn next_offset(p: Partition) -> Vec<u8> {
+        tagged(b'o', p)
+    }
+
+    pub fn watermark(p: Partition) -> Vec<u8> {
+        tagged(b'w', p)
+    }
+
+    pub fn first_live_block(p: Partition) -> Vec<u8> {
+        tagged(b'd', p)
+    }
+
+    /// Splits a partition key back into its tag and partition.
+    pub fn parse(key: &[u8]) -> Option<(u8, Partition)> {
+        if key.len() != 5 {
+            return None;
+        }
+        let mut p = [0u8; 4];
+        p.copy_from_slice(&key[1..]);
+        Some((key[0], u32::from_be_bytes(p) as Partition))
+    }
+}
+
+pub fn encode_i64(v: i64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+pub fn decode_i64(bytes: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Per-partition bookkeeping of the speed layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionMeta {
+    pub next_offset: Offset,
+    pub watermark: Millis,
+    pub first_live_block: u64,
+}
+
+/// Everything in the meta family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpeedMeta {
+    /// The block size the state was built with; `None` for a new store.
+    pub block_size: Option<u64>,
+    pub partitions: BTreeMap<Partition, PartitionMeta>,
+}
+
+impl SpeedMeta {
+    pub fn speed_partitions(&self) -> BTreeMap<Partition, SpeedPartition> {
+        self.partitions
+            .iter()
+            .map(|(&p, m)| {
+                (
+                    p,
+                    SpeedPartition {
+                        next_offset: m.next_offset,
+                        first_live_block: m.first_live_block,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// Read access shared by a live database and a snapshot of one.
+pub trait Reads {
+    fn get_cf_bytes(&self, db: &DB, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn read_options(&self) -> ReadOptions;
+}
+
+impl Reads for () {
+    fn get_cf_bytes(&self, db: &DB, c: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        db.get_cf(cf(db, c)?, key)
+            .map_err(|e| Error::rocks("read speed state", e))
+    }
+    fn read_options(&self) -> ReadOptions {
+        ReadOptions::default()
+    }
+}
+
+impl Reads for rocksdb::Snapshot<'_> {
+    fn get_cf_bytes(&self, db: &DB, c: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_cf(cf(db, c)?, key)
+            .map_err(|e| Error::rocks("read speed state", e))
+    }
+    fn read_options(&self) -> ReadOptions {
+        let mut o = ReadOptions::default();
+        o.set_snapshot(self);
+        o
+    }
+}
+
+/// Reads the whole meta family.
+pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
+    let mut meta = SpeedMeta {
+        block_size: reads
+            .get_cf_bytes(db, Cf::Meta, meta_key::BLOCK_SIZE)?
+            .and_then(|v| decode_i64(&v))
+            .map(|v| v as u64),
+        ..SpeedMeta::default()
+    };
+    let handle = cf(db, Cf::Meta)?;
+    for item in db.iterator_cf_opt(handle, reads.read_options(), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| Error::rocks("scan speed meta", e))?;
+        let Some((tag, p)) = meta_key::parse(&k) else {
+            continue;
+        };
+        let v = decode_i64(&v).ok_or_else(|| Error::corrupt("speed meta", "value is not 8 bytes"))?;
+        let m = meta.partitions.entry(p).or_default();
+        match tag {
+            b'o' => m.next_offset = v,
+            b'w' => m.watermark = v,
+            b'd' => m.first_live_block = v as u64,
+            _ => {}
+        }
+    }
+    Ok(meta)
+}
+
+/// Merges the partials of `key` over the given block ranges.
+pub fn read_partial(
+    db: &DB,
+    reads: &impl Reads,
+    ranges: &[BlockRange],
+    key: &ViewKey,
+) -> Result<Option<Partial>> {
+    let handle = cf(db, Cf::Blocks)?;
+    let keys: Vec<Vec<u8>> = ranges
+        .iter()
+        .flat_map(|r| (r.first..=r.last).map(move |b| block_key(r.partition, b, key)))
+        .collect();
+    let mut acc: Option<Partial> = None;
+    let values = db.batched_multi_get_cf_opt(handle, &keys, false, &reads.read_options());
+    for v in values {
+        let v = v.map_err(|e| Error::rocks("read speed block", e))?;
+        if let Some(bytes) = v {
+            let p = Partial::decode(&bytes)
+                .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
+            match &mut acc {
+                Some(a) => a.merge(&p),
+                None => acc = Some(p),
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// Calls `f` with every partial of one view (by key tag) in the given block ranges.
+pub fn scan_view(
+    db: &DB,
+    reads: &impl Reads,
+    ranges: &[BlockRange],
+    tag: u8,
+    mut f: impl FnMut(ViewKey, Partial),
+) -> Result<()> {
+    let handle = cf(db, Cf::Blocks)?;
+    for r in ranges {
+        for block in r.first..=r.last {
+            let mut prefix = block_prefix(r.partition, block);
+            prefix.push(tag);
+            let iter = db.iterator_cf_opt(
+                handle,
+                reads.read_options(),
+                IteratorMode::From(&prefix, Direction::Forward),
+            );
+            for item in iter {
+                let (k, v) = item.map_err(|e| Error::rocks("scan speed block", e))?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let key = ViewKey::decode(&k[12..])
+                    .ok_or_else(|| Error::corrupt("speed block", "undecodable view key"))?;
+                let p = Partial::decode(&v)
+                    .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
+                f(key, p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A handle on the speed state for readers: the writer's own database (in one process), or a
+/// follower of another process's database that catches up on demand.
+pub struct SpeedReader {
+    db: Arc<DB>,
+    follower: bool,
+    /// Readers hold it shared; catching up holds it exclusively, so a reader never sees state
+    /// change under it.
+    gate: RwLock<()>,
+}
+
+impl SpeedReader {
+    /// Reads the writer's own database (same process); reads go through snapshots.
+    pub fn shared(db: Arc<DB>) -> Self {
+        SpeedReader {
+            db,
+            follower: false,
+            gate: RwLock::new(()),
+        }
+    }
+
+    /// Follows the database of a speed layer running in another process.
+    pub fn follow(path: &Path, scratch: &Path) -> Result<Self> {
+        Ok(SpeedReader {
+            db: Arc::new(open_secondary(path, scratch)?),
+            follower: true,
+            gate: RwLock::new(()),
+        })
+    }
+
+    /// Brings a follower up to date with the writer; a no-op for a shared database.
+    pub fn catch_up(&self) -> Result<()> {
+        if self.follower {
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.db
+                .try_catch_up_with_primary()
+                .map_err(|e| Error::rocks("catch up with the speed layer", e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` against one consistent view of the state.
+    pub fn with_view<T>(&self, f: impl FnOnce(&DB, &dyn ViewReads) -> Result<T>) -> Result<T> {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.follower {
+            f(&self.db, &())
+        } else {
+            let snap = self.db.snapshot();
+            f(&self.db, &snap)
+        }
+    }
+}
+
+/// Object-safe reads of one consistent view, for [`SpeedReader::with_view`].
+pub trait ViewReads {
+    fn meta(&self, db: &DB) -> Result<SpeedMeta>;
+    fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>>;
+    fn scan(
+        &self,
+        db: &DB,
+        ranges: &[BlockRange],
+        tag: u8,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<()>;
+}
+
+impl<R: Reads> ViewReads for R {
+    fn meta(&self, db: &DB) -> Result<SpeedMeta> {
+        read_meta(db, self)
+    }
+    fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>> {
+        read_partial(db, self, ranges, key)
+    }
+    fn scan(
+        &self,
+        db: &DB,
+        ranges: &[BlockRange],
+        tag: u8,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<()> {
+        scan_view(db, self, ranges, tag, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::ItemStats;
+
+    #[test]
+    fn merge_operator_folds_deltas() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_primary(dir.path()).expect("open");
+        let blocks = cf(&db, Cf::Blocks).expect("cf");
+        let key = ViewKey::Item("i1".into());
+        for views in [1, 2, 3] {
+            let p = Partial::Item(ItemStats {
+                views,
+                ..Default::default()
+            });
+            db.merge_cf(blocks, block_key(0, 7, &key), p.encode())
+                .expect("merge");
+        }
+        let ranges = [BlockRange {
+            partition: 0,
+            first: 0,
+            last: 9,
+        }];
+        let got = read_partial(&db, &(), &ranges, &key).expect("read");
+        assert_eq!(got.as_ref().and_then(Partial::as_item).map(|s| s.views), Some(6));
+        let mut seen = Vec::new();
+        scan_view(&db, &(), &ranges, ViewKey::tag_of_items(), |k, _| seen.push(k)).expect("scan");
+        assert_eq!(seen, vec![key]);
+    }
+}
