@@ -1,1 +1,18 @@
-//! placeholder
+//! Strata's batch layer: the immutable master dataset and recomputation of every view from it.
+//!
+//! The [`archive`]r consumes the events topic and appends every valid event to the master
+//! dataset as immutable [`segment`]s, each holding one contiguous offset range of one partition;
+//! its position is the end of the last segment, so a crash loses nothing and archives nothing
+//! twice. A [`recompute`] takes a cutoff per partition (the last handoff-block boundary the
+//! archive has passed), replays every segment below it through the dedupe rule and the view
+//! definitions in parallel with rayon, and publishes the result as a new batch version in one
+//! atomic step. [`run`] schedules the two.
+
+pub mod archive;
+pub mod error;
+pub mod recompute;
+pub mod run;
+pub mod segment;
+
+pub use error::{Error, Result};
+pub use run::{BatchLayer, RunMode};

@@ -151,6 +151,18 @@ pub mod meta_key {
         tagged(b'd', p)
     }
 
+    pub fn accepted(p: Partition) -> Vec<u8> {
+        tagged(b'a', p)
+    }
+
+    pub fn rejected(p: Partition) -> Vec<u8> {
+        tagged(b'r', p)
+    }
+
+    pub fn duplicates(p: Partition) -> Vec<u8> {
+        tagged(b'u', p)
+    }
+
     /// Splits a partition key back into its tag and partition.
     pub fn parse(key: &[u8]) -> Option<(u8, Partition)> {
         if key.len() != 5 {
@@ -170,12 +182,29 @@ pub fn decode_i64(bytes: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Per-partition bookkeeping of the speed layer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Per-partition bookkeeping of the speed layer, written with the state it describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionMeta {
     pub next_offset: Offset,
     pub watermark: Millis,
     pub first_live_block: u64,
+    /// Messages accepted as events (copies included), rejected, and skipped as copies.
+    pub accepted: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+}
+
+impl Default for PartitionMeta {
+    fn default() -> Self {
+        PartitionMeta {
+            next_offset: 0,
+            watermark: crate::dedupe::START_WATERMARK,
+            first_live_block: 0,
+            accepted: 0,
+            rejected: 0,
+            duplicates: 0,
+        }
+    }
 }
 
 /// Everything in the meta family.
@@ -252,6 +281,9 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
             b'o' => m.next_offset = v,
             b'w' => m.watermark = v,
             b'd' => m.first_live_block = v as u64,
+            b'a' => m.accepted = v as u64,
+            b'r' => m.rejected = v as u64,
+            b'u' => m.duplicates = v as u64,
             _ => {}
         }
     }

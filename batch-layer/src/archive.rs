@@ -1,0 +1,156 @@
+//! The archiver: appends every valid event of the topic to the master dataset.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use strata_common::config::Config;
+use strata_common::event::{decode, Event, Rules};
+use strata_common::handoff::{Offset, Offsets, Partition};
+use strata_common::kafka;
+use tokio_util::sync::CancellationToken;
+
+use crate::{segment, Result};
+
+/// An open segment: events buffered for one partition since the last write.
+struct Open {
+    start: Offset,
+    next: Offset,
+    events: Vec<(Offset, Event)>,
+    opened: Instant,
+}
+
+/// Progress of the archiver, shared with the scheduler.
+#[derive(Debug, Default, Clone)]
+pub struct ArchiveStatus {
+    /// Exclusive end of what is durably archived, per partition.
+    pub archived: Offsets,
+    pub rejected: u64,
+    pub segments_written: u64,
+}
+
+/// Consumes the topic into the master dataset until `shutdown`, or, with `until`, until every
+/// partition's archive reaches the given offsets.
+pub fn run(
+    cfg: &Config,
+    status: Arc<Mutex<ArchiveStatus>>,
+    until: Option<Offsets>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let rules: Rules = cfg.validation.rules()?;
+    let root: PathBuf = cfg.master_dir();
+    let ends = segment::ends(&root)?;
+    if let Ok(mut s) = status.lock() {
+        s.archived = ends.clone();
+    }
+    let resume = ends.clone();
+    let positions = Box::new(move |p: Partition| -> strata_common::Result<Option<i64>> {
+        Ok(resume.get(&p).copied())
+    });
+    let group = format!("{}-archive", cfg.kafka.group);
+    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
+    let topic = cfg.kafka.topic.clone();
+    let max_events = cfg.batch.segment_max_events;
+    let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);
+
+    let mut next: BTreeMap<Partition, Offset> = ends;
+    let mut open: BTreeMap<Partition, Open> = BTreeMap::new();
+    let mut rejected = 0u64;
+    let mut last_log = Instant::now();
+    let mut archived_since_log = 0u64;
+    tracing::info!(topic = %topic, root = %root.display(), "archiver consuming");
+
+    let done = |next: &BTreeMap<Partition, Offset>, open: &BTreeMap<Partition, Open>| {
+        until.as_ref().is_some_and(|u| {
+            open.is_empty()
+                && u.iter()
+                    .all(|(p, &end)| end <= 0 || next.get(p).copied().unwrap_or(0) >= end)
+        })
+    };
+
+    while !shutdown.is_cancelled() && !done(&next, &open) {
+        if let Some(result) = consumer.poll(Duration::from_millis(50)) {
+            match result {
+                Err(e) => {
+                    tracing::warn!(error = %e, "archiver consume error; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(msg) => {
+                    let p = msg.partition();
+                    let offset = msg.offset();
+                    let expected = next.get(&p).copied().unwrap_or(0);
+                    if offset >= expected {
+                        let seg = open.entry(p).or_insert_with(|| Open {
+                            start: expected,
+                            next: expected,
+                            events: Vec::new(),
+                            opened: Instant::now(),
+                        });
+                        match decode(
+                            msg.payload().unwrap_or(&[]),
+                            msg.timestamp().to_millis(),
+                            &rules,
+                        ) {
+                            Ok(event) => seg.events.push((offset, event)),
+                            Err(_) => rejected += 1,
+                        }
+                        seg.next = offset + 1;
+                        next.insert(p, offset + 1);
+                    }
+                }
+            }
+        }
+        let mut wrote = false;
+        let ready: Vec<Partition> = open
+            .iter()
+            .filter(|(p, o)| {
+                o.events.len() >= max_events
+                    || o.opened.elapsed() >= max_age
+                    || shutdown.is_cancelled()
+                    || until
+                        .as_ref()
+                        .is_some_and(|u| u.get(p).is_some_and(|&end| o.next >= end))
+            })
+            .map(|(&p, _)| p)
+            .collect();
+        for p in ready {
+            if let Some(o) = open.remove(&p) {
+                archived_since_log += o.events.len() as u64;
+                segment::write(&root, p, o.start, o.next, &o.events)?;
+                wrote = true;
+                if let Ok(mut s) = status.lock() {
+                    s.archived.insert(p, o.next);
+                    s.segments_written += 1;
+                    s.rejected = rejected;
+                }
+            }
+        }
+        if wrote {
+            let archived = status.lock().map(|s| s.archived.clone()).unwrap_or_default();
+            kafka::commit_for_lag(&consumer, &topic, &archived);
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            if archived_since_log > 0 {
+                tracing::info!(
+                    rate = format!("{:.0}/s", archived_since_log as f64 / last_log.elapsed().as_secs_f64()),
+                    archived = ?next,
+                    rejected,
+                    "archiver progress"
+                );
+            }
+            archived_since_log = 0;
+            last_log = Instant::now();
+        }
+    }
+    // Write what is open: each open segment is a complete, contiguous range.
+    for (p, o) in std::mem::take(&mut open) {
+        segment::write(&root, p, o.start, o.next, &o.events)?;
+        if let Ok(mut s) = status.lock() {
+            s.archived.insert(p, o.next);
+            s.segments_written += 1;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building Strata needs and is missing: the distribution's RocksDB and libclang
+# (docs/decisions/0001-rocksdb-system-library.md), a C/C++ toolchain, and the Kafka-protocol
+# broker used on machines without Apache Kafka (tansu, built once into $STRATA_CACHE).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+need_apt=()
+[ -e /usr/lib/x86_64-linux-gnu/librocksdb.so ] || [ -e /usr/lib/librocksdb.so ] || need_apt+=(librocksdb-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v c++ >/dev/null || need_apt+=(g++)
+command -v make >/dev/null || need_apt+=(make)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+
+if [ "${1:-}" != "--no-broker" ] && [ ! -x "$TANSU_BIN" ]; then
+  log "building the tansu $TANSU_VERSION broker into $STRATA_CACHE/tools (about 10 minutes, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$STRATA_CACHE/tools" --quiet
+fi

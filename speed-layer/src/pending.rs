@@ -1,0 +1,36 @@
+//! What the speed layer has folded since its last flush.
+
+use std::collections::{BTreeSet, HashMap};
+
+use strata_common::handoff::Partition;
+use strata_common::time::Millis;
+use strata_common::views::{contributions, Partial, ViewKey};
+use strata_common::event::Event;
+
+/// Deltas of one flush: partials per (partition, block, view key), ids newly remembered by the
+/// dedupe rule, and which partitions moved.
+#[derive(Default)]
+pub struct Pending {
+    pub deltas: HashMap<(Partition, u64, ViewKey), Partial>,
+    pub remembered: HashMap<(Partition, String), Millis>,
+    pub touched: BTreeSet<Partition>,
+    pub messages: usize,
+}
+
+impl Pending {
+    /// Folds a counted event into the block it belongs to.
+    pub fn fold(&mut self, partition: Partition, block: u64, event: &Event) {
+        contributions(event, |key, partial| {
+            match self.deltas.get_mut(&(partition, block, key.clone())) {
+                Some(existing) => existing.merge(&partial),
+                None => {
+                    self.deltas.insert((partition, block, key), partial);
+                }
+            }
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0 && self.touched.is_empty()
+    }
+}

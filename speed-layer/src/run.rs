@@ -1,0 +1,215 @@
+//! The speed layer's consume loop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::Message;
+use rocksdb::DB;
+use strata_common::batch_store;
+use strata_common::config::Config;
+use strata_common::dedupe::Decision;
+use strata_common::event::{decode, Rules};
+use strata_common::handoff::block_of;
+use strata_common::kafka::{self, DeadLetters};
+use strata_common::speed_store::{self, meta_key, Cf, SpeedReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::pending::Pending;
+use crate::state::SpeedState;
+use crate::Result;
+
+/// A speed layer bound to its state directory.
+pub struct SpeedLayer {
+    cfg: Config,
+    rules: Rules,
+    state: SpeedState,
+}
+
+impl SpeedLayer {
+    /// Opens the speed state under the configured data directory.
+    pub fn open(cfg: Config) -> Result<Self> {
+        let rules = cfg.validation.rules()?;
+        let state = SpeedState::open(&cfg.speed_dir(), cfg.handoff.block_size)?;
+        Ok(SpeedLayer { cfg, rules, state })
+    }
+
+    /// A reader of this layer's state for a serving layer in the same process.
+    pub fn reader(&self) -> SpeedReader {
+        SpeedReader::shared(self.state.db())
+    }
+
+    pub fn db(&self) -> Arc<DB> {
+        self.state.db()
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.state.path().to_path_buf()
+    }
+
+    /// Consumes until `shutdown` is cancelled, then flushes and returns. Blocking: run it on a
+    /// thread of its own.
+    pub fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let db = self.state.db();
+        let positions = Box::new(move |p| -> strata_common::Result<Option<i64>> {
+            let v = db
+                .get_cf(speed_store::cf(&db, Cf::Meta)?, meta_key::next_offset(p))
+                .map_err(|e| strata_common::Error::rocks("read speed offsets", e))?;
+            Ok(v.and_then(|b| speed_store::decode_i64(&b)))
+        });
+        let group = format!("{}-speed", self.cfg.kafka.group);
+        let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, positions)?;
+        let mut dlq = DeadLetters::new(&self.cfg.kafka, self.cfg.dlq_topic())?;
+        let rule = self.cfg.dedupe_rule();
+        let topic = self.cfg.kafka.topic.clone();
+        let flush_every = Duration::from_millis(self.cfg.speed.flush_interval_ms);
+        let flush_max = self.cfg.speed.flush_max_events;
+        let block_size = self.state.block_size();
+
+        let mut pending = Pending::default();
+        let mut last_flush = Instant::now();
+        let mut last_drop_check = Instant::now() - Duration::from_secs(60);
+        let mut last_sweep = Instant::now();
+        let mut last_log = Instant::now();
+        let mut consumed_since_log = 0u64;
+        let mut errors_since_log = 0u64;
+        tracing::info!(topic = %topic, group = %group, state = %self.state.path().display(), "speed layer consuming");
+
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match consumer.poll(Duration::from_millis(20)) {
+                None => {}
+                Some(Err(e)) => {
+                    if errors_since_log == 0 {
+                        tracing::warn!(error = %e, "consume error; retrying");
+                    }
+                    errors_since_log += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some(Ok(msg)) => {
+                    let p = msg.partition();
+                    let offset = msg.offset();
+                    let part = self.state.part(p);
+                    if offset < part.next_offset {
+                        continue;
+                    }
+                    consumed_since_log += 1;
+                    let payload = msg.payload().unwrap_or(&[]);
+                    match decode(payload, msg.timestamp().to_millis(), &self.rules) {
+                        Err(reject) => {
+                            let source = format!("{topic}/{p}@{offset}");
+                            dlq.send(
+                                msg.key(),
+                                payload,
+                                reject.code.as_str(),
+                                &reject.to_string(),
+                                &source,
+                            )?;
+                            let part = self.state.part(p);
+                            part.rejected += 1;
+                            part.next_offset = offset + 1;
+                        }
+                        Ok(event) => {
+                            let remembered = self.state.remembered(&pending, p, &event.id)?;
+                            let part = self.state.part(p);
+                            part.accepted += 1;
+                            part.next_offset = offset + 1;
+                            match rule.decide(&mut part.watermark, remembered, event.ts) {
+                                Decision::Count { expiry } => {
+                                    pending.remembered.insert((p, event.id.clone()), expiry);
+                                    // Blocks below the first live one are covered by a
+                                    // published batch version already.
+                                    let block = block_of(offset, block_size);
+                                    if block >= part.first_live_block {
+                                        pending.fold(p, block, &event);
+                                    }
+                                }
+                                Decision::Duplicate => part.duplicates += 1,
+                            }
+                        }
+                    }
+                    pending.touched.insert(p);
+                    pending.messages += 1;
+                }
+            }
+
+            if !pending.is_empty()
+                && (pending.messages >= flush_max || last_flush.elapsed() >= flush_every)
+            {
+                self.flush(&mut pending, &mut dlq, &consumer, &topic)?;
+                last_flush = Instant::now();
+                if last_sweep.elapsed() >= Duration::from_secs(60) {
+                    let removed = self.state.sweep_dedupe()?;
+                    tracing::debug!(removed, "swept expired dedupe memory");
+                    last_sweep = Instant::now();
+                }
+            }
+            if last_drop_check.elapsed() >= Duration::from_secs(1) {
+                last_drop_check = Instant::now();
+                self.drop_covered()?;
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                let secs = last_log.elapsed().as_secs_f64();
+                let (accepted, rejected, duplicates) = self.state.parts().values().fold(
+                    (0, 0, 0),
+                    |(a, r, d), m| (a + m.accepted, r + m.rejected, d + m.duplicates),
+                );
+                if consumed_since_log > 0 || errors_since_log > 0 {
+                    tracing::info!(
+                        rate = format!("{:.0}/s", consumed_since_log as f64 / secs),
+                        accepted,
+                        rejected,
+                        duplicates,
+                        errors = errors_since_log,
+                        offsets = ?self.state.next_offsets(),
+                        "speed layer progress"
+                    );
+                }
+                consumed_since_log = 0;
+                errors_since_log = 0;
+                last_log = Instant::now();
+            }
+        }
+        self.flush(&mut pending, &mut dlq, &consumer, &topic)?;
+        tracing::info!(offsets = ?self.state.next_offsets(), "speed layer stopped; state flushed");
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        pending: &mut Pending,
+        dlq: &mut DeadLetters,
+        consumer: &kafka::ResumingConsumer,
+        topic: &str,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Dead letters must be durable before the offsets move past their messages.
+        dlq.flush()?;
+        self.state.flush(pending)?;
+        kafka::commit_for_lag(consumer, topic, &self.state.next_offsets());
+        Ok(())
+    }
+
+    fn drop_covered(&mut self) -> Result<()> {
+        let Some(manifest) = batch_store::read_current(&self.cfg.data_dir)? else {
+            return Ok(());
+        };
+        let dropped = self
+            .state
+            .drop_covered(&manifest.cutoffs, manifest.block_size)?;
+        if dropped > 0 {
+            tracing::info!(
+                version = manifest.version,
+                blocks = dropped,
+                "dropped speed blocks covered by the batch version"
+            );
+        }
+        Ok(())
+    }
+
+}

@@ -1,0 +1,189 @@
+//! The speed layer's RocksDB state: loading it, flushing deltas with offsets in one write, and
+//! dropping blocks that a published batch version covers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use strata_common::handoff::{block_of, Offsets, Partition};
+use strata_common::speed_store::{
+    self, block_key, block_prefix, cf, decode_i64, dedupe_key, encode_i64, meta_key, Cf,
+    PartitionMeta,
+};
+use strata_common::time::Millis;
+
+use crate::pending::Pending;
+use crate::{Error, Result};
+
+/// The speed layer's state: the database and, per partition, the bookkeeping as of the last
+/// flush plus what has been folded since.
+pub struct SpeedState {
+    db: Arc<DB>,
+    path: PathBuf,
+    block_size: u64,
+    parts: BTreeMap<Partition, PartitionMeta>,
+}
+
+impl SpeedState {
+    /// Opens (or creates) the state; refuses a store built with another block size.
+    pub fn open(path: &Path, block_size: u64) -> Result<Self> {
+        let db = Arc::new(speed_store::open_primary(path)?);
+        let meta = speed_store::read_meta(&db, &())?;
+        match meta.block_size {
+            Some(stored) if stored != block_size => {
+                return Err(Error::BlockSize {
+                    path: path.display().to_string(),
+                    stored,
+                    configured: block_size,
+                })
+            }
+            Some(_) => {}
+            None => db
+                .put_cf(
+                    cf(&db, Cf::Meta)?,
+                    meta_key::BLOCK_SIZE,
+                    encode_i64(block_size as i64),
+                )
+                .map_err(Error::Write)?,
+        }
+        Ok(SpeedState {
+            db,
+            path: path.to_path_buf(),
+            block_size,
+            parts: meta.partitions,
+        })
+    }
+
+    pub fn db(&self) -> Arc<DB> {
+        self.db.clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// The in-memory bookkeeping of a partition (including folded, unflushed messages).
+    pub fn part(&mut self, p: Partition) -> &mut PartitionMeta {
+        self.parts.entry(p).or_default()
+    }
+
+    pub fn parts(&self) -> &BTreeMap<Partition, PartitionMeta> {
+        &self.parts
+    }
+
+    /// Next offsets of every partition, as folded in memory.
+    pub fn next_offsets(&self) -> Offsets {
+        self.parts.iter().map(|(&p, m)| (p, m.next_offset)).collect()
+    }
+
+    /// The expiry remembered for an event id: unflushed first, then stored.
+    pub fn remembered(&self, pending: &Pending, p: Partition, id: &str) -> Result<Option<Millis>> {
+        if let Some(&e) = pending.remembered.get(&(p, id.to_string())) {
+            return Ok(Some(e));
+        }
+        let v = self
+            .db
+            .get_cf(cf(&self.db, Cf::Dedupe)?, dedupe_key(p, id))
+            .map_err(|e| strata_common::Error::rocks("read dedupe memory", e))?;
+        Ok(v.and_then(|b| decode_i64(&b)))
+    }
+
+    /// Writes everything in `pending`, and the bookkeeping of the partitions it touched, in one
+    /// atomic write.
+    pub fn flush(&mut self, pending: &mut Pending) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let blocks = cf(&self.db, Cf::Blocks)?;
+        let dedupe = cf(&self.db, Cf::Dedupe)?;
+        let meta = cf(&self.db, Cf::Meta)?;
+        let mut batch = WriteBatch::default();
+        for ((p, block, key), partial) in pending.deltas.drain() {
+            batch.merge_cf(blocks, block_key(p, block, &key), partial.encode());
+        }
+        for ((p, id), expiry) in pending.remembered.drain() {
+            batch.put_cf(dedupe, dedupe_key(p, &id), encode_i64(expiry));
+        }
+        for p in std::mem::take(&mut pending.touched) {
+            let m = self.parts.entry(p).or_default();
+            batch.put_cf(meta, meta_key::next_offset(p), encode_i64(m.next_offset));
+            batch.put_cf(meta, meta_key::watermark(p), encode_i64(m.watermark));
+            batch.put_cf(meta, meta_key::accepted(p), encode_i64(m.accepted as i64));
+            batch.put_cf(meta, meta_key::rejected(p), encode_i64(m.rejected as i64));
+            batch.put_cf(meta, meta_key::duplicates(p), encode_i64(m.duplicates as i64));
+        }
+        pending.messages = 0;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        self.db.write_opt(batch, &opts).map_err(Error::Write)
+    }
+
+    /// Drops the blocks wholly below the cutoffs of a published batch version. Returns how many
+    /// blocks were dropped.
+    pub fn drop_covered(&mut self, cutoffs: &Offsets, batch_block_size: u64) -> Result<u64> {
+        if batch_block_size != self.block_size {
+            tracing::warn!(
+                batch = batch_block_size,
+                speed = self.block_size,
+                "the batch version uses another block size; keeping every speed block"
+            );
+            return Ok(0);
+        }
+        let blocks = cf(&self.db, Cf::Blocks)?;
+        let meta = cf(&self.db, Cf::Meta)?;
+        let mut batch = WriteBatch::default();
+        let mut dropped = 0;
+        for (&p, &cutoff) in cutoffs {
+            let below = block_of(cutoff, self.block_size);
+            let m = self.parts.entry(p).or_default();
+            if below <= m.first_live_block {
+                continue;
+            }
+            batch.delete_range_cf(
+                blocks,
+                block_prefix(p, m.first_live_block),
+                block_prefix(p, below),
+            );
+            batch.put_cf(meta, meta_key::first_live_block(p), encode_i64(below as i64));
+            dropped += below - m.first_live_block;
+            m.first_live_block = below;
+        }
+        if dropped > 0 {
+            self.db.write(batch).map_err(Error::Write)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Forgets remembered ids whose expiry their partition's watermark has passed. Such ids can
+    /// never match again, so this changes no decision. Call it only right after a flush: the
+    /// watermarks it compares with must be the stored ones, or a replay after a crash could
+    /// decide differently. Returns how many were removed.
+    pub fn sweep_dedupe(&self) -> Result<u64> {
+        let dedupe = cf(&self.db, Cf::Dedupe)?;
+        let mut batch = WriteBatch::default();
+        let mut removed = 0;
+        for item in self.db.iterator_cf(dedupe, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
+            if k.len() < 4 {
+                continue;
+            }
+            let p = u32::from_be_bytes([k[0], k[1], k[2], k[3]]) as Partition;
+            let (Some(expiry), Some(m)) = (decode_i64(&v), self.parts.get(&p)) else {
+                continue;
+            };
+            if expiry < m.watermark {
+                batch.delete_cf(dedupe, &k);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.db.write(batch).map_err(Error::Write)?;
+        }
+        Ok(removed)
+    }
+}
