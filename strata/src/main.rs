@@ -1,1 +1,201 @@
-fn main() {}
+//! The `strata` command: wires the layers together. See `strata --help`.
+
+mod cli;
+mod generate;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use strata_batch::{BatchLayer, RunMode};
+use strata_common::config::Config;
+use strata_common::kafka;
+use strata_serving::ServingState;
+use strata_speed::SpeedLayer;
+use tokio_util::sync::CancellationToken;
+
+use cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down: draining and flushing state");
+        token.cancel();
+    });
+}
+
+async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
+    kafka::ensure_topics(
+        &cfg.kafka,
+        &[
+            (&cfg.kafka.topic, cfg.kafka.partitions),
+            (&cfg.dlq_topic(), cfg.kafka.partitions),
+        ],
+    )
+    .await
+    .context("creating the topics")
+}
+
+/// Runs a blocking layer on a thread of its own; when it ends, for any reason, everything stops.
+fn spawn_layer(
+    name: &'static str,
+    shutdown: CancellationToken,
+    f: impl FnOnce(CancellationToken) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = f(shutdown.clone());
+            if let Err(e) = &r {
+                tracing::error!(layer = name, "{e:#}");
+            }
+            shutdown.cancel();
+            r
+        })
+        .with_context(|| format!("starting the {name} thread"))
+}
+
+fn join(handle: std::thread::JoinHandle<anyhow::Result<()>>, name: &str) -> anyhow::Result<()> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the {name} layer panicked"))?
+        .with_context(|| format!("the {name} layer failed"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Up {
+            common,
+            batch_every,
+        } => {
+            let mut cfg = common.config()?;
+            cfg.batch.every_secs = batch_every.map(|d| d.as_secs().max(1));
+            ensure_topics(&cfg).await?;
+            on_signal(shutdown.clone());
+            let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
+            let state = Arc::new(ServingState::shared(cfg.clone(), speed.reader()));
+            let speed_thread =
+                spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
+            let batch = BatchLayer::new(cfg.clone());
+            let batch_thread = spawn_layer("batch", shutdown.clone(), move |s| {
+                Ok(batch.run(RunMode::Continuous { every: batch_every }, s)?)
+            })?;
+            let served = strata_serving::server::serve(state, shutdown.clone()).await;
+            shutdown.cancel();
+            let speed_result = join(speed_thread, "speed");
+            let batch_result = join(batch_thread, "batch");
+            served?;
+            speed_result?;
+            batch_result
+        }
+        Command::Speed { common } => {
+            let cfg = common.config()?;
+            ensure_topics(&cfg).await?;
+            on_signal(shutdown.clone());
+            let speed = SpeedLayer::open(cfg).context("opening the speed layer")?;
+            let t = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
+            tokio::task::spawn_blocking(move || join(t, "speed")).await?
+        }
+        Command::Batch {
+            common,
+            once,
+            every,
+        } => {
+            let cfg = common.config()?;
+            ensure_topics(&cfg).await?;
+            on_signal(shutdown.clone());
+            let mode = if once {
+                RunMode::Once
+            } else {
+                RunMode::Continuous { every }
+            };
+            let batch = BatchLayer::new(cfg);
+            let t = spawn_layer("batch", shutdown.clone(), move |s| Ok(batch.run(mode, s)?))?;
+            tokio::task::spawn_blocking(move || join(t, "batch")).await?
+        }
+        Command::Serve { common } => {
+            let cfg = common.config()?;
+            on_signal(shutdown.clone());
+            let state = Arc::new(ServingState::following(cfg));
+            Ok(strata_serving::server::serve(state, shutdown).await?)
+        }
+        Command::Generate {
+            common,
+            count,
+            seed,
+            rate,
+            span,
+            start,
+        } => {
+            let cfg = common.config()?;
+            generate::run(
+                &cfg,
+                generate::GenerateArgs {
+                    count,
+                    seed,
+                    rate,
+                    span,
+                    start,
+                },
+            )
+            .await
+        }
+    }
+}

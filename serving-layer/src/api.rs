@@ -1,0 +1,218 @@
+//! Routes: one function builds them all, so tests can call them in-process and the server can
+//! serve them over TCP.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use strata_common::batch_store;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::error::ApiError;
+use crate::query;
+use crate::state::ServingState;
+
+type Params = HashMap<String, String>;
+
+/// Every route of the API, with errors rendered as JSON.
+pub fn routes(
+    state: Arc<ServingState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let st = warp::any().map(move || state.clone());
+    let params = warp::query::<Params>();
+
+    let item = warp::path!("v1" / "items" / String)
+        .and(warp::get())
+        .and(st.clone())
+        .and_then(|item: String, s: Arc<ServingState>| {
+            answer(s, move |s| query::item(s, &decode_segment(&item)?))
+        });
+    let top = warp::path!("v1" / "insights" / "top-items")
+        .and(warp::get())
+        .and(params)
+        .and(st.clone())
+        .and_then(|p: Params, s: Arc<ServingState>| {
+            answer(s, move |s| {
+                let limit = limit(&p, s.cfg.serve.max_limit)?;
+                let t = p.get("type").map_or("purchase", String::as_str);
+                query::top_items(s, t, limit)
+            })
+        });
+    let device = warp::path!("v1" / "devices" / String / "health")
+        .and(warp::get())
+        .and(st.clone())
+        .and_then(|device: String, s: Arc<ServingState>| {
+            answer(s, move |s| query::device_health(s, &decode_segment(&device)?))
+        });
+    let status = warp::path!("v1" / "status")
+        .and(warp::get())
+        .and(st.clone())
+        .and_then(|s: Arc<ServingState>| answer(s, query::status));
+    let admin_batch = warp::path!("v1" / "admin" / "batch")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(st.clone())
+        .and_then(|auth: Option<String>, s: Arc<ServingState>| async move {
+            let r = authorize(&s, auth.as_deref()).and_then(|()| {
+                let id = batch_store::request_run(&s.cfg.data_dir)?;
+                Ok(json!({"run_id": id, "status": "requested"}))
+            });
+            Ok::<_, Infallible>(match r {
+                Ok(v) => warp::reply::with_status(warp::reply::json(&v), StatusCode::ACCEPTED)
+                    .into_response(),
+                Err(e) => e.reply().into_response(),
+            })
+        });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})));
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(st)
+        .map(|s: Arc<ServingState>| {
+            if s.ready() {
+                warp::reply::json(&json!({"status": "ready"})).into_response()
+            } else {
+                ApiError::unavailable("no batch version and no speed state yet")
+                    .reply()
+                    .into_response()
+            }
+        });
+
+    item.or(top)
+        .or(device)
+        .or(status)
+        .or(admin_batch)
+        .or(healthz)
+        .or(readyz)
+        .recover(rejection)
+        .with(warp::log::custom(|info| {
+            tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), ms = info.elapsed().as_secs_f64() * 1e3, "request");
+        }))
+}
+
+/// Runs a query off the async threads and renders its answer or error.
+async fn answer(
+    state: Arc<ServingState>,
+    f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
+) -> Result<warp::reply::Response, Infallible> {
+    let result = tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(e)));
+    Ok(match result {
+        Ok(v) => warp::reply::json(&v).into_response(),
+        Err(e) => e.reply().into_response(),
+    })
+}
+
+fn limit(p: &Params, max: usize) -> Result<usize, ApiError> {
+    match p.get("limit") {
+        None => Ok(10.min(max)),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!(
+                "limit must be a whole number from 1 to {max}; got {s:?}"
+            ))),
+        },
+    }
+}
+
+/// Percent-decodes one path segment.
+fn decode_segment(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the path"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("the path is not UTF-8"))
+}
+
+fn authorize(state: &ServingState, header: Option<&str>) -> Result<(), ApiError> {
+    let Some(key) = state.cfg.serve.admin_key.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "no admin key is configured (set --admin-key or STRATA_ADMIN_KEY)",
+        ));
+    };
+    let given = header.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin routes need Authorization: Bearer <admin key>",
+        ));
+    }
+    Ok(())
+}
+
+/// Compares without returning early, so the time taken does not tell how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, &x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+async fn rejection(r: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let e = if r.is_not_found() {
+        ApiError::not_found("no such route")
+    } else if let Some(e) = r.find::<warp::reject::InvalidQuery>() {
+        ApiError::bad_request(format!("bad query string: {e}"))
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        )
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large")
+    } else {
+        ApiError::bad_request(format!("bad request: {r:?}"))
+    };
+    Ok(e.reply().into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_matches_only_equal() {
+        assert!(constant_time_eq(b"secret-key", b"secret-key"));
+        assert!(!constant_time_eq(b"secret-kez", b"secret-key"));
+        assert!(!constant_time_eq(b"secret", b"secret-key"));
+        assert!(!constant_time_eq(b"", b"secret-key"));
+    }
+
+    #[test]
+    fn segments_are_percent_decoded() {
+        assert_eq!(decode_segment("a%20b").ok().as_deref(), Some("a b"));
+        assert!(decode_segment("a%2").is_err());
+    }
+
+    #[test]
+    fn limits_are_capped() {
+        let p = |v: &str| Params::from([("limit".to_string(), v.to_string())]);
+        assert_eq!(limit(&Params::new(), 1000).ok(), Some(10));
+        assert_eq!(limit(&p("5"), 1000).ok(), Some(5));
+        assert!(limit(&p("0"), 1000).is_err());
+        assert!(limit(&p("1001"), 1000).is_err());
+        assert!(limit(&p("ten"), 1000).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! The questions the API answers, each a merge of the batch version and the speed blocks.
+
+use serde_json::{json, Value};
+use strata_common::event::ITEM_EVENT_TYPES;
+use strata_common::time::{format_rfc3339, now_millis, Millis};
+use strata_common::views::{DeviceStats, ItemStats, Partial, ViewKey};
+
+use crate::error::ApiError;
+use crate::state::{Merge, ServingState};
+
+/// All-time totals of one item.
+pub fn item(state: &ServingState, item: &str) -> Result<Value, ApiError> {
+    state.with_merge(|m| {
+        let Some(Partial::Item(s)) = m.get(&ViewKey::Item(item.to_string()))? else {
+            return Err(ApiError::not_found(format!("no events for item {item:?}")));
+        };
+        Ok(item_json(item, &s, m))
+    })
+}
+
+fn item_json(item: &str, s: &ItemStats, m: &Merge<'_>) -> Value {
+    json!({
+        "item": item,
+        "category": s.category,
+        "counts": {
+            "view": s.views,
+            "add_to_cart": s.carts,
+            "purchase": s.purchases,
+            "rating": s.ratings,
+        },
+        "quantity": s.quantity,
+        "revenue": s.revenue(),
+        "rating": {
+            "count": s.ratings,
+            "mean": (s.ratings > 0).then(|| s.rating_sum as f64 / s.ratings as f64),
+        },
+        "as_of": m.as_of,
+    })
+}
+
+/// The items with the most events of one type.
+pub fn top_items(state: &ServingState, event_type: &str, limit: usize) -> Result<Value, ApiError> {
+    if !ITEM_EVENT_TYPES.contains(&event_type) && event_type != "rating" {
+        return Err(ApiError::bad_request(format!(
+            "type must be one of view, add_to_cart, purchase, rating; got {event_type:?}"
+        )));
+    }
+    state.with_merge(|m| {
+        let all = m.all(ViewKey::tag_of_items())?;
+        let mut ranked: Vec<(&str, u64)> = all
+            .entries
+            .iter()
+            .filter_map(|(k, p)| match (k, p) {
+                (ViewKey::Item(name), Partial::Item(s)) => {
+                    s.count(event_type).filter(|&c| c > 0).map(|c| (name.as_str(), c))
+                }
+                _ => None,
+            })
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        ranked.truncate(limit);
+        let items: Vec<Value> = ranked
+            .iter()
+            .map(|(item, count)| json!({"item": item, "count": count}))
+            .collect();
+        Ok(json!({"type": event_type, "items": items, "as_of": m.as_of}))
+    })
+}
+
+/// `ok`, `late` or `silent`, by the time since the device was last seen.
+pub fn device_status(last_seen: Option<Millis>, now: Millis, late_after_secs: i64, silent_after_secs: i64) -> &'static str {
+    let Some(seen) = last_seen else {
+        return "silent";
+    };
+    let age = now.saturating_sub(seen);
+    if age <= late_after_secs * 1000 {
+        "ok"
+    } else if age <= silent_after_secs * 1000 {
+        "late"
+    } else {
+        "silent"
+    }
+}
+
+/// Liveness and reading statistics of one device.
+pub fn device_health(state: &ServingState, device: &str) -> Result<Value, ApiError> {
+    state.with_merge(|m| {
+        let Some(Partial::Device(s)) = m.get(&ViewKey::Device(device.to_string()))? else {
+            return Err(ApiError::not_found(format!("no events for device {device:?}")));
+        };
+        Ok(device_json(state, device, &s, m))
+    })
+}
+
+fn device_json(state: &ServingState, device: &str, s: &DeviceStats, m: &Merge<'_>) -> Value {
+    let serve = &state.cfg.serve;
+    json!({
+        "device": device,
+        "last_seen": s.last_seen.map(format_rfc3339),
+        "heartbeats": s.heartbeats,
+        "readings": {
+            "count": s.readings,
+            "min": s.min,
+            "max": s.max,
+            "mean": s.mean(),
+        },
+        "status": device_status(s.last_seen, now_millis(), serve.late_after_secs, serve.silent_after_secs),
+        "thresholds": {"late_after_secs": serve.late_after_secs, "silent_after_secs": serve.silent_after_secs},
+        "as_of": m.as_of,
+    })
+}
+
+/// Batch version and cutoffs, speed offsets and counters, consumer lag.
+pub fn status(state: &ServingState) -> Result<Value, ApiError> {
+    state.with_merge(|m| {
+        let hw = state.high_watermarks();
+        let batch = state.batch();
+        let speed = &m.speed_meta;
+        let (accepted, rejected, duplicates) = speed.partitions.values().fold((0, 0, 0), |a, p| {
+            (a.0 + p.accepted, a.1 + p.rejected, a.2 + p.duplicates)
+        });
+        let lag: Option<Value> = hw.as_ref().map(|hw| {
+            let per: serde_json::Map<String, Value> = hw
+                .iter()
+                .map(|(p, &high)| {
+                    let next = speed.partitions.get(p).map_or(0, |s| s.next_offset);
+                    (p.to_string(), json!((high - next).max(0)))
+                })
+                .collect();
+            let total: i64 = per.values().filter_map(Value::as_i64).sum();
+            json!({"total": total, "partitions": per})
+        });
+        Ok(json!({
+            "topic": state.cfg.kafka.topic,
+            "batch": batch.as_ref().map(|b| json!({
+                "version": b.manifest.version,
+                "published_at": b.manifest.published_at,
+                "block_size": b.manifest.block_size,
+                "cutoffs": b.manifest.cutoffs,
+                "events": b.manifest.events,
+                "duplicates": b.manifest.duplicates,
+                "keys": b.manifest.keys,
+                "duration_ms": b.manifest.duration_ms,
+            })),
+            "speed": {
+                "block_size": speed.block_size,
+                "offsets": m.as_of.speed.offsets,
+                "events": {"accepted": accepted, "rejected": rejected, "duplicates": duplicates},
+                "partitions": speed.partitions.iter().map(|(p, s)| (p.to_string(), json!({
+                    "next_offset": s.next_offset,
+                    "first_live_block": s.first_live_block,
+                    "accepted": s.accepted,
+                    "rejected": s.rejected,
+                    "duplicates": s.duplicates,
+                }))).collect::<serde_json::Map<String, Value>>(),
+            },
+            "lag": lag,
+            "high_watermarks": hw,
+            "as_of": m.as_of,
+        }))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_status_by_thresholds() {
+        assert_eq!(device_status(Some(1_000), 1_000 + 120_000, 120, 600), "ok");
+        assert_eq!(device_status(Some(1_000), 1_000 + 120_001, 120, 600), "late");
+        assert_eq!(device_status(Some(1_000), 1_000 + 600_001, 120, 600), "silent");
+        assert_eq!(device_status(None, 0, 120, 600), "silent");
+    }
+}

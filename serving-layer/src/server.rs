@@ -1,0 +1,75 @@
+//! Running the API over TCP, with background upkeep, until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::BaseConsumer;
+use strata_common::kafka;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::routes;
+use crate::state::ServingState;
+use crate::{Error, Result};
+
+/// Binds the listen address (failing clearly if it cannot), then serves until `shutdown`.
+pub async fn serve(state: Arc<ServingState>, shutdown: CancellationToken) -> Result<()> {
+    let addr = state.cfg.serve.http.clone();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| Error::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
+    tracing::info!(addr = %local, "serving layer listening");
+    spawn_upkeep(state.clone(), shutdown.clone());
+    let stop = shutdown.clone();
+    warp::serve(routes(state))
+        .incoming(listener)
+        .graceful(async move { stop.cancelled().await })
+        .run()
+        .await;
+    tracing::info!("serving layer stopped");
+    Ok(())
+}
+
+/// Keeps the state fresh: follows the speed layer, reloads new batch versions, probes lag.
+fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
+    {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut ticks = 0u64;
+            while !shutdown.is_cancelled() {
+                state.catch_up();
+                if ticks % 10 == 0 {
+                    if let Err(e) = state.refresh_batch() {
+                        tracing::warn!(error = %e, "cannot load the newest batch version");
+                    }
+                }
+                ticks += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+    tokio::task::spawn_blocking(move || {
+        let probe: Option<BaseConsumer> = kafka::client_config(&state.cfg.kafka).create().ok();
+        while !shutdown.is_cancelled() {
+            if let Some(p) = &probe {
+                match kafka::high_watermarks(p, &state.cfg.kafka.topic) {
+                    Ok(hw) => state.set_high_watermarks(hw),
+                    Err(e) => tracing::debug!(error = %e, "cannot read high watermarks"),
+                }
+            }
+            for _ in 0..20 {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+}

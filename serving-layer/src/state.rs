@@ -1,0 +1,285 @@
+//! What the serving layer holds: the loaded batch version and a reader of the speed state, and
+//! the one place where the two are merged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use rocksdb::DB;
+use serde::Serialize;
+use strata_common::batch_store::{self, Manifest};
+use strata_common::config::Config;
+use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
+use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
+use strata_common::views::{Partial, ViewKey, ViewSet};
+
+use crate::error::ApiError;
+
+/// A published batch version in memory.
+pub struct LoadedBatch {
+    pub manifest: Manifest,
+    pub views: ViewSet,
+}
+
+/// The serving layer's shared state.
+pub struct ServingState {
+    pub cfg: Config,
+    batch: RwLock<Option<Arc<LoadedBatch>>>,
+    speed: RwLock<Option<Arc<SpeedReader>>>,
+    /// Whether the speed reader follows another process (and must catch up) or shares the
+    /// writer's database.
+    follower: bool,
+    /// The topic's high watermarks, refreshed in the background, for lag.
+    high_watermarks: RwLock<Option<Offsets>>,
+}
+
+/// Where an answer comes from: the batch version and the speed offsets merged.
+#[derive(Clone, Debug, Serialize)]
+pub struct AsOf {
+    pub batch: Option<BatchAsOf>,
+    pub speed: SpeedAsOf,
+    /// Per partition, the offset below which every accepted event is in the answer.
+    pub coverage: Offsets,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchAsOf {
+    pub version: u64,
+    pub published_at: String,
+    pub cutoffs: Offsets,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SpeedAsOf {
+    /// Next offset per partition: everything below it is in the speed layer's state.
+    pub offsets: Offsets,
+}
+
+/// One consistent merge of a batch version and the speed state, handed to a query.
+pub struct Merge<'a> {
+    batch: Option<&'a LoadedBatch>,
+    speed: Option<(&'a DB, &'a dyn ViewReads)>,
+    ranges: Vec<BlockRange>,
+    pub speed_meta: SpeedMeta,
+    pub as_of: AsOf,
+}
+
+impl Merge<'_> {
+    /// The merged partial of one view key, `None` if neither side has it.
+    pub fn get(&self, key: &ViewKey) -> Result<Option<Partial>, ApiError> {
+        let mut acc = self.batch.and_then(|b| b.views.get(key).cloned());
+        if let Some((db, reads)) = self.speed {
+            if let Some(p) = reads.partial(db, &self.ranges, key)? {
+                match &mut acc {
+                    Some(a) => a.merge(&p),
+                    None => acc = Some(p),
+                }
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Every merged partial of one view (by key tag).
+    pub fn all(&self, tag: u8) -> Result<ViewSet, ApiError> {
+        let mut out = ViewSet::default();
+        if let Some(b) = self.batch {
+            for (k, p) in b.views.entries.iter().filter(|(k, _)| k.tag() == tag) {
+                out.entries.insert(k.clone(), p.clone());
+            }
+        }
+        if let Some((db, reads)) = self.speed {
+            reads.scan(db, &self.ranges, tag, &mut |k, p| out.add(k, &p))?;
+        }
+        Ok(out)
+    }
+}
+
+enum Attempt<T> {
+    Done(Result<T, ApiError>),
+    StaleBatch(HandoffError),
+}
+
+impl ServingState {
+    /// State reading the speed layer's database directly (all layers in one process).
+    pub fn shared(cfg: Config, speed: SpeedReader) -> Self {
+        Self::build(cfg, Some(Arc::new(speed)), false)
+    }
+
+    /// State following a speed layer in another process (opened as soon as its state exists).
+    pub fn following(cfg: Config) -> Self {
+        let s = Self::build(cfg, None, true);
+        s.try_open_follower();
+        s
+    }
+
+    fn build(cfg: Config, speed: Option<Arc<SpeedReader>>, follower: bool) -> Self {
+        let s = ServingState {
+            cfg,
+            batch: RwLock::new(None),
+            speed: RwLock::new(speed),
+            follower,
+            high_watermarks: RwLock::new(None),
+        };
+        if let Err(e) = s.refresh_batch() {
+            tracing::warn!(error = %e, "no batch version loaded yet");
+        }
+        s
+    }
+
+    fn try_open_follower(&self) {
+        if !self.follower || self.speed_reader().is_some() {
+            return;
+        }
+        let dir = self.cfg.speed_dir();
+        if !dir.join("CURRENT").exists() {
+            return;
+        }
+        let scratch = self.cfg.data_dir.join("serve").join(format!(
+            "speed-follower-{}",
+            std::process::id()
+        ));
+        match SpeedReader::follow(&dir, &scratch) {
+            Ok(r) => {
+                tracing::info!(path = %dir.display(), "following the speed layer's state");
+                if let Ok(mut s) = self.speed.write() {
+                    *s = Some(Arc::new(r));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot follow the speed state yet"),
+        }
+    }
+
+    fn speed_reader(&self) -> Option<Arc<SpeedReader>> {
+        self.speed.read().ok().and_then(|s| s.clone())
+    }
+
+    pub fn batch(&self) -> Option<Arc<LoadedBatch>> {
+        self.batch.read().ok().and_then(|b| b.clone())
+    }
+
+    /// Loads the newest published batch version if it is not the loaded one. Returns whether a
+    /// new version was loaded.
+    pub fn refresh_batch(&self) -> strata_common::Result<bool> {
+        let Some(manifest) = batch_store::read_current(&self.cfg.data_dir)? else {
+            return Ok(false);
+        };
+        if self
+            .batch()
+            .is_some_and(|b| b.manifest.version == manifest.version)
+        {
+            return Ok(false);
+        }
+        let views = batch_store::load_views(&self.cfg.data_dir, &manifest)?;
+        tracing::info!(version = manifest.version, keys = views.len(), "loaded batch version");
+        if let Ok(mut b) = self.batch.write() {
+            *b = Some(Arc::new(LoadedBatch { manifest, views }));
+        }
+        Ok(true)
+    }
+
+    /// Background upkeep: follow the speed layer's newest writes (or open it once it exists).
+    pub fn catch_up(&self) {
+        if !self.follower {
+            return;
+        }
+        match self.speed_reader() {
+            Some(r) => {
+                if let Err(e) = r.catch_up() {
+                    tracing::warn!(error = %e, "cannot catch up with the speed layer");
+                }
+            }
+            None => self.try_open_follower(),
+        }
+    }
+
+    pub fn set_high_watermarks(&self, hw: Offsets) {
+        if let Ok(mut h) = self.high_watermarks.write() {
+            *h = Some(hw);
+        }
+    }
+
+    pub fn high_watermarks(&self) -> Option<Offsets> {
+        self.high_watermarks.read().ok().and_then(|h| h.clone())
+    }
+
+    /// Whether anything can be answered: a batch version is loaded or the speed state is open.
+    pub fn ready(&self) -> bool {
+        self.batch().is_some() || self.speed_reader().is_some()
+    }
+
+    /// Runs `f` on one consistent merge of the newest batch version and the speed state.
+    pub fn with_merge<T>(
+        &self,
+        f: impl Fn(&Merge<'_>) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        for _ in 0..3 {
+            match self.attempt(&f)? {
+                Attempt::Done(r) => return r,
+                Attempt::StaleBatch(e) => {
+                    tracing::debug!(error = %e, "speed blocks moved past the loaded batch; reloading");
+                    self.refresh_batch()?;
+                }
+            }
+        }
+        Err(ApiError::unavailable(
+            "the batch version and the speed state are being swapped; retry",
+        ))
+    }
+
+    fn attempt<T>(
+        &self,
+        f: &impl Fn(&Merge<'_>) -> Result<T, ApiError>,
+    ) -> Result<Attempt<T>, ApiError> {
+        let batch = self.batch();
+        let cutoffs = batch
+            .as_ref()
+            .map(|b| b.manifest.cutoffs.clone())
+            .unwrap_or_default();
+        let batch_as_of = batch.as_ref().map(|b| BatchAsOf {
+            version: b.manifest.version,
+            published_at: b.manifest.published_at.clone(),
+            cutoffs: b.manifest.cutoffs.clone(),
+        });
+        let Some(reader) = self.speed_reader() else {
+            let merge = Merge {
+                batch: batch.as_deref(),
+                speed: None,
+                ranges: Vec::new(),
+                speed_meta: SpeedMeta::default(),
+                as_of: AsOf {
+                    batch: batch_as_of,
+                    speed: SpeedAsOf {
+                        offsets: BTreeMap::new(),
+                    },
+                    coverage: cutoffs,
+                },
+            };
+            return Ok(Attempt::Done(f(&merge)));
+        };
+        let batch_block_size = batch.as_ref().map_or(0, |b| b.manifest.block_size);
+        let outcome = reader.with_view(|db, reads| {
+            let meta = reads.meta(db)?;
+            let speed = meta.speed_partitions();
+            let speed_block_size = meta.block_size.unwrap_or(self.cfg.handoff.block_size);
+            let ranges = match speed_ranges(&cutoffs, batch_block_size, &speed, speed_block_size) {
+                Ok(r) => r,
+                Err(e @ HandoffError::BatchTooOld { .. }) => return Ok(Attempt::StaleBatch(e)),
+                Err(e) => return Ok(Attempt::Done(Err(ApiError::unavailable(e.to_string())))),
+            };
+            let merge = Merge {
+                batch: batch.as_deref(),
+                speed: Some((db, reads)),
+                ranges,
+                as_of: AsOf {
+                    batch: batch_as_of.clone(),
+                    speed: SpeedAsOf {
+                        offsets: speed.iter().map(|(&p, s)| (p, s.next_offset)).collect(),
+                    },
+                    coverage: coverage(&cutoffs, &speed),
+                },
+                speed_meta: meta,
+            };
+            Ok(Attempt::Done(f(&merge)))
+        })?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,80 @@
+//! `strata generate`: the seeded stream, produced to the topic.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use strata_common::config::Config;
+use strata_common::generate::{GenConfig, Generator};
+use strata_common::kafka;
+use strata_common::progress::Progress;
+use strata_common::time::{now_millis, parse_rfc3339};
+
+pub struct GenerateArgs {
+    pub count: u64,
+    pub seed: u64,
+    pub rate: u64,
+    pub span: Duration,
+    pub start: Option<String>,
+}
+
+pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
+    kafka::ensure_topics(
+        &cfg.kafka,
+        &[
+            (&cfg.kafka.topic, cfg.kafka.partitions),
+            (&cfg.dlq_topic(), cfg.kafka.partitions),
+        ],
+    )
+    .await?;
+    let span_ms = args.span.as_millis() as i64;
+    let start_ts = match &args.start {
+        Some(s) => parse_rfc3339(s).with_context(|| format!("--start {s:?} is not RFC 3339"))?,
+        None => now_millis() - span_ms,
+    };
+    let mut gen_cfg = GenConfig::new(args.seed, args.count, start_ts);
+    gen_cfg.span_ms = span_ms;
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || produce(&cfg, gen_cfg, args.rate)).await?
+}
+
+fn produce(cfg: &Config, gen_cfg: GenConfig, rate: u64) -> anyhow::Result<()> {
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::client_config(&cfg.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .set("compression.type", "none")
+        .create()
+        .context("creating the producer")?;
+    let count = gen_cfg.count;
+    let mut progress = Progress::new("generate", Some(count));
+    let started = Instant::now();
+    for (i, g) in Generator::new(gen_cfg).enumerate() {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let mut record = BaseRecord::to(&cfg.kafka.topic)
+            .key(g.key.as_bytes())
+            .payload(g.payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(e).context("producing an event"),
+            }
+        }
+        progress.inc(1);
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("waiting for the broker to acknowledge every event")?;
+    progress.finish();
+    Ok(())
+}
