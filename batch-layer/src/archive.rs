@@ -49,7 +49,7 @@ pub fn run(
     let positions = Box::new(move |p: Partition| -> strata_common::Result<Option<i64>> {
         Ok(resume.get(&p).copied())
     });
-    let group = format!("{}-archive", cfg.kafka.group);
+    let group = cfg.consumer_group("archive");
     let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
@@ -128,7 +128,10 @@ pub fn run(
             }
         }
         if wrote {
-            let archived = status.lock().map(|s| s.archived.clone()).unwrap_or_default();
+            let archived = status
+                .lock()
+                .map(|s| s.archived.clone())
+                .unwrap_or_default();
             kafka::commit_for_lag(&consumer, &topic, &archived);
         }
         if last_log.elapsed() >= Duration::from_secs(5) {

@@ -40,7 +40,12 @@ pub fn recompute(cfg: &Config) -> Result<Manifest> {
     let segments = segment::list(&cfg.master_dir())?;
     let cutoffs: Offsets = segments
         .iter()
-        .map(|(&p, segs)| (p, segs.last().map_or(0, |s| cutoff_below(s.end, block_size))))
+        .map(|(&p, segs)| {
+            (
+                p,
+                segs.last().map_or(0, |s| cutoff_below(s.end, block_size)),
+            )
+        })
         .collect();
     let total: usize = segments
         .iter()

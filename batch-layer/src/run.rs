@@ -57,7 +57,9 @@ impl BatchLayer {
         tracing::info!(until = ?ends, "archiving up to the topic's current end");
         archive::run(&self.cfg, self.status.clone(), Some(ends), shutdown.clone())?;
         if shutdown.is_cancelled() {
-            return Err(Error::Dataset("stopped before the archive caught up".into()));
+            return Err(Error::Dataset(
+                "stopped before the archive caught up".into(),
+            ));
         }
         recompute(&self.cfg)
     }

@@ -66,7 +66,9 @@ pub fn write(
             .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
         w.write_all(b"\n").map_err(|e| Error::io(&tmp, e))?;
     }
-    let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let path = dir.join(name);
     fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
@@ -99,7 +101,10 @@ pub fn list(root: &Path) -> Result<BTreeMap<Partition, Vec<Segment>>> {
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(root, e))?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let Some(p) = name.strip_prefix('p').and_then(|s| s.parse::<Partition>().ok()) else {
+        let Some(p) = name
+            .strip_prefix('p')
+            .and_then(|s| s.parse::<Partition>().ok())
+        else {
             continue;
         };
         let dir = entry.path();
@@ -150,15 +155,13 @@ pub fn read(seg: &Segment, below: Offset, rules: &Rules) -> Result<Vec<(Offset, 
     let mut out = Vec::new();
     for (n, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
         let line = line.map_err(|e| Error::io(&seg.path, e))?;
-        let rec: Record = serde_json::from_str(&line).map_err(|e| {
-            Error::Dataset(format!("{} line {}: {e}", seg.path.display(), n + 1))
-        })?;
+        let rec: Record = serde_json::from_str(&line)
+            .map_err(|e| Error::Dataset(format!("{} line {}: {e}", seg.path.display(), n + 1)))?;
         if rec.offset >= below {
             break;
         }
-        let event = validate(rec.wire, None, rules).map_err(|r| {
-            Error::Dataset(format!("{} line {}: {r}", seg.path.display(), n + 1))
-        })?;
+        let event = validate(rec.wire, None, rules)
+            .map_err(|r| Error::Dataset(format!("{} line {}: {r}", seg.path.display(), n + 1)))?;
         out.push((rec.offset, event));
     }
     Ok(out)
@@ -173,7 +176,9 @@ mod tests {
         Event {
             id: id.into(),
             ts: 1_795_615_200_123,
-            kind: Kind::Heartbeat { device: "d1".into() },
+            kind: Kind::Heartbeat {
+                device: "d1".into(),
+            },
         }
     }
 

@@ -34,10 +34,14 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// The events topic; its dead-letter topic is `<topic>.dlq`.
     pub topic: String,
-    /// Consumer group prefix: the speed layer uses `<group>-speed`, the archiver `<group>-archive`.
+    /// Consumer group prefix: the speed layer uses `<group>.<topic>.speed`, the archiver
+    /// `<group>.<topic>.archive`, so pipelines on different topics never share a group.
     pub group: String,
     /// Partitions for topics Strata creates.
     pub partitions: i32,
+    /// `all`: this process takes every partition (default); `group`: partitions come from the
+    /// consumer group, for several processes sharing the topic.
+    pub assignment: crate::kafka::Assignment,
     /// Extra librdkafka properties passed through unchanged (e.g. `security.protocol`).
     pub properties: BTreeMap<String, String>,
 }
@@ -115,6 +119,7 @@ impl Default for KafkaConfig {
             topic: "events".into(),
             group: "strata".into(),
             partitions: 4,
+            assignment: crate::kafka::Assignment::All,
             properties: BTreeMap::new(),
         }
     }
@@ -203,10 +208,15 @@ impl Config {
         if self.serve.http.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
                 "serve.http",
-                format!("{:?} is not an address such as 127.0.0.1:8080", self.serve.http),
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:8080",
+                    self.serve.http
+                ),
             ));
         }
-        if self.serve.late_after_secs <= 0 || self.serve.silent_after_secs < self.serve.late_after_secs {
+        if self.serve.late_after_secs <= 0
+            || self.serve.silent_after_secs < self.serve.late_after_secs
+        {
             return Err(bad(
                 "serve.silent-after-secs",
                 "thresholds must satisfy 0 < late-after-secs <= silent-after-secs",
@@ -223,6 +233,11 @@ impl Config {
 
     pub fn dedupe_rule(&self) -> Dedupe {
         Dedupe::new(self.dedupe.horizon_secs.saturating_mul(1000))
+    }
+
+    /// The consumer group of one role (`speed`, `archive`).
+    pub fn consumer_group(&self, role: &str) -> String {
+        format!("{}.{}.{role}", self.kafka.group, self.kafka.topic)
     }
 
     pub fn dlq_topic(&self) -> String {
@@ -251,9 +266,16 @@ mod tests {
         assert!(e.contains("serve.http"), "{e}");
         let mut c = Config::default();
         c.handoff.block_size = 0;
-        assert!(c.check().expect_err("zero").to_string().contains("handoff.block-size"));
+        assert!(c
+            .check()
+            .expect_err("zero")
+            .to_string()
+            .contains("handoff.block-size"));
         let parsed: std::result::Result<Config, _> =
             serde_json::from_str(r#"{"kafka": {"brokerz": "x"}}"#);
-        assert!(parsed.expect_err("unknown key").to_string().contains("brokerz"));
+        assert!(parsed
+            .expect_err("unknown key")
+            .to_string()
+            .contains("brokerz"));
     }
 }

@@ -42,7 +42,12 @@ impl Dedupe {
 
     /// Decides one event at time `ts`, given the expiry remembered for its id (if any), and
     /// advances the partition's watermark.
-    pub fn decide(&self, watermark: &mut Millis, remembered: Option<Millis>, ts: Millis) -> Decision {
+    pub fn decide(
+        &self,
+        watermark: &mut Millis,
+        remembered: Option<Millis>,
+        ts: Millis,
+    ) -> Decision {
         *watermark = (*watermark).max(ts);
         match remembered {
             Some(expiry) if expiry >= *watermark => Decision::Duplicate,
@@ -109,9 +114,15 @@ mod tests {
         assert!(d.admit("b", 500));
         assert!(!d.admit("b", 500), "a late copy is still a copy");
         assert!(d.admit("c", 1_000 + H));
-        assert!(!d.admit("a", 1_000), "watermark 1000+H has not passed a's expiry 1000+H");
+        assert!(
+            !d.admit("a", 1_000),
+            "watermark 1000+H has not passed a's expiry 1000+H"
+        );
         assert!(d.admit("d", 1_001 + H));
-        assert!(d.admit("a", 1_000), "forgotten once the watermark passed its expiry");
+        assert!(
+            d.admit("a", 1_000),
+            "forgotten once the watermark passed its expiry"
+        );
         assert!(!d.admit("a", 1_000));
     }
 }

@@ -493,7 +493,10 @@ mod tests {
         assert_eq!(r.ts, 1_795_615_200_123);
         assert!(dec(r#"{"id":"e3","ts":"2026-11-25T14:00:00Z","type":"heartbeat","device":"d9","extra":[1]}"#).is_ok());
         assert!(dec(r#"{"id":"e4","ts":"2026-11-25T14:00:00Z","type":"rating","user":"u","item":"i","rating":5}"#).is_ok());
-        assert!(dec(r#"{"id":"e5","ts":"2026-11-25T14:00:00Z","type":"view","user":"u","item":"i"}"#).is_ok());
+        assert!(dec(
+            r#"{"id":"e5","ts":"2026-11-25T14:00:00Z","type":"view","user":"u","item":"i"}"#
+        )
+        .is_ok());
     }
 
     #[test]
@@ -513,7 +516,9 @@ mod tests {
             RejectCode::MissingField
         );
         assert_eq!(
-            code(r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"teleport","user":"u","item":"i"}"#),
+            code(
+                r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"teleport","user":"u","item":"i"}"#
+            ),
             RejectCode::UnknownType
         );
         assert_eq!(
@@ -529,11 +534,15 @@ mod tests {
             RejectCode::MissingField
         );
         assert_eq!(
-            code(r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"purchase","user":"u","item":"i","price":-1}"#),
+            code(
+                r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"purchase","user":"u","item":"i","price":-1}"#
+            ),
             RejectCode::BadField
         );
         assert_eq!(
-            code(r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"rating","user":"u","item":"i","rating":9}"#),
+            code(
+                r#"{"id":"x","ts":"2026-11-25T14:00:00Z","type":"rating","user":"u","item":"i","rating":9}"#
+            ),
             RejectCode::BadField
         );
         assert_eq!(

@@ -66,8 +66,18 @@ pub struct Generated {
 }
 
 const CATEGORIES: [&str; 12] = [
-    "books", "electronics", "garden", "toys", "kitchen", "sports", "music", "games", "beauty",
-    "office", "pets", "travel",
+    "books",
+    "electronics",
+    "garden",
+    "toys",
+    "kitchen",
+    "sports",
+    "music",
+    "games",
+    "beauty",
+    "office",
+    "pets",
+    "travel",
 ];
 const METRICS: [&str; 2] = ["temp_c", "humidity"];
 
@@ -271,7 +281,8 @@ impl Iterator for Generator {
             let event = self.pending.pop_front()?;
             let key = event.entity().to_string();
             let payload = event.to_json().into_bytes();
-            self.recent.push_back((key.clone(), payload.clone(), event.id.clone()));
+            self.recent
+                .push_back((key.clone(), payload.clone(), event.id.clone()));
             if self.recent.len() > 1_000 {
                 self.recent.pop_front();
             }
@@ -318,6 +329,9 @@ mod tests {
                 }
             }
         }
-        assert!(copies > 100 && bad > 50 && events > 19_000, "{events} {copies} {bad}");
+        assert!(
+            copies > 100 && bad > 50 && events > 19_000,
+            "{events} {copies} {bad}"
+        );
     }
 }

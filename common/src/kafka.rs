@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -103,11 +103,7 @@ pub struct ResumeContext {
 impl ResumeContext {
     /// Partitions currently assigned, and a counter that changes with every rebalance.
     pub fn assignment(&self) -> (Vec<Partition>, u64) {
-        let a = self
-            .assigned
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
+        let a = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
         (a, self.generation.load(Ordering::Acquire))
     }
 }
@@ -172,7 +168,21 @@ impl ConsumerContext for ResumeContext {
 /// A group consumer that resumes every partition at the layer's own stored position.
 pub type ResumingConsumer = BaseConsumer<ResumeContext>;
 
-/// Subscribes `group` to `topic`, resuming partitions where `positions` says.
+/// How a consuming layer gets its partitions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Assignment {
+    /// Assign every partition of the topic to this process directly (the default): no group
+    /// rebalance, so a restart resumes at once. The group is used only to publish offsets.
+    #[default]
+    All,
+    /// Join the consumer group and take the partitions it hands out (several processes
+    /// sharing a topic).
+    Group,
+}
+
+/// A consumer of `topic` that resumes every partition at the position `positions` gives, taking
+/// partitions as `assignment` says; `group` receives the committed offsets.
 pub fn resuming_consumer(
     cfg: &KafkaConfig,
     group: &str,
@@ -199,10 +209,50 @@ pub fn resuming_consumer(
     let consumer: ResumingConsumer = c
         .create_with_context(ctx)
         .map_err(|e| Error::kafka("create consumer", e))?;
-    consumer
-        .subscribe(&[&cfg.topic])
-        .map_err(|e| Error::kafka(format!("subscribe to {}", cfg.topic), e))?;
+    match cfg.assignment {
+        Assignment::Group => consumer
+            .subscribe(&[&cfg.topic])
+            .map_err(|e| Error::kafka(format!("subscribe to {}", cfg.topic), e))?,
+        Assignment::All => assign_all(&consumer, &cfg.topic)?,
+    }
     Ok(consumer)
+}
+
+/// Assigns every partition of the topic at the layer's stored positions.
+fn assign_all(consumer: &ResumingConsumer, topic: &str) -> Result<()> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| Error::kafka(format!("metadata of {topic}"), e))?;
+    let partitions: Vec<Partition> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(Error::Other(format!(
+            "topic {topic} has no partitions (does it exist?)"
+        )));
+    }
+    let ctx = consumer.context();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let offset = match (ctx.positions)(p)? {
+            Some(o) => Offset::Offset(o),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(topic, p, offset)
+            .map_err(|e| Error::kafka("build the assignment", e))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::kafka(format!("assign {topic}"), e))?;
+    tracing::info!(topic, partitions = ?partitions, "partitions assigned");
+    if let Ok(mut a) = ctx.assigned.lock() {
+        *a = partitions;
+    }
+    ctx.generation.fetch_add(1, Ordering::AcqRel);
+    Ok(())
 }
 
 /// Commits `offsets` (next offsets to read) to the consumer group, without waiting. Only for
@@ -214,7 +264,10 @@ pub fn commit_for_lag<C: ConsumerContext>(
 ) {
     let mut tpl = TopicPartitionList::new();
     for (&p, &o) in offsets {
-        if tpl.add_partition_offset(topic, p, Offset::Offset(o)).is_err() {
+        if tpl
+            .add_partition_offset(topic, p, Offset::Offset(o))
+            .is_err()
+        {
             return;
         }
     }
@@ -314,8 +367,9 @@ impl DeadLetters {
                 key: dlq_header::SOURCE,
                 value: Some(source),
             });
-        let mut record: BaseRecord<'_, [u8], [u8], ()> =
-            BaseRecord::to(&self.topic).payload(payload).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
+            .payload(payload)
+            .headers(headers);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -353,6 +407,3 @@ impl DeadLetters {
         Ok(())
     }
 }
-
-/// Shared handle type for the position callback of [`resuming_consumer`].
-pub type SharedPositions = Arc<PositionFn>;

@@ -53,7 +53,11 @@ impl Progress {
         match self.total {
             Some(total) if total > 0 => {
                 let left = total.saturating_sub(self.done) as f64;
-                let eta = if rate > 0.0 { left / rate } else { f64::INFINITY };
+                let eta = if rate > 0.0 {
+                    left / rate
+                } else {
+                    f64::INFINITY
+                };
                 format!(
                     "{}: {}/{} ({:.1}%) {:.0}/s ETA {}",
                     self.label,

@@ -2,8 +2,8 @@
 //! layer (reader) use.
 //!
 //! Column families ([`Cf`]):
-//! - `blocks`: `partition u32 BE | block u64 BE | view key` -> [`Partial`], combined by a merge
-//!   operator that is the view's own `merge`, so a flush writes deltas without reading;
+//! - `blocks`: `partition u32 BE | block u64 BE | view key` -> [`Partial`], always written whole
+//!   (stored partial merged with the flush's delta), so replaying a write is harmless;
 //! - `meta`: per partition the next offset to consume, the dedupe watermark and the first live
 //!   block; and the block size the state was built with;
 //! - `dedupe`: `partition u32 BE | event id` -> expiry (the dedupe rule's memory).
@@ -16,8 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands, Options,
-    ReadOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, DB,
 };
 
 use crate::handoff::{BlockRange, Offset, Partition, SpeedPartition};
@@ -45,23 +44,6 @@ impl Cf {
     }
 }
 
-fn merge_partials(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    let mut iter = existing.into_iter().chain(operands);
-    let mut acc = Partial::decode(iter.next()?)?;
-    for op in iter {
-        acc.merge(&Partial::decode(op)?);
-    }
-    Some(acc.encode())
-}
-
-fn cf_options(cf: Cf) -> Options {
-    let mut opts = Options::default();
-    if cf == Cf::Blocks {
-        opts.set_merge_operator_associative("strata-partial-merge", merge_partials);
-    }
-    opts
-}
-
 fn db_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -74,7 +56,7 @@ fn db_options() -> Options {
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
     Cf::ALL
         .iter()
-        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)))
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()))
         .collect()
 }
 
@@ -96,8 +78,12 @@ pub fn open_secondary(path: &Path, scratch: &Path) -> Result<DB> {
 }
 
 pub fn cf(db: &DB, cf: Cf) -> Result<&ColumnFamily> {
-    db.cf_handle(cf.name())
-        .ok_or_else(|| Error::corrupt("speed state", format!("missing column family {}", cf.name())))
+    db.cf_handle(cf.name()).ok_or_else(|| {
+        Error::corrupt(
+            "speed state",
+            format!("missing column family {}", cf.name()),
+        )
+    })
 }
 
 fn partition_bytes(p: Partition) -> [u8; 4] {
@@ -275,7 +261,8 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
         let Some((tag, p)) = meta_key::parse(&k) else {
             continue;
         };
-        let v = decode_i64(&v).ok_or_else(|| Error::corrupt("speed meta", "value is not 8 bytes"))?;
+        let v =
+            decode_i64(&v).ok_or_else(|| Error::corrupt("speed meta", "value is not 8 bytes"))?;
         let m = meta.partitions.entry(p).or_default();
         match tag {
             b'o' => m.next_offset = v,
@@ -441,18 +428,18 @@ mod tests {
     use crate::views::ItemStats;
 
     #[test]
-    fn merge_operator_folds_deltas() {
+    fn reads_merge_blocks_of_a_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = open_primary(dir.path()).expect("open");
         let blocks = cf(&db, Cf::Blocks).expect("cf");
         let key = ViewKey::Item("i1".into());
-        for views in [1, 2, 3] {
+        for (block, views) in [(1, 1), (4, 2), (7, 3), (12, 100)] {
             let p = Partial::Item(ItemStats {
                 views,
                 ..Default::default()
             });
-            db.merge_cf(blocks, block_key(0, 7, &key), p.encode())
-                .expect("merge");
+            db.put_cf(blocks, block_key(0, block, &key), p.encode())
+                .expect("put");
         }
         let ranges = [BlockRange {
             partition: 0,
@@ -460,9 +447,15 @@ mod tests {
             last: 9,
         }];
         let got = read_partial(&db, &(), &ranges, &key).expect("read");
-        assert_eq!(got.as_ref().and_then(Partial::as_item).map(|s| s.views), Some(6));
+        assert_eq!(
+            got.as_ref().and_then(Partial::as_item).map(|s| s.views),
+            Some(6)
+        );
         let mut seen = Vec::new();
-        scan_view(&db, &(), &ranges, ViewKey::tag_of_items(), |k, _| seen.push(k)).expect("scan");
-        assert_eq!(seen, vec![key]);
+        scan_view(&db, &(), &ranges, ViewKey::tag_of_items(), |k, p| {
+            seen.push((k, p.as_item().map_or(0, |s| s.views)))
+        })
+        .expect("scan");
+        assert_eq!(seen, vec![(key.clone(), 1), (key.clone(), 2), (key, 3)]);
     }
 }

@@ -352,13 +352,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_event() -> impl Strategy<Value = Event> {
-        let item_ref = (0..5u8, 0..8u8, proptest::option::of(0..3u8)).prop_map(|(u, i, c)| {
-            ItemRef {
+        let item_ref =
+            (0..5u8, 0..8u8, proptest::option::of(0..3u8)).prop_map(|(u, i, c)| ItemRef {
                 user: format!("u{u}"),
                 item: format!("i{i}"),
                 category: c.map(|c| format!("c{c}")),
-            }
-        });
+            });
         let kind = prop_oneof![
             item_ref.clone().prop_map(Kind::View),
             item_ref.clone().prop_map(Kind::AddToCart),
@@ -471,7 +470,10 @@ mod tests {
             .get(&ViewKey::Item("i".into()))
             .and_then(Partial::as_item)
             .expect("item");
-        assert_eq!((s.purchases, s.quantity, s.revenue_micros), (2, 6, 75_000_000));
+        assert_eq!(
+            (s.purchases, s.quantity, s.revenue_micros),
+            (2, 6, 75_000_000)
+        );
         assert_eq!(s.revenue(), 75.0);
         assert_eq!(s.category.as_deref(), Some("books"));
     }

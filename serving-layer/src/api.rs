@@ -44,7 +44,9 @@ pub fn routes(
         .and(warp::get())
         .and(st.clone())
         .and_then(|device: String, s: Arc<ServingState>| {
-            answer(s, move |s| query::device_health(s, &decode_segment(&device)?))
+            answer(s, move |s| {
+                query::device_health(s, &decode_segment(&device)?)
+            })
         });
     let status = warp::path!("v1" / "status")
         .and(warp::get())
@@ -181,7 +183,11 @@ async fn rejection(r: Rejection) -> Result<warp::reply::Response, Infallible> {
             "method not allowed on this route",
         )
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "request body too large",
+        )
     } else {
         ApiError::bad_request(format!("bad request: {r:?}"))
     };

@@ -51,9 +51,10 @@ pub fn top_items(state: &ServingState, event_type: &str, limit: usize) -> Result
             .entries
             .iter()
             .filter_map(|(k, p)| match (k, p) {
-                (ViewKey::Item(name), Partial::Item(s)) => {
-                    s.count(event_type).filter(|&c| c > 0).map(|c| (name.as_str(), c))
-                }
+                (ViewKey::Item(name), Partial::Item(s)) => s
+                    .count(event_type)
+                    .filter(|&c| c > 0)
+                    .map(|c| (name.as_str(), c)),
                 _ => None,
             })
             .collect();
@@ -68,7 +69,12 @@ pub fn top_items(state: &ServingState, event_type: &str, limit: usize) -> Result
 }
 
 /// `ok`, `late` or `silent`, by the time since the device was last seen.
-pub fn device_status(last_seen: Option<Millis>, now: Millis, late_after_secs: i64, silent_after_secs: i64) -> &'static str {
+pub fn device_status(
+    last_seen: Option<Millis>,
+    now: Millis,
+    late_after_secs: i64,
+    silent_after_secs: i64,
+) -> &'static str {
     let Some(seen) = last_seen else {
         return "silent";
     };
@@ -86,7 +92,9 @@ pub fn device_status(last_seen: Option<Millis>, now: Millis, late_after_secs: i6
 pub fn device_health(state: &ServingState, device: &str) -> Result<Value, ApiError> {
     state.with_merge(|m| {
         let Some(Partial::Device(s)) = m.get(&ViewKey::Device(device.to_string()))? else {
-            return Err(ApiError::not_found(format!("no events for device {device:?}")));
+            return Err(ApiError::not_found(format!(
+                "no events for device {device:?}"
+            )));
         };
         Ok(device_json(state, device, &s, m))
     })
@@ -168,8 +176,14 @@ mod tests {
     #[test]
     fn device_status_by_thresholds() {
         assert_eq!(device_status(Some(1_000), 1_000 + 120_000, 120, 600), "ok");
-        assert_eq!(device_status(Some(1_000), 1_000 + 120_001, 120, 600), "late");
-        assert_eq!(device_status(Some(1_000), 1_000 + 600_001, 120, 600), "silent");
+        assert_eq!(
+            device_status(Some(1_000), 1_000 + 120_001, 120, 600),
+            "late"
+        );
+        assert_eq!(
+            device_status(Some(1_000), 1_000 + 600_001, 120, 600),
+            "silent"
+        );
         assert_eq!(device_status(None, 0, 120, 600), "silent");
     }
 }

@@ -133,10 +133,11 @@ impl ServingState {
         if !dir.join("CURRENT").exists() {
             return;
         }
-        let scratch = self.cfg.data_dir.join("serve").join(format!(
-            "speed-follower-{}",
-            std::process::id()
-        ));
+        let scratch = self
+            .cfg
+            .data_dir
+            .join("serve")
+            .join(format!("speed-follower-{}", std::process::id()));
         match SpeedReader::follow(&dir, &scratch) {
             Ok(r) => {
                 tracing::info!(path = %dir.display(), "following the speed layer's state");
@@ -169,7 +170,11 @@ impl ServingState {
             return Ok(false);
         }
         let views = batch_store::load_views(&self.cfg.data_dir, &manifest)?;
-        tracing::info!(version = manifest.version, keys = views.len(), "loaded batch version");
+        tracing::info!(
+            version = manifest.version,
+            keys = views.len(),
+            "loaded batch version"
+        );
         if let Ok(mut b) = self.batch.write() {
             *b = Some(Arc::new(LoadedBatch { manifest, views }));
         }

@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use strata_common::event::Event;
 use strata_common::handoff::Partition;
 use strata_common::time::Millis;
 use strata_common::views::{contributions, Partial, ViewKey};
-use strata_common::event::Event;
 
 /// Deltas of one flush: partials per (partition, block, view key), ids newly remembered by the
 /// dedupe rule, and which partitions moved.

@@ -57,7 +57,7 @@ impl SpeedLayer {
                 .map_err(|e| strata_common::Error::rocks("read speed offsets", e))?;
             Ok(v.and_then(|b| speed_store::decode_i64(&b)))
         });
-        let group = format!("{}-speed", self.cfg.kafka.group);
+        let group = self.cfg.consumer_group("speed");
         let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, positions)?;
         let mut dlq = DeadLetters::new(&self.cfg.kafka, self.cfg.dlq_topic())?;
         let rule = self.cfg.dedupe_rule();
@@ -152,10 +152,10 @@ impl SpeedLayer {
             }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 let secs = last_log.elapsed().as_secs_f64();
-                let (accepted, rejected, duplicates) = self.state.parts().values().fold(
-                    (0, 0, 0),
-                    |(a, r, d), m| (a + m.accepted, r + m.rejected, d + m.duplicates),
-                );
+                let (accepted, rejected, duplicates) =
+                    self.state.parts().values().fold((0, 0, 0), |(a, r, d), m| {
+                        (a + m.accepted, r + m.rejected, d + m.duplicates)
+                    });
                 if consumed_since_log > 0 || errors_since_log > 0 {
                     tracing::info!(
                         rate = format!("{:.0}/s", consumed_since_log as f64 / secs),
@@ -210,5 +210,4 @@ impl SpeedLayer {
         }
         Ok(())
     }
-
 }

@@ -12,6 +12,7 @@ use strata_common::speed_store::{
     PartitionMeta,
 };
 use strata_common::time::Millis;
+use strata_common::views::Partial;
 
 use crate::pending::Pending;
 use crate::{Error, Result};
@@ -78,7 +79,10 @@ impl SpeedState {
 
     /// Next offsets of every partition, as folded in memory.
     pub fn next_offsets(&self) -> Offsets {
-        self.parts.iter().map(|(&p, m)| (p, m.next_offset)).collect()
+        self.parts
+            .iter()
+            .map(|(&p, m)| (p, m.next_offset))
+            .collect()
     }
 
     /// The expiry remembered for an event id: unflushed first, then stored.
@@ -103,8 +107,27 @@ impl SpeedState {
         let dedupe = cf(&self.db, Cf::Dedupe)?;
         let meta = cf(&self.db, Cf::Meta)?;
         let mut batch = WriteBatch::default();
-        for ((p, block, key), partial) in pending.deltas.drain() {
-            batch.merge_cf(blocks, block_key(p, block, &key), partial.encode());
+        // Read-modify-write: the stored partial merged with the delta, written whole. Whole
+        // values keep every write idempotent, so a follower replaying the log twice still
+        // reads the right answer.
+        let deltas: Vec<(Vec<u8>, Partial)> = pending
+            .deltas
+            .drain()
+            .map(|((p, block, key), partial)| (block_key(p, block, &key), partial))
+            .collect();
+        let stored = self
+            .db
+            .batched_multi_get_cf(blocks, deltas.iter().map(|(k, _)| k), false);
+        for ((k, mut partial), old) in deltas.into_iter().zip(stored) {
+            let old = old.map_err(|e| strata_common::Error::rocks("read speed block", e))?;
+            if let Some(old) = old {
+                let mut merged = Partial::decode(&old).ok_or_else(|| {
+                    strata_common::Error::corrupt("speed block", "undecodable partial")
+                })?;
+                merged.merge(&partial);
+                partial = merged;
+            }
+            batch.put_cf(blocks, k, partial.encode());
         }
         for ((p, id), expiry) in pending.remembered.drain() {
             batch.put_cf(dedupe, dedupe_key(p, &id), encode_i64(expiry));
@@ -115,7 +138,11 @@ impl SpeedState {
             batch.put_cf(meta, meta_key::watermark(p), encode_i64(m.watermark));
             batch.put_cf(meta, meta_key::accepted(p), encode_i64(m.accepted as i64));
             batch.put_cf(meta, meta_key::rejected(p), encode_i64(m.rejected as i64));
-            batch.put_cf(meta, meta_key::duplicates(p), encode_i64(m.duplicates as i64));
+            batch.put_cf(
+                meta,
+                meta_key::duplicates(p),
+                encode_i64(m.duplicates as i64),
+            );
         }
         pending.messages = 0;
         let mut opts = WriteOptions::default();
@@ -149,7 +176,11 @@ impl SpeedState {
                 block_prefix(p, m.first_live_block),
                 block_prefix(p, below),
             );
-            batch.put_cf(meta, meta_key::first_live_block(p), encode_i64(below as i64));
+            batch.put_cf(
+                meta,
+                meta_key::first_live_block(p),
+                encode_i64(below as i64),
+            );
             dropped += below - m.first_live_block;
             m.first_live_block = below;
         }

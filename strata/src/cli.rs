@@ -87,6 +87,10 @@ pub struct CommonArgs {
     /// Partitions for topics Strata creates.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// `all`: this process consumes every partition, resuming at once after a restart; `group`:
+    /// partitions come from the consumer group (several processes sharing the topic).
+    #[arg(long, default_value = "all", value_parser = ["all", "group"])]
+    pub assignment: String,
     /// Where all state lives; layers run as separate processes share it.
     #[arg(long, env = "STRATA_DATA_DIR", default_value = ".data/strata")]
     pub data_dir: PathBuf,
@@ -125,6 +129,11 @@ impl CommonArgs {
         c.kafka.topic = self.topic.clone();
         c.kafka.group = self.group.clone();
         c.kafka.partitions = self.partitions;
+        c.kafka.assignment = if self.assignment == "group" {
+            strata_common::kafka::Assignment::Group
+        } else {
+            strata_common::kafka::Assignment::All
+        };
         c.kafka.properties = self.kafka.iter().cloned().collect();
         c.serve.http = self.http.clone();
         c.serve.admin_key = self.admin_key.clone().filter(|k| !k.is_empty());
@@ -151,7 +160,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60_000,
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
     };
     Ok(Duration::from_millis(ms))
 }

@@ -131,8 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             on_signal(shutdown.clone());
             let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
             let state = Arc::new(ServingState::shared(cfg.clone(), speed.reader()));
-            let speed_thread =
-                spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
+            let speed_thread = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
             let batch = BatchLayer::new(cfg.clone());
             let batch_thread = spawn_layer("batch", shutdown.clone(), move |s| {
                 Ok(batch.run(RunMode::Continuous { every: batch_every }, s)?)

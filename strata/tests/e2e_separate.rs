@@ -1,0 +1,111 @@
+//! The layers as separate processes sharing one data directory: `strata speed`, `strata serve`
+//! (following the speed state as a RocksDB secondary) and `strata batch --once`. Restarting the
+//! speed layer alone, with kill -9, changes no answer.
+
+mod support;
+
+use std::time::Duration;
+
+use strata_common::time::{format_rfc3339, now_millis};
+use support::*;
+
+#[test]
+fn separate_processes_answer_exactly_through_speed_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique_topic("e2e-sep");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().join("data");
+    let common: Vec<String> = [
+        "--brokers",
+        &brokers(),
+        "--topic",
+        &topic,
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+        "--block-size",
+        "2000",
+        "--http",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let with = |cmd: &str| -> Vec<String> {
+        let mut v = vec![cmd.to_string()];
+        v.extend_from_slice(&common);
+        v
+    };
+    let generate = |seed: u64, count: u64, start: i64, truth: &mut Truth| {
+        let mut args = with("generate");
+        args.extend([
+            "--seed".into(),
+            seed.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--start".into(),
+            format_rfc3339(start),
+            "--span".into(),
+            "1h".into(),
+        ]);
+        run_strata(&args);
+        truth.add(gen_config(seed, count, start, 3_600_000));
+    };
+
+    let mut truth = Truth::default();
+    let now = now_millis();
+    generate(21, 40_000, now - 2 * 3_600_000, &mut truth);
+    let mut speed = Proc::spawn("speed", &with("speed"), dir.path());
+    let mut serve = Proc::spawn("serve", &with("serve"), dir.path());
+    wait_http(&addr);
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+
+    // One batch run as its own process: archives everything so far, publishes, exits.
+    let mut batch = Proc::spawn(
+        "batch",
+        &with("batch")
+            .into_iter()
+            .chain(["--once".to_string()])
+            .collect::<Vec<_>>(),
+        dir.path(),
+    );
+    batch.wait_success(Duration::from_secs(120));
+    let st = wait_for(
+        "the batch version to be served",
+        Duration::from_secs(30),
+        || {
+            let (_, v) = get_json(&addr, "/v1/status");
+            (v["batch"]["version"].as_u64() == Some(1)).then_some(v)
+        },
+    );
+    assert!(st["batch"]["events"].as_u64().unwrap_or(0) > 0, "{st}");
+    truth.check(&addr);
+
+    // More events; then the speed layer alone is killed and restarted.
+    generate(22, 30_000, now - 3_600_000, &mut truth);
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+    speed.kill9();
+    generate(23, 10_000, now - 1_800_000, &mut truth);
+    let mut speed = Proc::spawn("speed", &with("speed"), dir.path());
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+
+    // A second batch run over everything changes no answer.
+    let mut batch = Proc::spawn(
+        "batch2",
+        &with("batch")
+            .into_iter()
+            .chain(["--once".to_string()])
+            .collect::<Vec<_>>(),
+        dir.path(),
+    );
+    batch.wait_success(Duration::from_secs(120));
+    wait_for("batch version 2", Duration::from_secs(30), || {
+        let (_, v) = get_json(&addr, "/v1/status");
+        (v["batch"]["version"].as_u64() == Some(2)).then_some(v)
+    });
+    truth.check(&addr);
+    speed.assert_running();
+    serve.assert_running();
+}

@@ -1,0 +1,466 @@
+//! Test support: a real broker on 127.0.0.1, the real `strata` binary as child processes, plain
+//! HTTP/1.1 over TCP, and a ground truth computed from the generated stream by a separate, naive
+//! oracle (not the view code under test).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strata_common::event::Kind;
+use strata_common::generate::{Class, GenConfig, Generator};
+
+pub fn brokers() -> String {
+    std::env::var("STRATA_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A topic name no other test run uses.
+pub fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn strata_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// A `strata` child process whose output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(strata_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn strata");
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}; log: {}",
+                    self.name,
+                    self.tail()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not stop on SIGTERM; log: {}",
+            self.name,
+            self.tail()
+        );
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status}; log: {}", self.name, self.tail());
+        }
+    }
+
+    /// Waits for a process that is meant to finish by itself.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}; log: {}",
+                    self.name,
+                    self.tail()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not finish in {timeout:?}; log: {}",
+            self.name,
+            self.tail()
+        );
+    }
+
+    pub fn tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a `strata` command to completion.
+pub fn run_strata(args: &[String]) {
+    let out = Command::new(strata_bin())
+        .args(args)
+        .output()
+        .expect("run strata");
+    assert!(
+        out.status.success(),
+        "strata {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection; returns status and body.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn get_json(addr: &str, path: &str) -> (u16, Value) {
+    let (status, body) = http(addr, "GET", path, &[]);
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"));
+    (status, v)
+}
+
+/// Polls until `f` returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the server answers /healthz.
+pub fn wait_http(addr: &str) {
+    wait_for("the HTTP server", Duration::from_secs(60), || {
+        TcpStream::connect(addr)
+            .ok()
+            .map(|_| http(addr, "GET", "/healthz", &[]).0)
+            .filter(|&s| s == 200)
+    });
+}
+
+/// Waits until the speed layer has consumed `messages` messages in all.
+pub fn wait_speed_offsets(addr: &str, messages: u64) -> Value {
+    wait_for(
+        &format!("the speed layer to reach {messages} messages"),
+        Duration::from_secs(300),
+        || {
+            let (s, v) = http_status(addr)?;
+            let sum: u64 = v["speed"]["offsets"]
+                .as_object()?
+                .values()
+                .filter_map(Value::as_u64)
+                .sum();
+            (s == 200 && sum >= messages).then_some(v)
+        },
+    )
+}
+
+fn http_status(addr: &str) -> Option<(u16, Value)> {
+    TcpStream::connect(addr).ok()?;
+    let (status, body) = http(addr, "GET", "/v1/status", &[]);
+    Some((status, serde_json::from_str(&body).ok()?))
+}
+
+/// Asks for a batch run and waits until a version above `previous` is served.
+pub fn run_batch(addr: &str, key: &str, previous: u64) -> Value {
+    let auth = format!("Bearer {key}");
+    let (status, body) = http(addr, "POST", "/v1/admin/batch", &[("Authorization", &auth)]);
+    assert_eq!(status, 202, "{body}");
+    wait_for("a new batch version", Duration::from_secs(120), || {
+        let (_, v) = http_status(addr)?;
+        (v["batch"]["version"].as_u64()? > previous).then_some(v)
+    })
+}
+
+/// The generator settings `strata generate` uses for these flags.
+pub fn gen_config(seed: u64, count: u64, start_ts: i64, span_ms: i64) -> GenConfig {
+    let mut c = GenConfig::new(seed, count, start_ts);
+    c.span_ms = span_ms;
+    c
+}
+
+/// Ground truth of one item, computed naively from the generated events.
+#[derive(Default, Debug, Clone, PartialEq)]
+pub struct ItemTruth {
+    pub view: u64,
+    pub add_to_cart: u64,
+    pub purchase: u64,
+    pub rating: u64,
+    pub quantity: u64,
+    pub revenue_micros: i128,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct DeviceTruth {
+    pub last_seen: i64,
+    pub heartbeats: u64,
+    pub readings: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+}
+
+/// What every accepted event adds up to.
+#[derive(Default, Debug)]
+pub struct Truth {
+    pub items: BTreeMap<String, ItemTruth>,
+    pub devices: BTreeMap<String, DeviceTruth>,
+    pub messages: u64,
+    pub events: u64,
+    pub copies: u64,
+    pub malformed: u64,
+    pub seen_ids: HashMap<String, ()>,
+}
+
+impl Truth {
+    /// Adds a generated stream: each event id counts once, malformed messages never.
+    pub fn add(&mut self, cfg: GenConfig) {
+        for g in Generator::new(cfg) {
+            self.messages += 1;
+            let e = match g.class {
+                Class::Event(e) => e,
+                Class::Copy(_) => {
+                    self.copies += 1;
+                    continue;
+                }
+                Class::Malformed(_) => {
+                    self.malformed += 1;
+                    continue;
+                }
+            };
+            assert!(
+                self.seen_ids.insert(e.id.clone(), ()).is_none(),
+                "ids are unique"
+            );
+            self.events += 1;
+            match &e.kind {
+                Kind::View(r) => self.items.entry(r.item.clone()).or_default().view += 1,
+                Kind::AddToCart(r) => {
+                    self.items.entry(r.item.clone()).or_default().add_to_cart += 1
+                }
+                Kind::Purchase {
+                    item,
+                    qty,
+                    price_micros,
+                } => {
+                    let t = self.items.entry(item.item.clone()).or_default();
+                    t.purchase += 1;
+                    t.quantity += u64::from(*qty);
+                    t.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
+                }
+                Kind::Rating { item, .. } => {
+                    self.items.entry(item.item.clone()).or_default().rating += 1
+                }
+                Kind::Heartbeat { device } => {
+                    let d = self.device(device);
+                    d.heartbeats += 1;
+                    d.last_seen = d.last_seen.max(e.ts);
+                }
+                Kind::Reading { device, value, .. } => {
+                    let d = self.device(device);
+                    if d.readings == 0 {
+                        d.min = *value;
+                        d.max = *value;
+                    }
+                    d.readings += 1;
+                    d.min = d.min.min(*value);
+                    d.max = d.max.max(*value);
+                    d.sum += *value;
+                    d.last_seen = d.last_seen.max(e.ts);
+                }
+            }
+        }
+    }
+
+    fn device(&mut self, d: &str) -> &mut DeviceTruth {
+        self.devices.entry(d.to_string()).or_insert(DeviceTruth {
+            last_seen: i64::MIN,
+            ..Default::default()
+        })
+    }
+
+    /// Compares every item, every device and the top-items ranking with the API's answers.
+    /// Returns the number of answers checked.
+    pub fn check(&self, addr: &str) -> usize {
+        let mut checked = 0;
+        let mut diffs = Vec::new();
+        for (item, t) in &self.items {
+            let (status, v) = get_json(addr, &format!("/v1/items/{item}"));
+            checked += 1;
+            if status != 200 {
+                diffs.push(format!("item {item}: status {status}: {v}"));
+                continue;
+            }
+            let got = ItemTruth {
+                view: v["counts"]["view"].as_u64().unwrap_or(u64::MAX),
+                add_to_cart: v["counts"]["add_to_cart"].as_u64().unwrap_or(u64::MAX),
+                purchase: v["counts"]["purchase"].as_u64().unwrap_or(u64::MAX),
+                rating: v["counts"]["rating"].as_u64().unwrap_or(u64::MAX),
+                quantity: v["quantity"].as_u64().unwrap_or(u64::MAX),
+                revenue_micros: (v["revenue"].as_f64().unwrap_or(f64::NAN) * 1e6).round() as i128,
+            };
+            if &got != t {
+                diffs.push(format!("item {item}: expected {t:?}, got {got:?}"));
+            }
+        }
+        for (device, t) in &self.devices {
+            let (status, v) = get_json(addr, &format!("/v1/devices/{device}/health"));
+            checked += 1;
+            if status != 200 {
+                diffs.push(format!("device {device}: status {status}: {v}"));
+                continue;
+            }
+            let last_seen = v["last_seen"]
+                .as_str()
+                .and_then(strata_common::time::parse_rfc3339);
+            let r = &v["readings"];
+            let mean_ok = if t.readings == 0 {
+                r["mean"].is_null()
+            } else {
+                let expected = t.sum / t.readings as f64;
+                r["mean"]
+                    .as_f64()
+                    .is_some_and(|m| (m - expected).abs() <= 1e-6 * expected.abs().max(1.0))
+            };
+            let same = last_seen == Some(t.last_seen)
+                && v["heartbeats"].as_u64() == Some(t.heartbeats)
+                && r["count"].as_u64() == Some(t.readings)
+                && (t.readings == 0
+                    || (r["min"].as_f64() == Some(t.min) && r["max"].as_f64() == Some(t.max)))
+                && mean_ok
+                && ["ok", "late", "silent"].contains(&v["status"].as_str().unwrap_or(""));
+            if !same {
+                diffs.push(format!("device {device}: expected {t:?}, got {v}"));
+            }
+        }
+        for kind in ["view", "purchase"] {
+            let limit = 25;
+            let (status, v) = get_json(
+                addr,
+                &format!("/v1/insights/top-items?type={kind}&limit={limit}"),
+            );
+            checked += 1;
+            let mut expected: Vec<(String, u64)> = self
+                .items
+                .iter()
+                .map(|(i, t)| (i.clone(), if kind == "view" { t.view } else { t.purchase }))
+                .filter(|(_, c)| *c > 0)
+                .collect();
+            expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            expected.truncate(limit);
+            let got: Vec<(String, u64)> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            (
+                                x["item"].as_str().unwrap_or("").to_string(),
+                                x["count"].as_u64().unwrap_or(0),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if status != 200 || got != expected {
+                diffs.push(format!("top {kind}: expected {expected:?}, got {v}"));
+            }
+        }
+        assert!(
+            diffs.is_empty(),
+            "{} of {checked} answers differ from the ground truth; first ones:\n{}",
+            diffs.len(),
+            diffs[..diffs.len().min(10)].join("\n")
+        );
+        checked
+    }
+}
