@@ -45,7 +45,7 @@ fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
             let mut ticks = 0u64;
             while !shutdown.is_cancelled() {
                 state.catch_up();
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     if let Err(e) = state.refresh_batch() {
                         tracing::warn!(error = %e, "cannot load the newest batch version");
                     }
