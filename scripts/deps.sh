@@ -6,10 +6,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 need_apt=()
-[ -e /usr/lib/x86_64-linux-gnu/librocksdb.so ] || [ -e /usr/lib/librocksdb.so ] || need_apt+=(librocksdb-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
-command -v c++ >/dev/null || need_apt+=(g++)
-command -v make >/dev/null || need_apt+=(make)
+for pkg in librocksdb-dev libclang-dev g++ make curl; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   export DEBIAN_FRONTEND=noninteractive
