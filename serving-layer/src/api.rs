@@ -54,7 +54,6 @@ pub fn routes(
         .and_then(|s: Arc<ServingState>| answer(s, query::status));
     let admin_batch = warp::path!("v1" / "admin" / "batch")
         .and(warp::post())
-        .and(warp::body::content_length_limit(4 * 1024))
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
         .and_then(|auth: Option<String>, s: Arc<ServingState>| async move {
