@@ -118,6 +118,8 @@ pub mod meta_key {
     use super::*;
 
     pub const BLOCK_SIZE: &[u8] = b"block-size";
+    /// Wall-clock time (epoch ms) of the last flush.
+    pub const FLUSHED_AT: &[u8] = b"flushed-at";
 
     fn tagged(tag: u8, p: Partition) -> Vec<u8> {
         let mut out = vec![tag];
@@ -198,6 +200,8 @@ impl Default for PartitionMeta {
 pub struct SpeedMeta {
     /// The block size the state was built with; `None` for a new store.
     pub block_size: Option<u64>,
+    /// Wall-clock time (epoch ms) of the speed layer's last write.
+    pub flushed_at: Option<Millis>,
     pub partitions: BTreeMap<Partition, PartitionMeta>,
 }
 
@@ -253,6 +257,9 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
             .get_cf_bytes(db, Cf::Meta, meta_key::BLOCK_SIZE)?
             .and_then(|v| decode_i64(&v))
             .map(|v| v as u64),
+        flushed_at: reads
+            .get_cf_bytes(db, Cf::Meta, meta_key::FLUSHED_AT)?
+            .and_then(|v| decode_i64(&v)),
         ..SpeedMeta::default()
     };
     let handle = cf(db, Cf::Meta)?;

@@ -52,6 +52,19 @@ pub struct BatchAsOf {
 pub struct SpeedAsOf {
     /// Next offset per partition: everything below it is in the speed layer's state.
     pub offsets: Offsets,
+    /// When the speed layer last wrote its state (RFC 3339), and how long ago that was.
+    pub updated_at: Option<String>,
+    pub age_ms: Option<i64>,
+}
+
+impl SpeedAsOf {
+    fn new(offsets: Offsets, flushed_at: Option<i64>) -> Self {
+        SpeedAsOf {
+            offsets,
+            updated_at: flushed_at.map(strata_common::time::format_rfc3339),
+            age_ms: flushed_at.map(|t| (strata_common::time::now_millis() - t).max(0)),
+        }
+    }
 }
 
 /// One consistent merge of a batch version and the speed state, handed to a query.
@@ -252,9 +265,7 @@ impl ServingState {
                 speed_meta: SpeedMeta::default(),
                 as_of: AsOf {
                     batch: batch_as_of,
-                    speed: SpeedAsOf {
-                        offsets: BTreeMap::new(),
-                    },
+                    speed: SpeedAsOf::new(BTreeMap::new(), None),
                     coverage: cutoffs,
                 },
             };
@@ -276,9 +287,10 @@ impl ServingState {
                 ranges,
                 as_of: AsOf {
                     batch: batch_as_of.clone(),
-                    speed: SpeedAsOf {
-                        offsets: speed.iter().map(|(&p, s)| (p, s.next_offset)).collect(),
-                    },
+                    speed: SpeedAsOf::new(
+                        speed.iter().map(|(&p, s)| (p, s.next_offset)).collect(),
+                        meta.flushed_at,
+                    ),
                     coverage: coverage(&cutoffs, &speed),
                 },
                 speed_meta: meta,

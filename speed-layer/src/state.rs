@@ -144,6 +144,11 @@ impl SpeedState {
                 encode_i64(m.duplicates as i64),
             );
         }
+        batch.put_cf(
+            meta,
+            meta_key::FLUSHED_AT,
+            encode_i64(strata_common::time::now_millis()),
+        );
         pending.messages = 0;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
