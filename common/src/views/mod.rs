@@ -1,171 +1,42 @@
 //! The views, each defined once as a keyed monoid and run unchanged by both layers.
 //!
-//! An event contributes a partial aggregate ([`Partial`]) to one or more view keys ([`ViewKey`]).
-//! Partials of one key merge associatively and commutatively, with `Default` as the identity, so
-//! the batch layer's fold over all history, the speed layer's folds over offset blocks, and the
-//! serving layer's merge of the two are the same computation cut in different places. A
-//! [`ViewSet`] is the map monoid over those keys: fold events in, merge sets together.
+//! An event contributes a partial aggregate ([`Partial`]) to one or more view keys ([`ViewKey`]);
+//! [`contributions`] is the one definition of every view. Partials of one key merge associatively
+//! and commutatively, with `Default` as the identity, so the batch layer's fold over all history,
+//! the speed layer's folds over offset blocks, and the serving layer's merge of the two are the
+//! same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
+//!
+//! | view | key | partial | answers |
+//! |---|---|---|---|
+//! | item totals | `Item(item)` | [`ItemStats`] | item lookup, all-time top items |
+//! | item series | `ItemSeries{gran, start, item}` | [`ItemStats`] | windowed top and trending items, item time series |
+//! | series | `Series{gran, start}` | [`SeriesStats`] | global time series (events, revenue, distinct users) |
+//! | item daily users | `ItemDayUsers{day, item}` | [`Hll`] | distinct users per item and day |
+//! | user history | `UserItems{basis, user}` | [`Recent`] | personal recommendations |
+//! | item audience | `ItemUsers{basis, item}` | [`Set`] | co-occurrence ("bought together") |
+//! | device | `Device(device)` | [`DeviceStats`] | device health, fleet summary |
+//! | device metric hour | `DeviceMetricHour{start, device, metric}` | [`DeviceStats`] | readings per window, out-of-range flags |
 //!
 //! All sums are integers (money and readings in millionths), so a merge in any order gives
-//! bit-identical answers.
+//! bit-identical answers. Buckets are by event time: a late event lands in the bucket it belongs to.
 
-use std::collections::HashMap;
+mod hll;
+mod key;
+mod stats;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, Kind};
-use crate::time::Millis;
+pub use hll::{hash64, Hll, STANDARD_ERROR as HLL_STANDARD_ERROR};
+pub use key::{tag, Basis, Gran, ViewKey};
+pub use stats::{DeviceStats, ItemStats, Recent, SeriesStats, Set};
+
+use crate::event::{Event, ItemRef, Kind, EVENT_TYPES};
 
 /// A mergeable aggregate: `merge` is associative and `Default::default()` is its identity.
 pub trait Monoid: Default {
     fn merge(&mut self, other: &Self);
-}
-
-/// What a partial aggregate is about. The variant decides the [`Partial`] variant stored with it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum ViewKey {
-    /// All-time totals of one item.
-    Item(String),
-    /// Liveness and reading statistics of one device.
-    Device(String),
-}
-
-impl ViewKey {
-    const ITEM: u8 = 1;
-    const DEVICE: u8 = 2;
-
-    /// The tag byte that starts the key's encoding; keys of one view sort together.
-    pub fn tag(&self) -> u8 {
-        match self {
-            ViewKey::Item(_) => Self::ITEM,
-            ViewKey::Device(_) => Self::DEVICE,
-        }
-    }
-
-    pub fn tag_of_items() -> u8 {
-        Self::ITEM
-    }
-
-    pub fn tag_of_devices() -> u8 {
-        Self::DEVICE
-    }
-
-    /// Tag byte, then the UTF-8 name.
-    pub fn encode(&self) -> Vec<u8> {
-        let name = match self {
-            ViewKey::Item(s) | ViewKey::Device(s) => s,
-        };
-        let mut out = Vec::with_capacity(1 + name.len());
-        out.push(self.tag());
-        out.extend_from_slice(name.as_bytes());
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<ViewKey> {
-        let (&tag, rest) = bytes.split_first()?;
-        let name = std::str::from_utf8(rest).ok()?.to_string();
-        match tag {
-            Self::ITEM => Some(ViewKey::Item(name)),
-            Self::DEVICE => Some(ViewKey::Device(name)),
-            _ => None,
-        }
-    }
-}
-
-/// All-time totals of one item.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ItemStats {
-    pub views: u64,
-    pub carts: u64,
-    pub purchases: u64,
-    /// Units bought (sum of `qty` over purchases).
-    pub quantity: u64,
-    /// Sum of `qty * price` over purchases, in millionths.
-    pub revenue_micros: i128,
-    pub ratings: u64,
-    pub rating_sum: u64,
-    /// The item's category; if events disagree, the smallest name wins (a deterministic choice).
-    pub category: Option<String>,
-}
-
-impl ItemStats {
-    /// The count for one wire event type (`view`, `add_to_cart`, `purchase`, `rating`).
-    pub fn count(&self, event_type: &str) -> Option<u64> {
-        match event_type {
-            "view" => Some(self.views),
-            "add_to_cart" => Some(self.carts),
-            "purchase" => Some(self.purchases),
-            "rating" => Some(self.ratings),
-            _ => None,
-        }
-    }
-
-    pub fn revenue(&self) -> f64 {
-        self.revenue_micros as f64 / 1e6
-    }
-}
-
-impl Monoid for ItemStats {
-    fn merge(&mut self, o: &Self) {
-        self.views += o.views;
-        self.carts += o.carts;
-        self.purchases += o.purchases;
-        self.quantity += o.quantity;
-        self.revenue_micros += o.revenue_micros;
-        self.ratings += o.ratings;
-        self.rating_sum += o.rating_sum;
-        self.category = min_opt(self.category.take(), o.category.clone());
-    }
-}
-
-/// Liveness and reading statistics of one device.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    /// Latest event time seen from the device (heartbeat or reading).
-    pub last_seen: Option<Millis>,
-    pub heartbeats: u64,
-    pub readings: u64,
-    pub min: Option<f64>,
-    pub max: Option<f64>,
-    /// Sum of reading values, in millionths.
-    pub sum_micros: i128,
-}
-
-impl DeviceStats {
-    pub fn mean(&self) -> Option<f64> {
-        (self.readings > 0).then(|| self.sum_micros as f64 / 1e6 / self.readings as f64)
-    }
-}
-
-impl Monoid for DeviceStats {
-    fn merge(&mut self, o: &Self) {
-        self.last_seen = max_opt(self.last_seen, o.last_seen);
-        self.heartbeats += o.heartbeats;
-        self.readings += o.readings;
-        self.min = match (self.min, o.min) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        self.max = match (self.max, o.max) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        self.sum_micros += o.sum_micros;
-    }
-}
-
-fn min_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn max_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// A partial aggregate of one view key.
@@ -173,14 +44,24 @@ fn max_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
 pub enum Partial {
     Item(ItemStats),
     Device(DeviceStats),
+    Series(SeriesStats),
+    Distinct(Hll),
+    Recent(Recent),
+    Set(Set),
 }
 
 impl Partial {
     /// The identity for a key's view.
     pub fn identity(key: &ViewKey) -> Partial {
         match key {
-            ViewKey::Item(_) => Partial::Item(ItemStats::default()),
-            ViewKey::Device(_) => Partial::Device(DeviceStats::default()),
+            ViewKey::Item(_) | ViewKey::ItemSeries { .. } => Partial::Item(ItemStats::default()),
+            ViewKey::Device(_) | ViewKey::DeviceMetricHour { .. } => {
+                Partial::Device(DeviceStats::default())
+            }
+            ViewKey::Series { .. } => Partial::Series(SeriesStats::default()),
+            ViewKey::ItemDayUsers { .. } => Partial::Distinct(Hll::default()),
+            ViewKey::UserItems { .. } => Partial::Recent(Recent::default()),
+            ViewKey::ItemUsers { .. } => Partial::Set(Set::default()),
         }
     }
 
@@ -190,6 +71,10 @@ impl Partial {
         match (self, other) {
             (Partial::Item(a), Partial::Item(b)) => a.merge(b),
             (Partial::Device(a), Partial::Device(b)) => a.merge(b),
+            (Partial::Series(a), Partial::Series(b)) => a.merge(b),
+            (Partial::Distinct(a), Partial::Distinct(b)) => Monoid::merge(a, b),
+            (Partial::Recent(a), Partial::Recent(b)) => a.merge(b),
+            (Partial::Set(a), Partial::Set(b)) => a.merge(b),
             _ => debug_assert!(false, "partials of different views under one key"),
         }
     }
@@ -215,77 +100,170 @@ impl Partial {
             _ => None,
         }
     }
+
+    pub fn as_series(&self) -> Option<&SeriesStats> {
+        match self {
+            Partial::Series(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_distinct(&self) -> Option<&Hll> {
+        match self {
+            Partial::Distinct(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_recent(&self) -> Option<&Recent> {
+        match self {
+            Partial::Recent(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_set(&self) -> Option<&Set> {
+        match self {
+            Partial::Set(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn item_delta(kind: &Kind) -> Option<(&ItemRef, usize, ItemStats)> {
+    let d = ItemStats::default;
+    Some(match kind {
+        Kind::View(r) => (r, 0, ItemStats { views: 1, ..d() }),
+        Kind::AddToCart(r) => (r, 1, ItemStats { carts: 1, ..d() }),
+        Kind::Purchase {
+            item,
+            qty,
+            price_micros,
+        } => (
+            item,
+            2,
+            ItemStats {
+                purchases: 1,
+                quantity: u64::from(*qty),
+                revenue_micros: i128::from(*qty) * i128::from(*price_micros),
+                ..d()
+            },
+        ),
+        Kind::Rating { item, rating } => (
+            item,
+            3,
+            ItemStats {
+                ratings: 1,
+                rating_sum: u64::from(*rating),
+                ..d()
+            },
+        ),
+        Kind::Heartbeat { .. } | Kind::Reading { .. } => return None,
+    })
 }
 
 /// Calls `emit` with each (key, partial) an event contributes. This is the one definition of
 /// every view: both layers fold events only through it.
 pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
-    let item = |r: &crate::event::ItemRef, stats: ItemStats| {
-        (
-            ViewKey::Item(r.item.clone()),
-            Partial::Item(ItemStats {
-                category: r.category.clone(),
-                ..stats
-            }),
-        )
-    };
-    let (k, p) = match &event.kind {
-        Kind::View(r) => item(
-            r,
-            ItemStats {
-                views: 1,
-                ..Default::default()
+    let ts = event.ts;
+    let type_index = EVENT_TYPES
+        .iter()
+        .position(|&t| t == event.type_name())
+        .unwrap_or(0);
+    let mut series = SeriesStats::default();
+    series.counts[type_index] = 1;
+
+    if let Some((r, _, stats)) = item_delta(&event.kind) {
+        let stats = ItemStats {
+            category: r.category.clone(),
+            ..stats
+        };
+        series.quantity = stats.quantity;
+        series.revenue_micros = stats.revenue_micros;
+        series.users = Hll::of(&r.user);
+        for gran in Gran::ALL {
+            emit(
+                ViewKey::ItemSeries {
+                    gran,
+                    start: gran.floor(ts),
+                    item: r.item.clone(),
+                },
+                Partial::Item(stats.clone()),
+            );
+        }
+        emit(
+            ViewKey::ItemDayUsers {
+                day: Gran::Day.floor(ts),
+                item: r.item.clone(),
             },
-        ),
-        Kind::AddToCart(r) => item(
-            r,
-            ItemStats {
-                carts: 1,
-                ..Default::default()
-            },
-        ),
-        Kind::Purchase {
-            item: r,
-            qty,
-            price_micros,
-        } => item(
-            r,
-            ItemStats {
-                purchases: 1,
-                quantity: u64::from(*qty),
-                revenue_micros: i128::from(*qty) * i128::from(*price_micros),
-                ..Default::default()
-            },
-        ),
-        Kind::Rating { item: r, rating } => item(
-            r,
-            ItemStats {
-                ratings: 1,
-                rating_sum: u64::from(*rating),
-                ..Default::default()
-            },
-        ),
-        Kind::Heartbeat { device } => (
+            Partial::Distinct(Hll::of(&r.user)),
+        );
+        let basis = match event.kind {
+            Kind::View(_) => Some(Basis::View),
+            Kind::Purchase { .. } => Some(Basis::Purchase),
+            _ => None,
+        };
+        if let Some(basis) = basis {
+            emit(
+                ViewKey::UserItems {
+                    basis,
+                    user: r.user.clone(),
+                },
+                Partial::Recent(Recent(BTreeMap::from([(r.item.clone(), ts)]))),
+            );
+            emit(
+                ViewKey::ItemUsers {
+                    basis,
+                    item: r.item.clone(),
+                },
+                Partial::Set(Set(BTreeSet::from([r.user.clone()]))),
+            );
+        }
+        emit(ViewKey::Item(r.item.clone()), Partial::Item(stats));
+    }
+    match &event.kind {
+        Kind::Heartbeat { device } => emit(
             ViewKey::Device(device.clone()),
             Partial::Device(DeviceStats {
-                last_seen: Some(event.ts),
+                last_seen: Some(ts),
                 heartbeats: 1,
                 ..Default::default()
             }),
         ),
-        Kind::Reading { device, value, .. } => (
-            ViewKey::Device(device.clone()),
-            Partial::Device(DeviceStats {
-                last_seen: Some(event.ts),
+        Kind::Reading {
+            device,
+            metric,
+            value,
+        } => {
+            let stats = DeviceStats {
+                last_seen: Some(ts),
                 readings: 1,
                 min: Some(*value),
                 max: Some(*value),
                 sum_micros: (*value * 1e6).round() as i128,
                 ..Default::default()
-            }),
-        ),
-    };
-    emit(k, p);
+            };
+            emit(
+                ViewKey::DeviceMetricHour {
+                    start: Gran::Hour.floor(ts),
+                    device: device.clone(),
+                    metric: metric.clone(),
+                },
+                Partial::Device(stats.clone()),
+            );
+            emit(ViewKey::Device(device.clone()), Partial::Device(stats));
+        }
+        _ => {}
+    }
+    for gran in Gran::ALL {
+        emit(
+            ViewKey::Series {
+                gran,
+                start: gran.floor(ts),
+            },
+            Partial::Series(series.clone()),
+        );
+    }
 }
 
 /// The map monoid over all view keys: what a layer holds for a range of events.
@@ -378,7 +356,7 @@ mod tests {
                 value,
             }),
         ];
-        (0..1_000_000i64, kind).prop_map(|(ts, kind)| Event {
+        (0..400_000_000i64, kind).prop_map(|(ts, kind)| Event {
             id: String::new(),
             ts: 1_700_000_000_000 + ts,
             kind,
@@ -442,7 +420,8 @@ mod tests {
         #[test]
         fn partials_round_trip(events in proptest::collection::vec(arb_event(), 0..40)) {
             for (k, p) in fold_all(&events).entries {
-                prop_assert_eq!(ViewKey::decode(&k.encode()), Some(k));
+                prop_assert_eq!(ViewKey::decode(&k.encode()), Some(k.clone()));
+                prop_assert_eq!(Partial::identity(&k).encode().is_empty(), false);
                 prop_assert_eq!(Partial::decode(&p.encode()), Some(p));
             }
         }
