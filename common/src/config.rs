@@ -95,6 +95,16 @@ pub struct ServeConfig {
     pub silent_after_secs: i64,
     /// Largest `limit` a query may ask for.
     pub max_limit: usize,
+    /// Expected range of each reading metric; device windows outside it are flagged.
+    pub metric_bounds: BTreeMap<String, MetricBounds>,
+}
+
+/// The expected range of one reading metric.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricBounds {
+    pub min: f64,
+    pub max: f64,
 }
 
 impl Default for Config {
@@ -167,6 +177,22 @@ impl Default for ServeConfig {
             late_after_secs: 120,
             silent_after_secs: 600,
             max_limit: 1_000,
+            metric_bounds: BTreeMap::from([
+                (
+                    "temp_c".to_string(),
+                    MetricBounds {
+                        min: -20.0,
+                        max: 60.0,
+                    },
+                ),
+                (
+                    "humidity".to_string(),
+                    MetricBounds {
+                        min: 0.0,
+                        max: 100.0,
+                    },
+                ),
+            ]),
         }
     }
 }
@@ -225,6 +251,14 @@ impl Config {
         if let Some(k) = &self.serve.admin_key {
             if k.len() < 8 {
                 return Err(bad("serve.admin-key", "must be at least 8 characters"));
+            }
+        }
+        for (metric, b) in &self.serve.metric_bounds {
+            if !(b.min.is_finite() && b.max.is_finite() && b.min <= b.max) {
+                return Err(bad(
+                    &format!("serve.metric-bounds.{metric}"),
+                    "needs finite min <= max",
+                ));
             }
         }
         self.validation.rules()?;

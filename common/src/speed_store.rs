@@ -312,19 +312,20 @@ pub fn read_partial(
     Ok(acc)
 }
 
-/// Calls `f` with every partial of one view (by key tag) in the given block ranges.
+/// Calls `f` with every partial whose encoded view key starts with `key_prefix` (e.g. one
+/// view's tag byte) in the given block ranges.
 pub fn scan_view(
     db: &DB,
     reads: &impl Reads,
     ranges: &[BlockRange],
-    tag: u8,
+    key_prefix: &[u8],
     mut f: impl FnMut(ViewKey, Partial),
 ) -> Result<()> {
     let handle = cf(db, Cf::Blocks)?;
     for r in ranges {
         for block in r.first..=r.last {
             let mut prefix = block_prefix(r.partition, block);
-            prefix.push(tag);
+            prefix.extend_from_slice(key_prefix);
             let iter = db.iterator_cf_opt(
                 handle,
                 reads.read_options(),
@@ -406,7 +407,7 @@ pub trait ViewReads {
         &self,
         db: &DB,
         ranges: &[BlockRange],
-        tag: u8,
+        key_prefix: &[u8],
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()>;
 }
@@ -422,10 +423,10 @@ impl<R: Reads> ViewReads for R {
         &self,
         db: &DB,
         ranges: &[BlockRange],
-        tag: u8,
+        key_prefix: &[u8],
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()> {
-        scan_view(db, self, ranges, tag, f)
+        scan_view(db, self, ranges, key_prefix, f)
     }
 }
 
@@ -459,7 +460,7 @@ mod tests {
             Some(6)
         );
         let mut seen = Vec::new();
-        scan_view(&db, &(), &ranges, ViewKey::tag_of_items(), |k, p| {
+        scan_view(&db, &(), &ranges, &[ViewKey::tag_of_items()], |k, p| {
             seen.push((k, p.as_item().map_or(0, |s| s.views)))
         })
         .expect("scan");

@@ -10,9 +10,12 @@ use strata_common::batch_store;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use strata_common::views::{Basis, Gran};
+
 use crate::error::ApiError;
-use crate::query;
+use crate::insights::{self, Window};
 use crate::state::ServingState;
+use crate::{devices, query, recommend};
 
 type Params = HashMap<String, String>;
 
@@ -31,23 +34,92 @@ pub fn routes(
         });
     let top = warp::path!("v1" / "insights" / "top-items")
         .and(warp::get())
-        .and(params)
+        .and(params.clone())
         .and(st.clone())
         .and_then(|p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
                 let limit = limit(&p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("purchase", String::as_str);
-                query::top_items(s, t, limit)
+                let window = Window::parse(p.get("window").map_or("all", String::as_str))?;
+                insights::top_items(s, t, window, p.get("category").map(String::as_str), limit)
+            })
+        });
+    let trending = warp::path!("v1" / "insights" / "trending")
+        .and(warp::get())
+        .and(params.clone())
+        .and(st.clone())
+        .and_then(|p: Params, s: Arc<ServingState>| {
+            answer(s, move |s| {
+                let limit = limit(&p, s.cfg.serve.max_limit)?;
+                let t = p.get("type").map_or("view", String::as_str);
+                let window = Window::parse(p.get("window").map_or("1h", String::as_str))?;
+                let baseline = Window::parse(p.get("baseline").map_or("7d", String::as_str))?;
+                let min_support = number(&p, "min_support", 5, 1, 1_000_000)? as u64;
+                insights::trending(s, t, window, baseline, min_support, limit)
+            })
+        });
+    let timeseries = warp::path!("v1" / "insights" / "timeseries")
+        .and(warp::get())
+        .and(params.clone())
+        .and(st.clone())
+        .and_then(|p: Params, s: Arc<ServingState>| {
+            answer(s, move |s| {
+                let bucket = p.get("bucket").map_or("hour", String::as_str);
+                let q = insights::SeriesQuery {
+                    metric: insights::Metric::parse(
+                        p.get("metric").map_or("events", String::as_str),
+                    )?,
+                    event_type: p.get("type").cloned(),
+                    item: p.get("item").cloned(),
+                    gran: Gran::parse(bucket).ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "bucket must be minute, hour or day; got {bucket:?}"
+                        ))
+                    })?,
+                    from: p.get("from").cloned(),
+                    to: p.get("to").cloned(),
+                };
+                insights::timeseries(s, &q)
+            })
+        });
+    let item_recs = warp::path!("v1" / "recommendations" / "items" / String)
+        .and(warp::get())
+        .and(params.clone())
+        .and(st.clone())
+        .and_then(|item: String, p: Params, s: Arc<ServingState>| {
+            answer(s, move |s| {
+                let limit = limit(&p, s.cfg.serve.max_limit)?;
+                let b = p.get("basis").map_or("purchase", String::as_str);
+                let basis = Basis::parse(b).ok_or_else(|| {
+                    ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
+                })?;
+                recommend::for_item(s, &decode_segment(&item)?, basis, limit)
+            })
+        });
+    let user_recs = warp::path!("v1" / "recommendations" / "users" / String)
+        .and(warp::get())
+        .and(params.clone())
+        .and(st.clone())
+        .and_then(|user: String, p: Params, s: Arc<ServingState>| {
+            answer(s, move |s| {
+                let limit = limit(&p, s.cfg.serve.max_limit)?;
+                recommend::for_user(s, &decode_segment(&user)?, limit)
             })
         });
     let device = warp::path!("v1" / "devices" / String / "health")
         .and(warp::get())
+        .and(params)
         .and(st.clone())
-        .and_then(|device: String, s: Arc<ServingState>| {
+        .and_then(|device: String, p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
-                query::device_health(s, &decode_segment(&device)?)
+                let hours = number(&p, "hours", 24, 1, 168)?;
+                devices::device(s, &decode_segment(&device)?, hours)
             })
         });
+    let fleet = warp::path!("v1" / "devices" / "health")
+        .and(warp::get())
+        .and(st.clone())
+        .and_then(|s: Arc<ServingState>| answer(s, devices::fleet));
     let status = warp::path!("v1" / "status")
         .and(warp::get())
         .and(st.clone())
@@ -84,6 +156,11 @@ pub fn routes(
         });
 
     item.or(top)
+        .or(trending)
+        .or(timeseries)
+        .or(item_recs)
+        .or(user_recs)
+        .or(fleet)
         .or(device)
         .or(status)
         .or(admin_batch)
@@ -116,6 +193,19 @@ fn limit(p: &Params, max: usize) -> Result<usize, ApiError> {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
             _ => Err(ApiError::bad_request(format!(
                 "limit must be a whole number from 1 to {max}; got {s:?}"
+            ))),
+        },
+    }
+}
+
+/// An integer parameter with a default and bounds.
+fn number(p: &Params, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ApiError> {
+    match p.get(name) {
+        None => Ok(default),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!(
+                "{name} must be a whole number from {min} to {max}; got {s:?}"
             ))),
         },
     }

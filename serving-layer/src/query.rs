@@ -1,9 +1,8 @@
 //! The questions the API answers, each a merge of the batch version and the speed blocks.
 
 use serde_json::{json, Value};
-use strata_common::event::ITEM_EVENT_TYPES;
-use strata_common::time::{format_rfc3339, now_millis, Millis};
-use strata_common::views::{DeviceStats, ItemStats, Partial, ViewKey};
+use strata_common::time::Millis;
+use strata_common::views::{ItemStats, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::state::{Merge, ServingState};
@@ -38,36 +37,6 @@ fn item_json(item: &str, s: &ItemStats, m: &Merge<'_>) -> Value {
     })
 }
 
-/// The items with the most events of one type.
-pub fn top_items(state: &ServingState, event_type: &str, limit: usize) -> Result<Value, ApiError> {
-    if !ITEM_EVENT_TYPES.contains(&event_type) && event_type != "rating" {
-        return Err(ApiError::bad_request(format!(
-            "type must be one of view, add_to_cart, purchase, rating; got {event_type:?}"
-        )));
-    }
-    state.with_merge(|m| {
-        let all = m.all(ViewKey::tag_of_items())?;
-        let mut ranked: Vec<(&str, u64)> = all
-            .entries
-            .iter()
-            .filter_map(|(k, p)| match (k, p) {
-                (ViewKey::Item(name), Partial::Item(s)) => s
-                    .count(event_type)
-                    .filter(|&c| c > 0)
-                    .map(|c| (name.as_str(), c)),
-                _ => None,
-            })
-            .collect();
-        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        ranked.truncate(limit);
-        let items: Vec<Value> = ranked
-            .iter()
-            .map(|(item, count)| json!({"item": item, "count": count}))
-            .collect();
-        Ok(json!({"type": event_type, "items": items, "as_of": m.as_of}))
-    })
-}
-
 /// `ok`, `late` or `silent`, by the time since the device was last seen.
 pub fn device_status(
     last_seen: Option<Millis>,
@@ -86,36 +55,6 @@ pub fn device_status(
     } else {
         "silent"
     }
-}
-
-/// Liveness and reading statistics of one device.
-pub fn device_health(state: &ServingState, device: &str) -> Result<Value, ApiError> {
-    state.with_merge(|m| {
-        let Some(Partial::Device(s)) = m.get(&ViewKey::Device(device.to_string()))? else {
-            return Err(ApiError::not_found(format!(
-                "no events for device {device:?}"
-            )));
-        };
-        Ok(device_json(state, device, &s, m))
-    })
-}
-
-fn device_json(state: &ServingState, device: &str, s: &DeviceStats, m: &Merge<'_>) -> Value {
-    let serve = &state.cfg.serve;
-    json!({
-        "device": device,
-        "last_seen": s.last_seen.map(format_rfc3339),
-        "heartbeats": s.heartbeats,
-        "readings": {
-            "count": s.readings,
-            "min": s.min,
-            "max": s.max,
-            "mean": s.mean(),
-        },
-        "status": device_status(s.last_seen, now_millis(), serve.late_after_secs, serve.silent_after_secs),
-        "thresholds": {"late_after_secs": serve.late_after_secs, "silent_after_secs": serve.silent_after_secs},
-        "as_of": m.as_of,
-    })
 }
 
 /// Batch version and cutoffs, speed offsets and counters, consumer lag.

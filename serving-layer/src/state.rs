@@ -10,14 +10,15 @@ use strata_common::batch_store::{self, Manifest};
 use strata_common::config::Config;
 use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
-use strata_common::views::{Partial, ViewKey, ViewSet};
+use strata_common::views::{Partial, ViewKey};
 
 use crate::error::ApiError;
 
-/// A published batch version in memory.
+/// A published batch version in memory, sorted by encoded key so that one view, or one time
+/// range of a series, is a range scan.
 pub struct LoadedBatch {
     pub manifest: Manifest,
-    pub views: ViewSet,
+    pub views: BTreeMap<Vec<u8>, (ViewKey, Partial)>,
 }
 
 /// The serving layer's shared state.
@@ -79,7 +80,9 @@ pub struct Merge<'a> {
 impl Merge<'_> {
     /// The merged partial of one view key, `None` if neither side has it.
     pub fn get(&self, key: &ViewKey) -> Result<Option<Partial>, ApiError> {
-        let mut acc = self.batch.and_then(|b| b.views.get(key).cloned());
+        let mut acc = self
+            .batch
+            .and_then(|b| b.views.get(&key.encode()).map(|(_, p)| p.clone()));
         if let Some((db, reads)) = self.speed {
             if let Some(p) = reads.partial(db, &self.ranges, key)? {
                 match &mut acc {
@@ -91,18 +94,49 @@ impl Merge<'_> {
         Ok(acc)
     }
 
-    /// Every merged partial of one view (by key tag).
-    pub fn all(&self, tag: u8) -> Result<ViewSet, ApiError> {
-        let mut out = ViewSet::default();
+    /// The merged partials of every key whose encoding starts with `prefix` and is at or after
+    /// `from` (a longer key inside the prefix), keeping those `keep` accepts.
+    pub fn collect(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        keep: impl Fn(&ViewKey) -> bool,
+    ) -> Result<BTreeMap<ViewKey, Partial>, ApiError> {
+        let mut out: BTreeMap<ViewKey, Partial> = BTreeMap::new();
+        let mut add = |k: ViewKey, p: &Partial| {
+            if !keep(&k) {
+                return;
+            }
+            match out.get_mut(&k) {
+                Some(existing) => existing.merge(p),
+                None => {
+                    out.insert(k, p.clone());
+                }
+            }
+        };
         if let Some(b) = self.batch {
-            for (k, p) in b.views.entries.iter().filter(|(k, _)| k.tag() == tag) {
-                out.entries.insert(k.clone(), p.clone());
+            let start = from.unwrap_or(prefix).to_vec();
+            for (k, (key, p)) in b.views.range(start..) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                add(key.clone(), p);
             }
         }
         if let Some((db, reads)) = self.speed {
-            reads.scan(db, &self.ranges, tag, &mut |k, p| out.add(k, &p))?;
+            let from_key = from.map(<[u8]>::to_vec);
+            reads.scan(db, &self.ranges, prefix, &mut |k, p| {
+                if from_key.as_ref().is_none_or(|f| k.encode() >= *f) {
+                    add(k, &p);
+                }
+            })?;
         }
         Ok(out)
+    }
+
+    /// Every merged partial of one view (by key tag).
+    pub fn all(&self, tag: u8) -> Result<BTreeMap<ViewKey, Partial>, ApiError> {
+        self.collect(&[tag], None, |_| true)
     }
 }
 
@@ -182,7 +216,12 @@ impl ServingState {
         {
             return Ok(false);
         }
-        let views = batch_store::load_views(&self.cfg.data_dir, &manifest)?;
+        let views: BTreeMap<Vec<u8>, (ViewKey, Partial)> =
+            batch_store::load_views(&self.cfg.data_dir, &manifest)?
+                .entries
+                .into_iter()
+                .map(|(k, p)| (k.encode(), (k, p)))
+                .collect();
         tracing::info!(
             version = manifest.version,
             keys = views.len(),

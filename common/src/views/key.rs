@@ -172,6 +172,21 @@ impl ViewKey {
         vec![tag, gran.code()]
     }
 
+    /// The first key of a series view at one granularity from time `from` on.
+    pub fn series_from(tag: u8, gran: Gran, from: Millis) -> Vec<u8> {
+        let mut out = Self::series_prefix(tag, gran);
+        out.extend_from_slice(&time_bytes(from));
+        out
+    }
+
+    /// The first key of a view whose first field is a time (`ItemDayUsers`,
+    /// `DeviceMetricHour`) from time `from` on.
+    pub fn timed_from(tag: u8, from: Millis) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&time_bytes(from));
+        out
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![self.tag()];
         match self {

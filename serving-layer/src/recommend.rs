@@ -1,0 +1,173 @@
+//! Recommendations from co-occurrence in users' histories.
+//!
+//! Two items co-occur once for every user whose history (views, or purchases) holds both. Rows
+//! are ranked by cosine similarity, `co / sqrt(users(a) * users(b))`, which does not favour items
+//! only for being popular. Everything is computed from the merged item audiences and user
+//! histories, so the counts are exact for all accepted events; the cost grows with the audience of
+//! the item asked about.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+use strata_common::views::{Basis, Partial, ViewKey};
+
+use crate::error::ApiError;
+use crate::insights::{item_totals, Window};
+use crate::state::{Merge, ServingState};
+
+fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<String>, ApiError> {
+    Ok(
+        match m.get(&ViewKey::ItemUsers {
+            basis,
+            item: item.to_string(),
+        })? {
+            Some(Partial::Set(s)) => s.0,
+            _ => BTreeSet::new(),
+        },
+    )
+}
+
+fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<String, i64>, ApiError> {
+    Ok(
+        match m.get(&ViewKey::UserItems {
+            basis,
+            user: user.to_string(),
+        })? {
+            Some(Partial::Recent(r)) => r.0,
+            _ => BTreeMap::new(),
+        },
+    )
+}
+
+/// Co-occurrence rows for one item: (item, cosine, co-occurrences, audience), best first.
+pub fn co_occurring(
+    m: &Merge<'_>,
+    basis: Basis,
+    item: &str,
+) -> Result<Option<Vec<(String, f64, u64, u64)>>, ApiError> {
+    let users = audience(m, basis, item)?;
+    if users.is_empty() {
+        return Ok(None);
+    }
+    let mut co: BTreeMap<String, u64> = BTreeMap::new();
+    for u in &users {
+        for other in history(m, basis, u)?.into_keys() {
+            if other != item {
+                *co.entry(other).or_default() += 1;
+            }
+        }
+    }
+    let n_a = users.len() as f64;
+    let mut rows = Vec::with_capacity(co.len());
+    for (other, c) in co {
+        let n_b = audience(m, basis, &other)?.len().max(1) as u64;
+        let score = c as f64 / (n_a * n_b as f64).sqrt();
+        rows.push((other, score, c, n_b));
+    }
+    rows.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| b.2.cmp(&a.2))
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    Ok(Some(rows))
+}
+
+/// Items that co-occur with `item`.
+pub fn for_item(
+    state: &ServingState,
+    item: &str,
+    basis: Basis,
+    limit: usize,
+) -> Result<Value, ApiError> {
+    state.with_merge(|m| {
+        let Some(mut rows) = co_occurring(m, basis, item)? else {
+            return Err(ApiError::not_found(format!(
+                "no {} history for item {item:?}",
+                basis_name(basis)
+            )));
+        };
+        rows.truncate(limit);
+        let items: Vec<Value> = rows
+            .iter()
+            .map(|(i, score, co, users)| json!({"item": i, "score": score, "co_occurrences": co, "users": users}))
+            .collect();
+        Ok(json!({
+            "item": item,
+            "basis": basis_name(basis),
+            "users": audience(m, basis, item)?.len(),
+            "items": items,
+            "as_of": m.as_of,
+        }))
+    })
+}
+
+fn basis_name(b: Basis) -> &'static str {
+    match b {
+        Basis::View => "view",
+        Basis::Purchase => "purchase",
+    }
+}
+
+/// How many of the user's most recent items seed personal recommendations.
+pub const RECENT_ITEMS: usize = 10;
+
+/// Items that co-occur (by views) with the user's most recent items, without what the user
+/// already bought. A user with no history gets the all-time top purchased items, marked as such.
+pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value, ApiError> {
+    state.with_merge(|m| {
+        let viewed = history(m, Basis::View, user)?;
+        let bought = history(m, Basis::Purchase, user)?;
+        if viewed.is_empty() && bought.is_empty() {
+            let mut top: Vec<(String, u64)> = item_totals(m, Window::All, 0)?
+                .into_iter()
+                .filter(|(_, s)| s.purchases > 0)
+                .map(|(i, s)| (i, s.purchases))
+                .collect();
+            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            top.truncate(limit);
+            let items: Vec<Value> = top
+                .iter()
+                .map(|(i, c)| json!({"item": i, "purchases": c}))
+                .collect();
+            return Ok(
+                json!({"user": user, "source": "top_items", "items": items, "as_of": m.as_of}),
+            );
+        }
+        let mut latest: BTreeMap<&String, i64> = BTreeMap::new();
+        for (i, &t) in viewed.iter().chain(bought.iter()) {
+            let e = latest.entry(i).or_insert(t);
+            *e = (*e).max(t);
+        }
+        let mut recent: Vec<(&String, i64)> = latest.into_iter().collect();
+        recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        recent.truncate(RECENT_ITEMS);
+        let mut scores: BTreeMap<String, (f64, Vec<String>)> = BTreeMap::new();
+        for (seed, _) in &recent {
+            if let Some(rows) = co_occurring(m, Basis::View, seed)? {
+                for (i, score, _, _) in rows {
+                    if bought.contains_key(&i) {
+                        continue;
+                    }
+                    let e = scores.entry(i).or_default();
+                    e.0 += score;
+                    e.1.push((*seed).clone());
+                }
+            }
+        }
+        let mut rows: Vec<(String, f64, Vec<String>)> =
+            scores.into_iter().map(|(i, (s, b))| (i, s, b)).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        rows.truncate(limit);
+        let items: Vec<Value> = rows
+            .iter()
+            .map(|(i, s, because)| json!({"item": i, "score": s, "because": because}))
+            .collect();
+        Ok(json!({
+            "user": user,
+            "source": "co_occurrence",
+            "recent_items": recent.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            "items": items,
+            "as_of": m.as_of,
+        }))
+    })
+}
