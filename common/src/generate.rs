@@ -5,6 +5,10 @@
 //! of events are late (event time up to an hour behind), 1% are re-sent copies of a recent event
 //! (same id, key and bytes), and 0.5% are malformed in assorted ways. The same seed and size give
 //! the same stream, message for message, so a test can compute the ground truth itself.
+//!
+//! With `patterns`, it also plants what the insights should find: users who buy `p-a` also buy
+//! `p-b`; views of `p-hot` jump in the last tenth of the stream; device `p-quiet` stops sending
+//! halfway; device `p-hot` sometimes reads `temp_c` 95 (out of the default bounds).
 
 use std::collections::VecDeque;
 
@@ -30,6 +34,8 @@ pub struct GenConfig {
     pub malformed_rate: f64,
     /// Share of events that are late.
     pub late_rate: f64,
+    /// Plant known patterns (see the module documentation).
+    pub patterns: bool,
 }
 
 impl GenConfig {
@@ -42,6 +48,7 @@ impl GenConfig {
             duplicate_rate: 0.01,
             malformed_rate: 0.005,
             late_rate: 0.03,
+            patterns: false,
         }
     }
 }
@@ -218,6 +225,65 @@ impl Generator {
         self.pending.push_back(Event { id, ts, kind });
     }
 
+    fn plant(&mut self) {
+        let progress = self.produced as f64 / self.cfg.count.max(1) as f64;
+        if self.rng.random_bool(0.01) {
+            let user = format!("pu{}", self.rng.random_range(0..60));
+            for (item, price) in [("p-a", 50_000_000), ("p-b", 20_000_000)] {
+                let (id, ts) = (self.id(), self.ts());
+                self.pending.push_back(Event {
+                    id,
+                    ts,
+                    kind: Kind::Purchase {
+                        item: ItemRef {
+                            user: user.clone(),
+                            item: item.into(),
+                            category: Some("bundles".into()),
+                        },
+                        qty: 1,
+                        price_micros: price,
+                    },
+                });
+            }
+        }
+        let hot_rate = if progress >= 0.9 { 0.05 } else { 0.0005 };
+        if self.rng.random_bool(hot_rate) {
+            let user = self.skewed(self.users, 1.0);
+            let (id, ts) = (self.id(), self.ts());
+            self.pending.push_back(Event {
+                id,
+                ts,
+                kind: Kind::View(ItemRef {
+                    user: format!("u{user}"),
+                    item: "p-hot".into(),
+                    category: Some("toys".into()),
+                }),
+            });
+        }
+        if progress < 0.5 && self.rng.random_bool(0.01) {
+            let (id, ts) = (self.id(), self.ts());
+            self.pending.push_back(Event {
+                id,
+                ts,
+                kind: Kind::Heartbeat {
+                    device: "p-quiet".into(),
+                },
+            });
+        }
+        if self.rng.random_bool(0.002) {
+            let (id, ts) = (self.id(), self.ts());
+            self.pending.push_back(Event {
+                id,
+                ts,
+                kind: Kind::Reading {
+                    device: "p-hot".into(),
+                    metric: "temp_c".into(),
+                    value: 95.0,
+                },
+            });
+        }
+    }
+
     fn malformed(&mut self) -> Generated {
         let id = self.id();
         let (reason, payload): (&'static str, Vec<u8>) = match self.rng.random_range(0..8) {
@@ -271,6 +337,9 @@ impl Iterator for Generator {
                 class: Class::Copy(id),
             }
         } else {
+            if self.pending.is_empty() && self.cfg.patterns {
+                self.plant();
+            }
             if self.pending.is_empty() {
                 if self.rng.random_bool(0.2) {
                     self.device();

@@ -34,7 +34,7 @@ pub fn routes(
         });
     let top = warp::path!("v1" / "insights" / "top-items")
         .and(warp::get())
-        .and(params.clone())
+        .and(params)
         .and(st.clone())
         .and_then(|p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
@@ -46,7 +46,7 @@ pub fn routes(
         });
     let trending = warp::path!("v1" / "insights" / "trending")
         .and(warp::get())
-        .and(params.clone())
+        .and(params)
         .and(st.clone())
         .and_then(|p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
@@ -60,7 +60,7 @@ pub fn routes(
         });
     let timeseries = warp::path!("v1" / "insights" / "timeseries")
         .and(warp::get())
-        .and(params.clone())
+        .and(params)
         .and(st.clone())
         .and_then(|p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
@@ -84,7 +84,7 @@ pub fn routes(
         });
     let item_recs = warp::path!("v1" / "recommendations" / "items" / String)
         .and(warp::get())
-        .and(params.clone())
+        .and(params)
         .and(st.clone())
         .and_then(|item: String, p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {
@@ -98,7 +98,7 @@ pub fn routes(
         });
     let user_recs = warp::path!("v1" / "recommendations" / "users" / String)
         .and(warp::get())
-        .and(params.clone())
+        .and(params)
         .and(st.clone())
         .and_then(|user: String, p: Params, s: Arc<ServingState>| {
             answer(s, move |s| {

@@ -69,6 +69,10 @@ pub enum Command {
         /// Event time of the first event (RFC 3339); default: now minus the span.
         #[arg(long)]
         start: Option<String>,
+        /// Plant known patterns: p-a bought with p-b, a jump in p-hot views, device p-quiet
+        /// going silent, device p-hot reading out of range.
+        #[arg(long)]
+        patterns: bool,
     },
 }
 

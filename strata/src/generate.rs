@@ -17,6 +17,7 @@ pub struct GenerateArgs {
     pub rate: u64,
     pub span: Duration,
     pub start: Option<String>,
+    pub patterns: bool,
 }
 
 pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
@@ -35,6 +36,7 @@ pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut gen_cfg = GenConfig::new(args.seed, args.count, start_ts);
     gen_cfg.span_ms = span_ms;
+    gen_cfg.patterns = args.patterns;
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || produce(&cfg, gen_cfg, args.rate)).await?
 }

@@ -182,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             span,
             start,
+            patterns,
         } => {
             let cfg = common.config()?;
             generate::run(
@@ -192,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     rate,
                     span,
                     start,
+                    patterns,
                 },
             )
             .await

@@ -48,7 +48,7 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
             "1h".into(),
         ]);
         run_strata(&args);
-        truth.add(gen_config(seed, count, start, 3_600_000));
+        truth.add(gen_config(seed, count, start, 3_600_000, false));
     };
 
     let mut truth = Truth::default();
@@ -106,6 +106,7 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
         (v["batch"]["version"].as_u64() == Some(2)).then_some(v)
     });
     truth.check(&addr);
+    truth.check_insights(&addr);
     speed.assert_running();
     serve.assert_running();
 }

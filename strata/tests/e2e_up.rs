@@ -16,7 +16,15 @@ use support::*;
 const HOUR: i64 = 3_600_000;
 const KEY: &str = "test-admin-key";
 
-fn generate(common: &[String], seed: u64, count: u64, start: i64, span_ms: i64, truth: &mut Truth) {
+fn generate(
+    common: &[String],
+    seed: u64,
+    count: u64,
+    start: i64,
+    span_ms: i64,
+    patterns: bool,
+    truth: &mut Truth,
+) {
     let mut args = vec![
         "generate".to_string(),
         "--seed".into(),
@@ -28,9 +36,12 @@ fn generate(common: &[String], seed: u64, count: u64, start: i64, span_ms: i64, 
         "--span".into(),
         format!("{}ms", span_ms),
     ];
+    if patterns {
+        args.push("--patterns".into());
+    }
     args.extend_from_slice(common);
     run_strata(&args);
-    truth.add(gen_config(seed, count, start, span_ms));
+    truth.add(gen_config(seed, count, start, span_ms, patterns));
 }
 
 fn sum(v: &serde_json::Value) -> u64 {
@@ -89,7 +100,15 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     // Phase 1: 120,000 messages, answered by the speed layer alone.
     let mut truth = Truth::default();
     let now = now_millis();
-    generate(&common, 11, 120_000, now - 3 * HOUR, 2 * HOUR, &mut truth);
+    generate(
+        &common,
+        11,
+        120_000,
+        now - 3 * HOUR,
+        2 * HOUR,
+        false,
+        &mut truth,
+    );
     wait_speed_offsets(&addr, truth.messages);
     let mut checked = truth.check(&addr);
 
@@ -104,7 +123,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     checked += truth.check(&addr);
 
     // Phase 2: 100,000 more; the answer is batch v1 plus the speed blocks past its cutoffs.
-    generate(&common, 12, 100_000, now - HOUR, HOUR, &mut truth);
+    generate(&common, 12, 100_000, now - HOUR, HOUR, true, &mut truth);
     let st = wait_speed_offsets(&addr, truth.messages);
     assert!(
         sum(&st["batch"]["cutoffs"]) < truth.messages,

@@ -3,7 +3,7 @@
 //! oracle (not the view code under test).
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -263,10 +263,21 @@ pub fn run_batch(addr: &str, key: &str, previous: u64) -> Value {
 }
 
 /// The generator settings `strata generate` uses for these flags.
-pub fn gen_config(seed: u64, count: u64, start_ts: i64, span_ms: i64) -> GenConfig {
+pub fn gen_config(seed: u64, count: u64, start_ts: i64, span_ms: i64, patterns: bool) -> GenConfig {
     let mut c = GenConfig::new(seed, count, start_ts);
     c.span_ms = span_ms;
+    c.patterns = patterns;
     c
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// One hour of everything, computed naively.
+#[derive(Default, Debug, Clone, PartialEq)]
+pub struct HourTruth {
+    pub by_type: BTreeMap<String, u64>,
+    pub revenue_micros: i128,
 }
 
 /// Ground truth of one item, computed naively from the generated events.
@@ -300,6 +311,10 @@ pub struct Truth {
     pub copies: u64,
     pub malformed: u64,
     pub seen_ids: HashMap<String, ()>,
+    pub hours: BTreeMap<i64, HourTruth>,
+    pub item_hours: BTreeMap<(String, i64), u64>,
+    pub bought: BTreeMap<String, BTreeSet<String>>,
+    pub item_day_users: BTreeMap<(String, i64), BTreeSet<String>>,
 }
 
 impl Truth {
@@ -462,5 +477,193 @@ impl Truth {
             diffs[..diffs.len().min(10)].join("\n")
         );
         checked
+    }
+
+    /// Compares the exact insights (hourly series, an item's series, co-occurrence counts) and
+    /// the sketched ones (distinct users, within the stated error) with the ground truth.
+    pub fn check_insights(&self, addr: &str) -> usize {
+        let mut checked = 0;
+        let (Some(&first), Some(&last)) = (self.hours.keys().next(), self.hours.keys().next_back())
+        else {
+            return 0;
+        };
+        let range = format!(
+            "from={}&to={}",
+            strata_common::time::format_rfc3339(first),
+            strata_common::time::format_rfc3339(last)
+        );
+        let points = |v: &Value| -> BTreeMap<i64, f64> {
+            v["points"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| {
+                            Some((
+                                strata_common::time::parse_rfc3339(p["start"].as_str()?)?,
+                                p["value"].as_f64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for t in ["view", "purchase", "heartbeat", "reading"] {
+            let (status, v) = get_json(
+                addr,
+                &format!("/v1/insights/timeseries?metric=events&type={t}&bucket=hour&{range}"),
+            );
+            assert_eq!(status, 200, "{v}");
+            let got = points(&v);
+            for (&hour, h) in &self.hours {
+                let want = h.by_type.get(t).copied().unwrap_or(0) as f64;
+                assert_eq!(
+                    got.get(&hour).copied(),
+                    Some(want),
+                    "{t} events in hour {hour}: {v}"
+                );
+                checked += 1;
+            }
+        }
+        let (_, v) = get_json(
+            addr,
+            &format!("/v1/insights/timeseries?metric=revenue&bucket=hour&{range}"),
+        );
+        let got = points(&v);
+        for (&hour, h) in &self.hours {
+            let micros = got.get(&hour).map(|r| (r * 1e6).round() as i128);
+            assert_eq!(micros, Some(h.revenue_micros), "revenue in hour {hour}");
+            checked += 1;
+        }
+        let (_, v) = get_json(
+            addr,
+            &format!("/v1/insights/timeseries?metric=events&item=i0&bucket=hour&{range}"),
+        );
+        let got = points(&v);
+        for &hour in self.hours.keys() {
+            let want = self
+                .item_hours
+                .get(&("i0".to_string(), hour))
+                .copied()
+                .unwrap_or(0) as f64;
+            assert_eq!(
+                got.get(&hour).copied(),
+                Some(want),
+                "i0 events in hour {hour}"
+            );
+            checked += 1;
+        }
+        // Co-occurrence by purchases, exactly.
+        let mut audience: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (user, items) in &self.bought {
+            for i in items {
+                audience.entry(i).or_default().insert(user);
+            }
+        }
+        for item in ["i0", "i1", "i2", "i3", "p-a"] {
+            let Some(users) = audience.get(item) else {
+                continue;
+            };
+            let mut co: BTreeMap<&str, u64> = BTreeMap::new();
+            for u in users {
+                for other in &self.bought[*u] {
+                    if other != item {
+                        *co.entry(other).or_default() += 1;
+                    }
+                }
+            }
+            let (status, v) = get_json(
+                addr,
+                &format!("/v1/recommendations/items/{item}?basis=purchase&limit=1000"),
+            );
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["users"].as_u64(),
+                Some(users.len() as u64),
+                "audience of {item}"
+            );
+            let got: BTreeMap<String, u64> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some((
+                                r["item"].as_str()?.to_string(),
+                                r["co_occurrences"].as_u64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let want: BTreeMap<String, u64> = co.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            assert_eq!(got, want, "co-occurrence with {item}");
+            checked += 1;
+        }
+        // Distinct users of i0 per day, within the sketch's error.
+        let days: Vec<i64> = self
+            .item_day_users
+            .keys()
+            .filter(|(i, _)| i == "i0")
+            .map(|(_, d)| *d)
+            .collect();
+        if let (Some(&d0), Some(&d1)) = (days.first(), days.last()) {
+            let (_, v) = get_json(
+                addr,
+                &format!(
+                    "/v1/insights/timeseries?metric=distinct_users&item=i0&bucket=day&from={}&to={}",
+                    strata_common::time::format_rfc3339(d0),
+                    strata_common::time::format_rfc3339(d1)
+                ),
+            );
+            let err = v["error_bound"]["relative_standard_error"]
+                .as_f64()
+                .expect("error bound");
+            let got = points(&v);
+            for d in days {
+                let want = self.item_day_users[&("i0".to_string(), d)].len() as f64;
+                let est = got.get(&d).copied().unwrap_or(-1.0);
+                assert!(
+                    (est - want).abs() <= 4.0 * err * want + 1.0,
+                    "distinct users of i0 on {d}: {est} vs {want}"
+                );
+                checked += 1;
+            }
+        }
+        let (_, v) = get_json(addr, "/v1/devices/health");
+        assert_eq!(
+            v["devices"].as_u64(),
+            Some(self.devices.len() as u64),
+            "{v}"
+        );
+        let c = &v["counts"];
+        assert_eq!(
+            c["ok"].as_u64().unwrap_or(0)
+                + c["late"].as_u64().unwrap_or(0)
+                + c["silent"].as_u64().unwrap_or(0),
+            self.devices.len() as u64
+        );
+        checked + 1
+    }
+
+    /// Checks that the API recovers the planted patterns of `--patterns`.
+    pub fn check_patterns(&self, addr: &str) {
+        let (_, v) = get_json(addr, "/v1/recommendations/items/p-a?basis=purchase&limit=3");
+        assert_eq!(v["items"][0]["item"], "p-b", "bought together: {v}");
+        let (_, v) = get_json(
+            addr,
+            "/v1/insights/trending?window=1h&baseline=7d&type=view&limit=3",
+        );
+        assert_eq!(v["items"][0]["item"], "p-hot", "trending: {v}");
+        let (_, v) = get_json(addr, "/v1/devices/health");
+        assert_ne!(v["status"], "ok", "{v}");
+        let silent: Vec<&str> = v["silent"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["device"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(silent.contains(&"p-quiet"), "silent devices: {v}");
+        let (_, v) = get_json(addr, "/v1/devices/p-hot/health?hours=48");
+        assert!(
+            v["windows"]["out_of_range"].as_u64().unwrap_or(0) >= 1,
+            "out-of-range readings: {v}"
+        );
     }
 }
