@@ -39,12 +39,23 @@ fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<String, i
     )
 }
 
-/// Co-occurrence rows for one item: (item, cosine, co-occurrences, audience), best first.
+/// One item that co-occurs with another.
+pub struct CoRow {
+    pub item: String,
+    /// Cosine similarity of the two audiences.
+    pub score: f64,
+    /// Users whose history holds both items.
+    pub co: u64,
+    /// Users whose history holds this item.
+    pub users: u64,
+}
+
+/// Co-occurrence rows for one item, best first; `None` if the item has no history.
 pub fn co_occurring(
     m: &Merge<'_>,
     basis: Basis,
     item: &str,
-) -> Result<Option<Vec<(String, f64, u64, u64)>>, ApiError> {
+) -> Result<Option<Vec<CoRow>>, ApiError> {
     let users = audience(m, basis, item)?;
     if users.is_empty() {
         return Ok(None);
@@ -61,13 +72,18 @@ pub fn co_occurring(
     let mut rows = Vec::with_capacity(co.len());
     for (other, c) in co {
         let n_b = audience(m, basis, &other)?.len().max(1) as u64;
-        let score = c as f64 / (n_a * n_b as f64).sqrt();
-        rows.push((other, score, c, n_b));
+        rows.push(CoRow {
+            score: c as f64 / (n_a * n_b as f64).sqrt(),
+            item: other,
+            co: c,
+            users: n_b,
+        });
     }
     rows.sort_by(|a, b| {
-        b.1.total_cmp(&a.1)
-            .then_with(|| b.2.cmp(&a.2))
-            .then_with(|| a.0.cmp(&b.0))
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| b.co.cmp(&a.co))
+            .then_with(|| a.item.cmp(&b.item))
     });
     Ok(Some(rows))
 }
@@ -89,7 +105,7 @@ pub fn for_item(
         rows.truncate(limit);
         let items: Vec<Value> = rows
             .iter()
-            .map(|(i, score, co, users)| json!({"item": i, "score": score, "co_occurrences": co, "users": users}))
+            .map(|r| json!({"item": r.item, "score": r.score, "co_occurrences": r.co, "users": r.users}))
             .collect();
         Ok(json!({
             "item": item,
@@ -144,12 +160,12 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let mut scores: BTreeMap<String, (f64, Vec<String>)> = BTreeMap::new();
         for (seed, _) in &recent {
             if let Some(rows) = co_occurring(m, Basis::View, seed)? {
-                for (i, score, _, _) in rows {
-                    if bought.contains_key(&i) {
+                for r in rows {
+                    if bought.contains_key(&r.item) {
                         continue;
                     }
-                    let e = scores.entry(i).or_default();
-                    e.0 += score;
+                    let e = scores.entry(r.item).or_default();
+                    e.0 += r.score;
                     e.1.push((*seed).clone());
                 }
             }
