@@ -109,6 +109,29 @@ async fn answers_from_the_batch_version_with_as_of() {
 }
 
 #[tokio::test]
+async fn fleet_and_fallback_recommendations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let (status, v) = call(&s, "GET", "/v1/devices/health", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["counts"]["ok"], 1);
+    let (status, v) = call(
+        &s,
+        "GET",
+        "/v1/recommendations/users/new-user?limit=2",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["source"], "top_items");
+    assert_eq!(v["items"][0]["item"], "i2");
+    let (status, v) = call(&s, "GET", "/v1/insights/timeseries?metric=events", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["points"].as_array().map(Vec::len), Some(60));
+}
+
+#[tokio::test]
 async fn bad_requests_get_json_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = state(dir.path());
@@ -120,6 +143,26 @@ async fn bad_requests_get_json_errors() {
         ("GET", "/v1/insights/top-items?type=teleport", 400),
         ("GET", "/v1/items/bad%zz", 400),
         ("GET", "/no/such/route", 404),
+        ("GET", "/v1/insights/top-items?window=2h", 400),
+        ("GET", "/v1/insights/trending?window=7d&baseline=1h", 400),
+        ("GET", "/v1/insights/trending?min_support=0", 400),
+        ("GET", "/v1/insights/timeseries?bucket=week", 400),
+        ("GET", "/v1/insights/timeseries?metric=bogus", 400),
+        ("GET", "/v1/insights/timeseries?from=yesterday", 400),
+        (
+            "GET",
+            "/v1/insights/timeseries?bucket=minute&from=2000-01-01T00:00:00Z",
+            400,
+        ),
+        (
+            "GET",
+            "/v1/insights/timeseries?metric=distinct_users&item=i1&bucket=hour",
+            400,
+        ),
+        ("GET", "/v1/insights/timeseries?type=teleport", 400),
+        ("GET", "/v1/recommendations/items/i1?basis=cart", 400),
+        ("GET", "/v1/recommendations/items/nope", 404),
+        ("GET", "/v1/devices/d1/health?hours=0", 400),
         ("DELETE", "/v1/status", 405),
     ] {
         let (status, v) = call(&s, method, path, None).await;
