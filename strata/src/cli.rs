@@ -117,6 +117,10 @@ pub struct CommonArgs {
     /// A device is `silent` after this long without an event.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     pub silent_after: Duration,
+    /// Expected range of a reading metric, `metric=min:max` (repeatable); device windows outside
+    /// it are flagged. Defaults: temp_c=-20:60, humidity=0:100.
+    #[arg(long = "metric-bounds", value_parser = parse_bounds)]
+    pub metric_bounds: Vec<(String, f64, f64)>,
     /// Extra librdkafka property, `key=value` (repeatable), e.g. `security.protocol=SSL`.
     #[arg(long = "kafka", value_parser = parse_kv)]
     pub kafka: Vec<(String, String)>,
@@ -144,6 +148,15 @@ impl CommonArgs {
         c.serve.late_after_secs = self.late_after.as_secs() as i64;
         c.serve.silent_after_secs = self.silent_after.as_secs() as i64;
         c.handoff.block_size = self.block_size;
+        for (metric, min, max) in &self.metric_bounds {
+            c.serve.metric_bounds.insert(
+                metric.clone(),
+                strata_common::config::MetricBounds {
+                    min: *min,
+                    max: *max,
+                },
+            );
+        }
         c.dedupe.horizon_secs = self.dedupe_horizon.as_secs() as i64;
         c.check()?;
         Ok(c)
@@ -173,6 +186,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+fn parse_bounds(s: &str) -> Result<(String, f64, f64), String> {
+    let err = || format!("{s:?} is not metric=min:max, e.g. temp_c=-20:60");
+    let (metric, range) = s.split_once('=').ok_or_else(err)?;
+    let (min, max) = range.split_once(':').ok_or_else(err)?;
+    let min: f64 = min.trim().parse().map_err(|_| err())?;
+    let max: f64 = max.trim().parse().map_err(|_| err())?;
+    Ok((metric.trim().to_string(), min, max))
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -191,6 +213,11 @@ mod tests {
         assert_eq!(parse_duration("42"), Ok(Duration::from_secs(42)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+        assert_eq!(
+            parse_bounds("temp_c=-20:60"),
+            Ok(("temp_c".into(), -20.0, 60.0))
+        );
+        assert!(parse_bounds("temp_c=hot").is_err());
     }
 
     #[test]
