@@ -39,7 +39,7 @@ for _ in $(seq 1 100); do
 done
 log "strata up is running (pid $strata_pid, log $data/strata.log)"
 
-"$bin" generate --count "$events" --seed "$RANDOM" --data-dir "$data/strata"
+"$bin" generate --count "$events" --seed "$RANDOM" --patterns --data-dir "$data/strata"
 sleep 2
 curl -sf -X POST -H "Authorization: Bearer $key" "http://$http/v1/admin/batch" >/dev/null &&
   log "batch recompute requested"
@@ -51,7 +51,12 @@ Strata is up. Try:
   curl http://$http/v1/status
   curl 'http://$http/v1/insights/top-items?type=purchase&limit=5'
   curl http://$http/v1/items/i0
-  curl http://$http/v1/devices/d0/health
+  curl 'http://$http/v1/insights/trending?window=1h&baseline=7d&limit=5'
+  curl 'http://$http/v1/insights/timeseries?metric=events&bucket=minute'
+  curl 'http://$http/v1/recommendations/items/p-a?basis=purchase'
+  curl http://$http/v1/recommendations/users/u1
+  curl http://$http/v1/devices/health
+  curl http://$http/v1/devices/p-hot/health
   curl -X POST -H 'Authorization: Bearer $key' http://$http/v1/admin/batch
 More events:  $bin generate --count 100000 --rate 5000
 Admin key:    $key

@@ -111,6 +111,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     );
     wait_speed_offsets(&addr, truth.messages);
     let mut checked = truth.check(&addr);
+    checked += truth.check_insights(&addr);
 
     // A batch run part-way through.
     std::thread::sleep(Duration::from_millis(1_500));
