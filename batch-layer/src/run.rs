@@ -53,7 +53,10 @@ impl BatchLayer {
         let probe: BaseConsumer = kafka::client_config(&self.cfg.kafka)
             .create()
             .map_err(|e| strata_common::Error::kafka("create metadata client", e))?;
-        let ends = kafka::high_watermarks(&probe, &self.cfg.kafka.topic)?;
+        let ends =
+            kafka::with_retries("reading the topic's end", Duration::from_secs(120), || {
+                kafka::high_watermarks(&probe, &self.cfg.kafka.topic)
+            })?;
         tracing::info!(until = ?ends, "archiving up to the topic's current end");
         archive::run(&self.cfg, self.status.clone(), Some(ends), shutdown.clone())?;
         if shutdown.is_cancelled() {

@@ -34,8 +34,48 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Creates the topics that do not exist yet; existing topics are used as they are.
+/// Runs `f` until it succeeds, waiting 100 ms, 200 ms, ... up to 5 s between tries and logging
+/// each failure; gives up with the last error after `patience`. For start-up steps that need the
+/// broker, so that a slow or restarting broker delays a layer instead of stopping it.
+pub fn with_retries<T>(
+    what: &str,
+    patience: Duration,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() + wait < patience => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Creates the topics that do not exist yet; existing topics are used as they are. Retries while
+/// the broker is unreachable, for up to two minutes.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match try_ensure_topics(cfg, topics).await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() < Duration::from_secs(120) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot create the topics yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)
         .create()
         .map_err(|e| Error::kafka("create admin client", e))?;
@@ -213,7 +253,11 @@ pub fn resuming_consumer(
         Assignment::Group => consumer
             .subscribe(&[&cfg.topic])
             .map_err(|e| Error::kafka(format!("subscribe to {}", cfg.topic), e))?,
-        Assignment::All => assign_all(&consumer, &cfg.topic)?,
+        Assignment::All => {
+            with_retries("assigning the partitions", Duration::from_secs(120), || {
+                assign_all(&consumer, &cfg.topic)
+            })?
+        }
     }
     Ok(consumer)
 }

@@ -338,6 +338,34 @@ impl Truth {
                 "ids are unique"
             );
             self.events += 1;
+            let hour = e.ts.div_euclid(HOUR_MS) * HOUR_MS;
+            let h = self.hours.entry(hour).or_default();
+            *h.by_type.entry(e.type_name().to_string()).or_default() += 1;
+            if let Kind::Purchase {
+                qty, price_micros, ..
+            } = &e.kind
+            {
+                h.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
+            }
+            let item_ref = match &e.kind {
+                Kind::View(r) | Kind::AddToCart(r) => Some(r),
+                Kind::Purchase { item, .. } | Kind::Rating { item, .. } => Some(item),
+                _ => None,
+            };
+            if let Some(r) = item_ref {
+                *self.item_hours.entry((r.item.clone(), hour)).or_default() += 1;
+                let day = e.ts.div_euclid(DAY_MS) * DAY_MS;
+                self.item_day_users
+                    .entry((r.item.clone(), day))
+                    .or_default()
+                    .insert(r.user.clone());
+                if matches!(e.kind, Kind::Purchase { .. }) {
+                    self.bought
+                        .entry(r.user.clone())
+                        .or_default()
+                        .insert(r.item.clone());
+                }
+            }
             match &e.kind {
                 Kind::View(r) => self.items.entry(r.item.clone()).or_default().view += 1,
                 Kind::AddToCart(r) => {
@@ -485,8 +513,9 @@ impl Truth {
         let mut checked = 0;
         let (Some(&first), Some(&last)) = (self.hours.keys().next(), self.hours.keys().next_back())
         else {
-            return 0;
+            panic!("the ground truth has no events to check insights against");
         };
+        assert!(!self.bought.is_empty(), "the ground truth has no purchases");
         let range = format!(
             "from={}&to={}",
             strata_common::time::format_rfc3339(first),
@@ -559,10 +588,12 @@ impl Truth {
                 audience.entry(i).or_default().insert(user);
             }
         }
+        let mut co_checked = 0;
         for item in ["i0", "i1", "i2", "i3", "p-a"] {
             let Some(users) = audience.get(item) else {
                 continue;
             };
+            co_checked += 1;
             let mut co: BTreeMap<&str, u64> = BTreeMap::new();
             for u in users {
                 for other in &self.bought[*u] {
@@ -598,6 +629,10 @@ impl Truth {
             assert_eq!(got, want, "co-occurrence with {item}");
             checked += 1;
         }
+        assert!(
+            co_checked >= 4,
+            "co-occurrence checked for {co_checked} items only"
+        );
         // Distinct users of i0 per day, within the sketch's error.
         let days: Vec<i64> = self
             .item_day_users
@@ -605,6 +640,7 @@ impl Truth {
             .filter(|(i, _)| i == "i0")
             .map(|(_, d)| *d)
             .collect();
+        assert!(!days.is_empty(), "i0 has no events in the ground truth");
         if let (Some(&d0), Some(&d1)) = (days.first(), days.last()) {
             let (_, v) = get_json(
                 addr,

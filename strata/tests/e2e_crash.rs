@@ -1,0 +1,198 @@
+//! Crash anywhere: the layers run as separate processes (`strata speed`, `strata batch --every 2s`,
+//! `strata serve`) while a seeded stream is produced, and a seeded schedule kills one of them with
+//! SIGKILL every fraction of a second, at least 20 times, restarting it at once. At the end every
+//! answer must equal the ground truth. `STRATA_CRASH_SEED=<n>` replays a schedule.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use strata_common::time::{format_rfc3339, now_millis};
+use support::*;
+
+/// A directory left in place unless the test reaches its end.
+struct KeptDir(std::path::PathBuf);
+
+impl KeptDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A small deterministic generator for the kill schedule.
+struct Schedule(u64);
+
+impl Schedule {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
+    let seed: u64 = std::env::var("STRATA_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_millis() as u64 | 1);
+    eprintln!("crash schedule seed: {seed} (STRATA_CRASH_SEED={seed} replays it)");
+    let mut schedule = Schedule(seed);
+    let started = Instant::now();
+    let topic = unique_topic("e2e-crash");
+    // Kept on failure, with every process's log, for the post-mortem.
+    let dir = KeptDir(std::env::temp_dir().join(&topic));
+    std::fs::create_dir_all(dir.path()).expect("test dir");
+    eprintln!("logs and data in {}", dir.path().display());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().join("data");
+    let common: Vec<String> = [
+        "--brokers",
+        &brokers(),
+        "--topic",
+        &topic,
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+        "--block-size",
+        "3000",
+        "--http",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![cmd.to_string()];
+        v.extend_from_slice(&common);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let roles: [(&str, Vec<String>); 3] = [
+        ("speed", args("speed", &[])),
+        ("batch", args("batch", &["--every", "2s"])),
+        ("serve", args("serve", &[])),
+    ];
+
+    // The topic must exist before the layers start.
+    let now = now_millis();
+    let chunks: u64 = 8;
+    let per_chunk: u64 = 20_000;
+    let mut truth = Truth::default();
+    let chunk_args = |i: u64| -> (Vec<String>, strata_common::generate::GenConfig) {
+        let start = now - 3 * 3_600_000 + (i as i64) * 15 * 60_000;
+        let mut a = args("generate", &[]);
+        a.extend([
+            "--seed".into(),
+            (seed % 1_000 + i).to_string(),
+            "--count".into(),
+            per_chunk.to_string(),
+            "--start".into(),
+            format_rfc3339(start),
+            "--span".into(),
+            "15m".into(),
+        ]);
+        (
+            a,
+            gen_config(seed % 1_000 + i, per_chunk, start, 15 * 60_000, false),
+        )
+    };
+    let (first, cfg) = chunk_args(0);
+    run_strata(&first);
+    truth.add(cfg);
+
+    let mut procs: Vec<Proc> = roles
+        .iter()
+        .map(|(name, a)| Proc::spawn(name, a, dir.path()))
+        .collect();
+    let producer = {
+        let chunk_list: Vec<_> = (1..chunks).map(chunk_args).collect();
+        std::thread::spawn(move || {
+            for (a, _) in chunk_list {
+                run_strata(&a);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    for i in 1..chunks {
+        truth.add(chunk_args(i).1);
+    }
+
+    let mut kills = [0u32; 3];
+    // At least 24 kills, and more while the stream is produced, up to 40.
+    while kills.iter().sum::<u32>() < 24
+        || (!producer.is_finished() && kills.iter().sum::<u32>() < 40)
+    {
+        std::thread::sleep(Duration::from_millis(200 + schedule.below(1_300)));
+        let victim = schedule.below(3) as usize;
+        procs[victim].kill9();
+        kills[victim] += 1;
+        if schedule.below(4) == 0 {
+            std::thread::sleep(Duration::from_millis(schedule.below(1_000)));
+        }
+        let (name, a) = &roles[victim];
+        procs[victim] = Proc::spawn(name, a, dir.path());
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the stream took too long"
+        );
+    }
+    producer.join().expect("producer");
+    eprintln!(
+        "kills: speed {}, batch {}, serve {}; {} messages",
+        kills[0], kills[1], kills[2], truth.messages
+    );
+    assert!(
+        kills.iter().all(|&k| k >= 3),
+        "every layer was killed: {kills:?}"
+    );
+
+    for p in &mut procs {
+        p.assert_running();
+    }
+    wait_http(&addr);
+    wait_speed_offsets(&addr, truth.messages);
+    // Let a batch run finish after the last kill, and be served.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let v = loop {
+        for p in &mut procs {
+            p.assert_running();
+        }
+        let (_, v) = get_json(&addr, "/v1/status");
+        let covered: u64 = v["batch"]["cutoffs"]
+            .as_object()
+            .map(|o| o.values().filter_map(serde_json::Value::as_u64).sum())
+            .unwrap_or(0);
+        if covered + 4 * 3_000 >= truth.messages {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no batch version covers the stream: {v}\nbatch log: {}",
+            procs[1].tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let checked = truth.check(&addr) + truth.check_insights(&addr);
+    let ev = &v["speed"]["events"];
+    assert_eq!(ev["rejected"].as_u64(), Some(truth.malformed), "{v}");
+    assert_eq!(ev["duplicates"].as_u64(), Some(truth.copies), "{v}");
+    for p in &mut procs {
+        p.assert_running();
+    }
+    dir.remove();
+    eprintln!(
+        "e2e_crash: seed {seed}, {} kills, {} messages, {checked} answers checked, {:.1}s",
+        kills.iter().sum::<u32>(),
+        truth.messages,
+        started.elapsed().as_secs_f64()
+    );
+}
