@@ -362,10 +362,22 @@ impl ProducerContext for DeliveryTracker {
 }
 
 /// The dead-letter producer: a rejected message, unchanged, with its reason in headers.
+///
+/// Letters are kept until the broker acknowledges them: a failed or timed-out delivery is sent
+/// again (so the dead-letter topic is at-least-once), and the caller must not move its offsets
+/// past a letter before [`DeadLetters::flush`] says it is delivered.
 pub struct DeadLetters {
     producer: ThreadedProducer<DeliveryTracker>,
     topic: String,
-    pending: u64,
+    unacked: Vec<Letter>,
+}
+
+struct Letter {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    code: String,
+    reason: String,
+    source: String,
 }
 
 /// Header names on dead-letter messages.
@@ -385,7 +397,7 @@ impl DeadLetters {
         Ok(DeadLetters {
             producer,
             topic,
-            pending: 0,
+            unacked: Vec::new(),
         })
     }
 
@@ -398,29 +410,41 @@ impl DeadLetters {
         reason: &str,
         source: &str,
     ) -> Result<()> {
+        let letter = Letter {
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            code: code.to_string(),
+            reason: reason.to_string(),
+            source: source.to_string(),
+        };
+        self.produce(&letter)?;
+        self.unacked.push(letter);
+        Ok(())
+    }
+
+    fn produce(&self, l: &Letter) -> Result<()> {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: dlq_header::REASON,
-                value: Some(reason),
+                value: Some(&l.reason),
             })
             .insert(Header {
                 key: dlq_header::CODE,
-                value: Some(code),
+                value: Some(&l.code),
             })
             .insert(Header {
                 key: dlq_header::SOURCE,
-                value: Some(source),
+                value: Some(&l.source),
             });
         let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
-            .payload(payload)
+            .payload(l.payload.as_slice())
             .headers(headers);
-        if let Some(k) = key {
-            record = record.key(k);
+        if let Some(k) = &l.key {
+            record = record.key(k.as_slice());
         }
-        let mut record = record;
         loop {
             match self.producer.send(record) {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
@@ -428,26 +452,42 @@ impl DeadLetters {
                 Err((e, _)) => return Err(Error::kafka("queue a dead letter", e)),
             }
         }
-        self.pending += 1;
-        Ok(())
     }
 
-    /// Waits until every queued dead letter is acknowledged; fails if any was lost.
-    pub fn flush(&mut self) -> Result<()> {
-        if self.pending == 0 {
-            return Ok(());
+    /// Waits until every queued letter is acknowledged, sending again what failed, with growing
+    /// pauses while the broker is slow or away. Returns `Ok(false)` if `stop()` turned true first.
+    pub fn flush(&mut self, stop: &dyn Fn() -> bool) -> Result<bool> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            if self.unacked.is_empty() {
+                return Ok(true);
+            }
+            let flushed = self.producer.flush(Duration::from_secs(10));
+            let failed = self.producer.context().failed.swap(0, Ordering::AcqRel);
+            match (flushed, failed) {
+                (Ok(()), 0) => {
+                    self.unacked.clear();
+                    return Ok(true);
+                }
+                (Ok(()), n) => {
+                    tracing::warn!(
+                        failed = n,
+                        letters = self.unacked.len(),
+                        "dead letters were not delivered; sending them again"
+                    );
+                    for l in &self.unacked {
+                        self.produce(l)?;
+                    }
+                }
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, letters = self.unacked.len(), "dead letters not acknowledged yet; waiting");
+                }
+            }
+            if stop() {
+                return Ok(false);
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(5));
         }
-        self.producer
-            .flush(Duration::from_secs(30))
-            .map_err(|e| Error::kafka("flush dead letters", e))?;
-        let failed = self.producer.context().failed.swap(0, Ordering::AcqRel);
-        if failed > 0 {
-            return Err(Error::Other(format!(
-                "{failed} dead letters were not delivered to {}",
-                self.topic
-            )));
-        }
-        self.pending = 0;
-        Ok(())
     }
 }

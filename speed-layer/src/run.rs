@@ -138,7 +138,7 @@ impl SpeedLayer {
             if !pending.is_empty()
                 && (pending.messages >= flush_max || last_flush.elapsed() >= flush_every)
             {
-                self.flush(&mut pending, &mut dlq, &consumer, &topic)?;
+                self.flush(&mut pending, &mut dlq, &consumer, &topic, &shutdown)?;
                 last_flush = Instant::now();
                 if last_sweep.elapsed() >= Duration::from_secs(60) {
                     let removed = self.state.sweep_dedupe()?;
@@ -172,7 +172,7 @@ impl SpeedLayer {
                 last_log = Instant::now();
             }
         }
-        self.flush(&mut pending, &mut dlq, &consumer, &topic)?;
+        self.flush(&mut pending, &mut dlq, &consumer, &topic, &shutdown)?;
         tracing::info!(offsets = ?self.state.next_offsets(), "speed layer stopped; state flushed");
         Ok(())
     }
@@ -183,12 +183,16 @@ impl SpeedLayer {
         dlq: &mut DeadLetters,
         consumer: &kafka::ResumingConsumer,
         topic: &str,
+        shutdown: &CancellationToken,
     ) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
-        // Dead letters must be durable before the offsets move past their messages.
-        dlq.flush()?;
+        // Dead letters must be durable before the offsets move past their messages. If the
+        // layer is asked to stop first, nothing is written: the messages are consumed again.
+        if !dlq.flush(&|| shutdown.is_cancelled())? {
+            return Ok(());
+        }
         self.state.flush(pending)?;
         kafka::commit_for_lag(consumer, topic, &self.state.next_offsets());
         Ok(())
