@@ -55,21 +55,7 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
     eprintln!("logs and data in {}", dir.path().display());
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");
-    let common: Vec<String> = [
-        "--brokers",
-        &brokers(),
-        "--topic",
-        &topic,
-        "--data-dir",
-        data_dir.to_str().expect("utf-8 path"),
-        "--block-size",
-        "3000",
-        "--http",
-        &addr,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let common = layer_args(&topic, &data_dir, 3000, Some(&addr));
     let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
         let mut v = vec![cmd.to_string()];
         v.extend_from_slice(&common);

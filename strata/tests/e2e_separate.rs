@@ -15,21 +15,7 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
     let topic = unique_topic("e2e-sep");
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");
-    let common: Vec<String> = [
-        "--brokers",
-        &brokers(),
-        "--topic",
-        &topic,
-        "--data-dir",
-        data_dir.to_str().expect("utf-8 path"),
-        "--block-size",
-        "2000",
-        "--http",
-        &addr,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let common = layer_args(&topic, &data_dir, 2000, Some(&addr));
     let with = |cmd: &str| -> Vec<String> {
         let mut v = vec![cmd.to_string()];
         v.extend_from_slice(&common);
@@ -60,24 +46,23 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
     wait_speed_offsets(&addr, truth.messages);
     truth.check(&addr);
 
-    // One batch run as its own process: archives everything so far, publishes, exits.
-    let mut batch = Proc::spawn(
-        "batch",
-        &with("batch")
-            .into_iter()
-            .chain(["--once".to_string()])
-            .collect::<Vec<_>>(),
-        dir.path(),
-    );
-    batch.wait_success(Duration::from_secs(120));
-    let st = wait_for(
-        "the batch version to be served",
-        Duration::from_secs(30),
-        || {
-            let (_, v) = get_json(&addr, "/v1/status");
-            (v["batch"]["version"].as_u64() == Some(1)).then_some(v)
-        },
-    );
+    // One batch run as its own process: archives everything so far, publishes, exits; then the
+    // serving layer serves the version.
+    let batch_once = |version: u64| -> serde_json::Value {
+        let mut args = with("batch");
+        args.push("--once".into());
+        Proc::spawn(&format!("batch{version}"), &args, dir.path())
+            .wait_success(Duration::from_secs(120));
+        wait_for(
+            &format!("batch version {version}"),
+            Duration::from_secs(30),
+            || {
+                let (_, v) = get_json(&addr, "/v1/status");
+                (v["batch"]["version"].as_u64() == Some(version)).then_some(v)
+            },
+        )
+    };
+    let st = batch_once(1);
     assert!(st["batch"]["events"].as_u64().unwrap_or(0) > 0, "{st}");
     truth.check(&addr);
 
@@ -92,19 +77,7 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
     truth.check(&addr);
 
     // A second batch run over everything changes no answer.
-    let mut batch = Proc::spawn(
-        "batch2",
-        &with("batch")
-            .into_iter()
-            .chain(["--once".to_string()])
-            .collect::<Vec<_>>(),
-        dir.path(),
-    );
-    batch.wait_success(Duration::from_secs(120));
-    wait_for("batch version 2", Duration::from_secs(30), || {
-        let (_, v) = get_json(&addr, "/v1/status");
-        (v["batch"]["version"].as_u64() == Some(2)).then_some(v)
-    });
+    batch_once(2);
     truth.check(&addr);
     truth.check_insights(&addr);
     speed.assert_running();

@@ -57,19 +57,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     let topic = unique_topic("e2e-up");
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");
-    let common: Vec<String> = [
-        "--brokers",
-        &brokers(),
-        "--topic",
-        &topic,
-        "--data-dir",
-        data_dir.to_str().expect("utf-8 path"),
-        "--block-size",
-        "5000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let common = layer_args(&topic, &data_dir, 5000, None);
     let mut up_args: Vec<String> = vec!["up".into()];
     up_args.extend_from_slice(&common);
     up_args.extend([

@@ -34,6 +34,30 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The flags every layer of one test shares: broker, topic, data directory, block size, and the
+/// HTTP address if given.
+pub fn layer_args(
+    topic: &str,
+    data_dir: &Path,
+    block_size: u64,
+    http: Option<&str>,
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--brokers".into(),
+        brokers(),
+        "--topic".into(),
+        topic.into(),
+        "--data-dir".into(),
+        data_dir.to_str().expect("utf-8 path").into(),
+        "--block-size".into(),
+        block_size.to_string(),
+    ];
+    if let Some(h) = http {
+        v.extend(["--http".into(), h.into()]);
+    }
+    v
+}
+
 pub fn strata_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_strata"))
 }
@@ -78,24 +102,7 @@ impl Proc {
     pub fn terminate(&mut self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(
-                    status.success(),
-                    "{} exited with {status}; log: {}",
-                    self.name,
-                    self.tail()
-                );
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} did not stop on SIGTERM; log: {}",
-            self.name,
-            self.tail()
-        );
+        self.wait_success(Duration::from_secs(30));
     }
 
     pub fn assert_running(&mut self) {
