@@ -286,7 +286,25 @@ impl Generator {
 
     fn malformed(&mut self) -> Generated {
         let id = self.id();
-        let (reason, payload): (&'static str, Vec<u8>) = match self.rng.random_range(0..8) {
+        let pick = if self.rng.random_bool(0.001) {
+            99
+        } else {
+            self.rng.random_range(0..11)
+        };
+        let (reason, payload): (&'static str, Vec<u8>) = match pick {
+            99 => (
+                "huge payload",
+                format!(r#"{{"id":"{id}","pad":"{}"}}"#, "x".repeat(70_000)).into_bytes(),
+            ),
+            8 => (
+                "deep nesting",
+                format!(r#"{{"id":"{id}","extra":{}{}}}"#, "[".repeat(300), "]".repeat(300)).into_bytes(),
+            ),
+            9 => (
+                "timestamp far in the future",
+                format!(r#"{{"id":"{id}","ts":"2099-01-01T00:00:00Z","type":"heartbeat","device":"d1"}}"#).into_bytes(),
+            ),
+            10 => ("not an object", b"[1,2,3]".to_vec()),
             0 => ("bad json", format!("{{\"id\":\"{id}\",\"ts\":").into_bytes()),
             1 => (
                 "missing id",
@@ -312,7 +330,7 @@ impl Generator {
             _ => ("invalid utf-8", b"{\"id\":\"\xff\xfe\xfd\",\"ts\":1,\"type\":\"view\"}".to_vec()),
         };
         Generated {
-            key: "malformed".into(),
+            key: format!("malformed-{}", self.next_id % 16),
             payload,
             class: Class::Malformed(reason),
         }
@@ -380,8 +398,9 @@ mod tests {
         assert_eq!(a.len(), 20_000);
         let rules = Rules::default();
         let (mut events, mut copies, mut bad) = (0, 0, 0);
+        let message_time = Some(crate::time::now_millis());
         for g in Generator::new(cfg) {
-            let decoded = decode(&g.payload, None, &rules);
+            let decoded = decode(&g.payload, message_time, &rules);
             match g.class {
                 Class::Event(e) => {
                     events += 1;

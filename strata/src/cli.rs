@@ -69,6 +69,9 @@ pub enum Command {
         /// Event time of the first event (RFC 3339); default: now minus the span.
         #[arg(long)]
         start: Option<String>,
+        /// Share of messages that are malformed (0 to 1).
+        #[arg(long, default_value_t = 0.005)]
+        malformed_rate: f64,
         /// Plant known patterns: p-a bought with p-b, a jump in p-hot views, device p-quiet
         /// going silent, device p-hot reading out of range.
         #[arg(long)]

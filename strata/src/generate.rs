@@ -18,6 +18,7 @@ pub struct GenerateArgs {
     pub span: Duration,
     pub start: Option<String>,
     pub patterns: bool,
+    pub malformed_rate: f64,
 }
 
 pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
@@ -37,6 +38,10 @@ pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
     let mut gen_cfg = GenConfig::new(args.seed, args.count, start_ts);
     gen_cfg.span_ms = span_ms;
     gen_cfg.patterns = args.patterns;
+    if !(0.0..=1.0).contains(&args.malformed_rate) {
+        anyhow::bail!("--malformed-rate must be between 0 and 1");
+    }
+    gen_cfg.malformed_rate = args.malformed_rate;
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || produce(&cfg, gen_cfg, args.rate)).await?
 }
@@ -75,7 +80,7 @@ fn produce(cfg: &Config, gen_cfg: GenConfig, rate: u64) -> anyhow::Result<()> {
         progress.inc(1);
     }
     producer
-        .flush(Duration::from_secs(60))
+        .flush(Duration::from_secs(600))
         .context("waiting for the broker to acknowledge every event")?;
     progress.finish();
     Ok(())

@@ -183,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             span,
             start,
             patterns,
+            malformed_rate,
         } => {
             let cfg = common.config()?;
             generate::run(
@@ -194,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     span,
                     start,
                     patterns,
+                    malformed_rate,
                 },
             )
             .await

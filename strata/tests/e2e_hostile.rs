@@ -1,0 +1,136 @@
+//! Hostile input: half of the messages (40,000 by default; `STRATA_HOSTILE_COUNT` sets it) are malformed in every way the generator knows (bad
+//! JSON, invalid UTF-8, wrong types, missing fields, unknown types, absurd and future timestamps,
+//! deep nesting, huge payloads, non-objects, empty). Every one must reach the dead-letter topic
+//! with its reason, no layer may stop, and every valid event around them must be counted.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use strata_common::time::{format_rfc3339, now_millis};
+use support::*;
+
+#[test]
+fn bad_events_go_to_the_dlq_and_the_rest_count() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique_topic("e2e-hostile");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().join("data");
+    let common = layer_args(&topic, &data_dir, 10_000, Some(&addr));
+    let count: u64 = std::env::var("STRATA_HOSTILE_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40_000);
+    let (seed, start) = (31, now_millis() - 2 * 3_600_000);
+    let mut args = vec!["generate".to_string()];
+    args.extend_from_slice(&common);
+    args.extend([
+        "--seed".into(),
+        seed.to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--start".into(),
+        format_rfc3339(start),
+        "--span".into(),
+        "1h".into(),
+        "--malformed-rate".into(),
+        "0.5".into(),
+    ]);
+    run_strata(&args);
+    let mut cfg = gen_config(seed, count, start, 3_600_000, false);
+    cfg.malformed_rate = 0.5;
+    let mut truth = Truth::default();
+    truth.add(cfg);
+    assert!(
+        truth.malformed * 2 >= count * 95 / 100,
+        "{} malformed of {count}",
+        truth.malformed
+    );
+
+    let mut up_args = vec!["up".to_string()];
+    up_args.extend_from_slice(&common);
+    let mut up = Proc::spawn("up", &up_args, dir.path());
+    wait_http(&addr);
+
+    wait_speed_offsets(&addr, truth.messages);
+    up.assert_running();
+    let checked = truth.check(&addr);
+    let (_, st) = get_json(&addr, "/v1/status");
+    assert_eq!(
+        st["speed"]["events"]["rejected"].as_u64(),
+        Some(truth.malformed),
+        "{st}"
+    );
+
+    // Every rejected message is in the DLQ once or more, each with a reason.
+    let dlq = format!("{topic}.dlq");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{dlq}-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(&dlq), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(&dlq, p.id(), Offset::Beginning)
+                .expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut sources = HashSet::new();
+    let mut codes: std::collections::BTreeMap<String, u64> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (sources.len() as u64) < truth.malformed && Instant::now() < deadline {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let headers = msg.headers().expect("headers");
+        let mut source = None;
+        for h in headers.iter() {
+            let v = h.value.map(|v| String::from_utf8_lossy(v).to_string());
+            match h.key {
+                "strata-source" => source = v,
+                "strata-code" => *codes.entry(v.unwrap_or_default()).or_default() += 1,
+                "strata-reason" => assert!(v.is_some_and(|r| r.len() > 5), "a reason"),
+                _ => {}
+            }
+        }
+        sources.insert(source.expect("a source header"));
+    }
+    assert_eq!(
+        sources.len() as u64,
+        truth.malformed,
+        "codes seen: {codes:?}"
+    );
+    for code in [
+        "bad_json",
+        "missing_field",
+        "bad_field",
+        "unknown_type",
+        "bad_timestamp",
+        "empty",
+        "too_large",
+    ] {
+        assert!(
+            codes.get(code).copied().unwrap_or(0) > 0,
+            "no {code} among {codes:?}"
+        );
+    }
+    up.assert_running();
+    eprintln!(
+        "e2e_hostile: {} messages, {} malformed in the DLQ ({codes:?}), {} events counted, {checked} answers checked, {:.1}s",
+        truth.messages,
+        sources.len(),
+        truth.events,
+        started.elapsed().as_secs_f64()
+    );
+}
