@@ -1,30 +1,50 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing, starts a fresh Kafka-protocol broker on 127.0.0.1
-# (unless STRATA_TEST_BROKERS names one), runs the unit, property and end-to-end tests, stops
-# the broker. Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p strata-common`).
+# Runs every test: installs what is missing, runs the unit, property and golden tests, then each
+# end-to-end suite (strata/tests/e2e_*.rs) against a fresh Kafka-protocol broker on 127.0.0.1
+# (port STRATA_TEST_BROKER_PORT, default 19092), unless STRATA_TEST_BROKERS names one to use.
+# Extra arguments run `cargo test --release --workspace ARGS` against one broker instead
+# (e.g. `scripts/test.sh --test e2e_up`).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
 "$STRATA_ROOT/scripts/deps.sh"
 
+port="${STRATA_TEST_BROKER_PORT:-19092}"
 broker_dir=""
-cleanup() {
+stop_broker() {
   if [ -n "$broker_dir" ]; then
     STRATA_BROKER_PORT="$port" "$STRATA_ROOT/scripts/broker.sh" stop "$broker_dir" || true
     rm -rf "$broker_dir"
+    broker_dir=""
   fi
 }
-trap cleanup EXIT
+trap stop_broker EXIT
 
-if [ -z "${STRATA_TEST_BROKERS:-}" ]; then
-  port="${STRATA_TEST_BROKER_PORT:-19092}"
+# A fresh broker for each end-to-end suite (tansu slows down as its SQLite file grows), unless
+# STRATA_TEST_BROKERS names one to use throughout.
+with_broker() {
+  if [ -n "${STRATA_TEST_BROKERS:-}" ]; then "$@"; return; fi
   broker_dir="$(mktemp -d -t strata-test-broker.XXXXXX)"
   STRATA_BROKER_PORT="$port" "$STRATA_ROOT/scripts/broker.sh" start "$broker_dir"
-  export STRATA_TEST_BROKERS="127.0.0.1:$port"
-fi
-log "testing against the broker at $STRATA_TEST_BROKERS"
+  STRATA_TEST_BROKERS="127.0.0.1:$port" "$@"
+  local rc=$?
+  stop_broker
+  return $rc
+}
 
 started=$(date +%s)
-cargo test --release --workspace "$@"
+if [ $# -gt 0 ]; then
+  with_broker cargo test --release --workspace "$@"
+else
+  # Everything that needs no broker: every library crate's tests and the CLI's.
+  cargo test --release --workspace --exclude strata
+  cargo test --release -p strata --bins
+  # Then each end-to-end suite against its own broker.
+  for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do
+    name="$(basename "$suite" .rs)"
+    log "end-to-end suite $name"
+    with_broker cargo test --release -p strata --test "$name"
+  done
+fi
 log "tests passed in $(( $(date +%s) - started ))s"
