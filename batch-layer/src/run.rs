@@ -36,10 +36,6 @@ impl BatchLayer {
         }
     }
 
-    pub fn archive_status(&self) -> ArchiveStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
     /// Runs until done (`Once`) or until `shutdown`. Blocking: run it on a thread of its own.
     pub fn run(&self, mode: RunMode, shutdown: CancellationToken) -> Result<()> {
         match mode {

@@ -25,10 +25,6 @@ impl Progress {
         }
     }
 
-    pub fn set_total(&mut self, total: u64) {
-        self.total = Some(total);
-    }
-
     /// Adds `n` units of work done; prints a line if a second has passed since the last one.
     pub fn inc(&mut self, n: u64) {
         self.done += n;
@@ -36,10 +32,6 @@ impl Progress {
             self.last_print = Instant::now();
             eprintln!("{}", self.line());
         }
-    }
-
-    pub fn done(&self) -> u64 {
-        self.done
     }
 
     /// Units per second so far.

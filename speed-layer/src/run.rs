@@ -1,11 +1,8 @@
 //! The speed layer's consume loop.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rocksdb::DB;
 use strata_common::batch_store;
 use strata_common::config::Config;
 use strata_common::dedupe::Decision;
@@ -37,14 +34,6 @@ impl SpeedLayer {
     /// A reader of this layer's state for a serving layer in the same process.
     pub fn reader(&self) -> SpeedReader {
         SpeedReader::shared(self.state.db())
-    }
-
-    pub fn db(&self) -> Arc<DB> {
-        self.state.db()
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.state.path().to_path_buf()
     }
 
     /// Consumes until `shutdown` is cancelled, then flushes and returns. Blocking: run it on a

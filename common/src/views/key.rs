@@ -163,10 +163,6 @@ impl ViewKey {
         tag::ITEM
     }
 
-    pub fn tag_of_devices() -> u8 {
-        tag::DEVICE
-    }
-
     /// The prefix shared by all keys of a series view at one granularity.
     pub fn series_prefix(tag: u8, gran: Gran) -> Vec<u8> {
         vec![tag, gran.code()]

@@ -93,41 +93,6 @@ impl Partial {
             _ => None,
         }
     }
-
-    pub fn as_device(&self) -> Option<&DeviceStats> {
-        match self {
-            Partial::Device(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_series(&self) -> Option<&SeriesStats> {
-        match self {
-            Partial::Series(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_distinct(&self) -> Option<&Hll> {
-        match self {
-            Partial::Distinct(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_recent(&self) -> Option<&Recent> {
-        match self {
-            Partial::Recent(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_set(&self) -> Option<&Set> {
-        match self {
-            Partial::Set(s) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 fn item_delta(kind: &Kind) -> Option<(&ItemRef, usize, ItemStats)> {
