@@ -1,16 +1,12 @@
-//! Hostile input: half of the messages (40,000 by default; `STRATA_HOSTILE_COUNT` sets it) are malformed in every way the generator knows (bad
-//! JSON, invalid UTF-8, wrong types, missing fields, unknown types, absurd and future timestamps,
+//! Hostile input: half of the messages (40,000 by default; `STRATA_HOSTILE_COUNT` sets it) are
+//! malformed in every way the generator knows (bad JSON, invalid UTF-8, wrong types, missing fields, unknown types, absurd and future timestamps,
 //! deep nesting, huge payloads, non-objects, empty). Every one must reach the dead-letter topic
 //! with its reason, no layer may stop, and every valid event around them must be counted.
 
 mod support;
 
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use strata_common::time::{format_rfc3339, now_millis};
 use support::*;
 
@@ -68,44 +64,7 @@ fn bad_events_go_to_the_dlq_and_the_rest_count() {
     );
 
     // Every rejected message is in the DLQ once or more, each with a reason.
-    let dlq = format!("{topic}.dlq");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("{dlq}-check"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let md = consumer
-        .fetch_metadata(Some(&dlq), Duration::from_secs(10))
-        .expect("metadata");
-    let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(&dlq, p.id(), Offset::Beginning)
-                .expect("tpl");
-        }
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut sources = HashSet::new();
-    let mut codes: std::collections::BTreeMap<String, u64> = Default::default();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while (sources.len() as u64) < truth.malformed && Instant::now() < deadline {
-        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let headers = msg.headers().expect("headers");
-        let mut source = None;
-        for h in headers.iter() {
-            let v = h.value.map(|v| String::from_utf8_lossy(v).to_string());
-            match h.key {
-                "strata-source" => source = v,
-                "strata-code" => *codes.entry(v.unwrap_or_default()).or_default() += 1,
-                "strata-reason" => assert!(v.is_some_and(|r| r.len() > 5), "a reason"),
-                _ => {}
-            }
-        }
-        sources.insert(source.expect("a source header"));
-    }
+    let (sources, codes) = dead_letters(&format!("{topic}.dlq"), truth.malformed);
     assert_eq!(
         sources.len() as u64,
         truth.malformed,

@@ -4,12 +4,8 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use strata_common::time::{format_rfc3339, now_millis};
 use support::*;
 
@@ -169,7 +165,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     );
 
     // Every malformed message is in the dead-letter topic with its reason.
-    let sources = dead_letters(&format!("{topic}.dlq"), truth.malformed);
+    let (sources, _) = dead_letters(&format!("{topic}.dlq"), truth.malformed);
     assert_eq!(sources.len() as u64, truth.malformed);
     up.assert_running();
     eprintln!(
@@ -180,51 +176,4 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         truth.malformed,
         started.elapsed().as_secs_f64()
     );
-}
-
-/// Reads the dead-letter topic until `expected` distinct source messages are seen; checks that
-/// each carries a reason. Returns the distinct sources.
-fn dead_letters(topic: &str, expected: u64) -> HashSet<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("{topic}-check"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .expect("tpl");
-        }
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut sources = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (sources.len() as u64) < expected && Instant::now() < deadline {
-        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let headers = msg.headers().expect("dead letters carry headers");
-        let mut reason = None;
-        let mut source = None;
-        for h in headers.iter() {
-            let v = h.value.map(|v| String::from_utf8_lossy(v).to_string());
-            match h.key {
-                "strata-reason" => reason = v,
-                "strata-source" => source = v,
-                _ => {}
-            }
-        }
-        let reason = reason.expect("a reason header");
-        assert!(
-            reason.contains(':') && reason.len() > 5,
-            "reason {reason:?}"
-        );
-        sources.insert(source.expect("a source header"));
-    }
-    sources
 }

@@ -710,3 +710,56 @@ impl Truth {
         );
     }
 }
+
+/// Reads the dead-letter topic from the start until `expected` distinct source messages are seen
+/// (or three minutes pass); checks that each letter carries a reason. Returns the distinct sources
+/// and how many letters carried each code.
+pub fn dead_letters(topic: &str, expected: u64) -> (BTreeSet<String>, BTreeMap<String, u64>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{topic}-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut sources = BTreeSet::new();
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (sources.len() as u64) < expected && Instant::now() < deadline {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let headers = msg.headers().expect("dead letters carry headers");
+        let (mut reason, mut source) = (None, None);
+        for h in headers.iter() {
+            let v = h.value.map(|v| String::from_utf8_lossy(v).to_string());
+            match h.key {
+                "strata-reason" => reason = v,
+                "strata-source" => source = v,
+                "strata-code" => *codes.entry(v.unwrap_or_default()).or_default() += 1,
+                _ => {}
+            }
+        }
+        let reason = reason.expect("a reason header");
+        assert!(
+            reason.contains(':') && reason.len() > 5,
+            "reason {reason:?}"
+        );
+        sources.insert(source.expect("a source header"));
+    }
+    (sources, codes)
+}
