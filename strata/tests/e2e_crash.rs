@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use strata_common::time::{format_rfc3339, now_millis};
+use strata_common::time::now_millis;
 use support::*;
 
 /// A directory left in place unless the test reaches its end.
@@ -75,21 +75,8 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
     let mut truth = Truth::default();
     let chunk_args = |i: u64| -> (Vec<String>, strata_common::generate::GenConfig) {
         let start = now - 3 * 3_600_000 + (i as i64) * 15 * 60_000;
-        let mut a = args("generate", &[]);
-        a.extend([
-            "--seed".into(),
-            (seed % 1_000 + i).to_string(),
-            "--count".into(),
-            per_chunk.to_string(),
-            "--start".into(),
-            format_rfc3339(start),
-            "--span".into(),
-            "15m".into(),
-        ]);
-        (
-            a,
-            gen_config(seed % 1_000 + i, per_chunk, start, 15 * 60_000, false),
-        )
+        let cfg = gen_config(seed % 1_000 + i, per_chunk, start, 15 * 60_000, false);
+        (generate_args(&common, &cfg), cfg)
     };
     let (first, cfg) = chunk_args(0);
     run_strata(&first);

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Instant;
 
-use strata_common::time::{format_rfc3339, now_millis};
+use strata_common::time::now_millis;
 use support::*;
 
 #[test]
@@ -23,25 +23,10 @@ fn bad_events_go_to_the_dlq_and_the_rest_count() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(40_000);
     let (seed, start) = (31, now_millis() - 2 * 3_600_000);
-    let mut args = vec!["generate".to_string()];
-    args.extend_from_slice(&common);
-    args.extend([
-        "--seed".into(),
-        seed.to_string(),
-        "--count".into(),
-        count.to_string(),
-        "--start".into(),
-        format_rfc3339(start),
-        "--span".into(),
-        "1h".into(),
-        "--malformed-rate".into(),
-        "0.5".into(),
-    ]);
-    run_strata(&args);
     let mut cfg = gen_config(seed, count, start, 3_600_000, false);
     cfg.malformed_rate = 0.5;
     let mut truth = Truth::default();
-    truth.add(cfg);
+    truth.produce(&common, cfg);
     assert!(
         truth.malformed * 2 >= count * 95 / 100,
         "{} malformed of {count}",

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use strata_common::time::{format_rfc3339, now_millis};
+use strata_common::time::now_millis;
 use support::*;
 
 #[test]
@@ -22,19 +22,7 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
         v
     };
     let generate = |seed: u64, count: u64, start: i64, truth: &mut Truth| {
-        let mut args = with("generate");
-        args.extend([
-            "--seed".into(),
-            seed.to_string(),
-            "--count".into(),
-            count.to_string(),
-            "--start".into(),
-            format_rfc3339(start),
-            "--span".into(),
-            "1h".into(),
-        ]);
-        run_strata(&args);
-        truth.add(gen_config(seed, count, start, 3_600_000, false));
+        truth.produce(&common, gen_config(seed, count, start, 3_600_000, false));
     };
 
     let mut truth = Truth::default();

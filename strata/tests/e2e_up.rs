@@ -6,39 +6,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use strata_common::time::{format_rfc3339, now_millis};
+use strata_common::time::now_millis;
 use support::*;
 
 const HOUR: i64 = 3_600_000;
 const KEY: &str = "test-admin-key";
-
-fn generate(
-    common: &[String],
-    seed: u64,
-    count: u64,
-    start: i64,
-    span_ms: i64,
-    patterns: bool,
-    truth: &mut Truth,
-) {
-    let mut args = vec![
-        "generate".to_string(),
-        "--seed".into(),
-        seed.to_string(),
-        "--count".into(),
-        count.to_string(),
-        "--start".into(),
-        format_rfc3339(start),
-        "--span".into(),
-        format!("{}ms", span_ms),
-    ];
-    if patterns {
-        args.push("--patterns".into());
-    }
-    args.extend_from_slice(common);
-    run_strata(&args);
-    truth.add(gen_config(seed, count, start, span_ms, patterns));
-}
 
 fn sum(v: &serde_json::Value) -> u64 {
     v.as_object()
@@ -84,14 +56,9 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     // Phase 1: 120,000 messages, answered by the speed layer alone.
     let mut truth = Truth::default();
     let now = now_millis();
-    generate(
+    truth.produce(
         &common,
-        11,
-        120_000,
-        now - 3 * HOUR,
-        2 * HOUR,
-        false,
-        &mut truth,
+        gen_config(11, 120_000, now - 3 * HOUR, 2 * HOUR, false),
     );
     wait_speed_offsets(&addr, truth.messages);
     let mut checked = truth.check(&addr);
@@ -108,7 +75,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     checked += truth.check(&addr);
 
     // Phase 2: 100,000 more; the answer is batch v1 plus the speed blocks past its cutoffs.
-    generate(&common, 12, 100_000, now - HOUR, HOUR, true, &mut truth);
+    truth.produce(&common, gen_config(12, 100_000, now - HOUR, HOUR, true));
     let st = wait_speed_offsets(&addr, truth.messages);
     assert!(
         sum(&st["batch"]["cutoffs"]) < truth.messages,

@@ -277,6 +277,29 @@ pub fn gen_config(seed: u64, count: u64, start_ts: i64, span_ms: i64, patterns: 
     c
 }
 
+/// The `strata generate` command line that produces exactly the stream `cfg` describes, so the
+/// ground truth and the produced messages cannot drift apart.
+pub fn generate_args(common: &[String], cfg: &GenConfig) -> Vec<String> {
+    let mut args = vec![
+        "generate".to_string(),
+        "--seed".into(),
+        cfg.seed.to_string(),
+        "--count".into(),
+        cfg.count.to_string(),
+        "--start".into(),
+        strata_common::time::format_rfc3339(cfg.start_ts),
+        "--span".into(),
+        format!("{}ms", cfg.span_ms),
+        "--malformed-rate".into(),
+        cfg.malformed_rate.to_string(),
+    ];
+    if cfg.patterns {
+        args.push("--patterns".into());
+    }
+    args.extend_from_slice(common);
+    args
+}
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
@@ -325,6 +348,12 @@ pub struct Truth {
 }
 
 impl Truth {
+    /// Produces the stream `cfg` describes with `strata generate`, and adds it to the truth.
+    pub fn produce(&mut self, common: &[String], cfg: GenConfig) {
+        run_strata(&generate_args(common, &cfg));
+        self.add(cfg);
+    }
+
     /// Adds a generated stream: each event id counts once, malformed messages never.
     pub fn add(&mut self, cfg: GenConfig) {
         for g in Generator::new(cfg) {
