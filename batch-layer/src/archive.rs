@@ -41,6 +41,7 @@ pub fn run(
 ) -> Result<()> {
     let rules: Rules = cfg.validation.rules()?;
     let root: PathBuf = cfg.master_dir();
+    segment::remove_leftovers(&root)?;
     let ends = segment::ends(&root)?;
     if let Ok(mut s) = status.lock() {
         s.archived = ends.clone();

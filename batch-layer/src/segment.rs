@@ -89,8 +89,8 @@ fn parse_name(name: &str) -> Option<(Offset, Offset)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// Every segment, per partition in offset order. Leftover temporary files of a crashed writer
-/// are removed. Fails if a partition's segments do not tile one contiguous range.
+/// Every segment, per partition in offset order (temporary files of a writer are skipped). Fails
+/// if a partition's segments do not tile one contiguous range.
 pub fn list(root: &Path) -> Result<BTreeMap<Partition, Vec<Segment>>> {
     let mut out: BTreeMap<Partition, Vec<Segment>> = BTreeMap::new();
     let rd = match fs::read_dir(root) {
@@ -112,7 +112,6 @@ pub fn list(root: &Path) -> Result<BTreeMap<Partition, Vec<Segment>>> {
             let f = f.map_err(|e| Error::io(&dir, e))?;
             let fname = f.file_name().to_string_lossy().to_string();
             if fname.starts_with(".tmp-") {
-                let _ = fs::remove_file(f.path());
                 continue;
             }
             if let Some((start, end)) = parse_name(&fname) {
@@ -139,6 +138,29 @@ pub fn list(root: &Path) -> Result<BTreeMap<Partition, Vec<Segment>>> {
         }
     }
     Ok(out)
+}
+
+/// Removes the temporary files a killed writer left. Only the archiver calls it, before it writes:
+/// a recompute listing segments concurrently must not touch a file being written.
+pub fn remove_leftovers(root: &Path) -> Result<()> {
+    let rd = match fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(root, e)),
+    };
+    for entry in rd {
+        let dir = entry.map_err(|e| Error::io(root, e))?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let f = f.map_err(|e| Error::io(&dir, e))?;
+            if f.file_name().to_string_lossy().starts_with(".tmp-") {
+                fs::remove_file(f.path()).map_err(|e| Error::io(f.path(), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The end of the archive in each partition: where the archiver resumes.
