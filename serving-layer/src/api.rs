@@ -19,6 +19,43 @@ use crate::{devices, query, recommend};
 
 type Params = HashMap<String, String>;
 
+/// Longest path plus query string accepted, in bytes.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+/// Largest request body accepted, in bytes (no route reads more than a few bytes).
+pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug)]
+struct UrlTooLong(usize);
+impl warp::reject::Reject for UrlTooLong {}
+
+#[derive(Debug)]
+struct BodyTooLarge(u64);
+impl warp::reject::Reject for BodyTooLarge {}
+
+/// Rejects, before any route runs, URLs longer than [`MAX_URL_BYTES`] and bodies declared
+/// larger than [`MAX_BODY_BYTES`].
+fn limits() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::full()
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("content-length"))
+        .and_then(
+            |path: warp::path::FullPath, query: String, length: Option<String>| async move {
+                let url = path.as_str().len() + query.len();
+                if url > MAX_URL_BYTES {
+                    return Err(warp::reject::custom(UrlTooLong(url)));
+                }
+                if let Some(l) = length {
+                    let n = l.trim().parse::<u64>().unwrap_or(u64::MAX);
+                    if n > MAX_BODY_BYTES {
+                        return Err(warp::reject::custom(BodyTooLarge(n)));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .untuple_one()
+}
+
 /// Every route of the API, with errors rendered as JSON.
 pub fn routes(
     state: Arc<ServingState>,
@@ -139,23 +176,40 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
+    let admin_views = warp::path!("v1" / "admin" / "views")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(st.clone())
+        .and_then(|auth: Option<String>, s: Arc<ServingState>| async move {
+            let r = match authorize(&s, auth.as_deref()) {
+                Ok(()) => tokio::task::spawn_blocking(move || query::snapshot(&s))
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::internal(e))),
+                Err(e) => Err(e),
+            };
+            Ok::<_, Infallible>(match r {
+                Ok(snap) => warp::http::Response::builder()
+                    .header("content-type", "application/octet-stream")
+                    .body(snap.encode())
+                    .map(Reply::into_response)
+                    .unwrap_or_else(|e| ApiError::internal(e).reply().into_response()),
+                Err(e) => e.reply().into_response(),
+            })
+        });
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})));
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(st)
-        .map(|s: Arc<ServingState>| {
-            if s.ready() {
-                warp::reply::json(&json!({"status": "ready"})).into_response()
-            } else {
-                ApiError::unavailable("no batch version and no speed state yet")
-                    .reply()
-                    .into_response()
-            }
+        .map(|s: Arc<ServingState>| match s.ready() {
+            Ok(()) => warp::reply::json(&json!({"status": "ready"})).into_response(),
+            Err(why) => ApiError::unavailable(why).reply().into_response(),
         });
 
-    item.or(top)
+    limits()
+        .and(
+            item.or(top)
         .or(trending)
         .or(timeseries)
         .or(item_recs)
@@ -164,8 +218,9 @@ pub fn routes(
         .or(device)
         .or(status)
         .or(admin_batch)
+        .or(admin_views)
         .or(healthz)
-        .or(readyz)
+        .or(readyz))
         .recover(rejection)
         .with(warp::log::custom(|info| {
             tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), ms = info.elapsed().as_secs_f64() * 1e3, "request");
@@ -262,7 +317,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn rejection(r: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let e = if r.is_not_found() {
+    let e = if let Some(UrlTooLong(n)) = r.find() {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "url_too_long",
+            format!("the URL is {n} bytes; at most {MAX_URL_BYTES} are accepted"),
+        )
+    } else if let Some(BodyTooLarge(n)) = r.find() {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is {n} bytes; at most {MAX_BODY_BYTES} are accepted"),
+        )
+    } else if r.is_not_found() {
         ApiError::not_found("no such route")
     } else if let Some(e) = r.find::<warp::reject::InvalidQuery>() {
         ApiError::bad_request(format!("bad query string: {e}"))

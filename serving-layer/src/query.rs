@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use strata_common::time::Millis;
-use strata_common::views::{ItemStats, Partial, ViewKey};
+use strata_common::views::{ItemStats, Partial, Snapshot, ViewKey};
 
 use crate::error::ApiError;
 use crate::state::{Merge, ServingState};
@@ -103,8 +103,21 @@ pub fn status(state: &ServingState) -> Result<Value, ApiError> {
             },
             "lag": lag,
             "high_watermarks": hw,
+            "broker": state.broker(),
             "as_of": m.as_of,
         }))
+    })
+}
+
+/// Every merged partial with the offsets it covers, for `strata verify`.
+pub fn snapshot(state: &ServingState) -> Result<Snapshot, ApiError> {
+    state.with_merge(|m| {
+        let entries = m.collect(&[], None, |_| true)?.into_iter().collect();
+        Ok(Snapshot {
+            coverage: m.as_of.coverage.clone(),
+            batch_version: m.as_of.batch.as_ref().map(|b| b.version),
+            entries,
+        })
     })
 }
 

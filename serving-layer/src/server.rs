@@ -36,7 +36,8 @@ pub async fn serve(state: Arc<ServingState>, shutdown: CancellationToken) -> Res
     Ok(())
 }
 
-/// Keeps the state fresh: follows the speed layer, reloads new batch versions, probes lag.
+/// Keeps the state fresh: follows the speed layer, reloads new batch versions, probes the broker
+/// (reachability and high watermarks, for lag).
 fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
     {
         let state = state.clone();
@@ -56,13 +57,25 @@ fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
         });
     }
     tokio::task::spawn_blocking(move || {
-        let probe: Option<BaseConsumer> = kafka::client_config(&state.cfg.kafka).create().ok();
+        let mut probe: Option<BaseConsumer> = None;
         while !shutdown.is_cancelled() {
-            if let Some(p) = &probe {
-                match kafka::high_watermarks(p, &state.cfg.kafka.topic) {
-                    Ok(hw) => state.set_high_watermarks(hw),
-                    Err(e) => tracing::debug!(error = %e, "cannot read high watermarks"),
+            if probe.is_none() {
+                match kafka::client_config(&state.cfg.kafka).create() {
+                    Ok(p) => probe = Some(p),
+                    Err(e) => state.broker_probed(Err(format!("cannot create a client: {e}"))),
                 }
+            }
+            if let Some(p) = &probe {
+                let hw = kafka::high_watermarks(p, &state.cfg.kafka.topic)
+                    .map_err(|e| e.to_string())
+                    .and_then(|hw| {
+                        if hw.is_empty() {
+                            Err(format!("topic {} not found", state.cfg.kafka.topic))
+                        } else {
+                            Ok(hw)
+                        }
+                    });
+                state.broker_probed(hw);
             }
             for _ in 0..20 {
                 if shutdown.is_cancelled() {

@@ -31,6 +31,19 @@ pub struct ServingState {
     follower: bool,
     /// The topic's high watermarks, refreshed in the background, for lag.
     high_watermarks: RwLock<Option<Offsets>>,
+    /// What the last probes of the broker found.
+    broker: RwLock<BrokerHealth>,
+}
+
+/// Whether the broker answered the serving layer's last probe, and since when it has not.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BrokerHealth {
+    pub reachable: bool,
+    /// When the broker last answered (RFC 3339).
+    pub last_ok: Option<String>,
+    /// When the current outage began (RFC 3339); `None` while the broker answers.
+    pub unreachable_since: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// Where an answer comes from: the batch version and the speed offsets merged.
@@ -165,6 +178,7 @@ impl ServingState {
             speed: RwLock::new(speed),
             follower,
             high_watermarks: RwLock::new(None),
+            broker: RwLock::new(BrokerHealth::default()),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -254,13 +268,63 @@ impl ServingState {
         }
     }
 
+    /// Records the outcome of one probe of the broker, logging when an outage begins and ends.
+    pub fn broker_probed(&self, outcome: std::result::Result<Offsets, String>) {
+        let now = strata_common::time::format_rfc3339(strata_common::time::now_millis());
+        let Ok(mut b) = self.broker.write() else {
+            return;
+        };
+        match outcome {
+            Ok(hw) => {
+                if let Some(since) = b.unreachable_since.take() {
+                    tracing::info!(%since, "broker reachable again");
+                }
+                b.reachable = true;
+                b.last_ok = Some(now);
+                b.last_error = None;
+                drop(b);
+                self.set_high_watermarks(hw);
+            }
+            Err(e) => {
+                if b.unreachable_since.is_none() {
+                    tracing::warn!(error = %e, "broker unreachable; still answering from the state held");
+                    b.unreachable_since = Some(now);
+                }
+                b.reachable = false;
+                b.last_error = Some(e);
+            }
+        }
+    }
+
+    pub fn broker(&self) -> BrokerHealth {
+        self.broker.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
     pub fn high_watermarks(&self) -> Option<Offsets> {
         self.high_watermarks.read().ok().and_then(|h| h.clone())
     }
 
     /// Whether anything can be answered: a batch version is loaded or the speed state is open.
-    pub fn ready(&self) -> bool {
+    pub fn has_views(&self) -> bool {
         self.batch().is_some() || self.speed_reader().is_some()
+    }
+
+    /// Ready to take traffic: views loaded and the broker answering (so answers keep getting
+    /// fresher). `Err` says why not.
+    pub fn ready(&self) -> std::result::Result<(), String> {
+        if !self.has_views() {
+            return Err("no batch version and no speed state yet".into());
+        }
+        let b = self.broker();
+        if !b.reachable {
+            return Err(match (b.unreachable_since, b.last_error) {
+                (Some(since), Some(e)) => format!(
+                    "the broker has been unreachable since {since} ({e}); answers are served from the state held"
+                ),
+                _ => "the broker has not been reached yet".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Runs `f` on one consistent merge of the newest batch version and the speed state.

@@ -164,6 +164,18 @@ async fn bad_requests_get_json_errors() {
         ("GET", "/v1/recommendations/items/nope", 404),
         ("GET", "/v1/devices/d1/health?hours=0", 400),
         ("DELETE", "/v1/status", 405),
+        ("PUT", "/v1/items/i1", 405),
+        ("GET", "/v1/items/%ff%fe", 400),
+        (
+            "GET",
+            "/v1/insights/top-items?limit=99999999999999999999999",
+            400,
+        ),
+        (
+            "GET",
+            "/v1/insights/timeseries?from=9999999-01-01T00:00:00Z",
+            400,
+        ),
     ] {
         let (status, v) = call(&s, method, path, None).await;
         assert_eq!(status, want, "{method} {path}: {v}");
@@ -195,4 +207,77 @@ async fn admin_needs_the_key() {
         batch_store::take_requests(dir.path()).expect("requests"),
         vec![id.to_string()]
     );
+}
+
+#[tokio::test]
+async fn long_urls_and_large_bodies_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let long = format!("/v1/items/{}", "x".repeat(10_000));
+    let (status, v) = call(&s, "GET", &long, None).await;
+    assert_eq!(status, 414, "{v}");
+    assert_eq!(v["error"]["code"], "url_too_long");
+    let long_query = format!("/v1/insights/top-items?category={}", "c".repeat(9_000));
+    assert_eq!(call(&s, "GET", &long_query, None).await.0, 414);
+
+    let res = warp::test::request()
+        .method("POST")
+        .path("/v1/admin/batch")
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(vec![b'x'; 100_000])
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status().as_u16(), 413);
+    let v: Value = serde_json::from_slice(res.body()).expect("JSON");
+    assert_eq!(v["error"]["code"], "too_large", "{v}");
+    assert!(
+        batch_store::take_requests(dir.path())
+            .expect("requests")
+            .is_empty(),
+        "a refused request must not start a run"
+    );
+}
+
+#[tokio::test]
+async fn readyz_needs_views_and_the_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let (status, v) = call(&s, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "no broker probed yet: {v}");
+    s.broker_probed(Ok(Offsets::from([(0, 10)])));
+    assert_eq!(call(&s, "GET", "/readyz", None).await.0, 200);
+    s.broker_probed(Err("connection refused".into()));
+    let (status, v) = call(&s, "GET", "/readyz", None).await;
+    assert_eq!(status, 503);
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("unreachable since"), "{msg}");
+    let (status, v) = call(&s, "GET", "/v1/status", None).await;
+    assert_eq!(status, 200, "answers go on during the outage: {v}");
+    assert_eq!(v["broker"]["reachable"], false);
+    assert!(v["broker"]["unreachable_since"].is_string(), "{v}");
+    assert_eq!(call(&s, "GET", "/v1/items/i2", None).await.0, 200);
+    s.broker_probed(Ok(Offsets::from([(0, 10)])));
+    assert_eq!(call(&s, "GET", "/readyz", None).await.0, 200);
+}
+
+#[tokio::test]
+async fn views_snapshot_is_for_admins_and_holds_every_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    assert_eq!(call(&s, "GET", "/v1/admin/views", None).await.0, 401);
+    let res = warp::test::request()
+        .method("GET")
+        .path("/v1/admin/views")
+        .header("authorization", format!("Bearer {KEY}"))
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status().as_u16(), 200);
+    let snap = strata_common::views::Snapshot::decode(res.body()).expect("postcard snapshot");
+    assert!(snap.batch_version.is_some());
+    assert_eq!(snap.coverage, Offsets::from([(0, 10_000)]));
+    assert_eq!(snap.entries.len(), 4, "three items and one device");
+    assert!(snap
+        .entries
+        .iter()
+        .any(|(k, _)| *k == ViewKey::Device("d1".into())));
 }

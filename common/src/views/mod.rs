@@ -288,6 +288,27 @@ impl ViewSet {
     }
 }
 
+/// Every merged partial of every view at one moment, with the offsets it covers: what the
+/// serving layer hands `strata verify` (`GET /v1/admin/views`, postcard-encoded).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Per partition, the offset below which every accepted event is in `entries`.
+    pub coverage: crate::handoff::Offsets,
+    /// The batch version merged in, if any.
+    pub batch_version: Option<u64>,
+    pub entries: Vec<(ViewKey, Partial)>,
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Snapshot> {
+        postcard::from_bytes(bytes).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
