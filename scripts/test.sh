@@ -33,6 +33,9 @@ with_broker() {
   return $rc
 }
 
+# e2e_broker runs a broker of its own, to restart it.
+export STRATA_TANSU_BIN="$TANSU_BIN"
+
 started=$(date +%s)
 if [ $# -gt 0 ]; then
   with_broker cargo test --release --workspace "$@"
@@ -40,6 +43,10 @@ else
   # Everything that needs no broker: every library crate's tests and the CLI's.
   cargo test --release --workspace --exclude strata
   cargo test --release -p strata --bins
+  for suite in "$STRATA_ROOT"/strata/tests/*.rs; do
+    name="$(basename "$suite" .rs)"
+    case "$name" in e2e_*) ;; *) cargo test --release -p strata --test "$name" ;; esac
+  done
   # Then each end-to-end suite against its own broker.
   for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do
     name="$(basename "$suite" .rs)"

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use strata_common::config::Config;
+use strata_common::disk;
 use strata_common::event::{decode, Event, Rules};
 use strata_common::handoff::{Offset, Offsets, Partition};
 use strata_common::kafka;
@@ -55,6 +56,7 @@ pub fn run(
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
     let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);
+    disk::check(&cfg.data_dir, cfg.min_free_mb)?;
 
     let mut next: BTreeMap<Partition, Offset> = ends;
     let mut open: BTreeMap<Partition, Open> = BTreeMap::new();
@@ -119,6 +121,7 @@ pub fn run(
         for p in ready {
             if let Some(o) = open.remove(&p) {
                 archived_since_log += o.events.len() as u64;
+                disk::check(&cfg.data_dir, cfg.min_free_mb)?;
                 segment::write(&root, p, o.start, o.next, &o.events)?;
                 wrote = true;
                 if let Ok(mut s) = status.lock() {
@@ -150,6 +153,7 @@ pub fn run(
     }
     // Write what is open: each open segment is a complete, contiguous range.
     for (p, o) in std::mem::take(&mut open) {
+        disk::check(&cfg.data_dir, cfg.min_free_mb)?;
         segment::write(&root, p, o.start, o.next, &o.events)?;
         if let Ok(mut s) = status.lock() {
             s.archived.insert(p, o.next);

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use strata_common::batch_store::{self, Manifest};
 use strata_common::config::Config;
 use strata_common::dedupe::PartitionDeduper;
+use strata_common::disk;
 use strata_common::handoff::{cutoff_below, Offsets};
 use strata_common::progress::Progress;
 use strata_common::time::{format_rfc3339, now_millis};
@@ -33,6 +34,7 @@ pub fn recompute(cfg: &Config) -> Result<Manifest> {
     let rules = cfg.validation.rules()?;
     let rule = cfg.dedupe_rule();
     let block_size = cfg.handoff.block_size;
+    disk::check(&cfg.data_dir, cfg.min_free_mb)?;
     let removed = batch_store::clean(&cfg.data_dir, cfg.batch.keep_versions)?;
     if !removed.is_empty() {
         tracing::info!(versions = ?removed, "removed old and unfinished batch versions");

@@ -1,10 +1,13 @@
 //! Typed configuration shared by every layer, with documented defaults.
 //!
-//! Each field has a default; the `strata` command fills fields from its flags and environment.
+//! Each field has a default. [`Config::load`] layers a TOML file and `STRATA__SECTION__KEY`
+//! environment variables over the defaults (the `strata` command then applies its flags), rejecting
+//! unknown keys and wrongly typed values with the full key path and where it came from.
 //! [`Config::check`] rejects bad values with the name of the key at fault.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,9 @@ use crate::{Error, Result};
 pub struct Config {
     /// Where all state lives: speed state, master dataset, batch versions.
     pub data_dir: PathBuf,
+    /// The speed and batch layers stop with an error, before writing, when the data directory's
+    /// file system has less than this many MiB free (or is read-only).
+    pub min_free_mb: u64,
     pub kafka: KafkaConfig,
     pub validation: Validation,
     pub dedupe: DedupeConfig,
@@ -110,7 +116,8 @@ pub struct MetricBounds {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            data_dir: PathBuf::from(".data"),
+            data_dir: PathBuf::from(".data/strata"),
+            min_free_mb: 256,
             kafka: KafkaConfig::default(),
             validation: Validation::default(),
             dedupe: DedupeConfig::default(),
@@ -287,6 +294,262 @@ impl Config {
     }
 }
 
+/// Prefix of the environment variables that override configuration keys: sections and keys are
+/// separated by `__`, and `_` in a key stands for `-`, so `STRATA__SERVE__MAX_LIMIT=500` sets
+/// `serve.max-limit`. Under `kafka.properties` every `_` stands for `.`
+/// (`STRATA__KAFKA__PROPERTIES__SECURITY_PROTOCOL=SSL` sets `security.protocol`); metric names
+/// under `serve.metric-bounds` are kept as written, lower-cased (`..._METRIC_BOUNDS__TEMP_C__MIN`).
+pub const ENV_PREFIX: &str = "STRATA__";
+
+/// What `serve.admin-key` is replaced with when a configuration is shown.
+pub const REDACTED: &str = "<redacted>";
+
+impl Config {
+    /// The configuration from the defaults, overridden by the TOML file `file` (when given),
+    /// overridden by the [`ENV_PREFIX`] variables among `env` (other variables are ignored).
+    /// Tables merge key by key, so a layer only changes the keys it names.
+    ///
+    /// An unknown key or a wrongly typed value is an error naming the full key path and the file
+    /// or variable it came from. The result is not [checked](Config::check): the caller may still
+    /// apply its own overrides (flags) first.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Config> {
+        let mut table = toml::Table::try_from(Config::default())
+            .map_err(|e| Error::Other(format!("cannot represent the defaults as TOML: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Other(format!(
+                    "cannot read the configuration file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let layer: toml::Table = toml::from_str(&text).map_err(|e| {
+                Error::Other(format!(
+                    "{} is not a valid TOML file: {}",
+                    path.display(),
+                    e.to_string().trim_end()
+                ))
+            })?;
+            merge(&mut table, layer);
+            if let Err(e) = decode(table.clone()) {
+                return Err(e.into_error(&path.display().to_string(), None));
+            }
+        }
+        apply_env(table, env_overrides(env)?)
+    }
+
+    /// The configuration as a TOML document, with the admin key (if any) replaced by
+    /// [`REDACTED`].
+    pub fn to_toml_redacted(&self) -> Result<String> {
+        let mut shown = self.clone();
+        if shown.serve.admin_key.is_some() {
+            shown.serve.admin_key = Some(REDACTED.into());
+        }
+        toml::to_string_pretty(&shown)
+            .map_err(|e| Error::Other(format!("cannot write the configuration as TOML: {e}")))
+    }
+}
+
+/// Merges `layer` into `base`: tables key by key, any other value replaces what was there.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Why a table is not a [`Config`]: the path of the key at fault and the reason.
+struct DecodeError {
+    path: Vec<String>,
+    message: String,
+}
+
+impl DecodeError {
+    /// The error for a key that came from `origin`; `env_key` is the full key a variable set, to
+    /// name instead of the unknown section it created.
+    fn into_error(self, origin: &str, env_key: Option<&[String]>) -> Error {
+        if let Some(rest) = self.message.strip_prefix("unknown field") {
+            let path = env_key.unwrap_or(&self.path);
+            let expected = rest
+                .split_once(", ")
+                .map(|(_, expected)| format!(" ({expected})"))
+                .unwrap_or_default();
+            return bad(
+                &path.join("."),
+                format!("unknown key in {origin}{expected}"),
+            );
+        }
+        let key = if self.path.is_empty() {
+            "(top level)".to_string()
+        } else {
+            self.path.join(".")
+        };
+        bad(&key, format!("{} (in {origin})", self.message))
+    }
+}
+
+fn decode(table: toml::Table) -> std::result::Result<Config, DecodeError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e
+            .path()
+            .iter()
+            .map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => key.clone(),
+                serde_path_to_error::Segment::Enum { variant } => variant.clone(),
+                serde_path_to_error::Segment::Seq { index } => index.to_string(),
+                serde_path_to_error::Segment::Unknown => "?".to_string(),
+            })
+            .collect();
+        DecodeError {
+            path,
+            message: e.into_inner().message().to_string(),
+        }
+    })
+}
+
+/// One `STRATA__…` variable: the key it sets and its value.
+struct EnvOverride {
+    var: String,
+    path: Vec<String>,
+    raw: String,
+    value: toml::Value,
+}
+
+impl EnvOverride {
+    fn origin(&self) -> String {
+        format!("environment variable {}", self.var)
+    }
+
+    /// Sets the key in `table`; a key below a value that is not a table is unknown.
+    fn apply(&self, table: &mut toml::Table) -> Result<()> {
+        let Some((last, parents)) = self.path.split_last() else {
+            return Ok(());
+        };
+        let mut t = table;
+        for (depth, segment) in parents.iter().enumerate() {
+            match t
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                toml::Value::Table(inner) => t = inner,
+                _ => {
+                    return Err(bad(
+                        &self.path.join("."),
+                        format!(
+                            "unknown key in {} ({} is not a section)",
+                            self.origin(),
+                            self.path[..=depth].join(".")
+                        ),
+                    ))
+                }
+            }
+        }
+        t.insert(last.clone(), self.value.clone());
+        Ok(())
+    }
+}
+
+/// The `STRATA__…` variables among `env`, in name order.
+fn env_overrides(env: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Vec<EnvOverride>> {
+    let mut overrides = Vec::new();
+    for (name, value) in env {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path = env_key_path(rest).ok_or_else(|| {
+            bad(
+                name,
+                format!("expected {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}SERVE__MAX_LIMIT"),
+            )
+        })?;
+        let raw = value
+            .into_string()
+            .map_err(|_| bad(&path.join("."), format!("{name} is not valid UTF-8")))?;
+        // A TOML scalar (`500`, `true`, `"quoted"`); anything else is taken as a plain string.
+        let value = raw
+            .parse::<toml::Value>()
+            .unwrap_or_else(|_| toml::Value::String(raw.clone()));
+        overrides.push(EnvOverride {
+            var: name.to_string(),
+            path,
+            raw,
+            value,
+        });
+    }
+    overrides.sort_by(|a, b| a.var.cmp(&b.var));
+    Ok(overrides)
+}
+
+/// The key path a variable name (without [`ENV_PREFIX`]) stands for; `None` if a part is empty.
+fn env_key_path(name: &str) -> Option<Vec<String>> {
+    let parts: Vec<String> = name.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    let mut path: Vec<String> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        match path.as_slice() {
+            // librdkafka property names are dotted: the rest of the name is one key.
+            [kafka, properties] if kafka == "kafka" && properties == "properties" => {
+                path.push(parts[i..].join(".").replace('_', "."));
+                break;
+            }
+            // Metric names are data, not field names: keep their underscores.
+            [serve, bounds] if serve == "serve" && bounds == "metric-bounds" => {
+                path.push(part.clone())
+            }
+            _ => path.push(part.replace('_', "-")),
+        }
+    }
+    Some(path)
+}
+
+/// Applies `overrides` over `table` and decodes the result. A value that parsed as a TOML number,
+/// boolean or date but is refused where it lands is tried once more as a plain string (a topic
+/// named `500`, a librdkafka property `5`); if that fails too, the first error is reported.
+fn apply_env(table: toml::Table, mut overrides: Vec<EnvOverride>) -> Result<Config> {
+    // The variable whose value was just turned into a string, and the error it gave before.
+    let mut retried: Option<(usize, Error)> = None;
+    loop {
+        let mut merged = table.clone();
+        for o in &overrides {
+            o.apply(&mut merged)?;
+        }
+        let e = match decode(merged) {
+            Ok(config) => return Ok(config),
+            Err(e) => e,
+        };
+        // The error is about a key some variable set, or about a table holding one.
+        let related = |o: &EnvOverride| {
+            let n = o.path.len().min(e.path.len());
+            o.path[..n] == e.path[..n]
+        };
+        let culprit = overrides.iter().position(related);
+        if let (Some((i, first)), Some(c)) = (retried.take(), culprit) {
+            if i == c {
+                return Err(first);
+            }
+        }
+        let Some(c) = culprit else {
+            return Err(e.into_error("the environment", None));
+        };
+        let retry = !overrides[c].value.is_str();
+        let error = e.into_error(&overrides[c].origin(), Some(&overrides[c].path));
+        if !retry {
+            return Err(error);
+        }
+        overrides[c].value = toml::Value::String(overrides[c].raw.clone());
+        retried = Some((c, error));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +574,275 @@ mod tests {
             .expect_err("unknown key")
             .to_string()
             .contains("brokerz"));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        vars.iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
+    }
+
+    /// A TOML file with `text` in a fresh temporary directory (kept alive by the guard).
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("strata.toml");
+        std::fs::write(&path, text).expect("write config file");
+        (dir, path)
+    }
+
+    fn load_err(file: Option<&Path>, vars: &[(&str, &str)]) -> String {
+        Config::load(file, env(vars))
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn file_layers_over_defaults_key_by_key() {
+        let (_dir, path) = file(
+            r#"
+data-dir = "/srv/strata"
+[kafka]
+brokers = "k1:9092,k2:9092"
+assignment = "group"
+[kafka.properties]
+"security.protocol" = "SSL"
+[serve]
+max-limit = 250
+admin-key = "0123456789"
+[serve.metric-bounds.pressure]
+min = 900
+max = 1100.5
+[batch]
+every-secs = 600
+"#,
+        );
+        let c = Config::load(Some(&path), env(&[])).expect("valid file");
+        let mut want = Config {
+            data_dir: "/srv/strata".into(),
+            ..Config::default()
+        };
+        want.kafka.brokers = "k1:9092,k2:9092".into();
+        want.kafka.assignment = crate::kafka::Assignment::Group;
+        want.kafka.properties = BTreeMap::from([("security.protocol".into(), "SSL".into())]);
+        want.serve.max_limit = 250;
+        want.serve.admin_key = Some("0123456789".into());
+        want.serve.metric_bounds.insert(
+            "pressure".into(),
+            MetricBounds {
+                min: 900.0,
+                max: 1100.5,
+            },
+        );
+        want.batch.every_secs = Some(600);
+        assert_eq!(c, want);
+        c.check().expect("still valid");
+        // No file, no variables: the defaults.
+        assert_eq!(
+            Config::load(None, env(&[])).expect("defaults"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_including_nested_keys() {
+        let (_dir, path) = file(
+            r#"
+[kafka]
+brokers = "file:9092"
+topic = "from-file"
+[kafka.properties]
+"security.protocol" = "PLAINTEXT"
+"client.id" = "from-file"
+[serve]
+max-limit = 250
+"#,
+        );
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("STRATA__SERVE__MAX_LIMIT", "500"),
+                ("STRATA__KAFKA__BROKERS", "127.0.0.1:9092"),
+                ("STRATA__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SSL"),
+                ("STRATA__KAFKA__PROPERTIES__QUEUE_BUFFERING_MAX_MS", "5"),
+                ("STRATA__DATA_DIR", "/x"),
+                ("STRATA__SPEED__FLUSH_INTERVAL_MS", "250"),
+                ("STRATA__BATCH__EVERY_SECS", "60"),
+                ("STRATA__DEDUPE__HORIZON_SECS", "-1"),
+                ("STRATA__VALIDATION__MIN_TS", "2001-01-01T00:00:00Z"),
+                ("STRATA__SERVE__ADMIN_KEY", "12345678"),
+                ("STRATA__SERVE__METRIC_BOUNDS__TEMP_C__MIN", "-30"),
+                ("STRATA__SERVE__METRIC_BOUNDS__PRESSURE__MIN", "900"),
+                ("STRATA__SERVE__METRIC_BOUNDS__PRESSURE__MAX", "1100.5"),
+                ("STRATA__KAFKA__ASSIGNMENT", "group"),
+                // Not ours: single-underscore variables are the flags' business.
+                ("STRATA_BROKERS", "ignored:1"),
+                ("STRATA_TEST_BROKERS", "ignored:2"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("valid layers");
+        assert_eq!(c.serve.max_limit, 500);
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.topic, "from-file");
+        assert_eq!(
+            c.kafka.properties,
+            BTreeMap::from([
+                ("client.id".to_string(), "from-file".to_string()),
+                ("queue.buffering.max.ms".to_string(), "5".to_string()),
+                ("security.protocol".to_string(), "SSL".to_string()),
+            ])
+        );
+        assert_eq!(c.data_dir, PathBuf::from("/x"));
+        assert_eq!(c.speed.flush_interval_ms, 250);
+        assert_eq!(c.batch.every_secs, Some(60));
+        assert_eq!(c.dedupe.horizon_secs, -1);
+        assert_eq!(c.validation.min_ts, "2001-01-01T00:00:00Z");
+        // Looks like a number, lands in a string: kept as written.
+        assert_eq!(c.serve.admin_key.as_deref(), Some("12345678"));
+        assert_eq!(
+            c.serve.metric_bounds["temp_c"],
+            MetricBounds {
+                min: -30.0,
+                max: 60.0
+            }
+        );
+        assert_eq!(
+            c.serve.metric_bounds["pressure"],
+            MetricBounds {
+                min: 900.0,
+                max: 1100.5
+            }
+        );
+        assert_eq!(c.kafka.assignment, crate::kafka::Assignment::Group);
+        // Values are checked afterwards, naming the key.
+        let e = c.check().expect_err("negative horizon").to_string();
+        assert!(e.contains("dedupe.horizon-secs"), "{e}");
+        // Quoted values are TOML strings; a topic may look like a number.
+        let c = Config::load(
+            None,
+            env(&[
+                ("STRATA__KAFKA__TOPIC", "500"),
+                ("STRATA__KAFKA__GROUP", "\"quoted\""),
+            ]),
+        )
+        .expect("strings");
+        assert_eq!(
+            (c.kafka.topic.as_str(), c.kafka.group.as_str()),
+            ("500", "quoted")
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named_with_the_file() {
+        let (_dir, path) = file("[serve]\nmax-limitt = 5\n");
+        let e = load_err(Some(&path), &[]);
+        assert!(e.contains("serve.max-limitt: unknown key in "), "{e}");
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("`max-limit`"), "lists the known keys: {e}");
+
+        let (_dir, path) = file("[sreve]\nmax-limit = 5\n");
+        assert!(load_err(Some(&path), &[]).contains("sreve: unknown key"));
+        let (_dir, path) = file("[serve.metric-bounds.pressure]\nmin = 1\nmaxx = 2\n");
+        let e = load_err(Some(&path), &[]);
+        assert!(
+            e.contains("serve.metric-bounds.pressure.maxx: unknown key"),
+            "{e}"
+        );
+        let (_dir, path) = file("data-dirr = \"/x\"\n");
+        assert!(load_err(Some(&path), &[]).contains("data-dirr: unknown key"));
+        // Not TOML at all, or no such file: the path is named.
+        let (_dir, path) = file("[serve\n");
+        let e = load_err(Some(&path), &[]);
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        let missing = path.with_file_name("missing.toml");
+        let e = load_err(Some(&missing), &[]);
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named_with_the_variable() {
+        let e = load_err(None, &[("STRATA__SERVE__MAX_LIMITT", "5")]);
+        assert!(e.contains("serve.max-limitt: unknown key in "), "{e}");
+        assert!(
+            e.contains("environment variable STRATA__SERVE__MAX_LIMITT"),
+            "{e}"
+        );
+        let e = load_err(None, &[("STRATA__SREVE__MAX_LIMIT", "5")]);
+        assert!(e.contains("sreve.max-limit: unknown key"), "{e}");
+        let e = load_err(None, &[("STRATA__DATA_DIR__X", "5")]);
+        assert!(e.contains("data-dir.x: unknown key"), "{e}");
+        let e = load_err(None, &[("STRATA__SERVE____MAX_LIMIT", "5")]);
+        assert!(e.contains("STRATA__SERVE____MAX_LIMIT"), "{e}");
+        // A valid file does not hide a bad variable.
+        let (_dir, path) = file("[serve]\nmax-limit = 5\n");
+        let e = load_err(Some(&path), &[("STRATA__KAFKA__BROKER", "x:1")]);
+        assert!(e.contains("kafka.broker: unknown key"), "{e}");
+    }
+
+    #[test]
+    fn wrongly_typed_values_are_named() {
+        let (_dir, path) = file("[serve]\nmax-limit = \"many\"\n");
+        let e = load_err(Some(&path), &[]);
+        assert!(e.contains("serve.max-limit: invalid type"), "{e}");
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        let (_dir, path) = file("[kafka]\nassignment = \"some\"\n");
+        assert!(load_err(Some(&path), &[]).contains("kafka.assignment: unknown variant"));
+        let (_dir, path) = file("serve = 5\n");
+        assert!(load_err(Some(&path), &[]).contains("serve: invalid type"));
+
+        let e = load_err(None, &[("STRATA__KAFKA__PARTITIONS", "lots")]);
+        assert!(e.contains("kafka.partitions: invalid type"), "{e}");
+        assert!(e.contains("STRATA__KAFKA__PARTITIONS"), "{e}");
+        // The first error is reported, not the one from retrying the value as a string.
+        let e = load_err(None, &[("STRATA__SERVE__MAX_LIMIT", "-5")]);
+        assert!(
+            e.contains("serve.max-limit: invalid value: integer `-5`"),
+            "{e}"
+        );
+        let e = load_err(
+            None,
+            &[("STRATA__SERVE__METRIC_BOUNDS__PRESSURE__MIN", "900")],
+        );
+        assert!(
+            e.contains("serve.metric-bounds.pressure: missing field `max`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn printed_configuration_redacts_the_admin_key_and_reads_back() {
+        let mut c = Config::default();
+        c.serve.admin_key = Some("a-secret-key".into());
+        c.batch.every_secs = Some(60);
+        c.kafka
+            .properties
+            .insert("security.protocol".into(), "SSL".into());
+        let text = c.to_toml_redacted().expect("toml");
+        assert!(!text.contains("a-secret-key"), "{text}");
+        assert!(text.contains(REDACTED), "{text}");
+        let (_dir, path) = file(&text);
+        let back = Config::load(Some(&path), env(&[])).expect("reads back");
+        c.serve.admin_key = Some(REDACTED.into());
+        assert_eq!(back, c);
+        let text = Config::default().to_toml_redacted().expect("toml");
+        assert!(!text.contains("admin-key"), "{text}");
+    }
+
+    #[test]
+    fn example_file_documents_every_key_with_its_default() {
+        let text = include_str!("../../strata.example.toml");
+        let example: toml::Table = toml::from_str(text).expect("the example is TOML");
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults as TOML");
+        // Every key with a default is set to it, and there is nothing else.
+        assert_eq!(example, defaults);
+        let parsed: Config = toml::from_str(text).expect("the example is a Config");
+        assert_eq!(parsed, Config::default());
+        // Keys without a default are shown commented out.
+        for key in ["admin-key", "every-secs"] {
+            assert!(
+                text.contains(&format!("\n# {key} = ")),
+                "{key} is documented"
+            );
+        }
     }
 }

@@ -27,6 +27,10 @@ pub enum Error {
     Corrupt { what: String, detail: String },
     #[error("invalid configuration: {key}: {reason}")]
     Config { key: String, reason: String },
+    #[error(
+        "data directory {path}: {reason}; stopping before writing (nothing stored was changed)"
+    )]
+    Disk { path: PathBuf, reason: String },
     #[error("{0}")]
     Other(String),
 }

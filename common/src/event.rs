@@ -153,9 +153,18 @@ impl Event {
 
     /// The event in its wire form (the JSON shape producers send).
     pub fn to_wire(&self) -> Wire {
+        // RFC 3339 text where it reads back as the same time; epoch milliseconds otherwise
+        // (years past 9999 and times chrono cannot represent), so the archived wire form of
+        // every accepted event validates again.
+        let text = format_rfc3339(self.ts);
+        let ts = if parse_rfc3339(&text) == Some(self.ts) {
+            WireTs::Text(text)
+        } else {
+            WireTs::Millis(self.ts)
+        };
         let mut w = Wire {
             id: self.id.clone(),
-            ts: WireTs::Text(format_rfc3339(self.ts)),
+            ts,
             kind: self.type_name().to_string(),
             ..Wire::default()
         };
@@ -504,6 +513,26 @@ mod tests {
         let src = r#"{"id":"e1","ts":"2026-11-25T14:00:00.123Z","type":"purchase","user":"u42","item":"i7","category":"books","qty":2,"price":12.5}"#;
         let e = dec(src).expect("valid");
         assert_eq!(dec(&e.to_json()).expect("valid"), e);
+    }
+
+    #[test]
+    fn wire_round_trip_past_year_9999() {
+        // Fails the event_decode fuzz target's round-trip check: accepted (no message time), its RFC
+        // 3339 form "+10000-01-01T00:00:00.000Z" did not parse back, so the batch layer could not
+        // re-validate the archived event.
+        for ts in [253_402_300_800_000_i64, 8_210_266_876_799_999, i64::MAX] {
+            let src = format!(r#"{{"id":"x","ts":{ts},"type":"heartbeat","device":"d"}}"#);
+            let e = dec(&src).expect("valid");
+            assert_eq!(e.ts, ts);
+            assert_eq!(dec(&e.to_json()).expect("re-encoded is valid"), e);
+        }
+        let e =
+            dec(r#"{"id":"x","ts":"9999-12-31T23:59:59.999Z","type":"heartbeat","device":"d"}"#)
+                .expect("valid");
+        assert_eq!(
+            e.to_wire().ts,
+            WireTs::Text("9999-12-31T23:59:59.999Z".into())
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod batch_store;
 pub mod config;
 pub mod dedupe;
+pub mod disk;
 pub mod error;
 pub mod event;
 pub mod generate;

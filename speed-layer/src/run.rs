@@ -6,6 +6,7 @@ use rdkafka::Message;
 use strata_common::batch_store;
 use strata_common::config::Config;
 use strata_common::dedupe::Decision;
+use strata_common::disk;
 use strata_common::event::{decode, Rules};
 use strata_common::handoff::block_of;
 use strata_common::kafka::{self, DeadLetters};
@@ -27,6 +28,7 @@ impl SpeedLayer {
     /// Opens the speed state under the configured data directory.
     pub fn open(cfg: Config) -> Result<Self> {
         let rules = cfg.validation.rules()?;
+        disk::check(&cfg.data_dir, cfg.min_free_mb)?;
         let state = SpeedState::open(&cfg.speed_dir(), cfg.handoff.block_size)?;
         Ok(SpeedLayer { cfg, rules, state })
     }
@@ -182,6 +184,8 @@ impl SpeedLayer {
         if !dlq.flush(&|| shutdown.is_cancelled())? {
             return Ok(());
         }
+        // Stop before a write the disk cannot take: the state and offsets stay as last written.
+        disk::check(&self.cfg.data_dir, self.cfg.min_free_mb)?;
         self.state.flush(pending)?;
         kafka::commit_for_lag(consumer, topic, &self.state.next_offsets());
         Ok(())

@@ -1,5 +1,9 @@
-//! Command-line flags, and how they become a [`Config`].
+//! Command-line flags, and how they become a [`Config`]: defaults < `--config` file <
+//! `STRATA__SECTION__KEY` variables < flags (a flag counts only when given, on the command line or
+//! through its own `STRATA_…` variable).
 
+use std::ffi::OsString;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -77,80 +81,164 @@ pub enum Command {
         #[arg(long)]
         patterns: bool,
     },
+    /// Show the effective configuration (defaults < --config file < STRATA__SECTION__KEY
+    /// variables < flags) as TOML, with the admin key redacted; or only validate it.
+    Config {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Print the effective configuration as TOML (the default).
+        #[arg(long)]
+        print: bool,
+        /// Only validate: exit 0 if the configuration is valid, 1 (naming the key) if not.
+        #[arg(long, conflicts_with = "print")]
+        check: bool,
+    },
+    /// Recompute every view from scratch (master dataset plus the Kafka tail) and diff it against
+    /// what the serving layer merges. Exit status: 0 equal, 1 differences, 2 could not verify.
+    Verify {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The serving layer to check (needs its admin key: --admin-key or STRATA_ADMIN_KEY).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// First wait (at most this long, e.g. `60s`) until the serving layer covers the topic's
+        /// current end.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
+        /// Differences to print in full.
+        #[arg(long, default_value_t = 20)]
+        show: usize,
+    },
 }
 
-/// Flags every layer shares. Environment variables give defaults; flags win.
+/// Flags every layer shares. Each overrides its configuration key only when given (on the command
+/// line or through its `STRATA_…` variable); otherwise the key comes from the `--config` file,
+/// `STRATA__SECTION__KEY` variables or the default (see `strata config --print`).
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "STRATA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// The events topic (its dead-letter topic is `<topic>.dlq`).
-    #[arg(long, env = "STRATA_TOPIC", default_value = "events")]
-    pub topic: String,
-    /// Consumer group prefix.
-    #[arg(long, env = "STRATA_GROUP", default_value = "strata")]
-    pub group: String,
-    /// Partitions for topics Strata creates.
-    #[arg(long, default_value_t = 4)]
-    pub partitions: i32,
+    /// TOML configuration file (see strata.example.toml).
+    #[arg(long = "config", env = "STRATA_CONFIG", value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Kafka bootstrap servers [key: kafka.brokers, default: 127.0.0.1:9092].
+    #[arg(long, env = "STRATA_BROKERS")]
+    pub brokers: Option<String>,
+    /// The events topic (its dead-letter topic is `<topic>.dlq`) [key: kafka.topic, default:
+    /// events].
+    #[arg(long, env = "STRATA_TOPIC")]
+    pub topic: Option<String>,
+    /// Consumer group prefix [key: kafka.group, default: strata].
+    #[arg(long, env = "STRATA_GROUP")]
+    pub group: Option<String>,
+    /// Partitions for topics Strata creates [key: kafka.partitions, default: 4].
+    #[arg(long)]
+    pub partitions: Option<i32>,
     /// `all`: this process consumes every partition, resuming at once after a restart; `group`:
-    /// partitions come from the consumer group (several processes sharing the topic).
-    #[arg(long, default_value = "all", value_parser = ["all", "group"])]
-    pub assignment: String,
-    /// Where all state lives; layers run as separate processes share it.
-    #[arg(long, env = "STRATA_DATA_DIR", default_value = ".data/strata")]
-    pub data_dir: PathBuf,
-    /// HTTP listen address of the serving layer.
-    #[arg(long, env = "STRATA_HTTP", default_value = "127.0.0.1:8080")]
-    pub http: String,
-    /// Bearer key for the admin routes.
+    /// partitions come from the consumer group (several processes sharing the topic) [key:
+    /// kafka.assignment, default: all].
+    #[arg(long, value_parser = ["all", "group"])]
+    pub assignment: Option<String>,
+    /// Where all state lives; layers run as separate processes share it [key: data-dir, default:
+    /// .data/strata].
+    #[arg(long, env = "STRATA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Stop writing layers when the data directory has less free space than this, in MiB
+    /// [key: min-free-mb, default: 256].
+    #[arg(long)]
+    pub min_free_mb: Option<u64>,
+    /// HTTP listen address of the serving layer [key: serve.http, default: 127.0.0.1:8080].
+    #[arg(long, env = "STRATA_HTTP")]
+    pub http: Option<String>,
+    /// Bearer key for the admin routes; empty for none [key: serve.admin-key].
     #[arg(long, env = "STRATA_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// Offsets per speed-layer block; batch cutoffs are multiples of it. Every layer sharing a
-    /// data directory must use the same value.
-    #[arg(long, default_value_t = 10_000)]
-    pub block_size: u64,
-    /// How long an event id is remembered for deduplication, in event time (e.g. `24h`).
-    #[arg(long, value_parser = parse_duration, default_value = "24h")]
-    pub dedupe_horizon: Duration,
-    /// A device is `late` after this long without an event.
-    #[arg(long, value_parser = parse_duration, default_value = "2m")]
-    pub late_after: Duration,
-    /// A device is `silent` after this long without an event.
-    #[arg(long, value_parser = parse_duration, default_value = "10m")]
-    pub silent_after: Duration,
+    /// data directory must use the same value [key: handoff.block-size, default: 10000].
+    #[arg(long)]
+    pub block_size: Option<u64>,
+    /// How long an event id is remembered for deduplication, in event time (e.g. `24h`) [key:
+    /// dedupe.horizon-secs, default: 24h].
+    #[arg(long, value_parser = parse_duration)]
+    pub dedupe_horizon: Option<Duration>,
+    /// A device is `late` after this long without an event [key: serve.late-after-secs,
+    /// default: 2m].
+    #[arg(long, value_parser = parse_duration)]
+    pub late_after: Option<Duration>,
+    /// A device is `silent` after this long without an event [key: serve.silent-after-secs,
+    /// default: 10m].
+    #[arg(long, value_parser = parse_duration)]
+    pub silent_after: Option<Duration>,
     /// Expected range of a reading metric, `metric=min:max` (repeatable); device windows outside
-    /// it are flagged. Defaults: temp_c=-20:60, humidity=0:100.
+    /// it are flagged. Adds to or replaces the configured ranges [key: serve.metric-bounds,
+    /// defaults: temp_c=-20:60, humidity=0:100].
     #[arg(long = "metric-bounds", value_parser = parse_bounds)]
     pub metric_bounds: Vec<(String, f64, f64)>,
-    /// Extra librdkafka property, `key=value` (repeatable), e.g. `security.protocol=SSL`.
+    /// Extra librdkafka property, `key=value` (repeatable), e.g. `security.protocol=SSL` [key:
+    /// kafka.properties].
     #[arg(long = "kafka", value_parser = parse_kv)]
     pub kafka: Vec<(String, String)>,
 }
 
 impl CommonArgs {
-    /// The configuration these flags describe, checked.
+    /// The configuration: defaults, the `--config` file, `STRATA__…` variables, then the flags
+    /// given; checked.
     pub fn config(&self) -> anyhow::Result<Config> {
-        let mut c = Config {
-            data_dir: self.data_dir.clone(),
-            ..Config::default()
-        };
-        c.kafka.brokers = self.brokers.clone();
-        c.kafka.topic = self.topic.clone();
-        c.kafka.group = self.group.clone();
-        c.kafka.partitions = self.partitions;
-        c.kafka.assignment = if self.assignment == "group" {
-            strata_common::kafka::Assignment::Group
-        } else {
-            strata_common::kafka::Assignment::All
-        };
-        c.kafka.properties = self.kafka.iter().cloned().collect();
-        c.serve.http = self.http.clone();
-        c.serve.admin_key = self.admin_key.clone().filter(|k| !k.is_empty());
-        c.serve.late_after_secs = self.late_after.as_secs() as i64;
-        c.serve.silent_after_secs = self.silent_after.as_secs() as i64;
-        c.handoff.block_size = self.block_size;
+        self.config_with_env(std::env::vars_os())
+    }
+
+    /// [`CommonArgs::config`] with `env` in place of the process environment.
+    pub fn config_with_env(
+        &self,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> anyhow::Result<Config> {
+        let mut c = Config::load(self.config_file.as_deref(), env)?;
+        self.apply(&mut c);
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Sets the keys whose flags were given.
+    fn apply(&self, c: &mut Config) {
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = self.min_free_mb {
+            c.min_free_mb = v;
+        }
+        if let Some(v) = &self.brokers {
+            c.kafka.brokers = v.clone();
+        }
+        if let Some(v) = &self.topic {
+            c.kafka.topic = v.clone();
+        }
+        if let Some(v) = &self.group {
+            c.kafka.group = v.clone();
+        }
+        if let Some(v) = self.partitions {
+            c.kafka.partitions = v;
+        }
+        if let Some(v) = &self.assignment {
+            c.kafka.assignment = if v == "group" {
+                strata_common::kafka::Assignment::Group
+            } else {
+                strata_common::kafka::Assignment::All
+            };
+        }
+        c.kafka.properties.extend(self.kafka.iter().cloned());
+        if let Some(v) = &self.http {
+            c.serve.http = v.clone();
+        }
+        if let Some(v) = &self.admin_key {
+            c.serve.admin_key = Some(v.clone()).filter(|k| !k.is_empty());
+        }
+        if let Some(v) = self.late_after {
+            c.serve.late_after_secs = v.as_secs() as i64;
+        }
+        if let Some(v) = self.silent_after {
+            c.serve.silent_after_secs = v.as_secs() as i64;
+        }
+        if let Some(v) = self.block_size {
+            c.handoff.block_size = v;
+        }
         for (metric, min, max) in &self.metric_bounds {
             c.serve.metric_bounds.insert(
                 metric.clone(),
@@ -160,10 +248,25 @@ impl CommonArgs {
                 },
             );
         }
-        c.dedupe.horizon_secs = self.dedupe_horizon.as_secs() as i64;
-        c.check()?;
-        Ok(c)
+        if let Some(v) = self.dedupe_horizon {
+            c.dedupe.horizon_secs = v.as_secs() as i64;
+        }
     }
+}
+
+/// `strata config`: prints the effective configuration as TOML (admin key redacted), or with
+/// `check` only validates it. An invalid configuration is an error either way.
+pub fn config_command(common: &CommonArgs, check: bool) -> anyhow::Result<()> {
+    let cfg = common.config()?;
+    let out = if check {
+        "configuration is valid\n".to_string()
+    } else {
+        cfg.to_toml_redacted()?
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
 }
 
 /// Parses `500ms`, `30s`, `15m`, `2h`, `1d`, or a bare number of seconds.
@@ -231,5 +334,57 @@ mod tests {
         };
         let e = common.config().expect_err("bad address").to_string();
         assert!(e.contains("serve.http"), "{e}");
+    }
+
+    fn common(args: &[&str]) -> CommonArgs {
+        let cli = Cli::try_parse_from(["strata", "config"].iter().chain(args)).expect("parses");
+        let Command::Config { common, .. } = cli.command else {
+            panic!("config")
+        };
+        common
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        vars.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    #[test]
+    fn only_given_flags_override() {
+        // No flags, no file, no variables: exactly the defaults.
+        let c = common(&[]).config_with_env(env(&[])).expect("defaults");
+        assert_eq!(c, Config::default());
+        // Flags beat STRATA__ variables; keys without a flag keep the variable's value.
+        let c = common(&[
+            "--brokers",
+            "flag:9092",
+            "--late-after",
+            "1m",
+            "--kafka",
+            "client.id=flag",
+            "--metric-bounds",
+            "pressure=900:1100",
+            "--admin-key",
+            "",
+        ])
+        .config_with_env(env(&[
+            ("STRATA__KAFKA__BROKERS", "env:9092"),
+            ("STRATA__KAFKA__TOPIC", "env-topic"),
+            ("STRATA__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SSL"),
+            ("STRATA__SERVE__ADMIN_KEY", "env-admin-key"),
+            ("STRATA__SERVE__LATE_AFTER_SECS", "30"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.kafka.brokers, "flag:9092");
+        assert_eq!(c.kafka.topic, "env-topic");
+        assert_eq!(c.serve.late_after_secs, 60);
+        assert_eq!(c.kafka.properties.len(), 2);
+        assert_eq!(c.serve.metric_bounds.len(), 3);
+        assert_eq!(c.serve.admin_key, None, "an empty --admin-key means none");
+        // The merged configuration is checked, naming the key.
+        let e = common(&["--late-after", "20m"])
+            .config_with_env(env(&[]))
+            .expect_err("late after silent")
+            .to_string();
+        assert!(e.contains("serve.silent-after-secs"), "{e}");
     }
 }

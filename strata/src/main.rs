@@ -2,6 +2,7 @@
 
 mod cli;
 mod generate;
+mod verify;
 
 use std::sync::Arc;
 
@@ -29,6 +30,32 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Verify {
+        common,
+        url,
+        wait,
+        show,
+    } = &cli.command
+    {
+        let outcome = common.config().and_then(|cfg| {
+            verify::run(
+                &cfg,
+                &verify::VerifyArgs {
+                    url: url.clone(),
+                    wait: *wait,
+                    show: *show,
+                },
+            )
+        });
+        return match outcome {
+            Ok(r) if r.differences.is_empty() => std::process::ExitCode::SUCCESS,
+            Ok(_) => std::process::ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: cannot verify: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -44,6 +71,7 @@ fn init_logs(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -126,7 +154,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch_every,
         } => {
             let mut cfg = common.config()?;
-            cfg.batch.every_secs = batch_every.map(|d| d.as_secs().max(1));
+            if let Some(d) = batch_every {
+                cfg.batch.every_secs = Some(d.as_secs().max(1));
+            }
+            let batch_every = cfg.batch.every_secs.map(std::time::Duration::from_secs);
             ensure_topics(&cfg).await?;
             on_signal(shutdown.clone());
             let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
@@ -163,7 +194,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mode = if once {
                 RunMode::Once
             } else {
-                RunMode::Continuous { every }
+                RunMode::Continuous {
+                    every: every.or(cfg.batch.every_secs.map(std::time::Duration::from_secs)),
+                }
             };
             let batch = BatchLayer::new(cfg);
             let t = spawn_layer("batch", shutdown.clone(), move |s| Ok(batch.run(mode, s)?))?;
@@ -175,6 +208,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = Arc::new(ServingState::following(cfg));
             Ok(strata_serving::server::serve(state, shutdown).await?)
         }
+        Command::Verify { .. } => Err(anyhow::anyhow!("verify runs outside the runtime")),
+        Command::Config { common, check, .. } => cli::config_command(&common, check),
         Command::Generate {
             common,
             count,

@@ -55,7 +55,8 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
     eprintln!("logs and data in {}", dir.path().display());
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");
-    let common = layer_args(&topic, &data_dir, 3000, Some(&addr));
+    let mut common = layer_args(&topic, &data_dir, 3000, Some(&addr));
+    common.extend(["--admin-key".to_string(), ADMIN_KEY.to_string()]);
     let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
         let mut v = vec![cmd.to_string()];
         v.extend_from_slice(&common);
@@ -164,6 +165,10 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
     let ev = &v["speed"]["events"];
     assert_eq!(ev["rejected"].as_u64(), Some(truth.malformed), "{v}");
     assert_eq!(ev["duplicates"].as_u64(), Some(truth.copies), "{v}");
+    // And every view, key by key, equals a recomputation from scratch.
+    let (code, out) = verify(&common, &addr, true, &[]);
+    assert_eq!(code, 0, "verify found differences or failed:\n{out}");
+    eprintln!("{}", verify_summary(&out));
     for p in &mut procs {
         p.assert_running();
     }

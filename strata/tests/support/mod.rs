@@ -105,6 +105,11 @@ impl Proc {
         self.wait_success(Duration::from_secs(30));
     }
 
+    /// The exit status if the process has ended.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("{} exited with {status}; log: {}", self.name, self.tail());
@@ -145,6 +150,40 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The admin key the test layers run with.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+/// `strata verify` against the serving layer at `addr` (with `caught_up`, first waiting up to
+/// two minutes for it to cover the topic's end): its exit code and everything it printed.
+/// `common` must hold `--admin-key`.
+pub fn verify(common: &[String], addr: &str, caught_up: bool, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["verify".to_string()];
+    args.extend_from_slice(common);
+    args.extend(["--url".into(), format!("http://{addr}")]);
+    if caught_up {
+        args.extend(["--wait".into(), "120s".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = Command::new(strata_bin())
+        .args(&args)
+        .output()
+        .expect("run strata verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The summary line `strata verify` ends with.
+pub fn verify_summary(out: &str) -> String {
+    out.lines()
+        .filter(|l| l.starts_with("verify: "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs a `strata` command to completion.

@@ -1,0 +1,206 @@
+//! `strata config` and configuration errors at start-up, through the real binary: defaults <
+//! `--config` file < `STRATA__SECTION__KEY` variables < flags. Needs no broker.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `strata` binary with no `STRATA_…` variables inherited from the test's environment.
+fn strata(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STRATA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(args).envs(env.iter().copied());
+    cmd
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    strata(args, env).output().expect("run strata")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config file");
+    path.to_str().expect("utf-8 temp path").to_string()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The lines of `section` (`""` for the top level) in a printed configuration.
+fn section<'a>(printed: &'a str, name: &str) -> Vec<&'a str> {
+    let mut current = "";
+    printed
+        .lines()
+        .filter(|line| {
+            if let Some(header) = line.strip_prefix('[') {
+                current = header.trim_end_matches(']');
+                return false;
+            }
+            current == name && !line.trim().is_empty()
+        })
+        .collect()
+}
+
+const FILE: &str = r#"
+data-dir = "/from/file"
+
+[kafka]
+brokers = "file:9092"
+topic = "file-topic"
+group = "file-group"
+
+[kafka.properties]
+"security.protocol" = "PLAINTEXT"
+"client.id" = "file-client"
+
+[serve]
+admin-key = "file-secret-key"
+max-limit = 111
+late-after-secs = 60
+"#;
+
+#[test]
+fn print_shows_each_layer_overriding_the_one_before() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = write(dir.path(), "strata.toml", FILE);
+    let out = run(
+        &[
+            "config",
+            "--print",
+            "--config",
+            &file,
+            "--topic",
+            "flag-topic",
+        ],
+        &[
+            ("STRATA__KAFKA__TOPIC", "env-topic"),
+            ("STRATA__KAFKA__GROUP", "env-group"),
+            ("STRATA__SERVE__MAX_LIMIT", "500"),
+            ("STRATA__KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SSL"),
+        ],
+    );
+    let printed = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Default (no layer sets it) < file < env < flag.
+    assert_eq!(
+        section(&printed, ""),
+        ["data-dir = \"/from/file\"", "min-free-mb = 256"]
+    );
+    let kafka = section(&printed, "kafka");
+    assert!(kafka.contains(&"partitions = 4"), "default: {printed}");
+    assert!(
+        kafka.contains(&"brokers = \"file:9092\""),
+        "file: {printed}"
+    );
+    assert!(kafka.contains(&"group = \"env-group\""), "env: {printed}");
+    assert!(kafka.contains(&"topic = \"flag-topic\""), "flag: {printed}");
+    assert_eq!(
+        section(&printed, "kafka.properties"),
+        [
+            "\"client.id\" = \"file-client\"",
+            "\"security.protocol\" = \"SSL\""
+        ],
+        "{printed}"
+    );
+    let serve = section(&printed, "serve");
+    assert!(serve.contains(&"max-limit = 500"), "env: {printed}");
+    assert!(serve.contains(&"late-after-secs = 60"), "file: {printed}");
+    assert!(
+        serve.contains(&"silent-after-secs = 600"),
+        "default: {printed}"
+    );
+    // The admin key is redacted.
+    assert!(serve.contains(&"admin-key = \"<redacted>\""), "{printed}");
+    assert!(!printed.contains("file-secret-key"), "{printed}");
+
+    // The file through STRATA_CONFIG; a flag's own STRATA_ variable counts as the flag and beats
+    // the STRATA__ form; a flag beats its STRATA_ variable.
+    let out = run(
+        &["config", "--http", "127.0.0.1:9999"],
+        &[
+            ("STRATA_CONFIG", file.as_str()),
+            ("STRATA_BROKERS", "legacy:9092"),
+            ("STRATA__KAFKA__BROKERS", "env:9092"),
+            ("STRATA_HTTP", "127.0.0.1:7777"),
+        ],
+    );
+    let printed = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let kafka = section(&printed, "kafka");
+    assert!(kafka.contains(&"brokers = \"legacy:9092\""), "{printed}");
+    assert!(kafka.contains(&"topic = \"file-topic\""), "{printed}");
+    let serve = section(&printed, "serve");
+    assert!(serve.contains(&"http = \"127.0.0.1:9999\""), "{printed}");
+    assert!(serve.contains(&"max-limit = 111"), "{printed}");
+
+    let out = run(&["config", "--check", "--config", &file], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn unknown_keys_stop_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = write(dir.path(), "bad.toml", "[serve]\nmax-limitt = 5\n");
+
+    let out = run(&["config", "--check", "--config", &bad], &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("serve.max-limitt"), "{stderr}");
+    assert!(stderr.contains(&bad), "names the file: {stderr}");
+    assert!(out.stdout.is_empty());
+
+    let out = run(
+        &["config", "--print"],
+        &[("STRATA__SERVE__MAX_LIMITT", "5")],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("serve.max-limitt"), "{stderr}");
+    assert!(stderr.contains("STRATA__SERVE__MAX_LIMITT"), "{stderr}");
+
+    let out = run(&["config"], &[("STRATA__SERVE__MAX_LIMIT", "lots")]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("serve.max-limit"), "{stderr}");
+
+    // A layer refuses to start with it too, before doing anything else.
+    let data_dir = dir.path().join("data");
+    let mut child = strata(
+        &[
+            "serve",
+            "--config",
+            &bad,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 temp path"),
+        ],
+        &[],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start strata serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for strata serve") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("strata serve started despite an unknown key");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().expect("stderr");
+    let stderr = text(&out.stderr);
+    assert!(!status.success());
+    assert!(stderr.contains("serve.max-limitt"), "{stderr}");
+    assert!(!data_dir.exists(), "nothing was created");
+}

@@ -1,0 +1,213 @@
+//! The broker restarts mid-stream. This suite runs a broker of its own (tansu, SQLite storage, on
+//! a free port) so it can stop and start it: while it is down the layers keep running, the serving
+//! layer keeps answering from the state it holds and reports the outage in `/v1/status` and
+//! `/readyz`; once it is back everything catches up, and every answer, and `strata verify`, agree
+//! with the ground truth.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_common::time::now_millis;
+use support::*;
+
+/// A tansu broker owned by the test, restartable on the same port and data.
+struct Broker {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn bin() -> PathBuf {
+        std::env::var_os("STRATA_TANSU_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".cache/strata/tools/bin/tansu"))
+            })
+            .expect("STRATA_TANSU_BIN or HOME")
+    }
+
+    fn start(dir: &Path, port: u16) -> Broker {
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        std::fs::create_dir_all(&self.dir).expect("broker dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .expect("broker log");
+        let url = format!("tcp://{}", self.addr());
+        let child = Command::new(Self::bin())
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("start tansu ({}): {e}", Self::bin().display()));
+        self.child = Some(child);
+        wait_for("the broker to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(self.addr()).ok()
+        });
+    }
+
+    /// SIGTERM, as an operator restarting the broker would.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(&dir.path().join("broker"), free_port());
+    let topic = unique_topic("e2e-broker");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = dir.path().join("data");
+    let mut common = layer_args(&topic, &data_dir, 2000, Some(&addr));
+    // This suite's own broker, not the shared one.
+    let at = common
+        .iter()
+        .position(|a| a == "--brokers")
+        .expect("--brokers");
+    common[at + 1] = broker.addr();
+    common.extend(["--admin-key".to_string(), ADMIN_KEY.to_string()]);
+    let with = |cmd: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![cmd.to_string()];
+        v.extend_from_slice(&common);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+
+    let now = now_millis();
+    let mut truth = Truth::default();
+    truth.produce(
+        &common,
+        gen_config(31, 20_000, now - 2 * 3_600_000, 3_600_000, false),
+    );
+    let mut procs = [
+        Proc::spawn("speed", &with("speed", &[]), dir.path()),
+        Proc::spawn("batch", &with("batch", &["--every", "3s"]), dir.path()),
+        Proc::spawn("serve", &with("serve", &[]), dir.path()),
+    ];
+    wait_http(&addr);
+    wait_speed_offsets(&addr, truth.messages);
+    wait_for("ready", Duration::from_secs(30), || {
+        (get_json(&addr, "/readyz").0 == 200).then_some(())
+    });
+    truth.check(&addr);
+
+    // The broker goes away.
+    broker.stop();
+    let outage = Instant::now();
+    let (_, st) = wait_for(
+        "the outage to show in /readyz and /v1/status",
+        Duration::from_secs(60),
+        || {
+            let (code, ready) = get_json(&addr, "/readyz");
+            let (_, st) = get_json(&addr, "/v1/status");
+            (code == 503 && st["broker"]["reachable"] == false).then_some((ready, st))
+        },
+    );
+    let noticed = outage.elapsed();
+    assert!(st["broker"]["unreachable_since"].is_string(), "{st}");
+    // The last answers are still served while the broker is down, and no layer gives up.
+    std::thread::sleep(Duration::from_secs(10));
+    let during = truth.check(&addr);
+    for p in &mut procs {
+        p.assert_running();
+    }
+    // Each layer logged the outage.
+    for p in &procs[..2] {
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let outage_lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("librdkafka"))
+            .collect();
+        assert!(
+            !outage_lines.is_empty(),
+            "{} logged nothing about the outage: {}",
+            p.name,
+            p.tail()
+        );
+        eprintln!("{} logged: {}", p.name, outage_lines[0]);
+    }
+
+    // The broker comes back with its data; more events arrive; everything catches up.
+    broker.restart();
+    let down_for = outage.elapsed();
+    truth.produce(
+        &common,
+        gen_config(32, 20_000, now - 3_600_000, 3_600_000, false),
+    );
+    wait_speed_offsets(&addr, truth.messages);
+    wait_for("ready again", Duration::from_secs(60), || {
+        (get_json(&addr, "/readyz").0 == 200).then_some(())
+    });
+    let (_, st) = get_json(&addr, "/v1/status");
+    assert_eq!(st["broker"]["reachable"], true, "{st}");
+    let after = truth.check(&addr) + truth.check_insights(&addr);
+    let ev = &st["speed"]["events"];
+    assert_eq!(ev["rejected"].as_u64(), Some(truth.malformed), "{st}");
+    assert_eq!(ev["duplicates"].as_u64(), Some(truth.copies), "{st}");
+    let (code, out) = verify(&common, &addr, true, &[]);
+    assert_eq!(code, 0, "verify found differences or failed:\n{out}");
+    for p in &mut procs {
+        p.assert_running();
+    }
+    eprintln!("{}", verify_summary(&out));
+    eprintln!(
+        "e2e_broker: broker down {:.1}s (outage seen in /readyz after {:.1}s), {} messages, {} answers checked during the outage and {after} after, {:.1}s",
+        down_for.as_secs_f64(),
+        noticed.as_secs_f64(),
+        truth.messages,
+        during,
+        started.elapsed().as_secs_f64()
+    );
+}

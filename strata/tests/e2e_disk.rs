@@ -1,0 +1,212 @@
+//! Disk trouble: the data directory fills up while the layers run, then the writers are started
+//! on a read-only view of it. The layers that write stop with an error naming the cause and the
+//! path; what they stored stays intact (the serving layer keeps answering, and `strata verify`
+//! finds its answers equal to a recomputation); once space or write access returns, the restarted
+//! layers resume and nothing is lost or counted twice.
+//!
+//! The data directory is a small tmpfs mounted by the test (the read-only view a read-only bind
+//! mount of it), so it needs the right to mount (root, as in CI); without it the test says so and
+//! checks nothing.
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use strata_common::time::now_millis;
+use support::*;
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size_mb: u32) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_path_buf()))
+    }
+
+    /// A read-only view of the same file system at `path`.
+    fn read_only_view(&self, path: &Path) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let run = |args: &[&str]| {
+            let st = Command::new("mount").args(args).status().expect("mount");
+            assert!(st.success(), "mount {args:?}");
+        };
+        let (from, to) = (self.0.to_string_lossy(), path.to_string_lossy());
+        run(&["--bind", &from, &to]);
+        run(&["-o", "remount,ro,bind", &to]);
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file until `leave` bytes are free, as a disk
+/// filling up from outside would; returns its path.
+fn fill(dir: &Path, leave: u64) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 1 << 20];
+    while strata_common::disk::space(dir)
+        .expect("free space")
+        .free_bytes
+        > leave + chunk.len() as u64
+    {
+        f.write_all(&chunk).expect("fill");
+        f.sync_all().expect("fill");
+    }
+    path
+}
+
+/// Waits for a layer to stop by itself, with an error that says why.
+fn stops_with(p: &mut Proc, cause: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(status) = p.exit_status() {
+            assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("error: ") && l.contains(cause))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} stopped without an error naming {cause:?}: {}",
+                        p.name,
+                        p.tail()
+                    )
+                });
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not stop: {}",
+            p.name,
+            p.tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let Some(fs) = Tmpfs::mount(&data_dir, 192) else {
+        eprintln!("e2e_disk: SKIPPED, cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let topic = unique_topic("e2e-disk");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut common = layer_args(&topic, &data_dir, 2000, Some(&addr));
+    common.extend(["--admin-key".to_string(), ADMIN_KEY.to_string()]);
+    common.extend(["--min-free-mb".to_string(), "16".to_string()]);
+    let with = |cmd: &str, data: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![cmd.to_string()];
+        v.extend_from_slice(&common);
+        let at = v
+            .iter()
+            .position(|a| a == "--data-dir")
+            .expect("--data-dir");
+        v[at + 1] = data.to_string_lossy().into_owned();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("logs");
+    let writers = |round: u32, data: &Path| -> [Proc; 2] {
+        [
+            Proc::spawn(&format!("speed{round}"), &with("speed", data, &[]), &logs),
+            Proc::spawn(
+                &format!("batch{round}"),
+                &with("batch", data, &["--every", "2s"]),
+                &logs,
+            ),
+        ]
+    };
+
+    let now = now_millis();
+    let mut truth = Truth::default();
+    truth.produce(
+        &common,
+        gen_config(41, 20_000, now - 3 * 3_600_000, 3_600_000, false),
+    );
+    let mut w = writers(1, &data_dir);
+    let mut serve = Proc::spawn("serve", &with("serve", &data_dir, &[]), &logs);
+    wait_http(&addr);
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+
+    // The disk fills up while events arrive.
+    let filler = fill(&data_dir, 4 << 20);
+    truth.produce(
+        &common,
+        gen_config(42, 10_000, now - 2 * 3_600_000, 3_600_000, false),
+    );
+    let full = [
+        stops_with(&mut w[0], "No space left on device"),
+        stops_with(&mut w[1], "No space left on device"),
+    ];
+    serve.assert_running();
+    let (code, out) = verify(&common, &addr, false, &[]);
+    assert_eq!(
+        code, 0,
+        "what was stored before the disk filled is intact:\n{out}"
+    );
+    std::fs::remove_file(&filler).expect("free the space");
+    let mut w = writers(2, &data_dir);
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+
+    // The writers stop cleanly and are started again on a read-only view of the directory.
+    for p in w.iter_mut() {
+        p.terminate();
+    }
+    let ro_dir = dir.path().join("data-ro");
+    let ro = fs.read_only_view(&ro_dir);
+    truth.produce(
+        &common,
+        gen_config(43, 10_000, now - 3_600_000, 3_600_000, false),
+    );
+    let mut w = writers(3, &ro_dir);
+    let read_only = [
+        stops_with(&mut w[0], "Read-only file system"),
+        stops_with(&mut w[1], "Read-only file system"),
+    ];
+    serve.assert_running();
+    let (code, out) = verify(&common, &addr, false, &[]);
+    assert_eq!(code, 0, "the stored state is intact:\n{out}");
+    drop(ro);
+    let mut w = writers(4, &data_dir);
+    wait_speed_offsets(&addr, truth.messages);
+    let checked = truth.check(&addr) + truth.check_insights(&addr);
+    let (code, out) = verify(&common, &addr, true, &[]);
+    assert_eq!(code, 0, "verify after recovery:\n{out}");
+    let (_, st) = get_json(&addr, "/v1/status");
+    let ev = &st["speed"]["events"];
+    assert_eq!(ev["duplicates"].as_u64(), Some(truth.copies), "{st}");
+    assert_eq!(ev["rejected"].as_u64(), Some(truth.malformed), "{st}");
+    for p in w.iter_mut() {
+        p.assert_running();
+    }
+    serve.assert_running();
+    eprintln!("disk full: {}\n           {}", full[0], full[1]);
+    eprintln!("read-only: {}\n           {}", read_only[0], read_only[1]);
+    eprintln!("{}", verify_summary(&out));
+    eprintln!(
+        "e2e_disk: {} messages, {checked} answers checked after recovery, {:.1}s",
+        truth.messages,
+        started.elapsed().as_secs_f64()
+    );
+}
