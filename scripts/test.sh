@@ -35,6 +35,7 @@ with_broker() {
 
 # e2e_broker runs a broker of its own, to restart it.
 export STRATA_TANSU_BIN="$TANSU_BIN"
+export STRATA_NODE_MODULES="${STRATA_NODE_MODULES:-$STRATA_CACHE/tools/node/node_modules}"
 
 started=$(date +%s)
 if [ $# -gt 0 ]; then

@@ -30,6 +30,11 @@ struct PartitionFold {
 /// Recomputes every view from the archive below the current cutoffs and publishes it as a new
 /// version. On any error nothing is published and the previous version stays served.
 pub fn recompute(cfg: &Config) -> Result<Manifest> {
+    recompute_with(cfg, &|_, _| {})
+}
+
+/// [`recompute`], telling `on_progress(done, total)` segments as they are folded.
+pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Manifest> {
     let started = Instant::now();
     let rules = cfg.validation.rules()?;
     let rule = cfg.dedupe_rule();
@@ -79,6 +84,7 @@ pub fn recompute(cfg: &Config) -> Result<Manifest> {
                 }
                 if let Ok(mut pr) = progress.lock() {
                     pr.inc(chunk.len() as u64);
+                    on_progress(pr.done(), total as u64);
                 }
             }
             Ok(fold)

@@ -4,13 +4,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::BaseConsumer;
-use strata_common::batch_store::{self, Manifest};
+use strata_common::batch_store::{self, Manifest, RunProgress, RunRecord, RunState};
 use strata_common::config::Config;
 use strata_common::kafka;
+use strata_common::time::{format_rfc3339, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::{self, ArchiveStatus};
-use crate::recompute::recompute;
+use crate::recompute::recompute_with;
 use crate::{Error, Result};
 
 /// How the batch layer runs.
@@ -60,7 +61,70 @@ impl BatchLayer {
                 "stopped before the archive caught up".into(),
             ));
         }
-        recompute(&self.cfg)
+        self.tracked_recompute(Vec::new(), "once")
+    }
+
+    /// Recomputes, keeping a run record for each request it serves (or one of its own) up to
+    /// date: running with progress, then published or failed.
+    fn tracked_recompute(&self, requests: Vec<String>, trigger: &str) -> Result<Manifest> {
+        let now = || Some(format_rfc3339(now_millis()));
+        let ids = if requests.is_empty() {
+            vec![batch_store::new_run_id()]
+        } else {
+            requests
+        };
+        let mut runs: Vec<RunRecord> = ids
+            .into_iter()
+            .map(|id| {
+                let mut r = batch_store::read_run(&self.cfg.data_dir, &id)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| RunRecord::new(id, RunState::Requested, trigger));
+                r.state = RunState::Running;
+                r.started_at = now();
+                r
+            })
+            .collect();
+        let save = |runs: &[RunRecord]| {
+            for r in runs {
+                if let Err(e) = batch_store::write_run(&self.cfg.data_dir, r) {
+                    tracing::warn!(run = %r.id, error = %e, "cannot write the run record");
+                }
+            }
+        };
+        let _ = batch_store::prune_runs(&self.cfg.data_dir);
+        save(&runs);
+        let shared = Mutex::new((runs.clone(), Instant::now()));
+        let outcome = recompute_with(&self.cfg, &|done, total| {
+            if let Ok(mut g) = shared.lock() {
+                if g.1.elapsed() >= Duration::from_millis(500) || done == total {
+                    for r in &mut g.0 {
+                        r.progress = Some(RunProgress { done, total });
+                    }
+                    save(&g.0);
+                    g.1 = Instant::now();
+                }
+            }
+        });
+        if let Ok(g) = shared.into_inner() {
+            runs = g.0;
+        }
+        for r in &mut runs {
+            r.finished_at = now();
+            match &outcome {
+                Ok(m) => {
+                    r.state = RunState::Published;
+                    r.version = Some(m.version);
+                    r.events = Some(m.events);
+                }
+                Err(e) => {
+                    r.state = RunState::Failed;
+                    r.error = Some(e.to_string());
+                }
+            }
+        }
+        save(&runs);
+        outcome
     }
 
     fn continuous(&self, every: Option<Duration>, shutdown: CancellationToken) -> Result<()> {
@@ -89,7 +153,12 @@ impl BatchLayer {
             let due = next_run.is_some_and(|t| Instant::now() >= t);
             if due || !requests.is_empty() {
                 tracing::info!(requests = ?requests, scheduled = due, "batch recompute starting");
-                if let Err(e) = recompute(&self.cfg) {
+                let trigger = if requests.is_empty() {
+                    "schedule"
+                } else {
+                    "request"
+                };
+                if let Err(e) = self.tracked_recompute(requests, trigger) {
                     tracing::error!(error = %e, "batch recompute failed; the previous version stays served");
                 }
                 next_run = every.map(|e| Instant::now() + e);

@@ -60,6 +60,126 @@ fn requests_dir(data_dir: &Path) -> PathBuf {
     root(data_dir).join("requests")
 }
 
+fn runs_dir(data_dir: &Path) -> PathBuf {
+    root(data_dir).join("runs")
+}
+
+/// Run records kept; older ones are removed as new runs start.
+const KEEP_RUNS: usize = 200;
+
+/// Where a batch run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Requested,
+    Running,
+    Published,
+    Failed,
+}
+
+/// Progress of one batch run, as `GET /v1/admin/batch/{id}` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub state: RunState,
+    /// `request` (POST /v1/admin/batch) or `schedule` (`--every`).
+    pub trigger: String,
+    pub requested_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Segments recomputed so far, of the total, while running.
+    pub progress: Option<RunProgress>,
+    pub version: Option<u64>,
+    pub events: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+impl RunRecord {
+    pub fn new(id: String, state: RunState, trigger: &str) -> Self {
+        RunRecord {
+            id,
+            state,
+            trigger: trigger.into(),
+            requested_at: None,
+            started_at: None,
+            finished_at: None,
+            progress: None,
+            version: None,
+            events: None,
+            error: None,
+        }
+    }
+}
+
+/// Whether `id` has the shape of a run id (so it can name a file safely).
+pub fn valid_run_id(id: &str) -> bool {
+    id.starts_with("run-")
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
+}
+
+/// Writes a run record atomically (temporary file, then rename).
+pub fn write_run(data_dir: &Path, run: &RunRecord) -> Result<()> {
+    let dir = runs_dir(data_dir);
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("{}.json", run.id));
+    let tmp = dir.join(format!(".tmp-{}.json", run.id));
+    let body = serde_json::to_vec_pretty(run).map_err(|e| Error::io(&tmp, e.into()))?;
+    fs::write(&tmp, body).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// The record of run `id`, if there is one.
+pub fn read_run(data_dir: &Path, id: &str) -> Result<Option<RunRecord>> {
+    if !valid_run_id(id) {
+        return Ok(None);
+    }
+    let path = runs_dir(data_dir).join(format!("{id}.json"));
+    match fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::corrupt(path.display().to_string(), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Removes all but the newest [`KEEP_RUNS`] run records (ids sort by time).
+pub fn prune_runs(data_dir: &Path) -> Result<()> {
+    let dir = runs_dir(data_dir);
+    let mut names: Vec<String> = match fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| n.starts_with("run-"))
+            .collect(),
+        Err(_) => return Ok(()),
+    };
+    names.sort();
+    let old = names.len().saturating_sub(KEEP_RUNS);
+    for n in &names[..old] {
+        let _ = fs::remove_file(dir.join(n));
+    }
+    Ok(())
+}
+
+/// A new run id: time first, so ids sort by when they were made.
+pub fn new_run_id() -> String {
+    format!(
+        "run-{}-{:04x}",
+        crate::time::now_millis(),
+        rand::random::<u16>()
+    )
+}
+
 /// The manifest of the served version, if one was ever published.
 pub fn read_current(data_dir: &Path) -> Result<Option<Manifest>> {
     let path = current_path(data_dir);
@@ -184,11 +304,10 @@ pub fn clean(data_dir: &Path, keep: usize) -> Result<Vec<u64>> {
 pub fn request_run(data_dir: &Path) -> Result<String> {
     let dir = requests_dir(data_dir);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let id = format!(
-        "run-{}-{:04x}",
-        crate::time::now_millis(),
-        rand::random::<u16>()
-    );
+    let id = new_run_id();
+    let mut run = RunRecord::new(id.clone(), RunState::Requested, "request");
+    run.requested_at = Some(crate::time::format_rfc3339(crate::time::now_millis()));
+    write_run(data_dir, &run)?;
     let path = dir.join(&id);
     File::create(&path).map_err(|e| Error::io(&path, e))?;
     Ok(id)

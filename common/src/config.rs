@@ -95,6 +95,12 @@ pub struct ServeConfig {
     pub http: String,
     /// Bearer key for `/v1/admin/*`; admin routes answer 401 without it, 503 if none is set.
     pub admin_key: Option<String>,
+    /// Bearer key the read routes (`/v1/*` but admin and the OpenAPI document) need when set; the
+    /// admin key is accepted too. Unset: read routes are open.
+    pub read_key: Option<String>,
+    /// Origins allowed to call the API from a browser (CORS), e.g. `https://app.example.com`;
+    /// `*` allows any. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
     /// A device is `late` after this many seconds without an event.
     pub late_after_secs: i64,
     /// A device is `silent` after this many seconds without an event.
@@ -181,6 +187,8 @@ impl Default for ServeConfig {
         ServeConfig {
             http: "127.0.0.1:8080".into(),
             admin_key: None,
+            read_key: None,
+            cors_origins: Vec::new(),
             late_after_secs: 120,
             silent_after_secs: 600,
             max_limit: 1_000,
@@ -258,6 +266,23 @@ impl Config {
         if let Some(k) = &self.serve.admin_key {
             if k.len() < 8 {
                 return Err(bad("serve.admin-key", "must be at least 8 characters"));
+            }
+        }
+        if let Some(k) = &self.serve.read_key {
+            if k.len() < 8 {
+                return Err(bad("serve.read-key", "must be at least 8 characters"));
+            }
+        }
+        for o in &self.serve.cors_origins {
+            let ok = o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && !o.contains(char::is_whitespace));
+            if !ok {
+                return Err(bad(
+                    "serve.cors-origins",
+                    format!("{o:?} is not an origin (scheme://host[:port], no path) or *"),
+                ));
             }
         }
         for (metric, b) in &self.serve.metric_bounds {
@@ -346,6 +371,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.serve.admin_key.is_some() {
             shown.serve.admin_key = Some(REDACTED.into());
+        }
+        if shown.serve.read_key.is_some() {
+            shown.serve.read_key = Some(REDACTED.into());
         }
         toml::to_string_pretty(&shown)
             .map_err(|e| Error::Other(format!("cannot write the configuration as TOML: {e}")))

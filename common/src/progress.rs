@@ -34,6 +34,11 @@ impl Progress {
         }
     }
 
+    /// Units done so far.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
     /// Units per second so far.
     pub fn rate(&self) -> f64 {
         self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_common::batch_store;
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
 use strata_common::views::{Basis, Gran};
@@ -18,6 +18,9 @@ use crate::state::ServingState;
 use crate::{devices, query, recommend};
 
 type Params = HashMap<String, String>;
+
+/// The OpenAPI document of these routes.
+pub const OPENAPI: &str = include_str!("../assets/openapi.json");
 
 /// Longest path plus query string accepted, in bytes.
 pub const MAX_URL_BYTES: usize = 8 * 1024;
@@ -31,6 +34,81 @@ impl warp::reject::Reject for UrlTooLong {}
 #[derive(Debug)]
 struct BodyTooLarge(u64);
 impl warp::reject::Reject for BodyTooLarge {}
+
+#[derive(Debug)]
+struct NeedsReadKey;
+impl warp::reject::Reject for NeedsReadKey {}
+
+/// With `serve.read-key` set, the read routes (`/v1/*` but admin and the OpenAPI document) need
+/// `Authorization: Bearer <read key or admin key>`.
+fn read_key(state: Arc<ServingState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::full()
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(move |path: warp::path::FullPath, auth: Option<String>| {
+            let state = state.clone();
+            async move {
+                let p = path.as_str();
+                let guarded = p.starts_with("/v1/")
+                    && !p.starts_with("/v1/admin/")
+                    && p != "/v1/openapi.json";
+                let Some(key) = state.cfg.serve.read_key.as_deref().filter(|_| guarded) else {
+                    return Ok(());
+                };
+                let given = auth
+                    .as_deref()
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                let admin = state.cfg.serve.admin_key.as_deref();
+                if constant_time_eq(given.as_bytes(), key.as_bytes())
+                    | admin.is_some_and(|a| constant_time_eq(given.as_bytes(), a.as_bytes()))
+                {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(NeedsReadKey))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// Adds CORS headers for allowed origins, and answers their preflight requests.
+fn cors(
+    allowed: &[String],
+    headers: &HeaderMap,
+    method: &Method,
+    reply: impl Reply,
+) -> warp::reply::Response {
+    let origin = headers
+        .get("origin")
+        .and_then(|o| o.to_str().ok())
+        .filter(|o| allowed.iter().any(|a| a == "*" || a == o))
+        .and_then(|o| HeaderValue::from_str(o).ok());
+    let Some(origin) = origin else {
+        return reply.into_response();
+    };
+    let mut res =
+        if method == Method::OPTIONS && headers.contains_key("access-control-request-method") {
+            let mut r = warp::reply::Response::new(Vec::new().into());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            let h = r.headers_mut();
+            h.insert(
+                "access-control-allow-methods",
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                "access-control-allow-headers",
+                HeaderValue::from_static("authorization, content-type"),
+            );
+            h.insert("access-control-max-age", HeaderValue::from_static("600"));
+            r
+        } else {
+            reply.into_response()
+        };
+    let h = res.headers_mut();
+    h.insert("access-control-allow-origin", origin);
+    h.insert("vary", HeaderValue::from_static("Origin"));
+    res
+}
 
 /// Rejects, before any route runs, URLs longer than [`MAX_URL_BYTES`] and bodies declared
 /// larger than [`MAX_BODY_BYTES`].
@@ -60,6 +138,9 @@ fn limits() -> impl Filter<Extract = (), Error = Rejection> + Clone {
 pub fn routes(
     state: Arc<ServingState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let observer = state.clone();
+    let guard_state = state.clone();
+    let cors_origins = Arc::new(state.cfg.serve.cors_origins.clone());
     let st = warp::any().map(move || state.clone());
     let params = warp::query::<Params>();
 
@@ -176,6 +257,28 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
+    let admin_run = warp::path!("v1" / "admin" / "batch" / String)
+        .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(st.clone())
+        .and_then(
+            |id: String, auth: Option<String>, s: Arc<ServingState>| async move {
+                let r =
+                    authorize(&s, auth.as_deref()).and_then(|()| {
+                        match batch_store::read_run(&s.cfg.data_dir, &id)? {
+                            Some(run) => serde_json::to_value(run).map_err(ApiError::internal),
+                            None => Err(ApiError::not_found(format!("no batch run {id:?}"))),
+                        }
+                    });
+                Ok::<_, Infallible>(match r {
+                    Ok(v) => warp::reply::json(&v).into_response(),
+                    Err(e) => e.reply().into_response(),
+                })
+            },
+        );
+    let openapi = warp::path!("v1" / "openapi.json")
+        .and(warp::get())
+        .map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json"));
     let admin_views = warp::path!("v1" / "admin" / "views")
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
@@ -196,6 +299,20 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(st.clone())
+        .and_then(|s: Arc<ServingState>| async move {
+            let text = tokio::task::spawn_blocking(move || crate::metrics::render(&s))
+                .await
+                .unwrap_or_default();
+            Ok::<_, Infallible>(warp::reply::with_header(
+                text,
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            ))
+        });
+    let dashboard = crate::dashboard::route();
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})));
@@ -207,22 +324,39 @@ pub fn routes(
             Err(why) => ApiError::unavailable(why).reply().into_response(),
         });
 
-    limits()
+    let served = limits()
+        .and(read_key(guard_state))
         .and(
             item.or(top)
-        .or(trending)
-        .or(timeseries)
-        .or(item_recs)
-        .or(user_recs)
-        .or(fleet)
-        .or(device)
-        .or(status)
-        .or(admin_batch)
-        .or(admin_views)
-        .or(healthz)
-        .or(readyz))
-        .recover(rejection)
-        .with(warp::log::custom(|info| {
+                .or(trending)
+                .or(timeseries)
+                .or(item_recs)
+                .or(user_recs)
+                .or(fleet)
+                .or(device)
+                .or(status)
+                .or(admin_batch)
+                .or(admin_run)
+                .or(admin_views)
+                .or(openapi)
+                .or(metrics)
+                .or(healthz)
+                .or(readyz)
+                .or(dashboard),
+        )
+        .recover(rejection);
+    warp::header::headers_cloned()
+        .and(warp::method())
+        .and(served)
+        .map(move |headers: HeaderMap, method: Method, reply| {
+            cors(&cors_origins, &headers, &method, reply)
+        })
+        .with(warp::log::custom(move |info| {
+            observer.http_metrics.observe(
+                info.path(),
+                info.status().as_u16(),
+                info.elapsed().as_secs_f64(),
+            );
             tracing::debug!(method = %info.method(), path = info.path(), status = info.status().as_u16(), ms = info.elapsed().as_secs_f64() * 1e3, "request");
         }))
 }
@@ -317,7 +451,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn rejection(r: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let e = if let Some(UrlTooLong(n)) = r.find() {
+    let e = if r.find::<NeedsReadKey>().is_some() {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "read routes need Authorization: Bearer <read key> on this server",
+        )
+    } else if let Some(UrlTooLong(n)) = r.find() {
         ApiError::new(
             StatusCode::URI_TOO_LONG,
             "url_too_long",

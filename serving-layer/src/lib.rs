@@ -8,9 +8,11 @@
 //! [`api`] maps routes to queries and errors to JSON, [`server`] runs it over TCP.
 
 pub mod api;
+pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod insights;
+pub mod metrics;
 pub mod query;
 pub mod recommend;
 pub mod server;

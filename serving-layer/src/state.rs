@@ -33,6 +33,8 @@ pub struct ServingState {
     high_watermarks: RwLock<Option<Offsets>>,
     /// What the last probes of the broker found.
     broker: RwLock<BrokerHealth>,
+    /// Request counts and latencies per route.
+    pub http_metrics: crate::metrics::HttpMetrics,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -179,6 +181,7 @@ impl ServingState {
             follower,
             high_watermarks: RwLock::new(None),
             broker: RwLock::new(BrokerHealth::default()),
+            http_metrics: crate::metrics::HttpMetrics::default(),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");

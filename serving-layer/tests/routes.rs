@@ -13,6 +13,10 @@ use strata_serving::ServingState;
 const KEY: &str = "route-test-key";
 
 fn state(dir: &std::path::Path) -> Arc<ServingState> {
+    state_with(dir, |_| {})
+}
+
+fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<ServingState> {
     let mut views = ViewSet::default();
     for (item, purchases) in [("i1", 5), ("i2", 9), ("i3", 0)] {
         views.add(
@@ -42,6 +46,7 @@ fn state(dir: &std::path::Path) -> Arc<ServingState> {
         ..Config::default()
     };
     cfg.serve.admin_key = Some(KEY.into());
+    tune(&mut cfg);
     batch_store::publish(
         dir,
         &views,
@@ -280,4 +285,193 @@ async fn views_snapshot_is_for_admins_and_holds_every_key() {
         .entries
         .iter()
         .any(|(k, _)| *k == ViewKey::Device("d1".into())));
+}
+
+#[tokio::test]
+async fn openapi_lists_exactly_the_routes_and_every_one_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let (status, doc) = call(&s, "GET", "/v1/openapi.json", None).await;
+    assert_eq!(status, 200);
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("operations").keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let routes: std::collections::BTreeSet<(String, String)> = strata_serving::metrics::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(
+        documented, routes,
+        "the OpenAPI document and the routes differ"
+    );
+    for (method, template) in &routes {
+        let path = template
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let res = warp::test::request()
+            .method(method)
+            .path(&path)
+            .header("authorization", format!("Bearer {KEY}"))
+            .reply(&routes_of(&s))
+            .await;
+        let body = String::from_utf8_lossy(res.body()).to_string();
+        assert!(
+            !body.contains("no such route") && res.status().as_u16() != 405,
+            "{method} {path} is documented but not served: {} {body}",
+            res.status()
+        );
+    }
+}
+
+fn routes_of(
+    s: &Arc<ServingState>,
+) -> impl warp::Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
+    routes(s.clone())
+}
+
+#[tokio::test]
+async fn metrics_describe_the_layers_and_the_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    s.broker_probed(Ok(Offsets::from([(0, 10_000)])));
+    for path in ["/v1/items/i1", "/v1/items/i2", "/v1/items/nope", "/no/such"] {
+        call(&s, "GET", path, None).await;
+    }
+    let res = warp::test::request()
+        .path("/metrics")
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status().as_u16(), 200);
+    let text = String::from_utf8_lossy(res.body()).to_string();
+    for line in [
+        "strata_broker_up 1",
+        "strata_batch_events 35",
+        "strata_http_requests_total{route=\"/v1/items/{item}\",code=\"2xx\"} 2",
+        "strata_http_requests_total{route=\"/v1/items/{item}\",code=\"4xx\"} 1",
+        "strata_http_requests_total{route=\"other\",code=\"4xx\"} 1",
+        "strata_http_request_duration_seconds_count{route=\"/v1/items/{item}\"} 3",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(text.contains("# TYPE strata_http_request_duration_seconds histogram"));
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("strata_batch_versions_bytes ") && !l.ends_with(" 0")));
+}
+
+#[tokio::test]
+async fn batch_runs_are_tracked_by_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let auth = format!("Bearer {KEY}");
+    let (status, v) = call(&s, "POST", "/v1/admin/batch", Some(&auth)).await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["run_id"].as_str().expect("run id").to_string();
+    let (status, run) = call(&s, "GET", &format!("/v1/admin/batch/{id}"), Some(&auth)).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["state"], "requested");
+    assert_eq!(run["trigger"], "request");
+    assert!(run["requested_at"].is_string());
+    assert_eq!(
+        call(&s, "GET", &format!("/v1/admin/batch/{id}"), None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/admin/batch/run-0-0000", Some(&auth))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/admin/batch/..%2F..%2Fetc", Some(&auth))
+            .await
+            .0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_read_key_guards_the_read_routes_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state_with(dir.path(), |c| c.serve.read_key = Some("reader-key".into()));
+    let (status, v) = call(&s, "GET", "/v1/items/i2", None).await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(
+        call(&s, "GET", "/v1/items/i2", Some("Bearer wrong-key"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/items/i2", Some("Bearer reader-key"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&s, "GET", "/v1/items/i2", Some(&format!("Bearer {KEY}")))
+            .await
+            .0,
+        200,
+        "the admin key reads too"
+    );
+    for open in ["/healthz", "/v1/openapi.json"] {
+        assert_eq!(call(&s, "GET", open, None).await.0, 200, "{open}");
+    }
+    // The admin route still wants the admin key, not the read key.
+    assert_eq!(
+        call(&s, "POST", "/v1/admin/batch", Some("Bearer reader-key"))
+            .await
+            .0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn cors_headers_go_to_allowed_origins_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state_with(dir.path(), |c| {
+        c.serve.cors_origins = vec!["https://app.example.com".into()]
+    });
+    let get = |origin: &'static str| {
+        warp::test::request()
+            .path("/v1/items/i2")
+            .header("origin", origin)
+    };
+    let res = get("https://app.example.com")
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://app.example.com")
+    );
+    let res = get("https://evil.example.com")
+        .reply(&routes(s.clone()))
+        .await;
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let res = warp::test::request()
+        .method("OPTIONS")
+        .path("/v1/items/i2")
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status().as_u16(), 204);
+    let allow = res
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(allow.contains("authorization"), "{allow}");
 }

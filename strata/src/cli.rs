@@ -151,6 +151,13 @@ pub struct CommonArgs {
     /// Bearer key for the admin routes; empty for none [key: serve.admin-key].
     #[arg(long, env = "STRATA_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    /// Bearer key for the read routes; empty for none (open) [key: serve.read-key].
+    #[arg(long, env = "STRATA_READ_KEY", hide_env_values = true)]
+    pub read_key: Option<String>,
+    /// An origin allowed to call the API from a browser (CORS); repeat for more, `*` for any
+    /// [key: serve.cors-origins].
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
     /// Offsets per speed-layer block; batch cutoffs are multiples of it. Every layer sharing a
     /// data directory must use the same value [key: handoff.block-size, default: 10000].
     #[arg(long)]
@@ -229,6 +236,12 @@ impl CommonArgs {
         }
         if let Some(v) = &self.admin_key {
             c.serve.admin_key = Some(v.clone()).filter(|k| !k.is_empty());
+        }
+        if let Some(v) = &self.read_key {
+            c.serve.read_key = Some(v.clone()).filter(|k| !k.is_empty());
+        }
+        if !self.cors_origins.is_empty() {
+            c.serve.cors_origins = self.cors_origins.clone();
         }
         if let Some(v) = self.late_after {
             c.serve.late_after_secs = v.as_secs() as i64;

@@ -152,6 +152,23 @@ impl Drop for Proc {
     }
 }
 
+/// `[{"item", "count"}, ...]` as pairs, in order.
+pub fn item_counts(items: &Value) -> Vec<(String, u64)> {
+    items
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    (
+                        x["item"].as_str().unwrap_or("").to_string(),
+                        x["count"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The admin key the test layers run with.
 pub const ADMIN_KEY: &str = "test-admin-key";
 
@@ -297,14 +314,37 @@ fn http_status(addr: &str) -> Option<(u16, Value)> {
     Some((status, serde_json::from_str(&body).ok()?))
 }
 
-/// Asks for a batch run and waits until a version above `previous` is served.
+/// Asks for a batch run, follows it by its id (`GET /v1/admin/batch/{id}`: running with
+/// progress, then published), and waits until the version it published is served.
 pub fn run_batch(addr: &str, key: &str, previous: u64) -> Value {
     let auth = format!("Bearer {key}");
     let (status, body) = http(addr, "POST", "/v1/admin/batch", &[("Authorization", &auth)]);
     assert_eq!(status, 202, "{body}");
-    wait_for("a new batch version", Duration::from_secs(120), || {
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    let id = v["run_id"].as_str().expect("run_id").to_string();
+    let run = wait_for(
+        &format!("batch run {id} to finish"),
+        Duration::from_secs(120),
+        || {
+            let (s, body) = http(
+                addr,
+                "GET",
+                &format!("/v1/admin/batch/{id}"),
+                &[("Authorization", &auth)],
+            );
+            assert_eq!(s, 200, "{body}");
+            let run: Value = serde_json::from_str(&body).ok()?;
+            assert_ne!(run["state"], "failed", "{run}");
+            (run["state"] == "published").then_some(run)
+        },
+    );
+    let version = run["version"].as_u64().expect("published version");
+    assert!(version > previous, "{run}");
+    let progress = &run["progress"];
+    assert_eq!(progress["done"], progress["total"], "{run}");
+    wait_for("the new batch version", Duration::from_secs(30), || {
         let (_, v) = http_status(addr)?;
-        (v["batch"]["version"].as_u64()? > previous).then_some(v)
+        (v["batch"]["version"].as_u64()? >= version).then_some(v)
     })
 }
 
@@ -556,19 +596,7 @@ impl Truth {
                 .collect();
             expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             expected.truncate(limit);
-            let got: Vec<(String, u64)> = v["items"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| {
-                            (
-                                x["item"].as_str().unwrap_or("").to_string(),
-                                x["count"].as_u64().unwrap_or(0),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let got = item_counts(&v["items"]);
             if status != 200 || got != expected {
                 diffs.push(format!("top {kind}: expected {expected:?}, got {v}"));
             }
