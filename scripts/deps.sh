@@ -6,7 +6,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 need_apt=()
-for pkg in librocksdb-dev libclang-dev g++ make curl chromium; do
+for pkg in librocksdb-dev libclang-dev g++ make curl openssl chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 # Node.js drives Chromium in the dashboard test; a node from elsewhere (nodesource, nvm) will do.

@@ -101,6 +101,10 @@ pub struct ServeConfig {
     /// Origins allowed to call the API from a browser (CORS), e.g. `https://app.example.com`;
     /// `*` allows any. Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// PEM certificate chain: with `tls-key`, the API is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls-cert`.
+    pub tls_key: Option<PathBuf>,
     /// A device is `late` after this many seconds without an event.
     pub late_after_secs: i64,
     /// A device is `silent` after this many seconds without an event.
@@ -189,6 +193,8 @@ impl Default for ServeConfig {
             admin_key: None,
             read_key: None,
             cors_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
             late_after_secs: 120,
             silent_after_secs: 600,
             max_limit: 1_000,
@@ -271,6 +277,25 @@ impl Config {
         if let Some(k) = &self.serve.read_key {
             if k.len() < 8 {
                 return Err(bad("serve.read-key", "must be at least 8 characters"));
+            }
+        }
+        match (&self.serve.tls_cert, &self.serve.tls_key) {
+            (Some(_), None) => {
+                return Err(bad("serve.tls-key", "tls-cert is set but tls-key is not"))
+            }
+            (None, Some(_)) => {
+                return Err(bad("serve.tls-cert", "tls-key is set but tls-cert is not"))
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("serve.tls-cert", &self.serve.tls_cert),
+            ("serve.tls-key", &self.serve.tls_key),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return Err(bad(key, format!("{} is not a readable file", p.display())));
+                }
             }
         }
         for o in &self.serve.cors_origins {

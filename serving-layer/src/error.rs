@@ -14,6 +14,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {key}: {reason}")]
+    Tls { key: &'static str, reason: String },
 }
 
 /// `Result` with the serving layer's [`Error`] as the default error type.

@@ -158,6 +158,12 @@ pub struct CommonArgs {
     /// [key: serve.cors-origins].
     #[arg(long = "cors-origin")]
     pub cors_origins: Vec<String>,
+    /// PEM certificate chain for HTTPS (with --tls-key) [key: serve.tls-cert].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS [key: serve.tls-key].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Offsets per speed-layer block; batch cutoffs are multiples of it. Every layer sharing a
     /// data directory must use the same value [key: handoff.block-size, default: 10000].
     #[arg(long)]
@@ -242,6 +248,12 @@ impl CommonArgs {
         }
         if !self.cors_origins.is_empty() {
             c.serve.cors_origins = self.cors_origins.clone();
+        }
+        if let Some(v) = &self.tls_cert {
+            c.serve.tls_cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            c.serve.tls_key = Some(v.clone());
         }
         if let Some(v) = self.late_after {
             c.serve.late_after_secs = v.as_secs() as i64;

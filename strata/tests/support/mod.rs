@@ -293,9 +293,14 @@ pub fn wait_http(addr: &str) {
 
 /// Waits until the speed layer has consumed `messages` messages in all.
 pub fn wait_speed_offsets(addr: &str, messages: u64) -> Value {
+    wait_speed_offsets_for(addr, messages, Duration::from_secs(300))
+}
+
+/// [`wait_speed_offsets`] with a timeout of one's own.
+pub fn wait_speed_offsets_for(addr: &str, messages: u64, timeout: Duration) -> Value {
     wait_for(
         &format!("the speed layer to reach {messages} messages"),
-        Duration::from_secs(300),
+        timeout,
         || {
             let (s, v) = http_status(addr)?;
             let sum: u64 = v["speed"]["offsets"]

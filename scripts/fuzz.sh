@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs the cargo-fuzz targets under fuzz/ one at a time, one libFuzzer job each.
+#
+#   scripts/fuzz.sh [--seconds N] [TARGET...]     (default: 600 seconds; event_decode query_routes)
+#
+# Installs cargo-fuzz into $STRATA_CACHE/tools when missing; needs the nightly toolchain
+# (rustup toolchain install nightly). Builds into $STRATA_CACHE/fuzz-target. New inputs go to a
+# working corpus in $STRATA_CACHE/fuzz-corpus/<target>, seeded from fuzz/corpus/<target> and
+# fuzz/regressions/<target>, so the checked-in corpus stays small; logs go to
+# $STRATA_CACHE/fuzz-logs/<target>.log, crashes to fuzz/artifacts/<target>/.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+seconds=600
+targets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) [ $# -ge 2 ] || die "--seconds needs a value"; seconds="$2"; shift 2 ;;
+    --seconds=*) seconds="${1#--seconds=}"; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -*) die "unknown option $1" ;;
+    *) targets+=("$1"); shift ;;
+  esac
+done
+[[ "$seconds" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive whole number; got $seconds"
+[ ${#targets[@]} -gt 0 ] || targets=(event_decode query_routes)
+
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+cargo +nightly --version >/dev/null 2>&1 || die "no nightly toolchain: rustup toolchain install nightly"
+export PATH="$STRATA_CACHE/tools/bin:$PATH"
+if ! command -v cargo-fuzz >/dev/null; then
+  log "installing cargo-fuzz into $STRATA_CACHE/tools (once)"
+  cargo install cargo-fuzz --locked --root "$STRATA_CACHE/tools" --quiet
+fi
+
+export CARGO_TARGET_DIR="$STRATA_CACHE/fuzz-target"
+cd "$STRATA_ROOT"
+mkdir -p "$STRATA_CACHE/fuzz-logs"
+failed=()
+for t in "${targets[@]}"; do
+  [ -f "fuzz/fuzz_targets/$t.rs" ] || die "no fuzz target $t (see fuzz/fuzz_targets/)"
+  work="$STRATA_CACHE/fuzz-corpus/$t"
+  logf="$STRATA_CACHE/fuzz-logs/$t.log"
+  mkdir -p "$work" "fuzz/corpus/$t"
+  seeds=("fuzz/corpus/$t")
+  [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
+  log "$t: building and fuzzing for $seconds s (log: $logf)"
+  rc=0
+  cargo +nightly fuzz run "$t" "$work" "${seeds[@]}" -- -max_total_time="$seconds" >"$logf" 2>&1 || rc=$?
+  runs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\1/p' "$logf" | tail -1)"
+  secs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\2/p' "$logf" | tail -1)"
+  last="$(grep -E '^#[0-9]+' "$logf" | tail -1 || true)"
+  execs="$(sed -n 's/.*exec\/s: \([0-9]*\).*/\1/p' <<<"$last")"
+  cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
+  if [ "$rc" -eq 0 ]; then
+    printf '%s: %s executions in %s s (%s exec/s, cov %s), no crash\n' \
+      "$t" "${runs:-?}" "${secs:-?}" "${execs:-?}" "${cov:-?}"
+  else
+    artifact="$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$logf" | tail -1)"
+    runs="${last%%[^#0-9]*}"
+    runs="${runs#\#}"
+    why="$(grep -a -m1 -A1 'panicked at' "$logf" | tail -1 | cut -c1-300 || true)"
+    if [ -n "$runs" ]; then when="after $runs executions (${execs:-?} exec/s)"; else when="while loading the corpus"; fi
+    printf '%s: FAILED (exit %s) %s; reproducer: %s; see %s\n' \
+      "$t" "$rc" "$when" "${artifact:-none written (build error?)}" "$logf"
+    [ -z "$why" ] || printf '  %s\n' "$why"
+    failed+=("$t")
+  fi
+done
+[ ${#failed[@]} -eq 0 ] || die "fuzzing failed: ${failed[*]}"
