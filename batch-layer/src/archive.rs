@@ -140,9 +140,18 @@ pub fn run(
         }
         if last_log.elapsed() >= Duration::from_secs(5) {
             if archived_since_log > 0 {
+                let rate = archived_since_log as f64 / last_log.elapsed().as_secs_f64();
+                // Catching up to a known end (`batch --once`): how much is left, and when done.
+                let left: Option<i64> = until.as_ref().map(|u| {
+                    u.iter()
+                        .map(|(p, &end)| (end - next.get(p).copied().unwrap_or(0)).max(0))
+                        .sum()
+                });
                 tracing::info!(
-                    rate = format!("{:.0}/s", archived_since_log as f64 / last_log.elapsed().as_secs_f64()),
+                    rate = format!("{rate:.0}/s"),
                     archived = ?next,
+                    left,
+                    eta = left.map(|l| format!("{:.0}s", l as f64 / rate.max(1.0))),
                     rejected,
                     "archiver progress"
                 );
