@@ -1,0 +1,534 @@
+#!/usr/bin/env bash
+# Measures Strata side by side with bare peers, on a fresh local broker, and writes the figures.
+#
+#   scripts/bench.sh [--smoke] [--runs K] [--events N] [--fresh-rate R] [--fresh-secs S]
+#                    [--wrk-secs S] [--backlog B] [--only LIST] [--profile] [--out FILE]
+#
+#   ingest     N events (default 1,000,000; smoke 20,000) on a 4-partition topic, read to the end
+#              by a bare rdkafka consumer (`strata-bench consume`) and by `strata speed` on a fresh
+#              data dir (time until its stored offsets, seen through `strata serve`'s
+#              /v1/status, reach the end); K runs each, interleaved, medians (default 3; smoke 1)
+#   serving    wrk, 64 connections, 2 threads, S s (default 10; smoke 2), --latency, against
+#              `strata up` loaded with the ingest topic and one batch run, and against a bare warp
+#              hello-world server (`strata-bench hello`)
+#   freshness  `strata up` on a fresh topic: R events/s (default 5,000; smoke 500) for S s
+#              (default 30; smoke 3), each for a new item; 1 in 50 timed from produce to a 200
+#              answer, and to its arrival at a bare consumer reading the topic's end (the peer)
+#   recovery   (fresh broker) `strata speed` is killed with SIGKILL half-way through a head of B/10
+#              events, B more (default 1,000,000; smoke 20,000) are produced, and the restarted
+#              layer is timed until its stored offsets reach the end
+#
+#   --only ingest,serving,freshness,recovery  run some parts only
+#   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
+#   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
+#
+# Prints `name value unit` per figure on stdout (ratios have unit `ratio`), progress on stderr.
+# Exits non-zero only when something is broken (a step fails, or a correctness check does not
+# hold); the issue's goals are not checked here (see docs/PERFORMANCE.md).
+# The broker listens on a free port (STRATA_BENCH_BROKER_PORT to choose one); logs and data go to
+# a temporary directory, removed on success (kept on failure, or with STRATA_BENCH_KEEP=1).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$STRATA_ROOT"
+
+smoke=0 profile=0 only="ingest,serving,freshness,recovery"
+runs="" events="" fresh_rate="" fresh_secs="" wrk_secs="" backlog="" out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) smoke=1 ;;
+    --profile) profile=1 ;;
+    --runs) runs="${2:?--runs needs a value}"; shift ;;
+    --events) events="${2:?--events needs a value}"; shift ;;
+    --fresh-rate) fresh_rate="${2:?--fresh-rate needs a value}"; shift ;;
+    --fresh-secs) fresh_secs="${2:?--fresh-secs needs a value}"; shift ;;
+    --wrk-secs) wrk_secs="${2:?--wrk-secs needs a value}"; shift ;;
+    --backlog) backlog="${2:?--backlog needs a value}"; shift ;;
+    --only) only="${2:?--only needs a value}"; shift ;;
+    --out) out="${2:?--out needs a value}"; shift ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+if [ "$smoke" = 1 ]; then
+  : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${wrk_secs:=2}"
+  : "${backlog:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
+else
+  : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000}" "${fresh_secs:=30}" "${wrk_secs:=10}"
+  : "${backlog:=1000000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
+fi
+for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$wrk_secs" "$backlog"; do
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "$n is not a positive whole number"
+done
+wants() { [[ ",$only," == *",$1,"* ]]; }
+
+"$STRATA_ROOT/scripts/deps.sh"
+if wants serving && ! command -v wrk >/dev/null; then
+  log "installing wrk with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq wrk >/dev/null
+fi
+log "building strata and strata-bench (release)"
+cargo build --release --quiet -p strata -p strata-bench
+STRATA="$CARGO_TARGET_DIR/release/strata"
+BENCH="$CARGO_TARGET_DIR/release/strata-bench"
+
+started=$(date +%s)
+load_at_start="$(cut -d ' ' -f 1-3 /proc/loadavg)"
+work="$(mktemp -d -t strata-bench.XXXXXX)"
+results="$work/results.txt"
+: >"$results"
+failed_checks=0
+pids=()
+broker_dir=""
+broker_port="${STRATA_BENCH_BROKER_PORT:-$("$BENCH" free-port | sed -n 's/^port=//p')}"
+BROKERS="127.0.0.1:$broker_port"
+ADMIN_KEY="bench-admin-key"
+# Strata's processes log at info (progress lines are read below); the broker keeps its own
+# default level (at info, tansu logs every SQL statement and slows down many times over).
+unset RUST_LOG
+
+# --- helpers ---------------------------------------------------------------------------------
+
+now_ns() { date +%s%N; }
+val() { sed -n "s/^$1=//p" "$2" | head -n 1; }
+# Arithmetic on figures; anything involving a missing value (NaN) is `nan`.
+calc() { case "$1" in *[Nn]a[Nn]*) echo nan ;; *) awk "BEGIN { printf \"%.${2:-0}f\", $1 }" ;; esac; }
+ratio() {
+  case "$1 $2" in *[Nn]a[Nn]*) echo nan ;;
+    *) awk "BEGIN { if (($2) == 0) print \"nan\"; else printf \"%.3f\", ($1) / ($2) }" ;; esac
+}
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+join_by() { local IFS="$1"; shift; echo "$*"; }
+
+figure() { # name value unit [runs]
+  printf '%s %s %s\n' "$1" "$2" "$3"
+  echo "$*" >>"$results"
+}
+check() { # name ok|fail detail
+  local name="$1" outcome="$2"; shift 2
+  log "check $name: $outcome ($*)"
+  echo "check $name $outcome $*" >>"$results"
+  [ "$outcome" = ok ] || failed_checks=$((failed_checks + 1))
+}
+
+# Starts a process in the background, output to $work/NAME.log; its pid in $last_pid.
+spawn() {
+  local name="$1"; shift
+  env RUST_LOG=info "$@" >>"$work/$name.log" 2>&1 </dev/null &
+  last_pid=$!
+  pids+=("$last_pid")
+}
+forget() { local p keep=(); for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; pids=("${keep[@]}"); }
+# SIGTERM, then SIGKILL after 30 s.
+stop_pid() {
+  local pid="$1"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+}
+kill9() { kill -KILL "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; forget "$1"; }
+wait_http() { # url pid log
+  for _ in $(seq 1 600); do
+    curl -sf -o /dev/null "$1" && return 0
+    kill -0 "$2" 2>/dev/null || { tail -n 30 "$3" >&2; die "the process behind $1 exited"; }
+    sleep 0.1
+  done
+  die "$1 did not answer in 60 s"
+}
+free_port() { "$BENCH" free-port | sed -n 's/^port=//p'; }
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null; }
+# Waits (at most 10 minutes) until PID uses under a fifth of a core over a second, so that work
+# left over from one step (requests wrk gave up on, a batch run) does not load the next.
+settle() { # pid what
+  local hz t0 prev cur
+  hz=$(getconf CLK_TCK) t0=$(date +%s)
+  prev=$(cpu_ticks "$1") || return 0
+  while sleep 1; do
+    cur=$(cpu_ticks "$1") || return 0
+    [ $((cur - prev)) -le $((hz / 5)) ] && break
+    prev=$cur
+    [ $(($(date +%s) - t0)) -lt 600 ] || { log "$2 still busy after 600 s; going on"; break; }
+  done
+  [ $(($(date +%s) - t0)) -le 1 ] || log "$2 was busy for $(($(date +%s) - t0)) s before settling"
+}
+# Milliseconds of one request at a time: the median of 3, on an otherwise idle server.
+single_ms() { # url
+  local i times=()
+  for i in 1 2 3; do
+    times+=("$(curl -sf -o /dev/null -w '%{time_total}' "$1" || echo nan)")
+  done
+  calc "$(median "${times[@]}") * 1000" 1
+}
+
+start_broker() {
+  broker_dir="$work/broker-$1"
+  STRATA_BROKER_PORT="$broker_port" "$STRATA_ROOT/scripts/broker.sh" start "$broker_dir"
+}
+stop_broker() {
+  if [ -n "$broker_dir" ]; then
+    STRATA_BROKER_PORT="$broker_port" "$STRATA_ROOT/scripts/broker.sh" stop "$broker_dir" || true
+    rm -rf "$broker_dir"
+    broker_dir=""
+  fi
+}
+cleanup() {
+  local rc=$?
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  stop_broker
+  if [ "$rc" = 0 ] && [ -z "${STRATA_BENCH_KEEP:-}" ]; then
+    rm -rf "$work"
+  else
+    log "logs and data kept in $work"
+  fi
+}
+trap cleanup EXIT
+
+# Produces COUNT events with SEED to TOPIC (4 partitions); the rate in $produce_rate.
+produce() { # topic count seed
+  log "producing $2 events to $1 (seed $3)"
+  local t0; t0=$(now_ns)
+  RUST_LOG=info "$STRATA" generate --brokers "$BROKERS" --topic "$1" --partitions 4 --count "$2" --seed "$3" \
+    --malformed-rate 0 2>&1 | sed -u 's/^/  [generate] /' >&2
+  produce_rate=$(calc "$2 / (($(now_ns) - $t0) / 1e9)")
+}
+
+# Starts `strata serve` on DATA_DIR for TOPIC; its pid in $serve_pid, its address in $serve_addr.
+start_serve() { # name topic data_dir
+  serve_addr="127.0.0.1:$(free_port)"
+  spawn "$1" "$STRATA" serve --brokers "$BROKERS" --topic "$2" --data-dir "$3" --http "$serve_addr"
+  serve_pid=$last_pid
+  wait_http "http://$serve_addr/healthz" "$serve_pid" "$work/$1.log"
+}
+
+# wrk against URL (30 s request timeout, so that slow answers are measured rather than dropped);
+# sets $wrk_rps, $wrk_p99 (ms; nan when no request finished), $wrk_requests, $wrk_non2xx and
+# $wrk_socket_errors.
+run_wrk() { # name url
+  log "wrk: $2 for ${wrk_secs} s (64 connections, 2 threads)"
+  wrk -t2 -c64 -d"${wrk_secs}s" --timeout 30s --latency "$2" >"$work/wrk-$1.txt" 2>&1 ||
+    { cat "$work/wrk-$1.txt" >&2; die "wrk failed against $2"; }
+  wrk_rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk-$1.txt")
+  wrk_p99=$(awk '$1 == "99%" {
+      v = $2; n = v + 0
+      if (v ~ /us$/) n = n / 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n = n * 60000;
+      else if (v ~ /s$/) n = n * 1000
+      printf "%.3f", n }' "$work/wrk-$1.txt")
+  wrk_non2xx=$(awk '/Non-2xx or 3xx responses:/ { e += $NF } END { print e + 0 }' "$work/wrk-$1.txt")
+  wrk_socket_errors=$(awk '/Socket errors:/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) e += $i + 0 }
+      END { print e + 0 }' "$work/wrk-$1.txt")
+  [ -n "$wrk_rps" ] || { cat "$work/wrk-$1.txt" >&2; die "cannot read wrk's output"; }
+  # No request finished within the timeout: no latency distribution.
+  wrk_requests=$(awk '/ requests in / { print $1 }' "$work/wrk-$1.txt")
+  [ -n "$wrk_p99" ] && [ "${wrk_requests:-0}" != 0 ] || wrk_p99=nan
+  [ "$wrk_socket_errors" = 0 ] || log "wrk: $wrk_socket_errors socket errors against $2 ($(grep 'Socket errors' "$work/wrk-$1.txt"))"
+}
+
+# --- ingest ----------------------------------------------------------------------------------
+
+INGEST_TOPIC="bench-ingest"
+ingest_ready=0
+# Produces the ingest topic once per broker.
+ingest_topic() {
+  [ "$ingest_ready" = 1 ] && return 0
+  produce "$INGEST_TOPIC" "$events" 1
+  figure ingest.produce "$produce_rate" events/s
+  "$BENCH" end-offsets --brokers "$BROKERS" --topic "$INGEST_TOPIC" >"$work/ingest-ends.txt"
+  ingest_total=$(val total "$work/ingest-ends.txt")
+  if [ "$ingest_total" = "$events" ]; then
+    check ingest.topic ok "$ingest_total messages in $INGEST_TOPIC"
+  else
+    check ingest.topic fail "$ingest_total messages in $INGEST_TOPIC, $events produced"
+  fi
+  ingest_ready=1
+}
+
+# One `strata speed` run over the ingest topic on a fresh data dir; the rate in $speed_rate.
+speed_run() { # run-name
+  local dd="$work/$1-data" t0 spid
+  start_serve "$1-serve" "$INGEST_TOPIC" "$dd"
+  local cmd=("$STRATA" speed --brokers "$BROKERS" --topic "$INGEST_TOPIC" --data-dir "$dd")
+  # Profiled: perf runs the speed layer (cpu-clock samples, DWARF call graphs).
+  [ "${2:-}" = profile ] && cmd=(perf record -F 499 -g --call-graph dwarf,16384 -o "$work/perf.data" -- "${cmd[@]}")
+  t0=$(now_ns)
+  spawn "$1" "${cmd[@]}"
+  spid=$last_pid
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$INGEST_TOPIC" \
+    --started-at-ns "$t0" --pid "$spid" --label "$1" >"$work/$1.txt" ||
+    { tail -n 30 "$work/$1.log" >&2; die "$1 failed"; }
+  speed_rate=$(calc "$ingest_total / $(val secs "$work/$1.txt")")
+  local counted; counted=$(calc "$(val accepted "$work/$1.txt") + $(val rejected "$work/$1.txt")")
+  if [ "$counted" = "$ingest_total" ]; then
+    check "ingest.$1.counts" ok "accepted + rejected = $counted"
+  else
+    check "ingest.$1.counts" fail "accepted + rejected = $counted, topic holds $ingest_total"
+  fi
+  if [ "${2:-}" = profile ]; then
+    # Stop the speed layer (perf's child); perf writes its data and exits after it.
+    local child; child=$(pgrep -P "$spid" | head -n 1 || true)
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+    for _ in $(seq 1 600); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  stop_pid "$spid"
+  stop_pid "$serve_pid"
+  rm -rf "$dd"
+}
+
+bench_ingest() {
+  ingest_topic
+  local raw=() speed=() r t0
+  for r in $(seq 1 "$runs"); do
+    log "ingest run $r/$runs: raw consumer"
+    t0=$(now_ns)
+    "$BENCH" consume --brokers "$BROKERS" --topic "$INGEST_TOPIC" --started-at-ns "$t0" \
+      >"$work/raw-$r.txt" || die "the raw consumer failed"
+    raw+=("$(calc "$(val rate "$work/raw-$r.txt")")")
+    log "ingest run $r/$runs: raw consumer ${raw[-1]} msgs/s"
+    log "ingest run $r/$runs: strata speed"
+    speed_run "speed-$r"
+    speed+=("$speed_rate")
+    log "ingest run $r/$runs: strata speed $speed_rate events/s"
+  done
+  local raw_m speed_m
+  raw_m=$(median "${raw[@]}")
+  speed_m=$(median "${speed[@]}")
+  figure ingest.raw_consume "$(calc "$raw_m")" msgs/s "$(join_by , "${raw[@]}")"
+  figure ingest.speed "$(calc "$speed_m")" events/s "$(join_by , "${speed[@]}")"
+  figure ingest.speed_vs_raw "$(ratio "$speed_m" "$raw_m")" ratio
+  if [ "$profile" = 1 ]; then
+    command -v perf >/dev/null || die "--profile needs perf (Debian: linux-perf)"
+    log "profiling one more (unmeasured) speed run with perf record"
+    speed_run speed-profile profile
+    local report="${out%.json}-perf.txt"
+    mkdir -p "$(dirname "$report")"
+    {
+      echo "== perf record -F 499 -g --call-graph dwarf -- strata speed, $ingest_total events"
+      echo "== samples by thread"
+      perf report -i "$work/perf.data" --no-children --stdio --sort comm --percent-limit 0.5 -g none
+      echo "== self time by symbol"
+      perf report -i "$work/perf.data" --no-children --stdio --sort sym --percent-limit 0.5 -g none
+      echo "== inclusive time by symbol"
+      perf report -i "$work/perf.data" --children --stdio --sort sym --percent-limit 2 -g none
+    } 2>/dev/null | grep -v -e '^#' -e '^$' >"$report" || true
+    log "perf report: $report"
+  fi
+}
+
+# --- serving (a loaded `strata up`) -------------------------------------------------------------
+
+bench_serving() {
+  ingest_topic
+  local dd="$work/up-data" addr upid
+  addr="127.0.0.1:$(free_port)"
+  spawn up "$STRATA" up --brokers "$BROKERS" --topic "$INGEST_TOPIC" --data-dir "$dd" \
+    --http "$addr" --admin-key "$ADMIN_KEY" --partitions 4
+  upid=$last_pid
+  wait_http "http://$addr/healthz" "$upid" "$work/up.log"
+  log "strata up: loading $ingest_total events"
+  "$BENCH" watch --url "http://$addr" --brokers "$BROKERS" --topic "$INGEST_TOPIC" --pid "$upid" \
+    --label "up load" >"$work/up-load.txt" || { tail -n 30 "$work/up.log" >&2; die "strata up failed"; }
+  log "strata up: waiting for the archiver to reach the end"
+  "$BENCH" wait-group --brokers "$BROKERS" --topic "$INGEST_TOPIC" \
+    --group "strata.$INGEST_TOPIC.archive" >"$work/up-archive.txt" ||
+    { tail -n 30 "$work/up.log" >&2; die "the archiver did not reach the end"; }
+  log "strata up: batch run"
+  "$BENCH" batch --url "http://$addr" --admin-key "$ADMIN_KEY" >"$work/up-batch.txt" ||
+    { tail -n 30 "$work/up.log" >&2; die "the batch run failed"; }
+  for _ in $(seq 1 100); do
+    curl -sf "http://$addr/v1/status" | grep -q '"batch":{' && break
+    sleep 0.1
+  done
+  log "strata up: batch version $(val version "$work/up-batch.txt") over $(val events "$work/up-batch.txt") events in $(calc "$(val secs "$work/up-batch.txt")" 1) s"
+
+  local hello_addr hpid
+  hello_addr="127.0.0.1:$(free_port)"
+  spawn hello "$BENCH" hello --addr "$hello_addr"
+  hpid=$last_pid
+  wait_http "http://$hello_addr/" "$hpid" "$work/hello.log"
+  settle "$upid" "strata up"
+  figure serving.hello.single "$(single_ms "http://$hello_addr/")" ms
+  run_wrk hello "http://$hello_addr/"
+  stop_pid "$hpid"
+  local hello_rps="$wrk_rps" hello_p99="$wrk_p99"
+  figure serving.hello.rps "$(calc "$hello_rps")" req/s
+  figure serving.hello.p99 "$hello_p99" ms
+  [ "$wrk_non2xx" = 0 ] || check serving.hello.answers fail "$wrk_non2xx non-2xx answers"
+  local spec name path
+  for spec in "items=/v1/items/i1" "top_items=/v1/insights/top-items?window=24h" \
+              "user_recs=/v1/recommendations/users/u1"; do
+    name="${spec%%=*}" path="${spec#*=}"
+    curl -sf -o /dev/null "http://$addr$path" || die "GET $path does not answer 200"
+    settle "$upid" "strata up"
+    figure "serving.$name.single" "$(single_ms "http://$addr$path")" ms
+    run_wrk "$name" "http://$addr$path"
+    figure "serving.$name.requests" "$wrk_requests" count
+    figure "serving.$name.rps" "$(calc "$wrk_rps")" req/s
+    figure "serving.$name.p99" "$wrk_p99" ms
+    figure "serving.$name.rps_vs_hello" "$(ratio "$wrk_rps" "$hello_rps")" ratio
+    figure "serving.$name.p99_vs_hello" "$(ratio "$wrk_p99" "$hello_p99")" ratio
+    figure "serving.$name.socket_errors" "$wrk_socket_errors" count
+    if [ "$wrk_non2xx" = 0 ] && curl -sf -o /dev/null "http://$addr$path"; then
+      check "serving.$name.answers" ok "every answer 2xx"
+    else
+      check "serving.$name.answers" fail "$wrk_non2xx non-2xx answers"
+    fi
+  done
+
+  stop_pid "$upid"
+}
+
+# --- freshness (`strata up` on a topic of its own) ----------------------------------------------
+
+# On the loaded ingest topic, the local broker (tansu on SQLite) itself falls behind: producing to
+# partitions that already hold 250,000 messages each, while three consumers read their ends, its
+# acknowledgements take seconds (and the bare consumer sees the same delays). So the probe writes
+# to a fresh topic, where the broker answers in milliseconds and Strata's share can be seen.
+FRESH_TOPIC="bench-fresh"
+bench_freshness() {
+  local dd="$work/fresh-data" addr upid
+  addr="127.0.0.1:$(free_port)"
+  spawn fresh-up "$STRATA" up --brokers "$BROKERS" --topic "$FRESH_TOPIC" --data-dir "$dd" \
+    --http "$addr" --admin-key "$ADMIN_KEY" --partitions 4
+  upid=$last_pid
+  wait_http "http://$addr/healthz" "$upid" "$work/fresh-up.log"
+  settle "$upid" "strata up"
+  "$BENCH" freshness --brokers "$BROKERS" --topic "$FRESH_TOPIC" --url "http://$addr" \
+    --rate "$fresh_rate" --secs "$fresh_secs" --patience-secs 60 >"$work/freshness.txt" ||
+    { tail -n 30 "$work/fresh-up.log" >&2; die "the freshness probe failed"; }
+  local f="$work/freshness.txt"
+  figure freshness.p50 "$(calc "$(val p50_ms "$f")" 1)" ms
+  figure freshness.p90 "$(calc "$(val p90_ms "$f")" 1)" ms
+  figure freshness.p99 "$(calc "$(val p99_ms "$f")" 1)" ms
+  figure freshness.max "$(calc "$(val max_ms "$f")" 1)" ms
+  figure freshness.rate_sent "$(calc "$(val rate_sent "$f")")" events/s
+  figure freshness.rate_acked "$(calc "$(val rate_acked "$f")")" events/s
+  figure freshness.raw_p50 "$(calc "$(val raw_p50_ms "$f")" 1)" ms
+  figure freshness.raw_p99 "$(calc "$(val raw_p99_ms "$f")" 1)" ms
+  figure freshness.p50_vs_raw "$(ratio "$(val p50_ms "$f")" "$(val raw_p50_ms "$f")")" ratio
+  figure freshness.p99_vs_raw "$(ratio "$(val p99_ms "$f")" "$(val raw_p99_ms "$f")")" ratio
+  figure freshness.ack_p50 "$(calc "$(val ack_p50_ms "$f")" 1)" ms
+  figure freshness.ack_p99 "$(calc "$(val ack_p99_ms "$f")" 1)" ms
+  figure freshness.probes "$(val probes "$f")" count
+  local timeouts failed
+  timeouts=$(val timeouts "$f") failed=$(val failed_sends "$f")
+  figure freshness.timeouts "$timeouts" count
+  if [ "$failed" = 0 ]; then
+    check freshness.sends ok "every event accepted by the producer"
+  else
+    check freshness.sends fail "$failed sends failed"
+  fi
+  # Not visible within 60 s: a figure at full load; broken at the smoke run's trickle.
+  if [ "$timeouts" = 0 ]; then
+    check freshness.visible ok "every one of $(val probes "$f") probes became visible"
+  elif [ "$smoke" = 1 ]; then
+    check freshness.visible fail "$timeouts of $(val probes "$f") probes not visible after 60 s"
+  else
+    log "freshness: $timeouts of $(val probes "$f") probes not visible after 60 s"
+  fi
+  stop_pid "$upid"
+}
+
+# --- recovery --------------------------------------------------------------------------------
+
+bench_recovery() {
+  local topic="bench-recovery" dd="$work/recovery-data" head=$((backlog / 10)) t0 spid
+  [ "$head" -ge 2 ] || head=2
+  produce "$topic" "$head" 1
+  start_serve recovery-serve "$topic" "$dd"
+  spawn recovery-speed "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$dd"
+  spid=$last_pid
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$topic" \
+    --until-sum $((head / 2)) --poll-ms 5 --pid "$spid" --label "recovery head" \
+    >"$work/recovery-head.txt" || { tail -n 30 "$work/recovery-speed.log" >&2; die "speed failed"; }
+  kill9 "$spid"
+  sleep 0.5
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$topic" --until-sum 0 \
+    --label "recovery stored" >"$work/recovery-stored.txt"
+  local stored; stored=$(val sum "$work/recovery-stored.txt")
+  log "recovery: strata speed killed (SIGKILL) with offsets $(val offsets "$work/recovery-stored.txt") stored"
+  produce "$topic" "$backlog" 2
+  "$BENCH" end-offsets --brokers "$BROKERS" --topic "$topic" >"$work/recovery-ends.txt"
+  local total; total=$(val total "$work/recovery-ends.txt")
+  local pending=$((total - ${stored%.*}))
+  log "recovery: restarting strata speed with $pending events pending"
+  t0=$(now_ns)
+  spawn recovery-restart "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$dd"
+  spid=$last_pid
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$topic" \
+    --started-at-ns "$t0" --pid "$spid" --label "recovery" >"$work/recovery.txt" ||
+    { tail -n 30 "$work/recovery-restart.log" >&2; die "the restarted speed layer failed"; }
+  local r="$work/recovery.txt" secs
+  secs=$(val secs "$r")
+  figure recovery.catchup "$(calc "$secs" 3)" s
+  figure recovery.backlog "$pending" events
+  figure recovery.stored_at_kill "${stored%.*}" events
+  figure recovery.catchup_rate "$(calc "$pending / $secs")" events/s
+  # Resumed, not rebuilt: the stored offsets never went back below those at the kill...
+  local lowest; lowest=$(val min_sum "$r")
+  if [ "${stored%.*}" -gt 0 ] && [ "${lowest%.*}" -ge "${stored%.*}" ]; then
+    check recovery.resumed ok "stored offsets never below the $stored at the kill (lowest seen $lowest)"
+  else
+    check recovery.resumed fail "stored $stored at the kill, lowest seen after the restart $lowest"
+  fi
+  # ...and the restarted process's first progress line (after 5 s) has every offset past 0.
+  local line=""
+  for _ in $(seq 1 100); do
+    line=$(grep -m 1 'speed layer progress' "$work/recovery-restart.log" || true)
+    [ -n "$line" ] && break
+    sleep 0.1
+  done
+  local offsets; offsets=$(sed -n 's/.*offsets=\({[^}]*}\).*/\1/p' <<<"$line")
+  if [ -n "$offsets" ] && ! grep -qE '(^|[{ ,])[0-9]+: 0([,}])' <<<"$offsets"; then
+    check recovery.first_progress ok "first progress line after the restart: offsets=$offsets"
+  else
+    check recovery.first_progress fail "first progress line after the restart: ${line:-none}"
+  fi
+  local counted; counted=$(calc "$(val accepted "$r") + $(val rejected "$r")")
+  if [ "$counted" = "$total" ]; then
+    check recovery.counts ok "accepted + rejected = $counted = messages in the topic"
+  else
+    check recovery.counts fail "accepted + rejected = $counted, topic holds $total"
+  fi
+  stop_pid "$spid"
+  stop_pid "$serve_pid"
+}
+
+# --- the run ---------------------------------------------------------------------------------
+
+mode=full; [ "$smoke" = 1 ] && mode=smoke
+log "bench ($mode): work dir $work, broker 127.0.0.1:$broker_port"
+if wants ingest || wants serving || wants freshness; then
+  start_broker main
+  if wants ingest; then bench_ingest; fi
+  if wants serving; then bench_serving; fi
+  if wants freshness; then bench_freshness; fi
+  stop_broker
+fi
+if wants recovery; then
+  start_broker recovery
+  bench_recovery
+  stop_broker
+fi
+
+"$BENCH" report --lines "$results" --out "$out" \
+  --meta "mode=$mode" --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+  --meta "commit=$(git -C "$STRATA_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --meta "cpus=$(nproc)" \
+  --meta "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" \
+  --meta "load_at_start=$load_at_start" --meta "load_at_end=$(cut -d ' ' -f 1-3 /proc/loadavg)" \
+  --meta "events=$events" --meta "runs=$runs" --meta "fresh_rate=$fresh_rate" \
+  --meta "fresh_secs=$fresh_secs" --meta "wrk_secs=$wrk_secs" --meta "backlog=$backlog" \
+  --meta "freshness_topic=$FRESH_TOPIC (empty when the probe starts)" \
+  --meta "broker=tansu $TANSU_VERSION (SQLite)" --meta "wrk=$(wrk -v 2>&1 | head -n 1 || true)"
+log "results: $out"
+log "bench ($mode) finished in $(( $(date +%s) - started ))s"
+[ "$failed_checks" = 0 ] || die "$failed_checks correctness checks failed (see above)"
