@@ -2,7 +2,8 @@
 # Measures Strata side by side with bare peers, on a fresh local broker, and writes the figures.
 #
 #   scripts/bench.sh [--smoke] [--runs K] [--events N] [--fresh-rate R] [--fresh-secs S]
-#                    [--wrk-secs S] [--backlog B] [--only LIST] [--profile] [--out FILE]
+#                    [--fresh-sample K] [--wrk-secs S] [--backlog B] [--only LIST] [--profile]
+#                    [--out FILE]
 #
 #   ingest     N events (default 1,000,000; smoke 20,000) on a 4-partition topic, read to the end
 #              by a bare rdkafka consumer (`strata-bench consume`) and by `strata speed` on a fresh
@@ -11,9 +12,10 @@
 #   serving    wrk, 64 connections, 2 threads, S s (default 10; smoke 2), --latency, against
 #              `strata up` loaded with the ingest topic and one batch run, and against a bare warp
 #              hello-world server (`strata-bench hello`)
-#   freshness  `strata up` on a fresh topic: R events/s (default 5,000; smoke 500) for S s
-#              (default 30; smoke 3), each for a new item; 1 in 50 timed from produce to a 200
-#              answer, and to its arrival at a bare consumer reading the topic's end (the peer)
+#   freshness  then, with the same `strata up`: R events/s (default 5,000; smoke 500) for S s
+#              (default 30; smoke 3), each for a new item; 1 in K (--fresh-sample, default 250;
+#              smoke 50) timed from produce to a 200 answer (polled every 5 ms, or a tenth of its
+#              age when longer), and to its arrival at a bare consumer reading the topic's end
 #   recovery   (fresh broker) `strata speed` is killed with SIGKILL half-way through a head of B/10
 #              events, B more (default 1,000,000; smoke 20,000) are produced, and the restarted
 #              layer is timed until its stored offsets reach the end
@@ -32,7 +34,7 @@ set -euo pipefail
 cd "$STRATA_ROOT"
 
 smoke=0 profile=0 only="ingest,serving,freshness,recovery"
-runs="" events="" fresh_rate="" fresh_secs="" wrk_secs="" backlog="" out=""
+runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --events) events="${2:?--events needs a value}"; shift ;;
     --fresh-rate) fresh_rate="${2:?--fresh-rate needs a value}"; shift ;;
     --fresh-secs) fresh_secs="${2:?--fresh-secs needs a value}"; shift ;;
+    --fresh-sample) fresh_sample="${2:?--fresh-sample needs a value}"; shift ;;
     --wrk-secs) wrk_secs="${2:?--wrk-secs needs a value}"; shift ;;
     --backlog) backlog="${2:?--backlog needs a value}"; shift ;;
     --only) only="${2:?--only needs a value}"; shift ;;
@@ -51,13 +54,15 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ "$smoke" = 1 ]; then
-  : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${wrk_secs:=2}"
+  : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${fresh_sample:=50}"
+  : "${wrk_secs:=2}"
   : "${backlog:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
 else
-  : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000}" "${fresh_secs:=30}" "${wrk_secs:=10}"
+  : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000}" "${fresh_secs:=30}" "${fresh_sample:=250}"
+  : "${wrk_secs:=10}"
   : "${backlog:=1000000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
 fi
-for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$wrk_secs" "$backlog"; do
+for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "$n is not a positive whole number"
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -107,6 +112,8 @@ figure() { # name value unit [runs]
   printf '%s %s %s\n' "$1" "$2" "$3"
   echo "$*" >>"$results"
 }
+# The machine's 1-minute load average as a step starts (the machine may be shared).
+note_load() { figure "load.$1" "$(cut -d ' ' -f 1 /proc/loadavg)" loadavg; }
 check() { # name ok|fail detail
   local name="$1" outcome="$2"; shift 2
   log "check $name: $outcome ($*)"
@@ -285,6 +292,7 @@ speed_run() { # run-name
 
 bench_ingest() {
   ingest_topic
+  note_load ingest
   local raw=() speed=() r t0
   for r in $(seq 1 "$runs"); do
     log "ingest run $r/$runs: raw consumer"
@@ -323,9 +331,9 @@ bench_ingest() {
   fi
 }
 
-# --- serving (a loaded `strata up`) -------------------------------------------------------------
+# --- serving and freshness (one loaded `strata up`) --------------------------------------------
 
-bench_serving() {
+bench_up() {
   ingest_topic
   local dd="$work/up-data" addr upid
   addr="127.0.0.1:$(free_port)"
@@ -348,13 +356,19 @@ bench_serving() {
     sleep 0.1
   done
   log "strata up: batch version $(val version "$work/up-batch.txt") over $(val events "$work/up-batch.txt") events in $(calc "$(val secs "$work/up-batch.txt")" 1) s"
+  if wants serving; then bench_serving "$addr" "$upid"; fi
+  if wants freshness; then bench_freshness "$addr" "$upid"; fi
+  stop_pid "$upid"
+}
 
-  local hello_addr hpid
+bench_serving() { # address pid (of the loaded `strata up`)
+  local addr="$1" upid="$2" hello_addr hpid
   hello_addr="127.0.0.1:$(free_port)"
   spawn hello "$BENCH" hello --addr "$hello_addr"
   hpid=$last_pid
   wait_http "http://$hello_addr/" "$hpid" "$work/hello.log"
   settle "$upid" "strata up"
+  note_load serving
   figure serving.hello.single "$(single_ms "http://$hello_addr/")" ms
   run_wrk hello "http://$hello_addr/"
   stop_pid "$hpid"
@@ -382,28 +396,16 @@ bench_serving() {
       check "serving.$name.answers" fail "$wrk_non2xx non-2xx answers"
     fi
   done
-
-  stop_pid "$upid"
 }
 
-# --- freshness (`strata up` on a topic of its own) ----------------------------------------------
-
-# On the loaded ingest topic, the local broker (tansu on SQLite) itself falls behind: producing to
-# partitions that already hold 250,000 messages each, while three consumers read their ends, its
-# acknowledgements take seconds (and the bare consumer sees the same delays). So the probe writes
-# to a fresh topic, where the broker answers in milliseconds and Strata's share can be seen.
-FRESH_TOPIC="bench-fresh"
-bench_freshness() {
-  local dd="$work/fresh-data" addr upid
-  addr="127.0.0.1:$(free_port)"
-  spawn fresh-up "$STRATA" up --brokers "$BROKERS" --topic "$FRESH_TOPIC" --data-dir "$dd" \
-    --http "$addr" --admin-key "$ADMIN_KEY" --partitions 4
-  upid=$last_pid
-  wait_http "http://$addr/healthz" "$upid" "$work/fresh-up.log"
+bench_freshness() { # address pid (of the loaded `strata up`)
+  local addr="$1" upid="$2"
   settle "$upid" "strata up"
-  "$BENCH" freshness --brokers "$BROKERS" --topic "$FRESH_TOPIC" --url "http://$addr" \
-    --rate "$fresh_rate" --secs "$fresh_secs" --patience-secs 60 >"$work/freshness.txt" ||
-    { tail -n 30 "$work/fresh-up.log" >&2; die "the freshness probe failed"; }
+  note_load freshness
+  "$BENCH" freshness --brokers "$BROKERS" --topic "$INGEST_TOPIC" --url "http://$addr" \
+    --rate "$fresh_rate" --secs "$fresh_secs" --sample "$fresh_sample" --patience-secs 60 \
+    >"$work/freshness.txt" ||
+    { tail -n 30 "$work/up.log" >&2; die "the freshness probe failed"; }
   local f="$work/freshness.txt"
   figure freshness.p50 "$(calc "$(val p50_ms "$f")" 1)" ms
   figure freshness.p90 "$(calc "$(val p90_ms "$f")" 1)" ms
@@ -418,6 +420,7 @@ bench_freshness() {
   figure freshness.ack_p50 "$(calc "$(val ack_p50_ms "$f")" 1)" ms
   figure freshness.ack_p99 "$(calc "$(val ack_p99_ms "$f")" 1)" ms
   figure freshness.probes "$(val probes "$f")" count
+  figure freshness.probe_requests "$(calc "$(val probe_requests_per_sec "$f")")" req/s
   local timeouts failed
   timeouts=$(val timeouts "$f") failed=$(val failed_sends "$f")
   figure freshness.timeouts "$timeouts" count
@@ -434,7 +437,6 @@ bench_freshness() {
   else
     log "freshness: $timeouts of $(val probes "$f") probes not visible after 60 s"
   fi
-  stop_pid "$upid"
 }
 
 # --- recovery --------------------------------------------------------------------------------
@@ -443,6 +445,7 @@ bench_recovery() {
   local topic="bench-recovery" dd="$work/recovery-data" head=$((backlog / 10)) t0 spid
   [ "$head" -ge 2 ] || head=2
   produce "$topic" "$head" 1
+  note_load recovery
   start_serve recovery-serve "$topic" "$dd"
   spawn recovery-speed "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$dd"
   spid=$last_pid
@@ -509,8 +512,7 @@ log "bench ($mode): work dir $work, broker 127.0.0.1:$broker_port"
 if wants ingest || wants serving || wants freshness; then
   start_broker main
   if wants ingest; then bench_ingest; fi
-  if wants serving; then bench_serving; fi
-  if wants freshness; then bench_freshness; fi
+  if wants serving || wants freshness; then bench_up; fi
   stop_broker
 fi
 if wants recovery; then
@@ -526,8 +528,7 @@ fi
   --meta "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" \
   --meta "load_at_start=$load_at_start" --meta "load_at_end=$(cut -d ' ' -f 1-3 /proc/loadavg)" \
   --meta "events=$events" --meta "runs=$runs" --meta "fresh_rate=$fresh_rate" \
-  --meta "fresh_secs=$fresh_secs" --meta "wrk_secs=$wrk_secs" --meta "backlog=$backlog" \
-  --meta "freshness_topic=$FRESH_TOPIC (empty when the probe starts)" \
+  --meta "fresh_secs=$fresh_secs" --meta "fresh_sample=$fresh_sample" --meta "wrk_secs=$wrk_secs" --meta "backlog=$backlog" \
   --meta "broker=tansu $TANSU_VERSION (SQLite)" --meta "wrk=$(wrk -v 2>&1 | head -n 1 || true)"
 log "results: $out"
 log "bench ($mode) finished in $(( $(date +%s) - started ))s"

@@ -4,7 +4,7 @@
 //! arrives, on the same clock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,9 @@ pub struct FreshArgs {
     pub secs: u64,
     /// One event in `sample` is probed.
     pub sample: u64,
+    /// The shortest wait between two polls of one probe; a probe waits a tenth of its age if
+    /// that is longer, so that slow answers do not multiply the requests (each measurement is
+    /// within 10 % or `poll` of the truth, whichever is more).
     pub poll: Duration,
     /// A probe not visible after this long counts as a timeout.
     pub patience: Duration,
@@ -130,6 +133,7 @@ pub async fn run(args: FreshArgs, out: &mut Out) -> Result<()> {
         let (brokers, topic) = (args.brokers.clone(), args.topic.clone());
         tokio::task::spawn_blocking(move || crate::kafka::end_offsets(&brokers, &topic)).await??
     };
+    let requests = Arc::new(AtomicU64::new(0));
     let peer = Arc::new(Mutex::new(PeerState::default()));
     let stop_peer = Arc::new(AtomicBool::new(false));
     let peer_thread = peer_consumer(
@@ -189,6 +193,7 @@ pub async fn run(args: FreshArgs, out: &mut Out) -> Result<()> {
             if let (Some(delivery), true) = (delivery, probe) {
                 let pool = pool.clone();
                 let (url, poll, patience) = (args.url.clone(), args.poll, args.patience);
+                let requests = requests.clone();
                 probes.push(tokio::spawn(async move {
                     let ack = async {
                         match delivery.await {
@@ -200,6 +205,7 @@ pub async fn run(args: FreshArgs, out: &mut Out) -> Result<()> {
                         let path = format!("/v1/items/{item}");
                         let mut client = take(&pool, &url);
                         let seen = loop {
+                            requests.fetch_add(1, Ordering::Relaxed);
                             if let Ok(r) = client.get(&path).await {
                                 if r.status == 200 {
                                     break Some(t0.elapsed().as_secs_f64() * 1e3);
@@ -208,7 +214,7 @@ pub async fn run(args: FreshArgs, out: &mut Out) -> Result<()> {
                             if t0.elapsed() >= patience {
                                 break None;
                             }
-                            tokio::time::sleep(poll).await;
+                            tokio::time::sleep(poll.max(t0.elapsed() / 10)).await;
                         };
                         give(&pool, client);
                         seen
@@ -281,6 +287,12 @@ pub async fn run(args: FreshArgs, out: &mut Out) -> Result<()> {
     out.num("raw_p50_ms", percentile(&raw, 0.50));
     out.num("raw_p99_ms", percentile(&raw, 0.99));
     out.num("poll_ms", args.poll.as_secs_f64() * 1e3);
+    let probe_secs = started.elapsed().as_secs_f64();
+    out.num("probe_requests", requests.load(Ordering::Relaxed) as f64);
+    out.num(
+        "probe_requests_per_sec",
+        requests.load(Ordering::Relaxed) as f64 / probe_secs,
+    );
     Ok(())
 }
 

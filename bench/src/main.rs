@@ -94,10 +94,12 @@ enum Cmd {
         /// Seconds of producing.
         #[arg(long, default_value_t = 30)]
         secs: u64,
-        /// Probe one event in this many.
-        #[arg(long, default_value_t = 50)]
+        /// Probe one event in this many (each probe polls the serving layer: keep the polling
+        /// small next to what is measured).
+        #[arg(long, default_value_t = 250)]
         sample: u64,
-        /// Milliseconds between polls of one probe (the resolution of each measurement).
+        /// Shortest wait between polls of one probe, in ms (a probe waits a tenth of its age
+        /// when that is longer): each measurement is within this or 10 % of the truth.
         #[arg(long, default_value_t = 5)]
         poll_ms: u64,
         /// Seconds after which a probe not visible yet counts as a timeout.
