@@ -9,6 +9,7 @@
 //! atomic step. [`run`] schedules the two.
 
 pub mod archive;
+pub mod columnar;
 pub mod error;
 pub mod recompute;
 pub mod run;

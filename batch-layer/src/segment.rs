@@ -2,23 +2,27 @@
 //! each.
 //!
 //! ```text
-//! <data>/master/p00003/00000000000000012000-00000000000000014875.jsonl
+//! <data>/master/p00003/00000000000000012000-00000000000000014875.parquet
 //! ```
 //!
 //! The name holds the partition and the offset range `[start, end)` the segment covers (rejected
-//! messages inside the range are simply absent). Each line is the event's wire JSON plus
-//! `"_offset"`, so DuckDB or Spark read the dataset as it is. A segment is written to a temporary
-//! name, fsynced, then renamed into place: it either exists whole or not at all.
+//! messages inside the range are simply absent). Each segment is a Parquet file, one row per
+//! event with its `_offset` ([`crate::columnar`] has the schema), so DuckDB, Spark or pandas read
+//! the dataset as it is (`read_parquet('<data>/master/*/*.parquet')`). Segments written as JSON
+//! lines (`.jsonl`, the wire JSON plus `"_offset"`) by earlier versions are still read. A segment
+//! is written to a temporary name, fsynced, then renamed into place: it either exists whole or
+//! not at all.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use strata_common::event::{validate, Event, Rules, Wire};
 use strata_common::handoff::{Offset, Partition};
 
+use crate::columnar;
 use crate::{Error, Result};
 
 /// One segment file.
@@ -53,22 +57,10 @@ pub fn write(
 ) -> Result<Segment> {
     let dir = partition_dir(root, partition);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = format!("{start:020}-{end:020}.jsonl");
+    let name = format!("{start:020}-{end:020}.parquet");
     let tmp = dir.join(format!(".tmp-{name}"));
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    for (offset, event) in events {
-        let rec = Record {
-            offset: *offset,
-            wire: event.to_wire(),
-        };
-        serde_json::to_writer(&mut w, &rec)
-            .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
-        w.write_all(b"\n").map_err(|e| Error::io(&tmp, e))?;
-    }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(&tmp, e.into_error()))?;
+    columnar::write(&file, &tmp, events)?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let path = dir.join(name);
     fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
@@ -84,7 +76,9 @@ pub fn write(
 }
 
 fn parse_name(name: &str) -> Option<(Offset, Offset)> {
-    let stem = name.strip_suffix(".jsonl")?;
+    let stem = name
+        .strip_suffix(".parquet")
+        .or_else(|| name.strip_suffix(".jsonl"))?;
     let (a, b) = stem.split_once('-')?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }
@@ -173,6 +167,15 @@ pub fn ends(root: &Path) -> Result<BTreeMap<Partition, Offset>> {
 
 /// Reads a segment's events with offsets below `below`, in offset order.
 pub fn read(seg: &Segment, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Event)>> {
+    if seg.path.extension().is_some_and(|x| x == "parquet") {
+        columnar::read(&seg.path, below, rules)
+    } else {
+        read_json_lines(seg, below, rules)
+    }
+}
+
+/// Reads a segment written as JSON lines.
+fn read_json_lines(seg: &Segment, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Event)>> {
     let file = File::open(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
     let mut out = Vec::new();
     for (n, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
@@ -202,6 +205,119 @@ mod tests {
                 device: "d1".into(),
             },
         }
+    }
+
+    fn every_kind() -> Vec<(Offset, Event)> {
+        let item = |cat: Option<&str>| strata_common::event::ItemRef {
+            user: "u1".into(),
+            item: "i\u{e9}1".into(),
+            category: cat.map(Into::into),
+        };
+        let kinds = vec![
+            Kind::View(item(Some("books"))),
+            Kind::AddToCart(item(None)),
+            Kind::Purchase {
+                item: item(Some("c")),
+                qty: 3,
+                price_micros: 12_345_678,
+            },
+            Kind::Rating {
+                item: item(None),
+                rating: 5,
+            },
+            Kind::Heartbeat {
+                device: "d1".into(),
+            },
+            Kind::Reading {
+                device: "d2".into(),
+                metric: "temp".into(),
+                value: 0.1 + 0.2,
+            },
+        ];
+        kinds
+            .into_iter()
+            .enumerate()
+            .map(|(n, kind)| {
+                (
+                    n as Offset * 2,
+                    Event {
+                        id: format!("e{n}"),
+                        ts: 1_795_615_200_123 + n as i64,
+                        kind,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parquet_segments_keep_every_field_and_stop_at_the_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events = every_kind();
+        let seg = write(dir.path(), 0, 0, 12, &events).expect("write");
+        assert!(seg.path.to_string_lossy().ends_with(".parquet"));
+        assert_eq!(read(&seg, 100, &Rules::default()).expect("read"), events);
+        assert_eq!(
+            read(&seg, 5, &Rules::default()).expect("read"),
+            events[..3].to_vec()
+        );
+    }
+
+    #[test]
+    fn large_parquet_segments_read_back_across_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events: Vec<(Offset, Event)> = (0..50_000)
+            .map(|n| {
+                let mut e = every_kind()[n % 6].1.clone();
+                e.id = format!("event-{n:08}");
+                (n as Offset, e)
+            })
+            .collect();
+        let seg = write(dir.path(), 1, 0, 50_000, &events).expect("write");
+        assert_eq!(read(&seg, 50_000, &Rules::default()).expect("read"), events);
+    }
+
+    #[test]
+    fn json_lines_segments_are_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events = every_kind();
+        let pdir = partition_dir(dir.path(), 4);
+        fs::create_dir_all(&pdir).expect("mkdir");
+        let mut text = String::new();
+        for (offset, e) in &events {
+            let rec = Record {
+                offset: *offset,
+                wire: e.to_wire(),
+            };
+            text.push_str(&serde_json::to_string(&rec).expect("json"));
+            text.push('\n');
+        }
+        fs::write(pdir.join(format!("{:020}-{:020}.jsonl", 0, 12)), text).expect("write");
+        write(dir.path(), 4, 12, 13, &[]).expect("write");
+        let segs = list(dir.path()).expect("list");
+        assert_eq!(segs[&4].len(), 2, "both formats tile one range");
+        assert_eq!(
+            read(&segs[&4][0], 100, &Rules::default()).expect("read"),
+            events
+        );
+        assert!(read(&segs[&4][1], 100, &Rules::default())
+            .expect("read")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_file_that_is_not_parquet_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pdir = partition_dir(dir.path(), 0);
+        fs::create_dir_all(&pdir).expect("mkdir");
+        fs::write(
+            pdir.join(format!("{:020}-{:020}.parquet", 0, 5)),
+            b"PAR1 not really",
+        )
+        .expect("write");
+        let segs = list(dir.path()).expect("list");
+        let err = read(&segs[&0][0], 10, &Rules::default()).expect_err("garbage");
+        assert!(err.to_string().contains(".parquet"), "{err}");
     }
 
     #[test]
