@@ -16,11 +16,16 @@
 #              (default 30; smoke 3), each for a new item; 1 in K (--fresh-sample, default 250;
 #              smoke 50) timed from produce to a 200 answer (polled every 5 ms, or a tenth of its
 #              age when longer), and to its arrival at a bare consumer reading the topic's end
+#   batch      `strata batch --once` archives the ingest topic into the master dataset (Parquet);
+#              then K times: a recompute (`strata batch --once` again, its manifest's duration)
+#              and bench/duckdb_views.py computing the same aggregates with DuckDB (PyPI duckdb,
+#              as many threads as cores) over the same files, then the co-occurrence sets and a
+#              self-join, timed apart; `strata-bench compare-batch` checks the results equal
 #   recovery   (fresh broker) `strata speed` is killed with SIGKILL half-way through a head of B/10
 #              events, B more (default 1,000,000; smoke 20,000) are produced, and the restarted
 #              layer is timed until its stored offsets reach the end
 #
-#   --only ingest,serving,freshness,recovery  run some parts only
+#   --only ingest,serving,freshness,batch,recovery  run some parts only
 #   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
 #   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
 #
@@ -33,7 +38,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
-smoke=0 profile=0 only="ingest,serving,freshness,recovery"
+smoke=0 profile=0 only="ingest,serving,freshness,batch,recovery"
+DUCKDB_VERSION="2.0.1"
 runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -505,14 +511,83 @@ bench_recovery() {
   stop_pid "$serve_pid"
 }
 
+# --- batch recompute, DuckDB beside it --------------------------------------------------------
+
+# Python with DuckDB (PyPI), once, into $STRATA_CACHE/tools/py; its interpreter in $PY.
+duckdb_python() {
+  PY="$STRATA_CACHE/tools/py/bin/python"
+  "$PY" -c 'import duckdb' 2>/dev/null && return 0
+  log "installing DuckDB $DUCKDB_VERSION (PyPI) into $STRATA_CACHE/tools/py"
+  if ! python3 -m venv "$STRATA_CACHE/tools/py" >/dev/null 2>&1; then
+    log "installing python3-venv with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "$STRATA_CACHE/tools/py"
+    python3 -m venv "$STRATA_CACHE/tools/py"
+  fi
+  "$STRATA_CACHE/tools/py/bin/pip" install --quiet --disable-pip-version-check "duckdb==$DUCKDB_VERSION"
+}
+
+# Seconds the last published recompute took, from its manifest.
+recompute_secs() { # data_dir
+  local ms
+  ms=$(tr -d '\n' <"$1/batch/CURRENT" | sed -n 's/.*"duration_ms": *\([0-9]*\).*/\1/p')
+  calc "${ms:-nan} / 1000" 3
+}
+
+bench_batch() {
+  ingest_topic
+  duckdb_python
+  # Block size 1: the version covers every archived event, as DuckDB reads every file.
+  local dd="$work/batch-data" r t0 strata=() duck=() sets=() joins=()
+  local cmd=("$STRATA" batch --once --brokers "$BROKERS" --topic "$INGEST_TOPIC" --data-dir "$dd" --block-size 1)
+  note_load batch
+  log "batch: archiving $ingest_total events into the master dataset (strata batch --once)"
+  t0=$(now_ns)
+  "${cmd[@]}" >>"$work/batch-archive.log" 2>&1 || { tail -n 30 "$work/batch-archive.log" >&2; die "strata batch --once failed"; }
+  figure batch.archive_and_recompute "$(calc "($(now_ns) - $t0) / 1e9" 3)" s
+  figure batch.master_bytes "$(du -sb "$dd/master" | cut -f 1)" bytes
+  for r in $(seq 1 "$runs"); do
+    log "batch run $r/$runs: strata recompute (strata batch --once, nothing new to archive)"
+    "${cmd[@]}" >>"$work/batch-$r.log" 2>&1 || { tail -n 30 "$work/batch-$r.log" >&2; die "strata batch --once failed"; }
+    strata+=("$(recompute_secs "$dd")")
+    log "batch run $r/$runs: strata recompute ${strata[-1]} s; duckdb"
+    "$PY" "$STRATA_ROOT/bench/duckdb_views.py" "$dd/master" "$work/duckdb-$r.json" --threads "$(nproc)" \
+      >"$work/duckdb-$r.txt" || die "the duckdb peer failed"
+    duck+=("$(awk '$1 == "duckdb.aggregates" { print $2 }' "$work/duckdb-$r.txt")")
+    sets+=("$(awk '$1 == "duckdb.cooccurrence_sets" { print $2 }' "$work/duckdb-$r.txt")")
+    joins+=("$(awk '$1 == "duckdb.cooccurrence_self_join" { print $2 }' "$work/duckdb-$r.txt")")
+    log "batch run $r/$runs: duckdb aggregates ${duck[-1]} s, co-occurrence sets ${sets[-1]} s, self-join ${joins[-1]} s"
+  done
+  local strata_m duck_m sets_m joins_m
+  strata_m=$(median "${strata[@]}") duck_m=$(median "${duck[@]}")
+  sets_m=$(median "${sets[@]}") joins_m=$(median "${joins[@]}")
+  figure batch.strata_recompute "$(calc "$strata_m" 3)" s "$(join_by , "${strata[@]}")"
+  figure batch.duckdb_aggregates "$(calc "$duck_m" 3)" s "$(join_by , "${duck[@]}")"
+  figure batch.duckdb_cooccurrence_sets "$(calc "$sets_m" 3)" s "$(join_by , "${sets[@]}")"
+  figure batch.duckdb_cooccurrence_self_join "$(calc "$joins_m" 3)" s "$(join_by , "${joins[@]}")"
+  figure batch.strata_vs_duckdb_aggregates "$(ratio "$strata_m" "$duck_m")" ratio
+  figure batch.strata_vs_duckdb_all "$(ratio "$strata_m" "$duck_m + $sets_m + $joins_m")" ratio
+  if "$BENCH" compare-batch --data-dir "$dd" --duckdb "$work/duckdb-1.json" >"$work/compare.txt" 2>"$work/compare.err"; then
+    check batch.equal ok "$(tr '\n' ' ' <"$work/compare.txt")"
+  else
+    cat "$work/compare.err" >&2
+    check batch.equal fail "$(tail -n 1 "$work/compare.err")"
+  fi
+  rm -rf "$dd"
+}
+
 # --- the run ---------------------------------------------------------------------------------
 
 mode=full; [ "$smoke" = 1 ] && mode=smoke
 log "bench ($mode): work dir $work, broker 127.0.0.1:$broker_port"
-if wants ingest || wants serving || wants freshness; then
+if wants ingest || wants serving || wants freshness || wants batch; then
   start_broker main
   if wants ingest; then bench_ingest; fi
   if wants serving || wants freshness; then bench_up; fi
+  if wants batch; then bench_batch; fi
   stop_broker
 fi
 if wants recovery; then

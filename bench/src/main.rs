@@ -3,6 +3,7 @@
 //! writing the results file. Each measuring subcommand prints `key=value` lines on stdout and
 //! progress on stderr.
 
+mod compare;
 mod fresh;
 mod http;
 mod kafka;
@@ -126,6 +127,14 @@ enum Cmd {
     },
     /// A TCP port free on 127.0.0.1 right now.
     FreePort,
+    /// Check DuckDB's aggregates (the JSON `bench/duckdb_views.py` writes) against the batch
+    /// version published in a data directory; exit non-zero on any difference.
+    CompareBatch {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        duckdb: PathBuf,
+    },
     /// Write the results file from `name value unit [run,run,...]` and `check name ok|fail
     /// detail` lines.
     Report {
@@ -285,6 +294,7 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             out.num("port", f64::from(port));
             Ok(())
         }
+        Cmd::CompareBatch { data_dir, duckdb } => compare::run(&data_dir, &duckdb, out),
         Cmd::Report {
             lines,
             out: path,
