@@ -1,5 +1,6 @@
 //! What the speed layer has folded since its last flush.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 
 use strata_common::event::Event;
@@ -21,10 +22,10 @@ impl Pending {
     /// Folds a counted event into the block it belongs to.
     pub fn fold(&mut self, partition: Partition, block: u64, event: &Event) {
         contributions(event, |key, partial| {
-            match self.deltas.get_mut(&(partition, block, key.clone())) {
-                Some(existing) => existing.merge(&partial),
-                None => {
-                    self.deltas.insert((partition, block, key), partial);
+            match self.deltas.entry((partition, block, key)) {
+                Entry::Occupied(mut existing) => existing.get_mut().merge(&partial),
+                Entry::Vacant(slot) => {
+                    slot.insert(partial);
                 }
             }
         });

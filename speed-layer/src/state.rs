@@ -1,7 +1,7 @@
 //! The speed layer's RocksDB state: loading it, flushing deltas with offsets in one write, and
 //! dropping blocks that a published batch version covers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +24,20 @@ pub struct SpeedState {
     path: PathBuf,
     block_size: u64,
     parts: BTreeMap<Partition, PartitionMeta>,
+    /// Per partition, the stored values of its newest block, so that a flush merges deltas into
+    /// them without reading them back.
+    hot: HashMap<Partition, HotBlock>,
+    /// Each partition's stored position when the state was opened.
+    opened_at: BTreeMap<Partition, i64>,
+}
+
+/// The stored partials of one block that this process has read or written.
+struct HotBlock {
+    block: u64,
+    /// Whether every key of the block that is stored is in `values`: true for a block this
+    /// process began (nothing of it was stored before), so a key it lacks is not stored at all.
+    complete: bool,
+    values: HashMap<Vec<u8>, Partial>,
 }
 
 impl SpeedState {
@@ -52,7 +66,13 @@ impl SpeedState {
             db,
             path: path.to_path_buf(),
             block_size,
+            opened_at: meta
+                .partitions
+                .iter()
+                .map(|(&p, m)| (p, m.next_offset))
+                .collect(),
             parts: meta.partitions,
+            hot: HashMap::new(),
         })
     }
 
@@ -109,24 +129,64 @@ impl SpeedState {
         let mut batch = WriteBatch::default();
         // Read-modify-write: the stored partial merged with the delta, written whole. Whole
         // values keep every write idempotent, so a follower replaying the log twice still
-        // reads the right answer.
-        let deltas: Vec<(Vec<u8>, Partial)> = pending
-            .deltas
-            .drain()
-            .map(|((p, block, key), partial)| (block_key(p, block, &key), partial))
-            .collect();
-        let stored = self
-            .db
-            .batched_multi_get_cf(blocks, deltas.iter().map(|(k, _)| k), false);
-        for ((k, mut partial), old) in deltas.into_iter().zip(stored) {
-            let old = old.map_err(|e| strata_common::Error::rocks("read speed block", e))?;
-            if let Some(old) = old {
-                let mut merged = Partial::decode(&old).ok_or_else(|| {
-                    strata_common::Error::corrupt("speed block", "undecodable partial")
-                })?;
-                merged.merge(&partial);
-                partial = merged;
+        // reads the right answer. Values of each partition's newest block are kept in memory
+        // (`hot`), so only keys this process has not seen yet in a block it did not begin are
+        // read back.
+        let mut merged: Vec<(Partition, u64, Vec<u8>, Partial)> =
+            Vec::with_capacity(pending.deltas.len());
+        let mut unknown: Vec<usize> = Vec::new();
+        for ((p, block, key), partial) in pending.deltas.drain() {
+            let k = block_key(p, block, &key);
+            // Complete if this process consumed the block's first offset: then nothing of it
+            // was stored before and every value written since went through `hot`.
+            let begun_here = i64::try_from(block.saturating_mul(self.block_size))
+                .is_ok_and(|first| first >= self.opened_at.get(&p).copied().unwrap_or(0));
+            let hot = self.hot.entry(p).or_insert_with(|| HotBlock {
+                block,
+                complete: begun_here,
+                values: HashMap::new(),
+            });
+            if block > hot.block {
+                *hot = HotBlock {
+                    block,
+                    complete: begun_here,
+                    values: HashMap::new(),
+                };
             }
+            let cached = if block == hot.block {
+                hot.values.remove(&k)
+            } else {
+                None
+            };
+            match cached {
+                Some(mut m) => {
+                    m.merge(&partial);
+                    merged.push((p, block, k, m));
+                }
+                None if block == hot.block && hot.complete => merged.push((p, block, k, partial)),
+                None => {
+                    unknown.push(merged.len());
+                    merged.push((p, block, k, partial));
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            let stored =
+                self.db
+                    .batched_multi_get_cf(blocks, unknown.iter().map(|&i| &merged[i].2), false);
+            let olds: Vec<_> = stored.into_iter().collect();
+            for (&i, old) in unknown.iter().zip(olds) {
+                let old = old.map_err(|e| strata_common::Error::rocks("read speed block", e))?;
+                if let Some(old) = old {
+                    let mut m = Partial::decode(&old).ok_or_else(|| {
+                        strata_common::Error::corrupt("speed block", "undecodable partial")
+                    })?;
+                    m.merge(&merged[i].3);
+                    merged[i].3 = m;
+                }
+            }
+        }
+        for (_, _, k, partial) in &merged {
             batch.put_cf(blocks, k, partial.encode());
         }
         for ((p, id), expiry) in pending.remembered.drain() {
@@ -152,7 +212,22 @@ impl SpeedState {
         pending.messages = 0;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        self.db.write_opt(batch, &opts).map_err(Error::Write)
+        if let Err(e) = self.db.write_opt(batch, &opts) {
+            // What is in memory may now differ from what is stored: read everything back.
+            for hot in self.hot.values_mut() {
+                hot.complete = false;
+                hot.values.clear();
+            }
+            return Err(Error::Write(e));
+        }
+        for (p, block, k, partial) in merged {
+            if let Some(hot) = self.hot.get_mut(&p) {
+                if hot.block == block {
+                    hot.values.insert(k, partial);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Drops the blocks wholly below the cutoffs of a published batch version. Returns how many
@@ -188,6 +263,13 @@ impl SpeedState {
             );
             dropped += below - m.first_live_block;
             m.first_live_block = below;
+            // The block's stored values are being deleted: so are the ones kept in memory (a
+            // block below the first live one is never folded into again).
+            if let Some(hot) = self.hot.get_mut(&p) {
+                if hot.block < below {
+                    hot.values.clear();
+                }
+            }
         }
         if dropped > 0 {
             self.db.write(batch).map_err(Error::Write)?;
