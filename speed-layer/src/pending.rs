@@ -6,13 +6,13 @@ use std::collections::{BTreeSet, HashMap};
 use strata_common::event::Event;
 use strata_common::handoff::Partition;
 use strata_common::time::Millis;
-use strata_common::views::{contributions, Partial, ViewKey};
+use strata_common::views::{contributions, FastMap, Partial, ViewKey};
 
 /// Deltas of one flush: partials per (partition, block, view key), ids newly remembered by the
 /// dedupe rule, and which partitions moved.
 #[derive(Default)]
 pub struct Pending {
-    pub deltas: HashMap<(Partition, u64, ViewKey), Partial>,
+    pub deltas: FastMap<(Partition, u64, ViewKey), Partial>,
     pub remembered: HashMap<(Partition, String), Millis>,
     pub touched: BTreeSet<Partition>,
     pub messages: usize,
@@ -23,7 +23,7 @@ impl Pending {
     pub fn fold(&mut self, partition: Partition, block: u64, event: &Event) {
         contributions(event, |key, partial| {
             match self.deltas.entry((partition, block, key)) {
-                Entry::Occupied(mut existing) => existing.get_mut().merge(&partial),
+                Entry::Occupied(mut existing) => existing.get_mut().absorb(partial),
                 Entry::Vacant(slot) => {
                     slot.insert(partial);
                 }

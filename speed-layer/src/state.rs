@@ -322,7 +322,7 @@ mod tests {
         Event {
             id: format!("e{n}"),
             ts: 1_795_615_200_000 + (n as i64) * 1_000,
-            kind: if n % 3 == 0 {
+            kind: if n.is_multiple_of(3) {
                 Kind::Purchase {
                     item,
                     qty: 1,
@@ -343,7 +343,7 @@ mod tests {
             state.part(0).next_offset = offset as i64 + 1;
             pending.touched.insert(0);
             pending.messages += 1;
-            if (offset + 1) % every == 0 {
+            if (offset + 1).is_multiple_of(every) {
                 state.flush(&mut pending).expect("flush");
             }
         }

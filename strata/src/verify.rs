@@ -7,7 +7,7 @@
 //! the topic, through the same validation and dedupe rule and the same view definitions. Any key
 //! whose partial differs, is missing, or is extra is a difference.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -133,7 +133,7 @@ fn shorten(p: &Option<Partial>) -> String {
 /// Keys that differ between the recomputation and the snapshot, in key order. A key holding the
 /// identity counts as absent on either side.
 pub fn diff(truth: ViewSet, served: Vec<(ViewKey, Partial)>) -> Vec<Difference> {
-    let mut truth: HashMap<ViewKey, Partial> = truth.entries;
+    let mut truth = truth.entries;
     let mut out = Vec::new();
     for (key, served) in served {
         let identity = Partial::identity(&key);

@@ -79,6 +79,31 @@ impl Partial {
         }
     }
 
+    /// [`Partial::merge`], consuming `other`: names in sets and maps move instead of being
+    /// copied.
+    pub fn absorb(&mut self, other: Partial) {
+        match (self, other) {
+            (Partial::Recent(a), Partial::Recent(b)) => {
+                if a.0.is_empty() {
+                    a.0 = b.0;
+                    return;
+                }
+                for (k, t) in b.0 {
+                    let e = a.0.entry(k).or_insert(t);
+                    *e = (*e).max(t);
+                }
+            }
+            (Partial::Set(a), Partial::Set(b)) => {
+                if a.0.is_empty() {
+                    a.0 = b.0;
+                } else {
+                    a.0.extend(b.0);
+                }
+            }
+            (a, b) => a.merge(&b),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).unwrap_or_default()
     }
@@ -234,12 +259,26 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
 /// The map monoid over all view keys: what a layer holds for a range of events.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ViewSet {
-    pub entries: HashMap<ViewKey, Partial>,
+    pub entries: FastMap<ViewKey, Partial>,
 }
+
+/// A hash map with a fast hasher that is still keyed at random per process (view keys come
+/// from event data, so a fixed hash could be attacked with colliding ids).
+pub type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 impl ViewSet {
     pub fn fold(&mut self, event: &Event) {
-        contributions(event, |k, p| self.add(k, &p));
+        contributions(event, |k, p| self.add_owned(k, p));
+    }
+
+    /// Merges one partial into the set, consuming it.
+    pub fn add_owned(&mut self, key: ViewKey, partial: Partial) {
+        match self.entries.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(partial),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(partial);
+            }
+        }
     }
 
     /// Merges one partial into the set.
@@ -266,12 +305,7 @@ impl ViewSet {
             return self.merge_owned(other);
         }
         for (k, p) in other.entries {
-            match self.entries.get_mut(&k) {
-                Some(existing) => existing.merge(&p),
-                None => {
-                    self.entries.insert(k, p);
-                }
-            }
+            self.add_owned(k, p);
         }
     }
 
