@@ -26,9 +26,11 @@ pub struct SpeedState {
     parts: BTreeMap<Partition, PartitionMeta>,
     /// Per partition, the stored values of its newest block, so that a flush merges deltas into
     /// them without reading them back.
-    hot: HashMap<Partition, HotBlock>,
+    hot: HashMap<Partition, Vec<HotBlock>>,
     /// Each partition's stored position when the state was opened.
     opened_at: BTreeMap<Partition, i64>,
+    /// How many values flushes have read back from the database.
+    pub read_back: u64,
 }
 
 /// The stored partials of one block that this process has read or written.
@@ -73,6 +75,7 @@ impl SpeedState {
                 .collect(),
             parts: meta.partitions,
             hot: HashMap::new(),
+            read_back: 0,
         })
     }
 
@@ -141,29 +144,29 @@ impl SpeedState {
             // was stored before and every value written since went through `hot`.
             let begun_here = i64::try_from(block.saturating_mul(self.block_size))
                 .is_ok_and(|first| first >= self.opened_at.get(&p).copied().unwrap_or(0));
-            let hot = self.hot.entry(p).or_insert_with(|| HotBlock {
-                block,
-                complete: begun_here,
-                values: HashMap::new(),
-            });
-            if block > hot.block {
-                *hot = HotBlock {
+            // The newest two blocks of each partition are kept: a flush can span a boundary.
+            let slots = self.hot.entry(p).or_default();
+            if slots.last().is_none_or(|h| block > h.block) {
+                slots.push(HotBlock {
                     block,
                     complete: begun_here,
                     values: HashMap::new(),
-                };
+                });
+                if slots.len() > 2 {
+                    slots.remove(0);
+                }
             }
-            let cached = if block == hot.block {
-                hot.values.remove(&k)
-            } else {
-                None
+            let slot = slots.iter_mut().find(|h| h.block == block);
+            let (cached, complete) = match slot {
+                Some(h) => (h.values.remove(&k), h.complete),
+                None => (None, false),
             };
             match cached {
                 Some(mut m) => {
                     m.merge(&partial);
                     merged.push((p, block, k, m));
                 }
-                None if block == hot.block && hot.complete => merged.push((p, block, k, partial)),
+                None if complete => merged.push((p, block, k, partial)),
                 None => {
                     unknown.push(merged.len());
                     merged.push((p, block, k, partial));
@@ -171,6 +174,7 @@ impl SpeedState {
             }
         }
         if !unknown.is_empty() {
+            self.read_back += unknown.len() as u64;
             let stored =
                 self.db
                     .batched_multi_get_cf(blocks, unknown.iter().map(|&i| &merged[i].2), false);
@@ -214,17 +218,21 @@ impl SpeedState {
         opts.set_sync(false);
         if let Err(e) = self.db.write_opt(batch, &opts) {
             // What is in memory may now differ from what is stored: read everything back.
-            for hot in self.hot.values_mut() {
+            for hot in self.hot.values_mut().flatten() {
                 hot.complete = false;
                 hot.values.clear();
             }
             return Err(Error::Write(e));
         }
         for (p, block, k, partial) in merged {
-            if let Some(hot) = self.hot.get_mut(&p) {
-                if hot.block == block {
-                    hot.values.insert(k, partial);
-                }
+            let slot = self
+                .hot
+                .get_mut(&p)
+                .into_iter()
+                .flatten()
+                .find(|h| h.block == block);
+            if let Some(hot) = slot {
+                hot.values.insert(k, partial);
             }
         }
         Ok(())
@@ -265,7 +273,7 @@ impl SpeedState {
             m.first_live_block = below;
             // The block's stored values are being deleted: so are the ones kept in memory (a
             // block below the first live one is never folded into again).
-            if let Some(hot) = self.hot.get_mut(&p) {
+            for hot in self.hot.get_mut(&p).into_iter().flatten() {
                 if hot.block < below {
                     hot.values.clear();
                 }
@@ -368,6 +376,7 @@ mod tests {
         let block_size = 100;
         let mut state = SpeedState::open(dir.path(), block_size).expect("open");
         consume(&mut state, 0, 250, 7);
+        assert_eq!(state.read_back, 0, "a new state reads nothing back");
         drop(state);
         // Reopened inside block 2: its stored values must be read back, not overwritten.
         let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
@@ -381,7 +390,9 @@ mod tests {
             let block = block_of(offset as i64, block_size);
             contributions(&event(offset), |key: ViewKey, partial| {
                 match expected.entry(block_key(0, block, &key)) {
-                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(&partial),
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        o.get_mut().merge(&partial)
+                    }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(partial);
                     }
