@@ -148,7 +148,7 @@ pub fn routes(
         .and(warp::get())
         .and(st.clone())
         .and_then(|item: String, s: Arc<ServingState>| {
-            answer(s, move |s| query::item(s, &decode_segment(&item)?))
+            answer_now(s, move |s| query::item(s, &decode_segment(&item)?))
         });
     let top = warp::path!("v1" / "insights" / "top-items")
         .and(warp::get())
@@ -241,7 +241,7 @@ pub fn routes(
     let status = warp::path!("v1" / "status")
         .and(warp::get())
         .and(st.clone())
-        .and_then(|s: Arc<ServingState>| answer(s, query::status));
+        .and_then(|s: Arc<ServingState>| answer_now(s, query::status));
     let admin_batch = warp::path!("v1" / "admin" / "batch")
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
@@ -369,10 +369,23 @@ async fn answer(
     let result = tokio::task::spawn_blocking(move || f(&state))
         .await
         .unwrap_or_else(|e| Err(ApiError::internal(e)));
-    Ok(match result {
+    Ok(render(result))
+}
+
+/// Runs a point lookup (a handful of key reads: microseconds) on the async thread itself:
+/// handing it to the blocking pool costs more in thread switches than the query.
+async fn answer_now(
+    state: Arc<ServingState>,
+    f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
+) -> Result<warp::reply::Response, Infallible> {
+    Ok(render(f(&state)))
+}
+
+fn render(result: Result<Value, ApiError>) -> warp::reply::Response {
+    match result {
         Ok(v) => warp::reply::json(&v).into_response(),
         Err(e) => e.reply().into_response(),
-    })
+    }
 }
 
 fn limit(p: &Params, max: usize) -> Result<usize, ApiError> {
