@@ -2,7 +2,8 @@
 # Measures Strata side by side with bare peers, on a fresh local broker, and writes the figures.
 #
 #   scripts/bench.sh [--smoke] [--runs K] [--events N] [--fresh-rate R] [--fresh-secs S]
-#                    [--fresh-sample K] [--wrk-secs S] [--backlog B] [--only LIST] [--profile]
+#                    [--fresh-sample K] [--wrk-secs S] [--backlog B] [--memory-events M]
+#                    [--only LIST] [--profile]
 #                    [--out FILE]
 #
 #   ingest     N events (default 1,000,000; smoke 20,000) on a 4-partition topic, read to the end
@@ -21,11 +22,14 @@
 #              and bench/duckdb_views.py computing the same aggregates with DuckDB (PyPI duckdb,
 #              as many threads as cores) over the same files, then the co-occurrence sets and a
 #              self-join, timed apart; `strata-bench compare-batch` checks the results equal
+#   memory     (fresh broker) `strata speed` over M events (default 4,000,000; smoke 20,000;
+#              --memory-events) spread over 7 days of event time: its peak RSS and the view keys
+#              and event ids its state holds afterwards
 #   recovery   (fresh broker) `strata speed` is killed with SIGKILL half-way through a head of B/10
 #              events, B more (default 1,000,000; smoke 20,000) are produced, and the restarted
 #              layer is timed until its stored offsets reach the end
 #
-#   --only ingest,serving,freshness,batch,recovery  run some parts only
+#   --only ingest,serving,freshness,batch,memory,recovery  run some parts only
 #   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
 #   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
 #
@@ -38,9 +42,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
-smoke=0 profile=0 only="ingest,serving,freshness,batch,recovery"
+smoke=0 profile=0 only="ingest,serving,freshness,batch,memory,recovery"
 DUCKDB_VERSION="2.0.1"
-runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
+mem_events="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
@@ -52,6 +56,7 @@ while [ $# -gt 0 ]; do
     --fresh-sample) fresh_sample="${2:?--fresh-sample needs a value}"; shift ;;
     --wrk-secs) wrk_secs="${2:?--wrk-secs needs a value}"; shift ;;
     --backlog) backlog="${2:?--backlog needs a value}"; shift ;;
+    --memory-events) mem_events="${2:?--memory-events needs a value}"; shift ;;
     --only) only="${2:?--only needs a value}"; shift ;;
     --out) out="${2:?--out needs a value}"; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
@@ -62,13 +67,13 @@ done
 if [ "$smoke" = 1 ]; then
   : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${fresh_sample:=50}"
   : "${wrk_secs:=2}"
-  : "${backlog:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
+  : "${backlog:=20000}" "${mem_events:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
 else
   : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000}" "${fresh_secs:=30}" "${fresh_sample:=250}"
   : "${wrk_secs:=10}"
-  : "${backlog:=1000000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
+  : "${backlog:=1000000}" "${mem_events:=4000000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
 fi
-for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog"; do
+for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog" "$mem_events"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "$n is not a positive whole number"
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -207,11 +212,11 @@ cleanup() {
 trap cleanup EXIT
 
 # Produces COUNT events with SEED to TOPIC (4 partitions); the rate in $produce_rate.
-produce() { # topic count seed
+produce() { # topic count seed [span]
   log "producing $2 events to $1 (seed $3)"
   local t0; t0=$(now_ns)
   RUST_LOG=info "$STRATA" generate --brokers "$BROKERS" --topic "$1" --partitions 4 --count "$2" --seed "$3" \
-    --malformed-rate 0 2>&1 | sed -u 's/^/  [generate] /' >&2
+    --malformed-rate 0 --span "${4:-2h}" 2>&1 | sed -u 's/^/  [generate] /' >&2
   produce_rate=$(calc "$2 / (($(now_ns) - $t0) / 1e9)")
 }
 
@@ -579,6 +584,31 @@ bench_batch() {
   rm -rf "$dd"
 }
 
+# --- memory ----------------------------------------------------------------------------------
+
+# `strata speed` over M events spread over 7 days of event time, so that nearly every event
+# brings new view keys; its peak resident memory (VmHWM) and the keys its state then holds.
+bench_memory() {
+  local topic="bench-memory" dd="$work/memory-data" spid hwm
+  produce "$topic" "$mem_events" 3 7d
+  note_load memory
+  start_serve memory-serve "$topic" "$dd"
+  spawn memory-speed "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$dd"
+  spid=$last_pid
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$topic" --pid "$spid" \
+    --label "memory" >"$work/memory.txt" || { tail -n 30 "$work/memory-speed.log" >&2; die "speed failed"; }
+  hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$spid/status")
+  stop_pid "$spid"
+  stop_pid "$serve_pid"
+  "$BENCH" count-keys --speed-dir "$dd/speed" >"$work/memory-keys.txt" || die "counting keys failed"
+  figure memory.events "$mem_events" events
+  figure memory.speed_block_keys "$(val block_keys "$work/memory-keys.txt")" keys
+  figure memory.speed_dedupe_ids "$(val dedupe_ids "$work/memory-keys.txt")" ids
+  figure memory.speed_peak_rss "$(calc "${hwm:-nan} / 1024" 1)" MiB
+  figure memory.speed_state_bytes "$(du -sb "$dd/speed" | cut -f 1)" bytes
+  rm -rf "$dd"
+}
+
 # --- the run ---------------------------------------------------------------------------------
 
 mode=full; [ "$smoke" = 1 ] && mode=smoke
@@ -588,6 +618,11 @@ if wants ingest || wants serving || wants freshness || wants batch; then
   if wants ingest; then bench_ingest; fi
   if wants serving || wants freshness; then bench_up; fi
   if wants batch; then bench_batch; fi
+  stop_broker
+fi
+if wants memory; then
+  start_broker memory
+  bench_memory
   stop_broker
 fi
 if wants recovery; then

@@ -7,6 +7,7 @@ mod compare;
 mod fresh;
 mod http;
 mod kafka;
+mod keys;
 mod report;
 mod watch;
 
@@ -127,6 +128,12 @@ enum Cmd {
     },
     /// A TCP port free on 127.0.0.1 right now.
     FreePort,
+    /// Count the keys of a stopped speed layer's state (view keys of every block, remembered
+    /// event ids).
+    CountKeys {
+        #[arg(long)]
+        speed_dir: PathBuf,
+    },
     /// Check DuckDB's aggregates (the JSON `bench/duckdb_views.py` writes) against the batch
     /// version published in a data directory; exit non-zero on any difference.
     CompareBatch {
@@ -294,6 +301,7 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             out.num("port", f64::from(port));
             Ok(())
         }
+        Cmd::CountKeys { speed_dir } => keys::run(&speed_dir, out),
         Cmd::CompareBatch { data_dir, duckdb } => compare::run(&data_dir, &duckdb, out),
         Cmd::Report {
             lines,
