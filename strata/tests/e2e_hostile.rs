@@ -1,4 +1,5 @@
-//! Hostile input: half of the messages (40,000 by default; `STRATA_HOSTILE_COUNT` sets it) are
+//! Hostile input: half of the messages (40,000 by default; `STRATA_HOSTILE_COUNT` sets it, and
+//! `STRATA_HOSTILE_SEED` the generator's seed, 31 by default) are
 //! malformed in every way the generator knows (bad JSON, invalid UTF-8, wrong types, missing fields, unknown types, absurd and future timestamps,
 //! deep nesting, huge payloads, non-objects, empty). Every one must reach the dead-letter topic
 //! with its reason, no layer may stop, and every valid event around them must be counted.
@@ -22,7 +23,11 @@ fn bad_events_go_to_the_dlq_and_the_rest_count() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40_000);
-    let (seed, start) = (31, now_millis() - 2 * 3_600_000);
+    let seed: u64 = std::env::var("STRATA_HOSTILE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(31);
+    let start = now_millis() - 2 * 3_600_000;
     let mut cfg = gen_config(seed, count, start, 3_600_000, false);
     cfg.malformed_rate = 0.5;
     let mut truth = Truth::default();
@@ -76,7 +81,7 @@ fn bad_events_go_to_the_dlq_and_the_rest_count() {
     }
     up.assert_running();
     eprintln!(
-        "e2e_hostile: {} messages, {} malformed in the DLQ ({codes:?}), {} events counted, {checked} answers checked, {:.1}s",
+        "e2e_hostile: seed {seed}, {} messages, {} malformed in the DLQ ({codes:?}), {} events counted, {checked} answers checked, {:.1}s",
         truth.messages,
         sources.len(),
         truth.events,
