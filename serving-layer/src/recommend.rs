@@ -6,7 +6,7 @@
 //! histories, so the counts are exact for all accepted events; the cost grows with the audience of
 //! the item asked about.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Value};
 use strata_common::views::{Basis, Partial, ViewKey};
@@ -50,11 +50,32 @@ pub struct CoRow {
     pub users: u64,
 }
 
+/// Audience sizes already read while answering one request.
+pub type Sizes = HashMap<String, u64>;
+
+fn audience_size(
+    m: &Merge<'_>,
+    basis: Basis,
+    item: &str,
+    sizes: &mut Sizes,
+) -> Result<u64, ApiError> {
+    if let Some(&n) = sizes.get(item) {
+        return Ok(n);
+    }
+    let n = m.set_len(&ViewKey::ItemUsers {
+        basis,
+        item: item.to_string(),
+    })? as u64;
+    sizes.insert(item.to_string(), n);
+    Ok(n)
+}
+
 /// Co-occurrence rows for one item, best first; `None` if the item has no history.
 pub fn co_occurring(
     m: &Merge<'_>,
     basis: Basis,
     item: &str,
+    sizes: &mut Sizes,
 ) -> Result<Option<Vec<CoRow>>, ApiError> {
     let users = audience(m, basis, item)?;
     if users.is_empty() {
@@ -71,7 +92,7 @@ pub fn co_occurring(
     let n_a = users.len() as f64;
     let mut rows = Vec::with_capacity(co.len());
     for (other, c) in co {
-        let n_b = audience(m, basis, &other)?.len().max(1) as u64;
+        let n_b = audience_size(m, basis, &other, sizes)?.max(1);
         rows.push(CoRow {
             score: c as f64 / (n_a * n_b as f64).sqrt(),
             item: other,
@@ -96,7 +117,7 @@ pub fn for_item(
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(mut rows) = co_occurring(m, basis, item)? else {
+        let Some(mut rows) = co_occurring(m, basis, item, &mut Sizes::new())? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
@@ -110,7 +131,7 @@ pub fn for_item(
         Ok(json!({
             "item": item,
             "basis": basis_name(basis),
-            "users": audience(m, basis, item)?.len(),
+            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.to_string() })?,
             "items": items,
             "as_of": m.as_of,
         }))
@@ -158,8 +179,9 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         recent.truncate(RECENT_ITEMS);
         let mut scores: BTreeMap<String, (f64, Vec<String>)> = BTreeMap::new();
+        let mut sizes = Sizes::new();
         for (seed, _) in &recent {
-            if let Some(rows) = co_occurring(m, Basis::View, seed)? {
+            if let Some(rows) = co_occurring(m, Basis::View, seed, &mut sizes)? {
                 for r in rows {
                     if bought.contains_key(&r.item) {
                         continue;
