@@ -16,8 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
-    Options, ReadOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, DB,
 };
 
 use crate::handoff::{BlockRange, Offset, Partition, SpeedPartition};
@@ -45,40 +44,19 @@ impl Cf {
     }
 }
 
-/// Memtable memory of all column families together. RocksDB's default (64 MiB per column
-/// family, two of them while one is written out) let a speed layer with millions of keys reach
-/// almost half a gigabyte.
-const WRITE_BUFFERS: usize = 64 << 20;
-/// Block cache shared by the column families; it also holds index and filter blocks, which
-/// otherwise stay in memory for every open table file.
-const BLOCK_CACHE: usize = 32 << 20;
-
 fn db_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
-    opts.set_db_write_buffer_size(WRITE_BUFFERS);
     opts
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    let cache = Cache::new_lru_cache(BLOCK_CACHE);
     Cf::ALL
         .iter()
-        .map(|&cf| {
-            let mut table = BlockBasedOptions::default();
-            table.set_block_cache(&cache);
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            // Most dedupe lookups are for ids never seen: a filter answers them without a read.
-            table.set_bloom_filter(10.0, false);
-            let mut opts = Options::default();
-            opts.set_write_buffer_size(WRITE_BUFFERS / 2);
-            opts.set_block_based_table_factory(&table);
-            ColumnFamilyDescriptor::new(cf.name(), opts)
-        })
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()))
         .collect()
 }
 
