@@ -235,6 +235,12 @@ impl SpeedState {
                 hot.values.insert(k, partial);
             }
         }
+        // Offsets only grow: once a partition's newest block has values, its older one is done.
+        for slots in self.hot.values_mut() {
+            if slots.len() > 1 && slots.last().is_some_and(|h| !h.values.is_empty()) {
+                slots.drain(..slots.len() - 1);
+            }
+        }
         Ok(())
     }
 
