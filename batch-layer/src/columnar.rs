@@ -274,6 +274,15 @@ fn text(v: Option<ByteArray>, path: &Path, name: &str) -> Result<Option<String>>
     .transpose()
 }
 
+/// Moves one row's value out of a column read by [`read_column`].
+fn take<T>(col: &mut [Option<T>], row: usize) -> Option<T> {
+    col.get_mut(row).and_then(Option::take)
+}
+
+fn copied<T: Copy>(col: &[Option<T>], row: usize) -> Option<T> {
+    col.get(row).copied().flatten()
+}
+
 /// Reads the events of a Parquet segment with offsets below `below`, in file order, each
 /// validated again by `rules`.
 pub fn read(path: &Path, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Event)>> {
@@ -294,48 +303,28 @@ pub fn read(path: &Path, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Ev
         let rows = usize::try_from(rg.metadata().num_rows()).unwrap_or(0);
         let rg = rg.as_ref();
         let offsets = read_column::<Int64Type>(rg, Some(i_offset), rows, path, "_offset")?;
-        let ids = read_column::<ByteArrayType>(rg, Some(i_id), rows, path, "id")?;
         let ts = read_column::<Int64Type>(rg, Some(i_ts), rows, path, "ts")?;
-        let kinds = read_column::<ByteArrayType>(rg, Some(i_type), rows, path, "type")?;
-        let users = read_column::<ByteArrayType>(rg, index("user"), rows, path, "user")?;
-        let items = read_column::<ByteArrayType>(rg, index("item"), rows, path, "item")?;
-        let cats = read_column::<ByteArrayType>(rg, index("category"), rows, path, "category")?;
+        let mut ids = read_column::<ByteArrayType>(rg, Some(i_id), rows, path, "id")?;
+        let mut kinds = read_column::<ByteArrayType>(rg, Some(i_type), rows, path, "type")?;
+        let mut users = read_column::<ByteArrayType>(rg, index("user"), rows, path, "user")?;
+        let mut items = read_column::<ByteArrayType>(rg, index("item"), rows, path, "item")?;
+        let mut cats = read_column::<ByteArrayType>(rg, index("category"), rows, path, "category")?;
         let qtys = read_column::<Int64Type>(rg, index("qty"), rows, path, "qty")?;
         let prices = read_column::<Int64Type>(rg, index("price"), rows, path, "price")?;
         let ratings = read_column::<Int32Type>(rg, index("rating"), rows, path, "rating")?;
-        let devices = read_column::<ByteArrayType>(rg, index("device"), rows, path, "device")?;
-        let metrics = read_column::<ByteArrayType>(rg, index("metric"), rows, path, "metric")?;
+        let mut devices = read_column::<ByteArrayType>(rg, index("device"), rows, path, "device")?;
+        let mut metrics = read_column::<ByteArrayType>(rg, index("metric"), rows, path, "metric")?;
         let values = read_column::<DoubleType>(rg, index("value"), rows, path, "value")?;
-        let columns = offsets
-            .into_iter()
-            .zip(ids)
-            .zip(ts)
-            .zip(kinds)
-            .zip(users)
-            .zip(items)
-            .zip(cats)
-            .zip(qtys)
-            .zip(prices)
-            .zip(ratings)
-            .zip(devices)
-            .zip(metrics)
-            .zip(values);
-        for (row, r) in columns.enumerate() {
-            let (
-                (
-                    (
-                        (
-                            ((((((((offset, id), ts), kind), user), item), category), qty), price),
-                            rating,
-                        ),
-                        device,
-                    ),
-                    metric,
-                ),
-                value,
-            ) = r;
+        for row in 0..rows {
+            let name = |col: &mut [Option<ByteArray>], what| text(take(col, row), path, what);
+            let (qty, price, rating, value) = (
+                copied(&qtys, row),
+                copied(&prices, row),
+                copied(&ratings, row),
+                copied(&values, row),
+            );
             let at = || format!("{} row {}", path.display(), row + 1);
-            let (Some(offset), Some(ts)) = (offset, ts) else {
+            let (Some(offset), Some(ts)) = (copied(&offsets, row), copied(&ts, row)) else {
                 return Err(Error::Dataset(format!("{}: no offset or time", at())));
             };
             if offset >= below {
@@ -346,17 +335,17 @@ pub fn read(path: &Path, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Ev
                 .transpose()
                 .map_err(|_| Error::Dataset(format!("{}: qty out of range", at())))?;
             let wire = Wire {
-                id: text(id, path, "id")?.unwrap_or_default(),
+                id: name(&mut ids, "id")?.unwrap_or_default(),
                 ts: WireTs::Millis(ts),
-                kind: text(kind, path, "type")?.unwrap_or_default(),
-                user: text(user, path, "user")?,
-                item: text(item, path, "item")?,
-                category: text(category, path, "category")?,
+                kind: name(&mut kinds, "type")?.unwrap_or_default(),
+                user: name(&mut users, "user")?,
+                item: name(&mut items, "item")?,
+                category: name(&mut cats, "category")?,
                 qty,
                 price: price.map(|micros| micros as f64 / 1e6),
                 rating: rating.map(i64::from),
-                device: text(device, path, "device")?,
-                metric: text(metric, path, "metric")?,
+                device: name(&mut devices, "device")?,
+                metric: name(&mut metrics, "metric")?,
                 value,
             };
             let event = validate(wire, None, rules)
