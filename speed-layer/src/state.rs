@@ -24,13 +24,13 @@ pub struct SpeedState {
     path: PathBuf,
     block_size: u64,
     parts: BTreeMap<Partition, PartitionMeta>,
-    /// Per partition, the stored values of its newest block, so that a flush merges deltas into
-    /// them without reading them back.
+    /// Per partition, the stored values of its newest one or two blocks, so that a flush merges
+    /// deltas into them without reading them back.
     hot: HashMap<Partition, Vec<HotBlock>>,
     /// Each partition's stored position when the state was opened.
     opened_at: BTreeMap<Partition, i64>,
     /// How many values flushes have read back from the database.
-    pub read_back: u64,
+    pub(crate) read_back: u64,
 }
 
 /// The stored partials of one block that this process has read or written.
@@ -126,6 +126,18 @@ impl SpeedState {
         if pending.is_empty() {
             return Ok(());
         }
+        let written = self.write(pending);
+        if written.is_err() {
+            // Values were taken out of `hot` and may not be stored: read everything back.
+            for hot in self.hot.values_mut().flatten() {
+                hot.complete = false;
+                hot.values.clear();
+            }
+        }
+        written
+    }
+
+    fn write(&mut self, pending: &mut Pending) -> Result<()> {
         let blocks = cf(&self.db, Cf::Blocks)?;
         let dedupe = cf(&self.db, Cf::Dedupe)?;
         let meta = cf(&self.db, Cf::Meta)?;
@@ -140,16 +152,16 @@ impl SpeedState {
         let mut unknown: Vec<usize> = Vec::new();
         for ((p, block, key), partial) in pending.deltas.drain() {
             let k = block_key(p, block, &key);
-            // Complete if this process consumed the block's first offset: then nothing of it
-            // was stored before and every value written since went through `hot`.
-            let begun_here = i64::try_from(block.saturating_mul(self.block_size))
-                .is_ok_and(|first| first >= self.opened_at.get(&p).copied().unwrap_or(0));
             // The newest two blocks of each partition are kept: a flush can span a boundary.
             let slots = self.hot.entry(p).or_default();
             if slots.last().is_none_or(|h| block > h.block) {
+                // Complete if this process consumed the block's first offset: then nothing of
+                // it was stored before and every value written since went through `hot`.
+                let opened_at = self.opened_at.get(&p).copied().unwrap_or(0);
                 slots.push(HotBlock {
                     block,
-                    complete: begun_here,
+                    complete: i64::try_from(block.saturating_mul(self.block_size))
+                        .is_ok_and(|first| first >= opened_at),
                     values: HashMap::new(),
                 });
                 if slots.len() > 2 {
@@ -178,8 +190,7 @@ impl SpeedState {
             let stored =
                 self.db
                     .batched_multi_get_cf(blocks, unknown.iter().map(|&i| &merged[i].2), false);
-            let olds: Vec<_> = stored.into_iter().collect();
-            for (&i, old) in unknown.iter().zip(olds) {
+            for (&i, old) in unknown.iter().zip(stored) {
                 let old = old.map_err(|e| strata_common::Error::rocks("read speed block", e))?;
                 if let Some(old) = old {
                     let mut m = Partial::decode(&old).ok_or_else(|| {
@@ -216,14 +227,7 @@ impl SpeedState {
         pending.messages = 0;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        if let Err(e) = self.db.write_opt(batch, &opts) {
-            // What is in memory may now differ from what is stored: read everything back.
-            for hot in self.hot.values_mut().flatten() {
-                hot.complete = false;
-                hot.values.clear();
-            }
-            return Err(Error::Write(e));
-        }
+        self.db.write_opt(batch, &opts).map_err(Error::Write)?;
         for (p, block, k, partial) in merged {
             let slot = self
                 .hot
