@@ -26,33 +26,18 @@ pub fn consumer(brokers: &str) -> Result<BaseConsumer> {
         .context("creating the consumer")
 }
 
-fn partitions(c: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
-    let md = c
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .with_context(|| format!("metadata of {topic}"))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if parts.is_empty() {
+/// The high watermark (next offset to be written) of every partition of `topic`, from `c`.
+fn ends(c: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, i64>> {
+    let ends = strata_common::kafka::high_watermarks(c, topic)?;
+    if ends.is_empty() {
         bail!("topic {topic} has no partitions (does it exist?)");
     }
-    Ok(parts)
+    Ok(ends)
 }
 
-/// The high watermark (next offset to be written) of every partition of `topic`.
+/// The high watermark of every partition of `topic`.
 pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
-    let c = consumer(brokers)?;
-    let mut out = BTreeMap::new();
-    for p in partitions(&c, topic)? {
-        let (_, high) = c
-            .fetch_watermarks(topic, p, TIMEOUT)
-            .with_context(|| format!("watermarks of {topic}/{p}"))?;
-        out.insert(p, high);
-    }
-    Ok(out)
+    ends(&consumer(brokers)?, topic)
 }
 
 /// Reads every partition of `topic` from the beginning to its end as of the start, discarding
@@ -60,16 +45,7 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
 /// runs from `started_at_ns` (the caller's clock just before it started this process).
 pub fn consume(brokers: &str, topic: &str, started_at_ns: u128, out: &mut Out) -> Result<()> {
     let c = consumer(brokers)?;
-    let ends = {
-        let mut ends = BTreeMap::new();
-        for p in partitions(&c, topic)? {
-            let (_, high) = c
-                .fetch_watermarks(topic, p, TIMEOUT)
-                .with_context(|| format!("watermarks of {topic}/{p}"))?;
-            ends.insert(p, high);
-        }
-        ends
-    };
+    let ends = ends(&c, topic)?;
     let total: i64 = ends.values().sum();
     let mut tpl = TopicPartitionList::new();
     for &p in ends.keys() {
