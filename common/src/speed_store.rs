@@ -378,6 +378,11 @@ pub struct SpeedReader {
     /// Readers hold it shared; catching up holds it exclusively, so a reader never sees state
     /// change under it.
     gate: RwLock<()>,
+    /// The meta family as of a sequence number. Every write moves the sequence number, so
+    /// while it stands still the meta read at it is still the meta: answering a query then
+    /// costs no scan of the meta family (whose memtable holds every flush's overwritten
+    /// versions until it is flushed, and a scan steps over all of them).
+    meta: RwLock<Option<(u64, Arc<SpeedMeta>)>>,
 }
 
 impl SpeedReader {
@@ -387,6 +392,7 @@ impl SpeedReader {
             db,
             follower: false,
             gate: RwLock::new(()),
+            meta: RwLock::new(None),
         }
     }
 
@@ -396,6 +402,7 @@ impl SpeedReader {
             db: Arc::new(open_secondary(path, scratch)?),
             follower: true,
             gate: RwLock::new(()),
+            meta: RwLock::new(None),
         })
     }
 
@@ -410,21 +417,54 @@ impl SpeedReader {
         Ok(())
     }
 
-    /// Runs `f` against one consistent view of the state.
-    pub fn with_view<T>(&self, f: impl FnOnce(&DB, &dyn ViewReads) -> Result<T>) -> Result<T> {
+    /// Runs `f` against one consistent view of the state and its meta family.
+    pub fn with_view<T>(
+        &self,
+        f: impl FnOnce(&DB, &dyn ViewReads, Arc<SpeedMeta>) -> Result<T>,
+    ) -> Result<T> {
         let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
         if self.follower {
-            f(&self.db, &())
+            // Nothing moves while the gate is held: only catching up writes to a follower.
+            let seq = self.db.latest_sequence_number();
+            let meta = self.meta_at(Some(seq), || read_meta(&self.db, &()))?;
+            f(&self.db, &(), meta)
         } else {
+            // The snapshot's sequence number lies between the two readings; when they agree,
+            // it is that number.
+            let before = self.db.latest_sequence_number();
             let snap = self.db.snapshot();
-            f(&self.db, &snap)
+            let after = self.db.latest_sequence_number();
+            let seq = (before == after).then_some(before);
+            let meta = self.meta_at(seq, || read_meta(&self.db, &snap))?;
+            f(&self.db, &snap, meta)
         }
+    }
+
+    /// The meta family at sequence number `seq` (unknown: `None`), read only when the cached
+    /// one is of another sequence number.
+    fn meta_at(
+        &self,
+        seq: Option<u64>,
+        read: impl FnOnce() -> Result<SpeedMeta>,
+    ) -> Result<Arc<SpeedMeta>> {
+        if let Some(seq) = seq {
+            let cached = self.meta.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, meta)) = cached.as_ref() {
+                if *at == seq {
+                    return Ok(meta.clone());
+                }
+            }
+        }
+        let meta = Arc::new(read()?);
+        if let Some(seq) = seq {
+            *self.meta.write().unwrap_or_else(|e| e.into_inner()) = Some((seq, meta.clone()));
+        }
+        Ok(meta)
     }
 }
 
 /// Object-safe reads of one consistent view, for [`SpeedReader::with_view`].
 pub trait ViewReads {
-    fn meta(&self, db: &DB) -> Result<SpeedMeta>;
     fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>>;
     fn scan(
         &self,
@@ -436,9 +476,6 @@ pub trait ViewReads {
 }
 
 impl<R: Reads> ViewReads for R {
-    fn meta(&self, db: &DB) -> Result<SpeedMeta> {
-        read_meta(db, self)
-    }
     fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>> {
         read_partial(db, self, ranges, key)
     }
@@ -457,6 +494,44 @@ impl<R: Reads> ViewReads for R {
 mod tests {
     use super::*;
     use crate::views::ItemStats;
+
+    fn next_offset_seen(reader: &SpeedReader) -> Option<Offset> {
+        reader
+            .with_view(|_, _, meta| Ok(meta.partitions.get(&0).map(|m| m.next_offset)))
+            .expect("view")
+    }
+
+    #[test]
+    fn readers_see_every_write_of_the_meta_family() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(open_primary(dir.path()).expect("open"));
+        let put = |offset: i64| {
+            let meta = cf(&db, Cf::Meta).expect("cf");
+            db.put_cf(meta, meta_key::next_offset(0), encode_i64(offset))
+                .expect("put");
+        };
+        let shared = SpeedReader::shared(db.clone());
+        assert_eq!(next_offset_seen(&shared), None);
+        put(10);
+        assert_eq!(next_offset_seen(&shared), Some(10));
+        assert_eq!(next_offset_seen(&shared), Some(10));
+        // A write of another family moves the sequence number too; the meta read again is
+        // the same.
+        let blocks = cf(&db, Cf::Blocks).expect("cf");
+        db.put_cf(blocks, b"k", b"v").expect("put");
+        assert_eq!(next_offset_seen(&shared), Some(10));
+        put(20);
+        assert_eq!(next_offset_seen(&shared), Some(20));
+
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let follower = SpeedReader::follow(dir.path(), scratch.path()).expect("follow");
+        assert_eq!(next_offset_seen(&follower), Some(20));
+        put(30);
+        assert_eq!(next_offset_seen(&follower), Some(20), "not caught up yet");
+        follower.catch_up().expect("catch up");
+        assert_eq!(next_offset_seen(&follower), Some(30));
+        assert_eq!(next_offset_seen(&shared), Some(30));
+    }
 
     #[test]
     fn reads_merge_blocks_of_a_key() {

@@ -88,7 +88,7 @@ pub struct Merge<'a> {
     batch: Option<&'a LoadedBatch>,
     speed: Option<(&'a DB, &'a dyn ViewReads)>,
     ranges: Vec<BlockRange>,
-    pub speed_meta: SpeedMeta,
+    pub speed_meta: Arc<SpeedMeta>,
     pub as_of: AsOf,
 }
 
@@ -389,7 +389,7 @@ impl ServingState {
                 batch: batch.as_deref(),
                 speed: None,
                 ranges: Vec::new(),
-                speed_meta: SpeedMeta::default(),
+                speed_meta: Arc::default(),
                 as_of: AsOf {
                     batch: batch_as_of,
                     speed: SpeedAsOf::new(BTreeMap::new(), None),
@@ -399,8 +399,7 @@ impl ServingState {
             return Ok(Attempt::Done(f(&merge)));
         };
         let batch_block_size = batch.as_ref().map_or(0, |b| b.manifest.block_size);
-        let outcome = reader.with_view(|db, reads| {
-            let meta = reads.meta(db)?;
+        let outcome = reader.with_view(|db, reads, meta| {
             let speed = meta.speed_partitions();
             let speed_block_size = meta.block_size.unwrap_or(self.cfg.handoff.block_size);
             let ranges = match speed_ranges(&cutoffs, batch_block_size, &speed, speed_block_size) {
