@@ -336,23 +336,28 @@ pub fn read_partial(
 }
 
 /// Calls `f` with every partial whose encoded view key starts with `key_prefix` (e.g. one
-/// view's tag byte) in the given block ranges.
+/// view's tag byte) and is at or after `from` (a longer key within the prefix; `None`: the
+/// prefix itself), in the given block ranges.
 pub fn scan_view(
     db: &DB,
     reads: &impl Reads,
     ranges: &[BlockRange],
     key_prefix: &[u8],
+    from: Option<&[u8]>,
     mut f: impl FnMut(ViewKey, Partial),
 ) -> Result<()> {
     let handle = cf(db, Cf::Blocks)?;
+    let from = from.filter(|f| *f > key_prefix).unwrap_or(key_prefix);
     for r in ranges {
         for block in r.first..=r.last {
             let mut prefix = block_prefix(r.partition, block);
+            let mut start = prefix.clone();
             prefix.extend_from_slice(key_prefix);
+            start.extend_from_slice(from);
             let iter = db.iterator_cf_opt(
                 handle,
                 reads.read_options(),
-                IteratorMode::From(&prefix, Direction::Forward),
+                IteratorMode::From(&start, Direction::Forward),
             );
             for item in iter {
                 let (k, v) = item.map_err(|e| Error::rocks("scan speed block", e))?;
@@ -471,6 +476,7 @@ pub trait ViewReads {
         db: &DB,
         ranges: &[BlockRange],
         key_prefix: &[u8],
+        from: Option<&[u8]>,
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()>;
 }
@@ -484,9 +490,10 @@ impl<R: Reads> ViewReads for R {
         db: &DB,
         ranges: &[BlockRange],
         key_prefix: &[u8],
+        from: Option<&[u8]>,
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()> {
-        scan_view(db, self, ranges, key_prefix, f)
+        scan_view(db, self, ranges, key_prefix, from, f)
     }
 }
 
@@ -558,10 +565,28 @@ mod tests {
             Some(6)
         );
         let mut seen = Vec::new();
-        scan_view(&db, &(), &ranges, &[ViewKey::tag_of_items()], |k, p| {
+        let items = [ViewKey::tag_of_items()];
+        scan_view(&db, &(), &ranges, &items, None, |k, p| {
             seen.push((k, p.as_item().map_or(0, |s| s.views)))
         })
         .expect("scan");
-        assert_eq!(seen, vec![(key.clone(), 1), (key.clone(), 2), (key, 3)]);
+        assert_eq!(
+            seen,
+            vec![(key.clone(), 1), (key.clone(), 2), (key.clone(), 3)]
+        );
+        // From a key on, within the prefix: "i1" is before "i2", so only "i2" onwards.
+        let later = ViewKey::Item("i2".into());
+        db.put_cf(
+            blocks,
+            block_key(0, 4, &later),
+            Partial::Item(ItemStats::default()).encode(),
+        )
+        .expect("put");
+        let mut after = Vec::new();
+        scan_view(&db, &(), &ranges, &items, Some(&later.encode()), |k, _| {
+            after.push(k)
+        })
+        .expect("scan");
+        assert_eq!(after, vec![later]);
     }
 }

@@ -1,13 +1,16 @@
 //! Insights: top items by window and category, trending items, time series.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
-use strata_common::views::{tag, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR};
+use strata_common::views::{
+    tag, FastMap, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR,
+};
 
 use crate::error::ApiError;
-use crate::state::{Merge, ServingState};
+use crate::state::{totals_range, Merge, ServingState};
 
 /// A look-back window, in event time, ending now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,37 +55,62 @@ impl Window {
     }
 }
 
-/// Per-item totals over a window.
-pub fn item_totals(
-    m: &Merge<'_>,
-    window: Window,
-    now: Millis,
-) -> Result<BTreeMap<String, ItemStats>, ApiError> {
-    let mut out: BTreeMap<String, ItemStats> = BTreeMap::new();
-    match window.buckets(now) {
-        None => {
-            for (k, p) in m.all(tag::ITEM)? {
-                if let (ViewKey::Item(item), Partial::Item(s)) = (k, p) {
-                    out.insert(item, s);
+/// Per-item totals over a window: the batch version's share (computed once per version and
+/// window start, see [`LoadedBatch::item_totals`]) and the speed layer's, merged on reading.
+pub struct ItemTotals {
+    batch: Arc<FastMap<String, ItemStats>>,
+    speed: FastMap<String, ItemStats>,
+}
+
+impl ItemTotals {
+    /// One item's merged totals.
+    pub fn get(&self, item: &str) -> Option<ItemStats> {
+        match (self.batch.get(item), self.speed.get(item)) {
+            (Some(b), Some(s)) => {
+                let mut t = b.clone();
+                t.merge(s);
+                Some(t)
+            }
+            (Some(b), None) => Some(b.clone()),
+            (None, Some(s)) => Some(s.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Calls `f` with every item and its merged totals.
+    pub fn for_each<'a>(&'a self, mut f: impl FnMut(&'a str, &ItemStats)) {
+        for (item, b) in self.batch.iter() {
+            match self.speed.get(item) {
+                Some(s) => {
+                    let mut t = b.clone();
+                    t.merge(s);
+                    f(item, &t);
                 }
+                None => f(item, b),
             }
         }
-        Some((gran, from)) => {
-            let prefix = ViewKey::series_prefix(tag::ITEM_SERIES, gran);
-            let start = ViewKey::series_from(tag::ITEM_SERIES, gran, from);
-            let parts = m.collect(
-                &prefix,
-                Some(&start),
-                |k| matches!(k, ViewKey::ItemSeries { start, .. } if *start >= from),
-            )?;
-            for (k, p) in parts {
-                if let (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) = (k, p) {
-                    out.entry(item).or_default().merge(&s);
-                }
+        for (item, s) in &self.speed {
+            if !self.batch.contains_key(item) {
+                f(item, s);
             }
         }
     }
-    Ok(out)
+}
+
+/// Per-item totals over a window.
+pub fn item_totals(m: &Merge<'_>, window: Window, now: Millis) -> Result<ItemTotals, ApiError> {
+    let key = window.buckets(now);
+    let batch = m.batch().map_or_else(Arc::default, |b| b.item_totals(key));
+    let mut speed: FastMap<String, ItemStats> = FastMap::default();
+    let (prefix, start) = totals_range(key);
+    m.scan_speed(&prefix, Some(&start), &mut |k, p| match (k, p) {
+        (ViewKey::Item(item), Partial::Item(s))
+        | (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) => {
+            speed.entry(item).or_default().merge(&s)
+        }
+        _ => {}
+    })?;
+    Ok(ItemTotals { batch, speed })
 }
 
 fn check_type(event_type: &str) -> Result<(), ApiError> {
@@ -107,15 +135,15 @@ pub fn top_items(
     state.with_merge(|m| {
         let now = now_millis();
         let totals = item_totals(m, window, now)?;
-        let mut ranked: Vec<(&str, u64)> = totals
-            .iter()
-            .filter(|(_, s)| category.is_none() || s.category.as_deref() == category)
-            .filter_map(|(item, s)| {
-                s.count(event_type)
-                    .filter(|&c| c > 0)
-                    .map(|c| (item.as_str(), c))
-            })
-            .collect();
+        let mut ranked: Vec<(&str, u64)> = Vec::new();
+        totals.for_each(|item, s| {
+            if category.is_some() && s.category.as_deref() != category {
+                return;
+            }
+            if let Some(c) = s.count(event_type).filter(|&c| c > 0) {
+                ranked.push((item, c));
+            }
+        });
         ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         ranked.truncate(limit);
         let items: Vec<Value> = ranked
@@ -163,22 +191,19 @@ pub fn trending(
         let recent = item_totals(m, window, now)?;
         let base = item_totals(m, baseline, now)?;
         let rest_hours = baseline.hours() - window.hours();
-        let mut rows: Vec<(String, f64, u64, u64)> = recent
-            .iter()
-            .filter_map(|(item, s)| {
-                let r = s.count(event_type)?;
-                if r < min_support {
-                    return None;
-                }
-                let b = base
-                    .get(item)
-                    .and_then(|s| s.count(event_type))
-                    .unwrap_or(r);
-                let before = b.saturating_sub(r);
-                let score = (r as f64 / window.hours()) / ((before as f64 + 1.0) / rest_hours);
-                Some((item.clone(), score, r, before))
-            })
-            .collect();
+        let mut rows: Vec<(String, f64, u64, u64)> = Vec::new();
+        recent.for_each(|item, s| {
+            let Some(r) = s.count(event_type).filter(|&r| r >= min_support) else {
+                return;
+            };
+            let b = base
+                .get(item)
+                .and_then(|s| s.count(event_type))
+                .unwrap_or(r);
+            let before = b.saturating_sub(r);
+            let score = (r as f64 / window.hours()) / ((before as f64 + 1.0) / rest_hours);
+            rows.push((item.to_string(), score, r, before));
+        });
         rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         rows.truncate(limit);
         let items: Vec<Value> = rows

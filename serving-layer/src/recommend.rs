@@ -155,11 +155,13 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let viewed = history(m, Basis::View, user)?;
         let bought = history(m, Basis::Purchase, user)?;
         if viewed.is_empty() && bought.is_empty() {
-            let mut top: Vec<(String, u64)> = item_totals(m, Window::All, 0)?
-                .into_iter()
-                .filter(|(_, s)| s.purchases > 0)
-                .map(|(i, s)| (i, s.purchases))
-                .collect();
+            let totals = item_totals(m, Window::All, 0)?;
+            let mut top: Vec<(&str, u64)> = Vec::new();
+            totals.for_each(|i, s| {
+                if s.purchases > 0 {
+                    top.push((i, s.purchases));
+                }
+            });
             top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             top.truncate(limit);
             let items: Vec<Value> = top

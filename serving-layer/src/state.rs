@@ -2,7 +2,7 @@
 //! the one place where the two are merged.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::DB;
 use serde::Serialize;
@@ -10,7 +10,8 @@ use strata_common::batch_store::{self, Manifest};
 use strata_common::config::Config;
 use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
-use strata_common::views::{Partial, ViewKey};
+use strata_common::time::Millis;
+use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Partial, ViewKey};
 
 use crate::error::ApiError;
 
@@ -19,6 +20,70 @@ use crate::error::ApiError;
 pub struct LoadedBatch {
     pub manifest: Manifest,
     pub views: BTreeMap<Vec<u8>, (ViewKey, Partial)>,
+    /// Per-item totals over a window's buckets, computed once per window start: a version never
+    /// changes, so the batch's share of a windowed query is the same for every request until
+    /// the window moves on to the next bucket.
+    item_totals: Mutex<Vec<(TotalsKey, Arc<FastMap<String, ItemStats>>)>>,
+}
+
+/// Which buckets item totals cover: every item's all-time totals (`None`), or the series
+/// buckets of one granularity from one start on.
+pub type TotalsKey = Option<(Gran, Millis)>;
+
+/// The prefix of the keys item totals are made of, and the first of them.
+pub fn totals_range(key: TotalsKey) -> (Vec<u8>, Vec<u8>) {
+    match key {
+        None => (vec![tag::ITEM], vec![tag::ITEM]),
+        Some((gran, from)) => (
+            ViewKey::series_prefix(tag::ITEM_SERIES, gran),
+            ViewKey::series_from(tag::ITEM_SERIES, gran, from),
+        ),
+    }
+}
+
+/// How many windows' totals a loaded version keeps.
+const TOTALS_KEPT: usize = 8;
+
+impl LoadedBatch {
+    pub fn new(manifest: Manifest, views: BTreeMap<Vec<u8>, (ViewKey, Partial)>) -> Self {
+        LoadedBatch {
+            manifest,
+            views,
+            item_totals: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The version's per-item totals over the buckets `key` names.
+    pub fn item_totals(&self, key: TotalsKey) -> Arc<FastMap<String, ItemStats>> {
+        let mut kept = self.item_totals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, totals)) = kept.iter().find(|(k, _)| *k == key) {
+            return totals.clone();
+        }
+        let mut totals: FastMap<String, ItemStats> = FastMap::default();
+        let mut add = |item: &str, s: &ItemStats| match totals.get_mut(item) {
+            Some(t) => t.merge(s),
+            None => {
+                totals.insert(item.to_string(), s.clone());
+            }
+        };
+        let (prefix, start) = totals_range(key);
+        for (k, (key, p)) in self.views.range(start..) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            match (key, p) {
+                (ViewKey::Item(item), Partial::Item(s))
+                | (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) => add(item, s),
+                _ => {}
+            }
+        }
+        let totals = Arc::new(totals);
+        if kept.len() >= TOTALS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((key, totals.clone()));
+        totals
+    }
 }
 
 /// The serving layer's shared state.
@@ -159,15 +224,27 @@ impl Merge<'_> {
                 add(key.clone(), p);
             }
         }
-        if let Some((db, reads)) = self.speed {
-            let from_key = from.map(<[u8]>::to_vec);
-            reads.scan(db, &self.ranges, prefix, &mut |k, p| {
-                if from_key.as_ref().is_none_or(|f| k.encode() >= *f) {
-                    add(k, &p);
-                }
-            })?;
-        }
+        self.scan_speed(prefix, from, &mut |k, p| add(k, &p))?;
         Ok(out)
+    }
+
+    /// The batch version of this merge, if there is one.
+    pub fn batch(&self) -> Option<&LoadedBatch> {
+        self.batch
+    }
+
+    /// Calls `f` with each of the speed layer's partials (not merged: a key may come once per
+    /// block) whose encoding starts with `prefix` and is at or after `from`.
+    pub fn scan_speed(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<(), ApiError> {
+        if let Some((db, reads)) = self.speed {
+            reads.scan(db, &self.ranges, prefix, from, f)?;
+        }
+        Ok(())
     }
 
     /// Every merged partial of one view (by key tag).
@@ -266,7 +343,7 @@ impl ServingState {
             "loaded batch version"
         );
         if let Ok(mut b) = self.batch.write() {
-            *b = Some(Arc::new(LoadedBatch { manifest, views }));
+            *b = Some(Arc::new(LoadedBatch::new(manifest, views)));
         }
         Ok(true)
     }

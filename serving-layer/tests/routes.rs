@@ -475,3 +475,99 @@ async fn cors_headers_go_to_allowed_origins_only() {
         .unwrap_or_default();
     assert!(allow.contains("authorization"), "{allow}");
 }
+
+/// Windowed top items merge the batch version's buckets inside the window with the speed
+/// layer's, and leave out both sides' buckets before it.
+#[tokio::test]
+async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
+    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::views::Gran;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = Gran::Hour.floor(strata_common::time::now_millis());
+    let series = |start, item: &str| ViewKey::ItemSeries {
+        gran: Gran::Hour,
+        start,
+        item: item.into(),
+    };
+    let bought = |purchases| {
+        Partial::Item(ItemStats {
+            purchases,
+            ..Default::default()
+        })
+    };
+    let mut views = ViewSet::default();
+    views.add(series(hour - 2 * 3_600_000, "i1"), &bought(2));
+    views.add(series(hour - 30 * 3_600_000, "i1"), &bought(100));
+    views.add(series(hour - 3_600_000, "i2"), &bought(1));
+    let cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let block_size = cfg.handoff.block_size;
+    batch_store::publish(
+        dir.path(),
+        &views,
+        Manifest {
+            version: 0,
+            published_at: "2026-11-25T00:00:00.000Z".into(),
+            block_size,
+            cutoffs: Offsets::from([(0, block_size as i64)]),
+            events: 103,
+            duplicates: 0,
+            keys: 0,
+            duration_ms: 1,
+        },
+    )
+    .expect("publish");
+
+    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
+    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
+        .expect("put");
+    db.put_cf(
+        meta,
+        meta_key::next_offset(0),
+        encode_i64(block_size as i64 + 50),
+    )
+    .expect("put");
+    for (key, purchases) in [
+        (series(hour, "i1"), 3),
+        (series(hour, "i3"), 5),
+        (series(hour - 30 * 3_600_000, "i2"), 50),
+    ] {
+        db.put_cf(blocks, block_key(0, 1, &key), bought(purchases).encode())
+            .expect("put");
+    }
+    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db)));
+    s.refresh_batch().expect("load the batch version");
+
+    for _ in 0..2 {
+        // The second time the batch's share comes from the version's kept totals.
+        let (status, v) = call(
+            &s,
+            "GET",
+            "/v1/insights/top-items?type=purchase&window=24h",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let items: Vec<(&str, u64)> = v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| Some((i["item"].as_str()?, i["count"].as_u64()?)))
+            .collect();
+        assert_eq!(items, [("i1", 5), ("i3", 5), ("i2", 1)]);
+    }
+    let (status, v) = call(
+        &s,
+        "GET",
+        "/v1/insights/top-items?type=purchase&window=1h",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(0), "{v}");
+}
