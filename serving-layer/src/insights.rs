@@ -5,12 +5,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
-use strata_common::views::{
-    tag, FastMap, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR,
-};
+use strata_common::views::{tag, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::error::ApiError;
-use crate::state::{totals_range, Merge, ServingState};
+use crate::state::{totals_range, Merge, ServingState, Totals};
 
 /// A look-back window, in event time, ending now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +56,8 @@ impl Window {
 /// Per-item totals over a window: the batch version's share (computed once per version and
 /// window start, see [`LoadedBatch::item_totals`]) and the speed layer's, merged on reading.
 pub struct ItemTotals {
-    batch: Arc<FastMap<String, ItemStats>>,
-    speed: FastMap<String, ItemStats>,
+    batch: Arc<Totals>,
+    speed: Totals,
 }
 
 impl ItemTotals {
@@ -101,7 +99,7 @@ impl ItemTotals {
 pub fn item_totals(m: &Merge<'_>, window: Window, now: Millis) -> Result<ItemTotals, ApiError> {
     let key = window.buckets(now);
     let batch = m.batch().map_or_else(Arc::default, |b| b.item_totals(key));
-    let mut speed: FastMap<String, ItemStats> = FastMap::default();
+    let mut speed = Totals::default();
     let (prefix, start) = totals_range(key);
     m.scan_speed(&prefix, Some(&start), &mut |k, p| match (k, p) {
         (ViewKey::Item(item), Partial::Item(s))

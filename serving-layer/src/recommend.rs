@@ -162,7 +162,7 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
                     top.push((i, s.purchases));
                 }
             });
-            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
             top.truncate(limit);
             let items: Vec<Value> = top
                 .iter()

@@ -23,8 +23,11 @@ pub struct LoadedBatch {
     /// Per-item totals over a window's buckets, computed once per window start: a version never
     /// changes, so the batch's share of a windowed query is the same for every request until
     /// the window moves on to the next bucket.
-    item_totals: Mutex<Vec<(TotalsKey, Arc<FastMap<String, ItemStats>>)>>,
+    item_totals: Mutex<Vec<(TotalsKey, Arc<Totals>)>>,
 }
+
+/// Per-item totals.
+pub type Totals = FastMap<String, ItemStats>;
 
 /// Which buckets item totals cover: every item's all-time totals (`None`), or the series
 /// buckets of one granularity from one start on.
@@ -54,12 +57,12 @@ impl LoadedBatch {
     }
 
     /// The version's per-item totals over the buckets `key` names.
-    pub fn item_totals(&self, key: TotalsKey) -> Arc<FastMap<String, ItemStats>> {
+    pub fn item_totals(&self, key: TotalsKey) -> Arc<Totals> {
         let mut kept = self.item_totals.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, totals)) = kept.iter().find(|(k, _)| *k == key) {
             return totals.clone();
         }
-        let mut totals: FastMap<String, ItemStats> = FastMap::default();
+        let mut totals = Totals::default();
         let mut add = |item: &str, s: &ItemStats| match totals.get_mut(item) {
             Some(t) => t.merge(s),
             None => {
