@@ -6,10 +6,10 @@
 //! histories, so the counts are exact for all accepted events; the cost grows with the audience of
 //! the item asked about.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
-use strata_common::views::{Basis, Partial, ViewKey};
+use strata_common::views::{Basis, FastMap, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::insights::{item_totals, Window};
@@ -51,7 +51,7 @@ pub struct CoRow {
 }
 
 /// Audience sizes already read while answering one request.
-pub type Sizes = HashMap<String, u64>;
+pub type Sizes = FastMap<String, u64>;
 
 fn audience_size(
     m: &Merge<'_>,
@@ -81,13 +81,27 @@ pub fn co_occurring(
     if users.is_empty() {
         return Ok(None);
     }
-    let mut co: BTreeMap<String, u64> = BTreeMap::new();
+    // Each user's history is read in place (lent by the batch version when the speed layer has
+    // nothing to add), and a name is copied only the first time it is seen.
+    let mut co: FastMap<String, u64> = FastMap::default();
     for u in &users {
-        for other in history(m, basis, u)?.into_keys() {
-            if other != item {
-                *co.entry(other).or_default() += 1;
+        let key = ViewKey::UserItems {
+            basis,
+            user: u.clone(),
+        };
+        m.with_partial(&key, |p| {
+            let Some(Partial::Recent(r)) = p else {
+                return;
+            };
+            for other in r.0.keys().filter(|o| *o != item) {
+                match co.get_mut(other.as_str()) {
+                    Some(c) => *c += 1,
+                    None => {
+                        co.insert(other.clone(), 1);
+                    }
+                }
             }
-        }
+        })?;
     }
     let n_a = users.len() as f64;
     let mut rows = Vec::with_capacity(co.len());
@@ -117,7 +131,7 @@ pub fn for_item(
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(mut rows) = co_occurring(m, basis, item, &mut Sizes::new())? else {
+        let Some(mut rows) = co_occurring(m, basis, item, &mut Sizes::default())? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
@@ -181,7 +195,7 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         recent.truncate(RECENT_ITEMS);
         let mut scores: BTreeMap<String, (f64, Vec<String>)> = BTreeMap::new();
-        let mut sizes = Sizes::new();
+        let mut sizes = Sizes::default();
         for (seed, _) in &recent {
             if let Some(rows) = co_occurring(m, Basis::View, seed, &mut sizes)? {
                 for r in rows {

@@ -163,18 +163,32 @@ pub struct Merge<'a> {
 impl Merge<'_> {
     /// The merged partial of one view key, `None` if neither side has it.
     pub fn get(&self, key: &ViewKey) -> Result<Option<Partial>, ApiError> {
-        let mut acc = self
+        self.with_partial(key, |p| p.cloned())
+    }
+
+    /// Calls `f` with the merged partial of one view key (`None` if neither side has it),
+    /// lending the batch version's own partial when the speed layer has nothing to add.
+    pub fn with_partial<T>(
+        &self,
+        key: &ViewKey,
+        f: impl FnOnce(Option<&Partial>) -> T,
+    ) -> Result<T, ApiError> {
+        let batch = self
             .batch
-            .and_then(|b| b.views.get(&key.encode()).map(|(_, p)| p.clone()));
-        if let Some((db, reads)) = self.speed {
-            if let Some(p) = reads.partial(db, &self.ranges, key)? {
-                match &mut acc {
-                    Some(a) => a.merge(&p),
-                    None => acc = Some(p),
-                }
+            .and_then(|b| b.views.get(&key.encode()).map(|(_, p)| p));
+        let speed = match self.speed {
+            Some((db, reads)) => reads.partial(db, &self.ranges, key)?,
+            None => None,
+        };
+        Ok(match (batch, speed) {
+            (Some(b), Some(s)) => {
+                let mut merged = b.clone();
+                merged.merge(&s);
+                f(Some(&merged))
             }
-        }
-        Ok(acc)
+            (Some(b), None) => f(Some(b)),
+            (None, s) => f(s.as_ref()),
+        })
     }
 
     /// The size of the merged set of one key (an item's audience), without copying the set.
