@@ -366,9 +366,15 @@ async fn answer(
     state: Arc<ServingState>,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
-    let result = tokio::task::spawn_blocking(move || f(&state))
-        .await
-        .unwrap_or_else(|e| Err(ApiError::internal(e)));
+    let result = match state.heavy.acquire().await {
+        Ok(_permit) => {
+            let s = state.clone();
+            tokio::task::spawn_blocking(move || f(&s))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(e)))
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    };
     Ok(render(result))
 }
 

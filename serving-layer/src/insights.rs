@@ -53,6 +53,20 @@ impl Window {
     }
 }
 
+/// Keeps the first `n` of `rows` in the order `cmp` gives (a total order), sorted: a selection,
+/// then a sort of the `n` kept, instead of sorting every row.
+pub fn top_n<T>(rows: &mut Vec<T>, n: usize, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
+    if rows.len() > n {
+        if n == 0 {
+            rows.clear();
+            return;
+        }
+        rows.select_nth_unstable_by(n - 1, &cmp);
+        rows.truncate(n);
+    }
+    rows.sort_unstable_by(cmp);
+}
+
 /// Per-item totals over a window: the batch version's share (computed once per version and
 /// window start, see [`LoadedBatch::item_totals`]) and the speed layer's, merged on reading.
 pub struct ItemTotals {
@@ -142,8 +156,9 @@ pub fn top_items(
                 ranked.push((item, c));
             }
         });
-        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        ranked.truncate(limit);
+        top_n(&mut ranked, limit, |a, b| {
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
+        });
         let items: Vec<Value> = ranked
             .iter()
             .map(|(item, count)| json!({"item": item, "count": count}))
@@ -202,8 +217,9 @@ pub fn trending(
             let score = (r as f64 / window.hours()) / ((before as f64 + 1.0) / rest_hours);
             rows.push((item.to_string(), score, r, before));
         });
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        rows.truncate(limit);
+        top_n(&mut rows, limit, |a, b| {
+            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+        });
         let items: Vec<Value> = rows
             .iter()
             .map(|(item, score, r, before)| {
@@ -374,4 +390,25 @@ pub fn timeseries(state: &ServingState, q: &SeriesQuery) -> Result<Value, ApiErr
         }
         Ok(answer)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_n_equals_a_full_sort_cut_short() {
+        let rows: Vec<(u64, String)> = (0..500u64)
+            .map(|i| ((i * 7919) % 13, format!("i{}", (i * 31) % 97)))
+            .collect();
+        let cmp = |a: &(u64, String), b: &(u64, String)| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1));
+        for n in [0, 1, 5, 13, 499, 500, 800] {
+            let mut sorted = rows.clone();
+            sorted.sort_by(cmp);
+            sorted.truncate(n);
+            let mut kept = rows.clone();
+            top_n(&mut kept, n, cmp);
+            assert_eq!(kept, sorted, "n = {n}");
+        }
+    }
 }

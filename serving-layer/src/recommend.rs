@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Partial, ViewKey};
 
 use crate::error::ApiError;
-use crate::insights::{item_totals, Window};
+use crate::insights::{item_totals, top_n, Window};
 use crate::state::{Merge, ServingState};
 
 fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<String>, ApiError> {
@@ -176,8 +176,9 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
                     top.push((i, s.purchases));
                 }
             });
-            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-            top.truncate(limit);
+            top_n(&mut top, limit, |a, b| {
+                b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
+            });
             let items: Vec<Value> = top
                 .iter()
                 .map(|(i, c)| json!({"item": i, "purchases": c}))
@@ -210,8 +211,9 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         }
         let mut rows: Vec<(String, f64, Vec<String>)> =
             scores.into_iter().map(|(i, (s, b))| (i, s, b)).collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        rows.truncate(limit);
+        top_n(&mut rows, limit, |a, b| {
+            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+        });
         let items: Vec<Value> = rows
             .iter()
             .map(|(i, s, because)| json!({"item": i, "score": s, "because": because}))

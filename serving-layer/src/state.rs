@@ -103,6 +103,10 @@ pub struct ServingState {
     broker: RwLock<BrokerHealth>,
     /// Request counts and latencies per route.
     pub http_metrics: crate::metrics::HttpMetrics,
+    /// Queries that scan or fan out (everything but point lookups) run on the blocking pool,
+    /// as many at once as there are cores: more would only take turns on the same cores while
+    /// each holds its working set, and the extra threads evict each other's caches.
+    pub heavy: tokio::sync::Semaphore,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -297,6 +301,9 @@ impl ServingState {
             high_watermarks: RwLock::new(None),
             broker: RwLock::new(BrokerHealth::default()),
             http_metrics: crate::metrics::HttpMetrics::default(),
+            heavy: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
