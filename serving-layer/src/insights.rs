@@ -63,7 +63,7 @@ pub fn item_totals(
         None => {
             for (k, p) in m.all(tag::ITEM)? {
                 if let (ViewKey::Item(item), Partial::Item(s)) = (k, p) {
-                    out.insert(item, s);
+                    out.insert(item.into(), s);
                 }
             }
         }
@@ -77,7 +77,7 @@ pub fn item_totals(
             )?;
             for (k, p) in parts {
                 if let (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) = (k, p) {
-                    out.entry(item).or_default().merge(&s);
+                    out.entry(item.into()).or_default().merge(&s);
                 }
             }
         }

@@ -19,9 +19,9 @@ fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<String>,
     Ok(
         match m.get(&ViewKey::ItemUsers {
             basis,
-            item: item.to_string(),
+            item: item.into(),
         })? {
-            Some(Partial::Set(s)) => s.0,
+            Some(Partial::Set(s)) => s.0.into_iter().map(String::from).collect(),
             _ => BTreeSet::new(),
         },
     )
@@ -31,9 +31,11 @@ fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<String, i
     Ok(
         match m.get(&ViewKey::UserItems {
             basis,
-            user: user.to_string(),
+            user: user.into(),
         })? {
-            Some(Partial::Recent(r)) => r.0,
+            Some(Partial::Recent(r)) => {
+                r.0.into_iter().map(|(k, t)| (String::from(k), t)).collect()
+            }
             _ => BTreeMap::new(),
         },
     )
@@ -64,7 +66,7 @@ fn audience_size(
     }
     let n = m.set_len(&ViewKey::ItemUsers {
         basis,
-        item: item.to_string(),
+        item: item.into(),
     })? as u64;
     sizes.insert(item.to_string(), n);
     Ok(n)
@@ -131,7 +133,7 @@ pub fn for_item(
         Ok(json!({
             "item": item,
             "basis": basis_name(basis),
-            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.to_string() })?,
+            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.into() })?,
             "items": items,
             "as_of": m.as_of,
         }))
