@@ -1,4 +1,8 @@
 //! Recomputing every view from the master dataset, in parallel, and publishing the result.
+//!
+//! Each partition is folded in offset order (the dedupe rule needs it) into [`SHARDS`] view sets,
+//! a key's set chosen by its hash; the partitions' sets of one shard are then merged, shard by
+//! shard in parallel, and the shards published together (their keys are disjoint).
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -11,7 +15,7 @@ use strata_common::disk;
 use strata_common::handoff::{cutoff_below, Offsets};
 use strata_common::progress::Progress;
 use strata_common::time::{format_rfc3339, now_millis};
-use strata_common::views::ViewSet;
+use strata_common::views::{contributions, Partial, ViewKey, ViewSet};
 
 use crate::segment::{self, Segment};
 use crate::Result;
@@ -19,10 +23,34 @@ use crate::Result;
 /// Segments parsed at once per partition: enough to keep every core busy.
 const CHUNK: usize = 8;
 
+/// View sets each partition's fold is split into. Merging the partitions' results then runs
+/// shard by shard on every core, and each shard's map is a fraction of the whole.
+const SHARDS: usize = 64;
+
+/// The views of some events, split into [`SHARDS`] sets by the hash of each key.
+struct Sharded {
+    /// The same (randomly keyed) hasher for every partition, so a key has one shard.
+    hasher: ahash::RandomState,
+    shards: Vec<ViewSet>,
+}
+
+impl Sharded {
+    fn new(hasher: ahash::RandomState) -> Self {
+        Sharded {
+            hasher,
+            shards: (0..SHARDS).map(|_| ViewSet::default()).collect(),
+        }
+    }
+
+    fn add(&mut self, key: ViewKey, partial: Partial) {
+        let i = (self.hasher.hash_one(&key) % SHARDS as u64) as usize;
+        self.shards[i].add_owned(key, partial);
+    }
+}
+
 /// What one partition contributes.
-#[derive(Default)]
 struct PartitionFold {
-    views: ViewSet,
+    views: Sharded,
     events: u64,
     duplicates: u64,
 }
@@ -59,13 +87,18 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .map(|(p, segs)| segs.iter().filter(|s| s.start < cutoffs[p]).count())
         .sum();
     let progress = Mutex::new(Progress::new("recompute segments", Some(total as u64)));
+    let hasher = ahash::RandomState::new();
 
     let folds: Vec<Result<PartitionFold>> = segments
         .par_iter()
         .map(|(p, segs)| {
             let cutoff = cutoffs[p];
             let wanted: Vec<&Segment> = segs.iter().filter(|s| s.start < cutoff).collect();
-            let mut fold = PartitionFold::default();
+            let mut fold = PartitionFold {
+                views: Sharded::new(hasher.clone()),
+                events: 0,
+                duplicates: 0,
+            };
             let mut dedupe = PartitionDeduper::new(rule);
             for chunk in wanted.chunks(CHUNK) {
                 let parsed: Vec<_> = chunk
@@ -75,7 +108,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                 for events in parsed {
                     for (_, e) in events {
                         if dedupe.admit(&e.id, e.ts) {
-                            fold.views.fold(&e);
+                            contributions(&e, |k, p| fold.views.add(k, p));
                             fold.events += 1;
                         } else {
                             fold.duplicates += 1;
@@ -91,17 +124,28 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         })
         .collect();
 
-    let mut views = ViewSet::default();
     let (mut events, mut duplicates) = (0, 0);
+    let mut columns: Vec<Vec<ViewSet>> = (0..SHARDS).map(|_| Vec::new()).collect();
     for f in folds {
         let f = f?;
         events += f.events;
         duplicates += f.duplicates;
-        views.merge_owned(f.views);
+        for (column, set) in columns.iter_mut().zip(f.views.shards) {
+            column.push(set);
+        }
     }
-    let manifest = batch_store::publish(
+    let shards: Vec<ViewSet> = columns
+        .into_par_iter()
+        .map(|column| {
+            column.into_iter().fold(ViewSet::default(), |mut all, set| {
+                all.merge_owned(set);
+                all
+            })
+        })
+        .collect();
+    let manifest = batch_store::publish_parts(
         &cfg.data_dir,
-        &views,
+        &shards,
         Manifest {
             version: 0,
             published_at: format_rfc3339(now_millis()),
@@ -116,6 +160,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
     if let Ok(pr) = progress.lock() {
         pr.finish();
     }
+    shards.into_par_iter().for_each(drop);
     tracing::info!(
         version = manifest.version,
         events,

@@ -52,7 +52,7 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             continue;
         };
         items += 1;
-        let Some(d) = peer_items.get(name) else {
+        let Some(d) = peer_items.get(name.as_str()) else {
             differ(format!("item {name}: not in duckdb's answer"));
             continue;
         };

@@ -215,14 +215,25 @@ fn sync_dir(path: &Path) -> Result<()> {
 
 /// Writes `views` as the next version and publishes it atomically. `manifest.version` and
 /// `manifest.keys` are filled in here.
-pub fn publish(data_dir: &Path, views: &ViewSet, mut manifest: Manifest) -> Result<Manifest> {
+pub fn publish(data_dir: &Path, views: &ViewSet, manifest: Manifest) -> Result<Manifest> {
+    publish_parts(data_dir, std::slice::from_ref(views), manifest)
+}
+
+/// [`publish`] of the union of `parts`, which hold disjoint sets of keys (a key in two parts
+/// would be written twice).
+pub fn publish_parts(
+    data_dir: &Path,
+    parts: &[ViewSet],
+    mut manifest: Manifest,
+) -> Result<Manifest> {
     let previous = read_current(data_dir)?.map_or(0, |m| m.version);
     manifest.version = previous.max(highest_version_dir(data_dir)?) + 1;
-    manifest.keys = views.len() as u64;
+    manifest.keys = parts.iter().map(|p| p.len() as u64).sum();
     let dir = version_dir(data_dir, manifest.version);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
 
-    let mut entries: Vec<(&ViewKey, &Partial)> = views.entries.iter().collect();
+    let mut entries: Vec<(&ViewKey, &Partial)> =
+        parts.iter().flat_map(|p| p.entries.iter()).collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let bytes = postcard::to_stdvec(&entries).map_err(|e| Error::Other(e.to_string()))?;
     let path = dir.join("views.bin");
@@ -375,6 +386,29 @@ mod tests {
         let removed = clean(dir.path(), 1).expect("clean");
         assert_eq!(removed, vec![1, 3]);
         assert_eq!(load_views(dir.path(), &m2).expect("load"), views);
+    }
+
+    #[test]
+    fn parts_publish_as_their_union() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats = |views| {
+            Partial::Item(ItemStats {
+                views,
+                ..Default::default()
+            })
+        };
+        let mut whole = ViewSet::default();
+        let mut parts = vec![ViewSet::default(), ViewSet::default(), ViewSet::default()];
+        for i in 0..10u64 {
+            let key = ViewKey::Item(format!("i{i}").into());
+            whole.add(key.clone(), &stats(i));
+            parts[(i % 2) as usize].add(key, &stats(i));
+        }
+        let m1 = publish(dir.path(), &whole, manifest()).expect("publish");
+        let m2 = publish_parts(dir.path(), &parts, manifest()).expect("publish");
+        assert_eq!((m1.keys, m2.keys), (10, 10));
+        let bytes = |m: &Manifest| fs::read(version_dir(dir.path(), m.version).join("views.bin"));
+        assert_eq!(bytes(&m1).expect("read"), bytes(&m2).expect("read"));
     }
 
     #[test]

@@ -13,9 +13,8 @@
 //! decision for every message. Remembered ids whose expiry the watermark has passed can never match
 //! again, so dropping them from storage at any time changes nothing.
 
-use std::collections::HashMap;
-
 use crate::time::Millis;
+use crate::views::{FastMap, Name};
 
 /// The rule's one parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +62,8 @@ impl Dedupe {
 pub struct PartitionDeduper {
     rule: Dedupe,
     watermark: Millis,
-    seen: HashMap<String, Millis>,
+    /// Ids are short as a rule, so most are stored inline, with no allocation of their own.
+    seen: FastMap<Name, Millis>,
     /// Size at which expired ids are next swept out.
     sweep_at: usize,
 }
@@ -73,7 +73,7 @@ impl PartitionDeduper {
         PartitionDeduper {
             rule,
             watermark: START_WATERMARK,
-            seen: HashMap::new(),
+            seen: FastMap::default(),
             sweep_at: 1 << 16,
         }
     }
@@ -83,7 +83,7 @@ impl PartitionDeduper {
         let remembered = self.seen.get(id).copied();
         match self.rule.decide(&mut self.watermark, remembered, ts) {
             Decision::Count { expiry } => {
-                self.seen.insert(id.to_string(), expiry);
+                self.seen.insert(Name::from(id), expiry);
                 if self.seen.len() >= self.sweep_at {
                     let w = self.watermark;
                     self.seen.retain(|_, e| *e >= w);

@@ -19,7 +19,7 @@ fn status_of(state: &ServingState, s: &DeviceStats, now: Millis) -> &'static str
 /// last `hours` hours, each flagged when its readings leave the metric's configured bounds.
 pub fn device(state: &ServingState, device: &str, hours: i64) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(Partial::Device(s)) = m.get(&ViewKey::Device(device.to_string()))? else {
+        let Some(Partial::Device(s)) = m.get(&ViewKey::Device(device.into()))? else {
             return Err(ApiError::not_found(format!("no events for device {device:?}")));
         };
         let now = now_millis();
@@ -35,12 +35,12 @@ pub fn device(state: &ServingState, device: &str, hours: i64) -> Result<Value, A
             let (ViewKey::DeviceMetricHour { start, metric, .. }, Partial::Device(w)) = (k, p) else {
                 continue;
             };
-            let bounds = state.cfg.serve.metric_bounds.get(&metric);
+            let bounds = state.cfg.serve.metric_bounds.get(metric.as_str());
             let flagged = bounds.is_some_and(|b| {
                 w.min.is_some_and(|v| v < b.min) || w.max.is_some_and(|v| v > b.max)
             });
             out_of_range += u64::from(flagged);
-            metrics.entry(metric).or_default().push(json!({
+            metrics.entry(metric.into()).or_default().push(json!({
                 "start": format_rfc3339(start),
                 "count": w.readings,
                 "min": w.min,

@@ -10,7 +10,7 @@ use crate::state::{Merge, ServingState};
 /// All-time totals of one item.
 pub fn item(state: &ServingState, item: &str) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(Partial::Item(s)) = m.get(&ViewKey::Item(item.to_string()))? else {
+        let Some(Partial::Item(s)) = m.get(&ViewKey::Item(item.into()))? else {
             return Err(ApiError::not_found(format!("no events for item {item:?}")));
         };
         Ok(item_json(item, &s, m))

@@ -9,17 +9,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
-use strata_common::views::{Basis, FastMap, Partial, ViewKey};
+use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{Merge, ServingState};
 
-fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<String>, ApiError> {
+fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<Name>, ApiError> {
     Ok(
         match m.get(&ViewKey::ItemUsers {
             basis,
-            item: item.to_string(),
+            item: item.into(),
         })? {
             Some(Partial::Set(s)) => s.0,
             _ => BTreeSet::new(),
@@ -27,11 +27,11 @@ fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<String>,
     )
 }
 
-fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<String, i64>, ApiError> {
+fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
     Ok(
         match m.get(&ViewKey::UserItems {
             basis,
-            user: user.to_string(),
+            user: user.into(),
         })? {
             Some(Partial::Recent(r)) => r.0,
             _ => BTreeMap::new(),
@@ -41,7 +41,7 @@ fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<String, i
 
 /// One item that co-occurs with another.
 pub struct CoRow {
-    pub item: String,
+    pub item: Name,
     /// Cosine similarity of the two audiences.
     pub score: f64,
     /// Users whose history holds both items.
@@ -64,7 +64,7 @@ fn audience_size(
     }
     let n = m.set_len(&ViewKey::ItemUsers {
         basis,
-        item: item.to_string(),
+        item: item.into(),
     })? as u64;
     sizes.insert(item.to_string(), n);
     Ok(n)
@@ -83,7 +83,7 @@ pub fn co_occurring(
     }
     // Each user's history is read in place (lent by the batch version when the speed layer has
     // nothing to add), and a name is copied only the first time it is seen.
-    let mut co: FastMap<String, u64> = FastMap::default();
+    let mut co: FastMap<Name, u64> = FastMap::default();
     for u in &users {
         let key = ViewKey::UserItems {
             basis,
@@ -145,7 +145,7 @@ pub fn for_item(
         Ok(json!({
             "item": item,
             "basis": basis_name(basis),
-            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.to_string() })?,
+            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.into() })?,
             "items": items,
             "as_of": m.as_of,
         }))
@@ -187,15 +187,15 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
                 json!({"user": user, "source": "top_items", "items": items, "as_of": m.as_of}),
             );
         }
-        let mut latest: BTreeMap<&String, i64> = BTreeMap::new();
+        let mut latest: BTreeMap<&Name, i64> = BTreeMap::new();
         for (i, &t) in viewed.iter().chain(bought.iter()) {
             let e = latest.entry(i).or_insert(t);
             *e = (*e).max(t);
         }
-        let mut recent: Vec<(&String, i64)> = latest.into_iter().collect();
+        let mut recent: Vec<(&Name, i64)> = latest.into_iter().collect();
         recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         recent.truncate(RECENT_ITEMS);
-        let mut scores: BTreeMap<String, (f64, Vec<String>)> = BTreeMap::new();
+        let mut scores: BTreeMap<Name, (f64, Vec<Name>)> = BTreeMap::new();
         let mut sizes = Sizes::default();
         for (seed, _) in &recent {
             if let Some(rows) = co_occurring(m, Basis::View, seed, &mut sizes)? {
@@ -209,7 +209,7 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
                 }
             }
         }
-        let mut rows: Vec<(String, f64, Vec<String>)> =
+        let mut rows: Vec<(Name, f64, Vec<Name>)> =
             scores.into_iter().map(|(i, (s, b))| (i, s, b)).collect();
         top_n(&mut rows, limit, |a, b| {
             b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))

@@ -11,7 +11,7 @@ use strata_common::config::Config;
 use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
-use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Partial, ViewKey};
+use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 
@@ -27,7 +27,7 @@ pub struct LoadedBatch {
 }
 
 /// Per-item totals.
-pub type Totals = FastMap<String, ItemStats>;
+pub type Totals = FastMap<Name, ItemStats>;
 
 /// Which buckets item totals cover: every item's all-time totals (`None`), or the series
 /// buckets of one granularity from one start on.
@@ -63,10 +63,10 @@ impl LoadedBatch {
             return totals.clone();
         }
         let mut totals = Totals::default();
-        let mut add = |item: &str, s: &ItemStats| match totals.get_mut(item) {
+        let mut add = |item: &Name, s: &ItemStats| match totals.get_mut(item.as_str()) {
             Some(t) => t.merge(s),
             None => {
-                totals.insert(item.to_string(), s.clone());
+                totals.insert(item.clone(), s.clone());
             }
         };
         let (prefix, start) = totals_range(key);

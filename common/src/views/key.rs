@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Name;
 use crate::time::Millis;
 
 /// Time-bucket granularities.
@@ -95,28 +96,28 @@ impl Basis {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ViewKey {
     /// All-time totals of one item: `ItemStats`.
-    Item(String),
+    Item(Name),
     /// Liveness and reading statistics of one device: `DeviceStats`.
-    Device(String),
+    Device(Name),
     /// One item's totals in one time bucket: `ItemStats`.
     ItemSeries {
         gran: Gran,
         start: Millis,
-        item: String,
+        item: Name,
     },
     /// Everything in one time bucket: `SeriesStats`.
     Series { gran: Gran, start: Millis },
     /// Distinct users of one item on one day: `Hll`.
-    ItemDayUsers { day: Millis, item: String },
+    ItemDayUsers { day: Millis, item: Name },
     /// A user's items with the time of the latest interaction: `Recent`.
-    UserItems { basis: Basis, user: String },
+    UserItems { basis: Basis, user: Name },
     /// An item's users: `Set`.
-    ItemUsers { basis: Basis, item: String },
+    ItemUsers { basis: Basis, item: Name },
     /// One device's readings of one metric in one hour: `DeviceStats`.
     DeviceMetricHour {
         start: Millis,
-        device: String,
-        metric: String,
+        device: Name,
+        metric: Name,
     },
 }
 
@@ -141,8 +142,8 @@ fn time_from(b: &[u8]) -> Option<Millis> {
     Some((u64::from_be_bytes(arr) ^ (1 << 63)) as Millis)
 }
 
-fn text(b: &[u8]) -> Option<String> {
-    std::str::from_utf8(b).ok().map(str::to_string)
+fn text(b: &[u8]) -> Option<Name> {
+    std::str::from_utf8(b).ok().map(Name::from)
 }
 
 impl ViewKey {

@@ -34,6 +34,11 @@ pub use stats::{DeviceStats, ItemStats, Recent, SeriesStats, Set};
 
 use crate::event::{Event, ItemRef, Kind, EVENT_TYPES};
 
+/// A name in a view key or a partial (item, user, device, metric, category). Names of up to 24
+/// bytes are stored inline, so hashing, comparing, cloning and dropping a key touches no other
+/// memory; it orders, hashes and serializes exactly as the `str` it holds.
+pub type Name = compact_str::CompactString;
+
 /// A mergeable aggregate: `merge` is associative and `Default::default()` is its identity.
 pub trait Monoid: Default {
     fn merge(&mut self, other: &Self);
@@ -165,9 +170,10 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
 
     if let Some((r, _, stats)) = item_delta(&event.kind) {
         let stats = ItemStats {
-            category: r.category.clone(),
+            category: r.category.as_deref().map(Name::from),
             ..stats
         };
+        let item = Name::from(r.item.as_str());
         series.quantity = stats.quantity;
         series.revenue_micros = stats.revenue_micros;
         series.users = Hll::of(&r.user);
@@ -176,7 +182,7 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
                 ViewKey::ItemSeries {
                     gran,
                     start: gran.floor(ts),
-                    item: r.item.clone(),
+                    item: item.clone(),
                 },
                 Partial::Item(stats.clone()),
             );
@@ -184,7 +190,7 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
         emit(
             ViewKey::ItemDayUsers {
                 day: Gran::Day.floor(ts),
-                item: r.item.clone(),
+                item: item.clone(),
             },
             Partial::Distinct(Hll::of(&r.user)),
         );
@@ -197,23 +203,23 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
             emit(
                 ViewKey::UserItems {
                     basis,
-                    user: r.user.clone(),
+                    user: Name::from(r.user.as_str()),
                 },
-                Partial::Recent(Recent(BTreeMap::from([(r.item.clone(), ts)]))),
+                Partial::Recent(Recent(BTreeMap::from([(item.clone(), ts)]))),
             );
             emit(
                 ViewKey::ItemUsers {
                     basis,
-                    item: r.item.clone(),
+                    item: item.clone(),
                 },
-                Partial::Set(Set(BTreeSet::from([r.user.clone()]))),
+                Partial::Set(Set(BTreeSet::from([Name::from(r.user.as_str())]))),
             );
         }
-        emit(ViewKey::Item(r.item.clone()), Partial::Item(stats));
+        emit(ViewKey::Item(item), Partial::Item(stats));
     }
     match &event.kind {
         Kind::Heartbeat { device } => emit(
-            ViewKey::Device(device.clone()),
+            ViewKey::Device(Name::from(device.as_str())),
             Partial::Device(DeviceStats {
                 last_seen: Some(ts),
                 heartbeats: 1,
@@ -236,12 +242,15 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
             emit(
                 ViewKey::DeviceMetricHour {
                     start: Gran::Hour.floor(ts),
-                    device: device.clone(),
-                    metric: metric.clone(),
+                    device: Name::from(device.as_str()),
+                    metric: Name::from(metric.as_str()),
                 },
                 Partial::Device(stats.clone()),
             );
-            emit(ViewKey::Device(device.clone()), Partial::Device(stats));
+            emit(
+                ViewKey::Device(Name::from(device.as_str())),
+                Partial::Device(stats),
+            );
         }
         _ => {}
     }

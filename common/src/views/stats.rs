@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::hll::Hll;
-use super::Monoid;
+use super::{Monoid, Name};
 use crate::time::Millis;
 
 /// All-time totals of one item.
@@ -21,7 +21,7 @@ pub struct ItemStats {
     pub ratings: u64,
     pub rating_sum: u64,
     /// The item's category; if events disagree, the smallest name wins (a deterministic choice).
-    pub category: Option<String>,
+    pub category: Option<Name>,
 }
 
 impl ItemStats {
@@ -151,7 +151,7 @@ impl Monoid for Hll {
 
 /// Names with the latest time each was seen (union, keeping the later time).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recent(pub BTreeMap<String, Millis>);
+pub struct Recent(pub BTreeMap<Name, Millis>);
 
 impl Monoid for Recent {
     fn merge(&mut self, o: &Self) {
@@ -164,7 +164,7 @@ impl Monoid for Recent {
 
 /// A set of names (union).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Set(pub BTreeSet<String>);
+pub struct Set(pub BTreeSet<Name>);
 
 impl Monoid for Set {
     fn merge(&mut self, o: &Self) {
