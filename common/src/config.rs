@@ -69,7 +69,9 @@ pub struct HandoffConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct SpeedConfig {
-    /// Longest time folded events wait before being written (with their offsets) to RocksDB.
+    /// Longest time folded events wait before being written (with their offsets) to RocksDB
+    /// while messages keep coming; when the consumer runs dry they are written at once, but
+    /// not more often than every fifth of this.
     pub flush_interval_ms: u64,
     /// Most events folded in memory before a write.
     pub flush_max_events: usize,

@@ -70,8 +70,16 @@ impl SpeedLayer {
             if shutdown.is_cancelled() {
                 break;
             }
-            match consumer.poll(Duration::from_millis(20)) {
-                None => {}
+            // With events waiting to be written, wait no longer than until they may be: when
+            // nothing comes by then, the consumer has run dry and they are written at once.
+            let wait = if pending.is_empty() {
+                Duration::from_millis(20)
+            } else {
+                (flush_every / 5).saturating_sub(last_flush.elapsed())
+            };
+            let mut dry = false;
+            match consumer.poll(wait) {
+                None => dry = true,
                 Some(Err(e)) => {
                     if errors_since_log == 0 {
                         tracing::warn!(error = %e, "consume error; retrying");
@@ -126,8 +134,15 @@ impl SpeedLayer {
                 }
             }
 
+            // Written every `flush_every` while messages keep coming (a backlog is folded in
+            // memory between writes), and as soon as the consumer runs dry, but not more often
+            // than every fifth of `flush_every`: the answers then lag the broker's delivery by
+            // the time to fold and write, not by up to a whole interval.
+            let since = last_flush.elapsed();
             if !pending.is_empty()
-                && (pending.messages >= flush_max || last_flush.elapsed() >= flush_every)
+                && (pending.messages >= flush_max
+                    || since >= flush_every
+                    || (dry && since >= flush_every / 5))
             {
                 self.flush(&mut pending, &mut dlq, &consumer, &topic, &shutdown)?;
                 last_flush = Instant::now();
