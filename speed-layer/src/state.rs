@@ -201,11 +201,21 @@ impl SpeedState {
                 }
             }
         }
+        // In key order: the memtable's skiplist then finds each insert's place next to the one
+        // before it instead of searching from its top (in hash order, that search was a third
+        // of the layer's time, mostly comparing keys).
+        merged.sort_unstable_by(|a, b| a.2.cmp(&b.2));
         for (_, _, k, partial) in &merged {
             batch.put_cf(blocks, k, partial.encode());
         }
-        for ((p, id), expiry) in pending.remembered.drain() {
-            batch.put_cf(dedupe, dedupe_key(p, &id), encode_i64(expiry));
+        let mut ids: Vec<(Vec<u8>, i64)> = pending
+            .remembered
+            .drain()
+            .map(|((p, id), expiry)| (dedupe_key(p, &id), expiry))
+            .collect();
+        ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, expiry) in ids {
+            batch.put_cf(dedupe, k, encode_i64(expiry));
         }
         for p in std::mem::take(&mut pending.touched) {
             let m = self.parts.entry(p).or_default();
