@@ -51,7 +51,7 @@ pub struct CoRow {
 }
 
 /// Audience sizes already read while answering one request.
-pub type Sizes = FastMap<String, u64>;
+pub type Sizes = FastMap<Name, u64>;
 
 fn audience_size(
     m: &Merge<'_>,
@@ -66,7 +66,7 @@ fn audience_size(
         basis,
         item: item.into(),
     })? as u64;
-    sizes.insert(item.to_string(), n);
+    sizes.insert(item.into(), n);
     Ok(n)
 }
 
@@ -82,7 +82,7 @@ pub fn co_occurring(
         return Ok(None);
     }
     // Each user's history is read in place (lent by the batch version when the speed layer has
-    // nothing to add), and a name is copied only the first time it is seen.
+    // nothing to add); a name of up to 24 bytes is inline, so counting by a copy of it is cheap.
     let mut co: FastMap<Name, u64> = FastMap::default();
     for u in &users {
         let key = ViewKey::UserItems {
@@ -94,12 +94,7 @@ pub fn co_occurring(
                 return;
             };
             for other in r.0.keys().filter(|o| *o != item) {
-                match co.get_mut(other.as_str()) {
-                    Some(c) => *c += 1,
-                    None => {
-                        co.insert(other.clone(), 1);
-                    }
-                }
+                *co.entry(other.clone()).or_default() += 1;
             }
         })?;
     }
