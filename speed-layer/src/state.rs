@@ -17,6 +17,11 @@ use strata_common::views::Partial;
 use crate::pending::Pending;
 use crate::{Error, Result};
 
+/// Deletes per write when sweeping the dedupe memory. One write of every expired id (hundreds
+/// of thousands after a day of event time) grew the dedupe memtable past its size within that
+/// write (a flush is only considered between writes) and held the whole batch in memory.
+const SWEEP_CHUNK: usize = 4_096;
+
 /// The speed layer's state: the database and, per partition, the bookkeeping as of the last
 /// flush plus what has been folded since.
 pub struct SpeedState {
@@ -313,6 +318,9 @@ impl SpeedState {
         let dedupe = cf(&self.db, Cf::Dedupe)?;
         let mut batch = WriteBatch::default();
         let mut removed = 0;
+        let write = |batch: &mut WriteBatch| -> Result<()> {
+            self.db.write(std::mem::take(batch)).map_err(Error::Write)
+        };
         for item in self.db.iterator_cf(dedupe, rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
             if k.len() < 4 {
@@ -325,10 +333,13 @@ impl SpeedState {
             if expiry < m.watermark {
                 batch.delete_cf(dedupe, &k);
                 removed += 1;
+                if batch.len() >= SWEEP_CHUNK {
+                    write(&mut batch)?;
+                }
             }
         }
-        if removed > 0 {
-            self.db.write(batch).map_err(Error::Write)?;
+        if !batch.is_empty() {
+            write(&mut batch)?;
         }
         Ok(removed)
     }
@@ -424,6 +435,40 @@ mod tests {
         for (k, v) in &expected {
             assert_eq!(got.get(k), Some(v), "key {k:?}");
         }
+    }
+
+    #[test]
+    fn sweeping_forgets_expired_ids_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = SpeedState::open(dir.path(), 100).expect("open");
+        let expired = 2 * SWEEP_CHUNK + 5;
+        let mut pending = Pending::default();
+        for n in 0..expired {
+            pending.remembered.insert((0, format!("old{n}")), 900);
+        }
+        for n in 0..10 {
+            pending.remembered.insert((0, format!("new{n}")), 5_000);
+        }
+        state.part(0).watermark = 1_000;
+        pending.touched.insert(0);
+        state.flush(&mut pending).expect("flush");
+        let seq = state.db.latest_sequence_number();
+        assert_eq!(state.sweep_dedupe().expect("sweep"), expired as u64);
+        // Spans several writes of SWEEP_CHUNK deletes: one sequence number per delete.
+        assert_eq!(state.db.latest_sequence_number() - seq, expired as u64);
+        let pending = Pending::default();
+        assert_eq!(state.remembered(&pending, 0, "old0").expect("read"), None);
+        assert_eq!(
+            state.remembered(&pending, 0, "new3").expect("read"),
+            Some(5_000)
+        );
+        let dedupe = cf(&state.db, Cf::Dedupe).expect("cf");
+        let left = state
+            .db
+            .iterator_cf(dedupe, rocksdb::IteratorMode::Start)
+            .count();
+        assert_eq!(left, 10);
+        assert_eq!(state.sweep_dedupe().expect("sweep again"), 0);
     }
 
     #[test]
