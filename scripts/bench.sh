@@ -12,7 +12,9 @@
 #              /v1/status, reach the end); K runs each, interleaved, medians (default 3; smoke 1)
 #   serving    wrk, 64 connections, 2 threads, S s (default 10; smoke 2), --latency, against
 #              `strata up` loaded with the ingest topic and one batch run, and against a bare warp
-#              hello-world server (`strata-bench hello`)
+#              hello-world server (`strata-bench hello`); each query once for one URL over and
+#              over (answered from the kept answers but once a second), then spread over the
+#              1,000 top items and over every generated user (mostly computed afresh)
 #   freshness  then, with the same `strata up`: R events/s (default 5,000; smoke 500) for S s
 #              (default 30; smoke 3), each for a new item; 1 in K (--fresh-sample, default 250;
 #              smoke 50) timed from produce to a 200 answer (polled every 5 ms, or a tenth of its
@@ -176,9 +178,11 @@ settle() { # pid what
 }
 # Milliseconds of one request at a time: the median of 3, on an otherwise idle server.
 single_ms() { # url
-  local i times=()
+  # A query parameter no route reads makes each URL new: the answer is computed, not kept.
+  local i times=() sep="?"
+  case "$1" in *\?*) sep="&" ;; esac
   for i in 1 2 3; do
-    times+=("$(curl -sf -o /dev/null -w '%{time_total}' "$1" || echo nan)")
+    times+=("$(curl -sf -o /dev/null -w '%{time_total}' "$1${sep}alone=$i$RANDOM" || echo nan)")
   done
   calc "$(median "${times[@]}") * 1000" 1
 }
@@ -231,9 +235,9 @@ start_serve() { # name topic data_dir
 # wrk against URL (30 s request timeout, so that slow answers are measured rather than dropped);
 # sets $wrk_rps, $wrk_p99 (ms; nan when no request finished), $wrk_requests, $wrk_non2xx and
 # $wrk_socket_errors.
-run_wrk() { # name url
-  log "wrk: $2 for ${wrk_secs} s (64 connections, 2 threads)"
-  wrk -t2 -c64 -d"${wrk_secs}s" --timeout 30s --latency "$2" >"$work/wrk-$1.txt" 2>&1 ||
+run_wrk() { # name url [lua script choosing each request's path]
+  log "wrk: $2${3:+ (paths from $3)} for ${wrk_secs} s (64 connections, 2 threads)"
+  wrk -t2 -c64 -d"${wrk_secs}s" --timeout 30s --latency ${3:+-s "$3"} "$2" >"$work/wrk-$1.txt" 2>&1 ||
     { cat "$work/wrk-$1.txt" >&2; die "wrk failed against $2"; }
   wrk_rps=$(awk '/^Requests\/sec:/ { print $2 }' "$work/wrk-$1.txt")
   wrk_p99=$(awk '$1 == "99%" {
@@ -387,14 +391,31 @@ bench_serving() { # address pid (of the loaded `strata up`)
   figure serving.hello.rps "$(calc "$hello_rps")" req/s
   figure serving.hello.p99 "$hello_p99" ms
   [ "$wrk_non2xx" = 0 ] || check serving.hello.answers fail "$wrk_non2xx non-2xx answers"
-  local spec name path
+  # Spread: every request another item (of the 1,000 most bought) or user (of those the
+  # generator made up: events / 40, as in common/src/generate.rs; one without a history gets
+  # the top items).
+  local users=$((events / 40)) ids
+  [ "$users" -ge 50 ] || users=50
+  [ "$users" -le 200000 ] || users=200000
+  ids=$(curl -sf "http://$addr/v1/insights/top-items?limit=1000" | jq -r '.items[].item') ||
+    die "cannot list the top items"
+  { echo "local ids = {"; printf '"%s",\n' $ids; echo "}"
+    echo 'init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
+    echo 'request = function() return wrk.format(nil, "/v1/items/" .. ids[math.random(#ids)]) end'
+  } >"$work/spread-items.lua"
+  { echo 'init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
+    echo "request = function() return wrk.format(nil, \"/v1/recommendations/users/u\" .. math.random(0, $((users - 1)))) end"
+  } >"$work/spread-users.lua"
+  local spec name path script
   for spec in "items=/v1/items/i1" "top_items=/v1/insights/top-items?window=24h" \
-              "user_recs=/v1/recommendations/users/u1"; do
-    name="${spec%%=*}" path="${spec#*=}"
+              "user_recs=/v1/recommendations/users/u1" "items_spread=/v1/items/i1@spread-items" \
+              "user_recs_spread=/v1/recommendations/users/u1@spread-users"; do
+    name="${spec%%=*}" path="${spec#*=}" script=""
+    case "$path" in *@*) script="$work/${path#*@}.lua" path="${path%%@*}" ;; esac
     curl -sf -o /dev/null "http://$addr$path" || die "GET $path does not answer 200"
     settle "$upid" "strata up"
-    figure "serving.$name.single" "$(single_ms "http://$addr$path")" ms
-    run_wrk "$name" "http://$addr$path"
+    [ -n "$script" ] || figure "serving.$name.single" "$(single_ms "http://$addr$path")" ms
+    run_wrk "$name" "http://$addr$path" $script
     figure "serving.$name.requests" "$wrk_requests" count
     figure "serving.$name.rps" "$(calc "$wrk_rps")" req/s
     figure "serving.$name.p99" "$wrk_p99" ms

@@ -113,6 +113,9 @@ pub struct ServeConfig {
     pub silent_after_secs: i64,
     /// Largest `limit` a query may ask for.
     pub max_limit: usize,
+    /// Rendered answers kept while the state they were computed from stands (same batch
+    /// version, same speed writes, same second); 0 computes every answer afresh.
+    pub answer_cache: usize,
     /// Expected range of each reading metric; device windows outside it are flagged.
     pub metric_bounds: BTreeMap<String, MetricBounds>,
 }
@@ -200,6 +203,7 @@ impl Default for ServeConfig {
             late_after_secs: 120,
             silent_after_secs: 600,
             max_limit: 1_000,
+            answer_cache: 10_000,
             metric_bounds: BTreeMap::from([
                 (
                     "temp_c".to_string(),

@@ -435,6 +435,12 @@ impl SpeedReader {
         Ok(())
     }
 
+    /// The database's newest sequence number: every write of the speed layer moves it (for a
+    /// follower, every catch-up that brought writes).
+    pub fn sequence(&self) -> u64 {
+        self.db.latest_sequence_number()
+    }
+
     /// Runs `f` against one consistent view of the state and its meta family.
     pub fn with_view<T>(
         &self,

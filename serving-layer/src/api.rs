@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 use strata_common::batch_store;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -134,6 +135,19 @@ fn limits() -> impl Filter<Extract = (), Error = Rejection> + Clone {
         .untuple_one()
 }
 
+/// The request's path and query string: with the state's tag, what a kept answer is found by.
+fn url() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::path::full()
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .map(|path: warp::path::FullPath, query: String| {
+            if query.is_empty() {
+                path.as_str().to_owned()
+            } else {
+                format!("{}?{query}", path.as_str())
+            }
+        })
+}
+
 /// Every route of the API, with errors rendered as JSON.
 pub fn routes(
     state: Arc<ServingState>,
@@ -146,16 +160,18 @@ pub fn routes(
 
     let item = warp::path!("v1" / "items" / String)
         .and(warp::get())
+        .and(url())
         .and(st.clone())
-        .and_then(|item: String, s: Arc<ServingState>| {
-            answer_now(s, move |s| query::item(s, &decode_segment(&item)?))
+        .and_then(|item: String, url: String, s: Arc<ServingState>| {
+            answer_now(s, url, move |s| query::item(s, &decode_segment(&item)?))
         });
     let top = warp::path!("v1" / "insights" / "top-items")
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
+        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, move |s| {
                 let limit = limit(&p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("purchase", String::as_str);
                 let window = Window::parse(p.get("window").map_or("all", String::as_str))?;
@@ -165,9 +181,10 @@ pub fn routes(
     let trending = warp::path!("v1" / "insights" / "trending")
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
+        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, move |s| {
                 let limit = limit(&p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("view", String::as_str);
                 let window = Window::parse(p.get("window").map_or("1h", String::as_str))?;
@@ -179,9 +196,10 @@ pub fn routes(
     let timeseries = warp::path!("v1" / "insights" / "timeseries")
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
+        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, move |s| {
                 let bucket = p.get("bucket").map_or("hour", String::as_str);
                 let q = insights::SeriesQuery {
                     metric: insights::Metric::parse(
@@ -203,45 +221,57 @@ pub fn routes(
     let item_recs = warp::path!("v1" / "recommendations" / "items" / String)
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|item: String, p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
-                let limit = limit(&p, s.cfg.serve.max_limit)?;
-                let b = p.get("basis").map_or("purchase", String::as_str);
-                let basis = Basis::parse(b).ok_or_else(|| {
-                    ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
-                })?;
-                recommend::for_item(s, &decode_segment(&item)?, basis, limit)
-            })
-        });
+        .and_then(
+            |item: String, p: Params, url: String, s: Arc<ServingState>| {
+                answer(s, url, Clock::Unread, move |s| {
+                    let limit = limit(&p, s.cfg.serve.max_limit)?;
+                    let b = p.get("basis").map_or("purchase", String::as_str);
+                    let basis = Basis::parse(b).ok_or_else(|| {
+                        ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
+                    })?;
+                    recommend::for_item(s, &decode_segment(&item)?, basis, limit)
+                })
+            },
+        );
     let user_recs = warp::path!("v1" / "recommendations" / "users" / String)
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|user: String, p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
-                let limit = limit(&p, s.cfg.serve.max_limit)?;
-                recommend::for_user(s, &decode_segment(&user)?, limit)
-            })
-        });
+        .and_then(
+            |user: String, p: Params, url: String, s: Arc<ServingState>| {
+                answer(s, url, Clock::Unread, move |s| {
+                    let limit = limit(&p, s.cfg.serve.max_limit)?;
+                    recommend::for_user(s, &decode_segment(&user)?, limit)
+                })
+            },
+        );
     let device = warp::path!("v1" / "devices" / String / "health")
         .and(warp::get())
         .and(params)
+        .and(url())
         .and(st.clone())
-        .and_then(|device: String, p: Params, s: Arc<ServingState>| {
-            answer(s, move |s| {
-                let hours = number(&p, "hours", 24, 1, 168)?;
-                devices::device(s, &decode_segment(&device)?, hours)
-            })
-        });
+        .and_then(
+            |device: String, p: Params, url: String, s: Arc<ServingState>| {
+                answer(s, url, Clock::Read, move |s| {
+                    let hours = number(&p, "hours", 24, 1, 168)?;
+                    devices::device(s, &decode_segment(&device)?, hours)
+                })
+            },
+        );
     let fleet = warp::path!("v1" / "devices" / "health")
         .and(warp::get())
+        .and(url())
         .and(st.clone())
-        .and_then(|s: Arc<ServingState>| answer(s, devices::fleet));
+        .and_then(|url: String, s: Arc<ServingState>| answer(s, url, Clock::Read, devices::fleet));
     let status = warp::path!("v1" / "status")
         .and(warp::get())
         .and(st.clone())
-        .and_then(|s: Arc<ServingState>| answer_now(s, query::status));
+        .and_then(
+            |s: Arc<ServingState>| async move { Ok::<_, Infallible>(render(query::status(&s))) },
+        );
     let admin_batch = warp::path!("v1" / "admin" / "batch")
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
@@ -361,30 +391,96 @@ pub fn routes(
         }))
 }
 
-/// Runs a query off the async threads and renders its answer or error.
+/// Whether a route's answer depends on the wall clock (windows ending now, device status by
+/// age): such answers are kept for the second they were computed in only.
+#[derive(Clone, Copy)]
+enum Clock {
+    Unread,
+    Read,
+}
+
+impl Clock {
+    fn second(self) -> Option<i64> {
+        match self {
+            Clock::Unread => None,
+            Clock::Read => Some(strata_common::time::now_millis().div_euclid(1000)),
+        }
+    }
+}
+
+/// Answers from the kept answers when the state has not moved since one was computed (see
+/// [`crate::answers`]); otherwise runs the query off the async threads, taking its turn among
+/// the heavy queries, and keeps what it renders.
 async fn answer(
     state: Arc<ServingState>,
+    url: String,
+    clock: Clock,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
+    if let Some(body) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+        return Ok(json_body(body));
+    }
     let result = match state.heavy.acquire().await {
         Ok(_permit) => {
+            // A request for the same URL may have computed it while this one waited its turn.
+            if let Some(body) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+                return Ok(json_body(body));
+            }
             let s = state.clone();
-            tokio::task::spawn_blocking(move || f(&s))
+            tokio::task::spawn_blocking(move || compute(&s, &url, clock, f))
                 .await
                 .unwrap_or_else(|e| Err(ApiError::internal(e)))
         }
         Err(e) => Err(ApiError::internal(e)),
     };
-    Ok(render(result))
+    Ok(render_body(result))
 }
 
 /// Runs a point lookup (a handful of key reads: microseconds) on the async thread itself:
 /// handing it to the blocking pool costs more in thread switches than the query.
 async fn answer_now(
     state: Arc<ServingState>,
+    url: String,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<warp::reply::Response, Infallible> {
-    Ok(render(f(&state)))
+    if let Some(body) = state.answers.get(state.answer_tag(), &url, None) {
+        return Ok(json_body(body));
+    }
+    Ok(render_body(compute(&state, &url, Clock::Unread, f)))
+}
+
+/// Computes and renders an answer, and keeps it if neither the state nor (for an answer that
+/// reads the clock) the second moved meanwhile.
+fn compute(
+    state: &ServingState,
+    url: &str,
+    clock: Clock,
+    f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
+) -> Result<Bytes, ApiError> {
+    let (tag, second) = (state.answer_tag(), clock.second());
+    let value = f(state)?;
+    let body = Bytes::from(serde_json::to_vec(&value).map_err(ApiError::internal)?);
+    state.answers.computed();
+    if state.answer_tag() == tag && clock.second() == second {
+        state.answers.put(tag, url, second, body.clone());
+    }
+    Ok(body)
+}
+
+fn json_body(body: Bytes) -> warp::reply::Response {
+    let mut res = warp::reply::Response::new(body.into());
+    res.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn render_body(result: Result<Bytes, ApiError>) -> warp::reply::Response {
+    match result {
+        Ok(body) => json_body(body),
+        Err(e) => e.reply().into_response(),
+    }
 }
 
 fn render(result: Result<Value, ApiError>) -> warp::reply::Response {

@@ -5,8 +5,10 @@
 //! reader of the speed layer's RocksDB state (the same database in one process, a follower of it
 //! across processes). [`query`] merges the two for each question through the view definitions of
 //! `strata-common`; every answer carries `as_of`, the batch version and speed offsets it used.
-//! [`api`] maps routes to queries and errors to JSON, [`server`] runs it over TCP.
+//! [`api`] maps routes to queries and errors to JSON, [`server`] runs it over TCP; [`answers`]
+//! keeps rendered answers for as long as the state they were computed from stands.
 
+pub mod answers;
 pub mod api;
 pub mod dashboard;
 pub mod devices;

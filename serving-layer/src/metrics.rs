@@ -194,6 +194,19 @@ pub fn render(state: &ServingState) -> String {
         u8::from(broker.reachable),
     );
 
+    let (kept, computed) = state.answers.counts();
+    header(
+        &mut out,
+        "strata_answers_total",
+        "counter",
+        "Query answers by source: kept (the state had not moved since it was computed) or computed.",
+    );
+    let _ = writeln!(out, "strata_answers_total{{source=\"kept\"}} {kept}");
+    let _ = writeln!(
+        out,
+        "strata_answers_total{{source=\"computed\"}} {computed}"
+    );
+
     let meta = state.with_merge(|m| Ok(m.speed_meta.clone())).ok();
     if let Some(meta) = &meta {
         header(

@@ -2,6 +2,7 @@
 //! the one place where the two are merged.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::DB;
@@ -13,6 +14,7 @@ use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
+use crate::answers::{Answers, Tag};
 use crate::error::ApiError;
 
 /// A published batch version in memory, sorted by encoded key so that one view, or one time
@@ -107,6 +109,10 @@ pub struct ServingState {
     /// as many at once as there are cores: more would only take turns on the same cores while
     /// each holds its working set, and the extra threads evict each other's caches.
     pub heavy: tokio::sync::Semaphore,
+    /// Moves whenever another batch version or speed reader is put in place.
+    generation: AtomicU64,
+    /// Rendered answers of the current state.
+    pub answers: Answers,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -294,6 +300,7 @@ impl ServingState {
 
     fn build(cfg: Config, speed: Option<Arc<SpeedReader>>, follower: bool) -> Self {
         let s = ServingState {
+            answers: Answers::new(cfg.serve.answer_cache),
             cfg,
             batch: RwLock::new(None),
             speed: RwLock::new(speed),
@@ -304,6 +311,7 @@ impl ServingState {
             heavy: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
+            generation: AtomicU64::new(0),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -330,8 +338,19 @@ impl ServingState {
                 if let Ok(mut s) = self.speed.write() {
                     *s = Some(Arc::new(r));
                 }
+                self.generation.fetch_add(1, Ordering::AcqRel);
             }
             Err(e) => tracing::warn!(error = %e, "cannot follow the speed state yet"),
+        }
+    }
+
+    /// What an answer computed now would be computed from (see [`crate::answers`]). Read it
+    /// before and after computing: an answer is kept only when both readings agree.
+    pub fn answer_tag(&self) -> Tag {
+        let generation = self.generation.load(Ordering::Acquire);
+        Tag {
+            generation,
+            speed_sequence: self.speed_reader().map(|r| r.sequence()),
         }
     }
 
@@ -369,6 +388,7 @@ impl ServingState {
         if let Ok(mut b) = self.batch.write() {
             *b = Some(Arc::new(LoadedBatch::new(manifest, views)));
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
 

@@ -500,10 +500,12 @@ async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
     views.add(series(hour - 2 * 3_600_000, "i1"), &bought(2));
     views.add(series(hour - 30 * 3_600_000, "i1"), &bought(100));
     views.add(series(hour - 3_600_000, "i2"), &bought(1));
-    let cfg = Config {
+    let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
         ..Config::default()
     };
+    // Computed every time: the second query must take the batch's share from its kept totals.
+    cfg.serve.answer_cache = 0;
     let block_size = cfg.handoff.block_size;
     batch_store::publish(
         dir.path(),
@@ -570,4 +572,100 @@ async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(0), "{v}");
+}
+
+#[tokio::test]
+async fn kept_answers_last_only_while_the_state_stands() {
+    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let block_size = cfg.handoff.block_size;
+    let bought = |purchases| {
+        Partial::Item(ItemStats {
+            purchases,
+            ..Default::default()
+        })
+    };
+    let publish = |purchases| {
+        let mut views = ViewSet::default();
+        views.add(ViewKey::Item("i1".into()), &bought(purchases));
+        batch_store::publish(
+            dir.path(),
+            &views,
+            Manifest {
+                version: 0,
+                published_at: "2026-11-25T00:00:00.000Z".into(),
+                block_size,
+                cutoffs: Offsets::from([(0, block_size as i64)]),
+                events: purchases,
+                duplicates: 0,
+                keys: 0,
+                duration_ms: 1,
+            },
+        )
+        .expect("publish");
+    };
+    publish(5);
+    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
+    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
+        .expect("put");
+    db.put_cf(
+        meta,
+        meta_key::next_offset(0),
+        encode_i64(block_size as i64 + 50),
+    )
+    .expect("put");
+    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    s.refresh_batch().expect("load the batch version");
+    let purchases = |v: &Value| v["counts"]["purchase"].as_u64();
+
+    // Asked twice with nothing moving, the second answer is the kept one.
+    let (_, first) = call(&s, "GET", "/v1/items/i1", None).await;
+    assert_eq!(s.answers.counts(), (0, 1));
+    let (status, again) = call(&s, "GET", "/v1/items/i1", None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!((purchases(&first), purchases(&again)), (Some(5), Some(5)));
+    assert_eq!(s.answers.counts(), (1, 1));
+
+    // A speed write moves the tag: the next answer includes it.
+    db.put_cf(
+        blocks,
+        block_key(0, 1, &ViewKey::Item("i1".into())),
+        bought(3).encode(),
+    )
+    .expect("put");
+    let (_, v) = call(&s, "GET", "/v1/items/i1", None).await;
+    assert_eq!(purchases(&v), Some(8), "{v}");
+
+    // So does another batch version.
+    publish(20);
+    assert!(s.refresh_batch().expect("load"));
+    let (_, v) = call(&s, "GET", "/v1/items/i1", None).await;
+    assert_eq!(purchases(&v), Some(23), "{v}");
+    assert_eq!(v["as_of"]["batch"]["version"], 2);
+
+    // Errors are not kept; the counts are in the metrics.
+    let (kept_before, computed_before) = s.answers.counts();
+    for _ in 0..2 {
+        let (status, _) = call(&s, "GET", "/v1/items/nope", None).await;
+        assert_eq!(status, 404);
+    }
+    assert_eq!(s.answers.counts(), (kept_before, computed_before));
+    let metrics = warp::test::request()
+        .path("/metrics")
+        .reply(&routes(s.clone()))
+        .await;
+    let text = String::from_utf8_lossy(metrics.body()).to_string();
+    assert!(
+        text.contains(&format!(
+            "strata_answers_total{{source=\"kept\"}} {kept_before}"
+        )),
+        "{text}"
+    );
 }
