@@ -441,17 +441,18 @@ impl SpeedReader {
         self.db.latest_sequence_number()
     }
 
-    /// Runs `f` against one consistent view of the state and its meta family.
+    /// Runs `f` against one consistent view of the state and its meta family, and the view's
+    /// sequence number when it is known exactly.
     pub fn with_view<T>(
         &self,
-        f: impl FnOnce(&DB, &dyn ViewReads, Arc<SpeedMeta>) -> Result<T>,
+        f: impl FnOnce(&DB, &dyn ViewReads, Arc<SpeedMeta>, Option<u64>) -> Result<T>,
     ) -> Result<T> {
         let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
         if self.follower {
             // Nothing moves while the gate is held: only catching up writes to a follower.
             let seq = self.db.latest_sequence_number();
             let meta = self.meta_at(Some(seq), || read_meta(&self.db, &()))?;
-            f(&self.db, &(), meta)
+            f(&self.db, &(), meta, Some(seq))
         } else {
             // The snapshot's sequence number lies between the two readings; when they agree,
             // it is that number.
@@ -460,7 +461,7 @@ impl SpeedReader {
             let after = self.db.latest_sequence_number();
             let seq = (before == after).then_some(before);
             let meta = self.meta_at(seq, || read_meta(&self.db, &snap))?;
-            f(&self.db, &snap, meta)
+            f(&self.db, &snap, meta, seq)
         }
     }
 
@@ -523,7 +524,7 @@ mod tests {
 
     fn next_offset_seen(reader: &SpeedReader) -> Option<Offset> {
         reader
-            .with_view(|_, _, meta| Ok(meta.partitions.get(&0).map(|m| m.next_offset)))
+            .with_view(|_, _, meta, _| Ok(meta.partitions.get(&0).map(|m| m.next_offset)))
             .expect("view")
     }
 

@@ -7,13 +7,14 @@
 //! the item asked about.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
-use crate::state::{Merge, ServingState};
+use crate::state::{Merge, ServingState, StateId};
 
 fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<Name>, ApiError> {
     Ok(
@@ -68,6 +69,75 @@ fn audience_size(
     })? as u64;
     sizes.insert(item.into(), n);
     Ok(n)
+}
+
+/// Co-occurrence rows kept at most (about 48 bytes each), across items.
+pub const CO_MEMO_ROWS: usize = 1_000_000;
+
+/// Co-occurrence rows of the items asked about, for one state: a user's recommendations read
+/// the rows of their recent items, and popular items are among many users' recent ones. Rows
+/// are kept for the state they were computed from (the merge's [`StateId`]) and dropped as soon
+/// as a merge of another state keeps its own, so they are exactly what computing them again
+/// would give.
+pub struct CoMemo {
+    max_rows: usize,
+    kept: Mutex<CoKept>,
+}
+
+#[derive(Default)]
+struct CoKept {
+    at: Option<StateId>,
+    rows: usize,
+    by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
+}
+
+impl CoMemo {
+    pub fn new(max_rows: usize) -> Self {
+        CoMemo {
+            max_rows,
+            kept: Mutex::new(CoKept::default()),
+        }
+    }
+
+    /// The rows of `item` in the state of `m`: kept ones, or computed (and kept).
+    pub fn rows(
+        &self,
+        m: &Merge<'_>,
+        basis: Basis,
+        item: &str,
+        sizes: &mut Sizes,
+    ) -> Result<Option<Arc<Vec<CoRow>>>, ApiError> {
+        let Some(at) = m.state_id else {
+            return Ok(co_occurring(m, basis, item, sizes)?.map(Arc::new));
+        };
+        let key = (basis, Name::from(item));
+        {
+            let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.at == Some(at) {
+                if let Some(rows) = kept.by_item.get(&key) {
+                    return Ok(rows.clone());
+                }
+            }
+        }
+        let rows = co_occurring(m, basis, item, sizes)?.map(Arc::new);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.at != Some(at) {
+            // Both parts of a state id only grow: a late merge of an older state keeps nothing.
+            if kept.at.is_some_and(|k| k.0 >= at.0 && k.1 >= at.1) {
+                return Ok(rows);
+            }
+            *kept = CoKept {
+                at: Some(at),
+                ..CoKept::default()
+            };
+        }
+        let n = rows.as_ref().map_or(0, |r| r.len());
+        if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
+            kept.rows += n;
+            kept.by_item.insert(key, rows.clone());
+        }
+        Ok(rows)
+    }
 }
 
 /// Co-occurrence rows for one item, best first; `None` if the item has no history.
@@ -126,15 +196,15 @@ pub fn for_item(
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(mut rows) = co_occurring(m, basis, item, &mut Sizes::default())? else {
+        let Some(rows) = state.co_rows.rows(m, basis, item, &mut Sizes::default())? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
             )));
         };
-        rows.truncate(limit);
         let items: Vec<Value> = rows
             .iter()
+            .take(limit)
             .map(|r| json!({"item": r.item, "score": r.score, "co_occurrences": r.co, "users": r.users}))
             .collect();
         Ok(json!({
@@ -193,12 +263,12 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let mut scores: BTreeMap<Name, (f64, Vec<Name>)> = BTreeMap::new();
         let mut sizes = Sizes::default();
         for (seed, _) in &recent {
-            if let Some(rows) = co_occurring(m, Basis::View, seed, &mut sizes)? {
-                for r in rows {
+            if let Some(rows) = state.co_rows.rows(m, Basis::View, seed, &mut sizes)? {
+                for r in rows.iter() {
                     if bought.contains_key(&r.item) {
                         continue;
                     }
-                    let e = scores.entry(r.item).or_default();
+                    let e = scores.entry(r.item.clone()).or_default();
                     e.0 += r.score;
                     e.1.push((*seed).clone());
                 }

@@ -113,6 +113,8 @@ pub struct ServingState {
     generation: AtomicU64,
     /// Rendered answers of the current state.
     pub answers: Answers,
+    /// Co-occurrence rows of the items asked about, for the current state.
+    pub co_rows: crate::recommend::CoMemo,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -168,7 +170,13 @@ pub struct Merge<'a> {
     ranges: Vec<BlockRange>,
     pub speed_meta: Arc<SpeedMeta>,
     pub as_of: AsOf,
+    /// Which state this merge reads, when known exactly: the batch version and the speed
+    /// database's sequence number. Equal ids, equal answers.
+    pub state_id: Option<StateId>,
 }
+
+/// A merge's state: batch version (if any) and speed sequence number (if a speed state is read).
+pub type StateId = (Option<u64>, Option<u64>);
 
 impl Merge<'_> {
     /// The merged partial of one view key, `None` if neither side has it.
@@ -312,6 +320,7 @@ impl ServingState {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             generation: AtomicU64::new(0),
+            co_rows: crate::recommend::CoMemo::new(crate::recommend::CO_MEMO_ROWS),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -516,11 +525,12 @@ impl ServingState {
                     speed: SpeedAsOf::new(BTreeMap::new(), None),
                     coverage: cutoffs,
                 },
+                state_id: Some((batch.as_ref().map(|b| b.manifest.version), None)),
             };
             return Ok(Attempt::Done(f(&merge)));
         };
         let batch_block_size = batch.as_ref().map_or(0, |b| b.manifest.block_size);
-        let outcome = reader.with_view(|db, reads, meta| {
+        let outcome = reader.with_view(|db, reads, meta, seq| {
             let speed = meta.speed_partitions();
             let speed_block_size = meta.block_size.unwrap_or(self.cfg.handoff.block_size);
             let ranges = match speed_ranges(&cutoffs, batch_block_size, &speed, speed_block_size) {
@@ -541,6 +551,7 @@ impl ServingState {
                     coverage: coverage(&cutoffs, &speed),
                 },
                 speed_meta: meta,
+                state_id: seq.map(|seq| (batch.as_ref().map(|b| b.manifest.version), Some(seq))),
             };
             Ok(Attempt::Done(f(&merge)))
         })?;

@@ -669,3 +669,101 @@ async fn kept_answers_last_only_while_the_state_stands() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::views::{Basis, Name, Recent, Set};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    // Every answer computed: what is kept here is the co-occurrence rows only.
+    cfg.serve.answer_cache = 0;
+    let block_size = cfg.handoff.block_size;
+    let audience = |item: &str| ViewKey::ItemUsers {
+        basis: Basis::View,
+        item: item.into(),
+    };
+    let history = |user: &str| ViewKey::UserItems {
+        basis: Basis::View,
+        user: user.into(),
+    };
+    let set = |users: &[&str]| Partial::Set(Set(users.iter().map(|u| Name::from(*u)).collect()));
+    let recent = |items: &[(&str, i64)]| {
+        Partial::Recent(Recent(
+            items.iter().map(|(i, t)| (Name::from(*i), *t)).collect(),
+        ))
+    };
+    let mut views = ViewSet::default();
+    views.add(audience("a"), &set(&["u1", "u2"]));
+    views.add(audience("b"), &set(&["u1", "u2"]));
+    views.add(audience("c"), &set(&["u2"]));
+    views.add(history("u1"), &recent(&[("a", 1), ("b", 2)]));
+    views.add(history("u2"), &recent(&[("a", 1), ("b", 2), ("c", 3)]));
+    batch_store::publish(
+        dir.path(),
+        &views,
+        Manifest {
+            version: 0,
+            published_at: "2026-11-25T00:00:00.000Z".into(),
+            block_size,
+            cutoffs: Offsets::from([(0, block_size as i64)]),
+            events: 7,
+            duplicates: 0,
+            keys: 0,
+            duration_ms: 1,
+        },
+    )
+    .expect("publish");
+    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
+    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
+        .expect("put");
+    db.put_cf(
+        meta,
+        meta_key::next_offset(0),
+        encode_i64(block_size as i64 + 50),
+    )
+    .expect("put");
+    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    s.refresh_batch().expect("load the batch version");
+
+    let recs = |v: &Value| -> BTreeMap<String, f64> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| Some((i["item"].as_str()?.to_owned(), i["score"].as_f64()?)))
+            .collect()
+    };
+    // u1 viewed a and b: each is recommended through the other, and c through both (u2).
+    let (status, first) = call(&s, "GET", "/v1/recommendations/users/u1", None).await;
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = call(&s, "GET", "/v1/recommendations/users/u1", None).await;
+    assert_eq!(recs(&first), recs(&again), "kept rows give the same answer");
+    let names = |r: &BTreeMap<String, f64>| r.keys().cloned().collect::<BTreeSet<String>>();
+    let expect = |items: &[&str]| items.iter().map(|i| i.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(names(&recs(&first)), expect(&["a", "b", "c"]));
+
+    // The speed layer adds: u3 viewed a and d. Rows kept for the old state must not be used.
+    for (key, partial) in [
+        (audience("a"), set(&["u3"])),
+        (audience("d"), set(&["u3"])),
+        (history("u3"), recent(&[("a", 4), ("d", 5)])),
+    ] {
+        db.put_cf(blocks, block_key(0, 1, &key), partial.encode())
+            .expect("put");
+    }
+    let (_, after) = call(&s, "GET", "/v1/recommendations/users/u1", None).await;
+    let after = recs(&after);
+    assert_eq!(names(&after), expect(&["a", "b", "c", "d"]), "{after:?}");
+    // c's score through a fell: a's audience grew from 2 to 3.
+    assert!(after["c"] < recs(&first)["c"], "{after:?}");
+    let (_, item) = call(&s, "GET", "/v1/recommendations/items/a?basis=view", None).await;
+    assert_eq!(item["users"], 3, "{item}");
+}
