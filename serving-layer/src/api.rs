@@ -13,6 +13,7 @@ use warp::{Filter, Rejection, Reply};
 
 use strata_common::views::{Basis, Gran};
 
+use crate::answers::Answer;
 use crate::error::ApiError;
 use crate::insights::{self, Window};
 use crate::state::ServingState;
@@ -417,14 +418,14 @@ async fn answer(
     clock: Clock,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
-    if let Some(body) = state.answers.get(state.answer_tag(), &url, clock.second()) {
-        return Ok(json_body(body));
+    if let Some(kept) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+        return Ok(json_body(kept.body()));
     }
     let result = match state.heavy.acquire().await {
         Ok(_permit) => {
             // A request for the same URL may have computed it while this one waited its turn.
-            if let Some(body) = state.answers.get(state.answer_tag(), &url, clock.second()) {
-                return Ok(json_body(body));
+            if let Some(kept) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+                return Ok(json_body(kept.body()));
             }
             let s = state.clone();
             tokio::task::spawn_blocking(move || compute(&s, &url, clock, f))
@@ -443,8 +444,8 @@ async fn answer_now(
     url: String,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<warp::reply::Response, Infallible> {
-    if let Some(body) = state.answers.get(state.answer_tag(), &url, None) {
-        return Ok(json_body(body));
+    if let Some(kept) = state.answers.get(state.answer_tag(), &url, None) {
+        return Ok(json_body(kept.body()));
     }
     Ok(render_body(compute(&state, &url, Clock::Unread, f)))
 }
@@ -458,11 +459,11 @@ fn compute(
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<Bytes, ApiError> {
     let (tag, second) = (state.answer_tag(), clock.second());
-    let value = f(state)?;
-    let body = Bytes::from(serde_json::to_vec(&value).map_err(ApiError::internal)?);
+    let answer = Answer::render(f(state)?).map_err(ApiError::internal)?;
     state.answers.computed();
+    let body = answer.body();
     if state.answer_tag() == tag && clock.second() == second {
-        state.answers.put(tag, url, second, body.clone());
+        state.answers.put(tag, url, second, answer);
     }
     Ok(body)
 }
