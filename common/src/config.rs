@@ -114,7 +114,8 @@ pub struct ServeConfig {
     /// Largest `limit` a query may ask for.
     pub max_limit: usize,
     /// Rendered answers kept while the state they were computed from stands (same batch
-    /// version, same speed writes, same second); 0 computes every answer afresh.
+    /// version, same speed writes; same second for answers that read the clock), 64 MiB at
+    /// most; 0 computes every answer afresh.
     pub answer_cache: usize,
     /// Expected range of each reading metric; device windows outside it are flagged.
     pub metric_bounds: BTreeMap<String, MetricBounds>,

@@ -95,6 +95,9 @@ fn age_token() -> String {
         .clone()
 }
 
+/// Bytes of kept answers at most (URLs and bodies), whatever the number of entries.
+pub const MAX_KEPT_BYTES: usize = 64 << 20;
+
 /// The answers of one tag: a new tag drops them all.
 pub struct Answers {
     max_entries: usize,
@@ -108,6 +111,8 @@ struct Kept {
     tag: Option<Tag>,
     /// The answer to a URL, with the second it was computed in if it read the clock.
     by_url: HashMap<String, (Option<i64>, Answer)>,
+    /// Bytes of the URLs and bodies held.
+    bytes: usize,
 }
 
 impl Answers {
@@ -163,10 +168,16 @@ impl Answers {
             if kept.tag.is_some_and(|t| newer(t, tag)) {
                 return;
             }
-            kept.tag = Some(tag);
-            kept.by_url.clear();
+            *kept = Kept {
+                tag: Some(tag),
+                ..Kept::default()
+            };
         }
-        if kept.by_url.len() < self.max_entries || kept.by_url.contains_key(url) {
+        let size = url.len() + answer.body.len();
+        let replaced = kept.by_url.get(url).map(|(_, a)| url.len() + a.body.len());
+        let fits = kept.bytes - replaced.unwrap_or(0) + size <= MAX_KEPT_BYTES;
+        if fits && (replaced.is_some() || kept.by_url.len() < self.max_entries) {
+            kept.bytes = kept.bytes - replaced.unwrap_or(0) + size;
             kept.by_url.insert(url.to_owned(), (second, answer));
         }
     }
@@ -276,6 +287,18 @@ mod tests {
         }
         assert!(a.get(t, "/1", None).is_some() && a.get(t, "/2", None).is_some());
         assert_eq!(a.get(t, "/3", None), None);
+        // Bounded in bytes too.
+        let big = Answers::new(10);
+        let body = serde_json::json!({ "n": "x".repeat(MAX_KEPT_BYTES / 3) });
+        for url in ["/1", "/2", "/3"] {
+            big.put(t, url, None, Answer::render(body.clone()).expect("render"));
+        }
+        assert!(big.get(t, "/2", None).is_some());
+        assert_eq!(big.get(t, "/3", None), None);
+        // Replacing an entry frees its bytes first.
+        big.put(t, "/2", None, json(r#"{"n":"small"}"#));
+        big.put(t, "/3", None, Answer::render(body).expect("render"));
+        assert!(big.get(t, "/3", None).is_some());
         let off = Answers::new(0);
         off.put(t, "/1", None, json(r#"{"n":"x"}"#));
         assert_eq!(off.get(t, "/1", None), None);
