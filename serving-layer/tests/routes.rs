@@ -80,6 +80,40 @@ async fn call(
     (res.status().as_u16(), body)
 }
 
+/// Publishes `views` as the next batch version, covering partition 0 below one block.
+fn publish_views(cfg: &Config, views: &ViewSet, events: u64) {
+    let block_size = cfg.handoff.block_size;
+    batch_store::publish(
+        &cfg.data_dir,
+        views,
+        Manifest {
+            version: 0,
+            published_at: "2026-11-25T00:00:00.000Z".into(),
+            block_size,
+            cutoffs: Offsets::from([(0, block_size as i64)]),
+            events,
+            duplicates: 0,
+            keys: 0,
+            duration_ms: 1,
+        },
+    )
+    .expect("publish");
+}
+
+/// A speed state past the batch's cutoff: partition 0 consumed 50 offsets into block 1. The
+/// caller writes the blocks' values.
+fn speed_past_the_batch(cfg: &Config) -> Arc<rocksdb::DB> {
+    use strata_common::speed_store::{self, encode_i64, meta_key, Cf};
+    let block_size = cfg.handoff.block_size as i64;
+    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size))
+        .expect("put");
+    db.put_cf(meta, meta_key::next_offset(0), encode_i64(block_size + 50))
+        .expect("put");
+    db
+}
+
 #[tokio::test]
 async fn answers_from_the_batch_version_with_as_of() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -480,7 +514,7 @@ async fn cors_headers_go_to_allowed_origins_only() {
 /// layer's, and leave out both sides' buckets before it.
 #[tokio::test]
 async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
-    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::speed_store::{self, block_key, Cf, SpeedReader};
     use strata_common::views::Gran;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -506,34 +540,10 @@ async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
     };
     // Computed every time: the second query must take the batch's share from its kept totals.
     cfg.serve.answer_cache = 0;
-    let block_size = cfg.handoff.block_size;
-    batch_store::publish(
-        dir.path(),
-        &views,
-        Manifest {
-            version: 0,
-            published_at: "2026-11-25T00:00:00.000Z".into(),
-            block_size,
-            cutoffs: Offsets::from([(0, block_size as i64)]),
-            events: 103,
-            duplicates: 0,
-            keys: 0,
-            duration_ms: 1,
-        },
-    )
-    .expect("publish");
+    publish_views(&cfg, &views, 103);
 
-    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
-    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let db = speed_past_the_batch(&cfg);
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
-        .expect("put");
-    db.put_cf(
-        meta,
-        meta_key::next_offset(0),
-        encode_i64(block_size as i64 + 50),
-    )
-    .expect("put");
     for (key, purchases) in [
         (series(hour, "i1"), 3),
         (series(hour, "i3"), 5),
@@ -576,14 +586,13 @@ async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
 
 #[tokio::test]
 async fn kept_answers_last_only_while_the_state_stands() {
-    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::speed_store::{self, block_key, Cf, SpeedReader};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = Config {
         data_dir: dir.path().to_path_buf(),
         ..Config::default()
     };
-    let block_size = cfg.handoff.block_size;
     let bought = |purchases| {
         Partial::Item(ItemStats {
             purchases,
@@ -593,35 +602,15 @@ async fn kept_answers_last_only_while_the_state_stands() {
     let publish = |purchases| {
         let mut views = ViewSet::default();
         views.add(ViewKey::Item("i1".into()), &bought(purchases));
-        batch_store::publish(
-            dir.path(),
-            &views,
-            Manifest {
-                version: 0,
-                published_at: "2026-11-25T00:00:00.000Z".into(),
-                block_size,
-                cutoffs: Offsets::from([(0, block_size as i64)]),
-                events: purchases,
-                duplicates: 0,
-                keys: 0,
-                duration_ms: 1,
-            },
-        )
-        .expect("publish");
+        publish_views(&cfg, &views, purchases);
     };
     publish(5);
-    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
-    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let db = speed_past_the_batch(&cfg);
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
-        .expect("put");
-    db.put_cf(
-        meta,
-        meta_key::next_offset(0),
-        encode_i64(block_size as i64 + 50),
-    )
-    .expect("put");
-    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    let s = Arc::new(ServingState::shared(
+        cfg.clone(),
+        SpeedReader::shared(db.clone()),
+    ));
     s.refresh_batch().expect("load the batch version");
     let purchases = |v: &Value| v["counts"]["purchase"].as_u64();
 
@@ -673,7 +662,7 @@ async fn kept_answers_last_only_while_the_state_stands() {
 #[tokio::test]
 async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     use std::collections::{BTreeMap, BTreeSet};
-    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::speed_store::{self, block_key, Cf, SpeedReader};
     use strata_common::views::{Basis, Name, Recent, Set};
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -683,7 +672,6 @@ async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     };
     // Every answer computed: what is kept here is the co-occurrence rows only.
     cfg.serve.answer_cache = 0;
-    let block_size = cfg.handoff.block_size;
     let audience = |item: &str| ViewKey::ItemUsers {
         basis: Basis::View,
         item: item.into(),
@@ -704,32 +692,9 @@ async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     views.add(audience("c"), &set(&["u2"]));
     views.add(history("u1"), &recent(&[("a", 1), ("b", 2)]));
     views.add(history("u2"), &recent(&[("a", 1), ("b", 2), ("c", 3)]));
-    batch_store::publish(
-        dir.path(),
-        &views,
-        Manifest {
-            version: 0,
-            published_at: "2026-11-25T00:00:00.000Z".into(),
-            block_size,
-            cutoffs: Offsets::from([(0, block_size as i64)]),
-            events: 7,
-            duplicates: 0,
-            keys: 0,
-            duration_ms: 1,
-        },
-    )
-    .expect("publish");
-    let db = Arc::new(speed_store::open_primary(&cfg.speed_dir()).expect("open speed state"));
-    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    publish_views(&cfg, &views, 7);
+    let db = speed_past_the_batch(&cfg);
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    db.put_cf(meta, meta_key::BLOCK_SIZE, encode_i64(block_size as i64))
-        .expect("put");
-    db.put_cf(
-        meta,
-        meta_key::next_offset(0),
-        encode_i64(block_size as i64 + 50),
-    )
-    .expect("put");
     let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
     s.refresh_batch().expect("load the batch version");
 
