@@ -51,7 +51,11 @@ impl Hll {
     }
 
     pub fn insert(&mut self, value: &str) {
-        let x = hash64(value);
+        self.insert_hash(hash64(value));
+    }
+
+    /// [`Hll::insert`] of a value whose [`hash64`] is `x`.
+    pub fn insert_hash(&mut self, x: u64) {
         let idx = (x >> (64 - P)) as u16;
         let rest = x << P;
         let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;

@@ -1,0 +1,801 @@
+//! The batch layer's fold of every view: [`contribute`]'s deltas stored under dense ids instead
+//! of [`ViewKey`]s.
+//!
+//! A [`ViewSet`] fold builds a key (with its names) and a one-entry partial for each of the ten
+//! or so deltas of an event and looks the key up in one large hash map: most of the time goes to
+//! cache misses on that map and to allocating and freeing the small partials. [`IdFold`] is a
+//! [`Sink`] that turns each name (item, user, device, metric) into a number once per fold and
+//! keeps each view in a shape that suits it:
+//!
+//! - item totals and devices: vectors indexed by id;
+//! - item series and item daily users: per time bucket, cells of (item id, partial), so the
+//!   bucket being filled stays small and warm in the cache;
+//! - the series view: a small map per granularity;
+//! - user histories and item audiences (sets of names): appended id lists, sorted and deduplicated
+//!   when a list fills its allocation and once at the end.
+//!
+//! The partials themselves are the views' own monoids ([`ItemStats`], [`DeviceStats`],
+//! [`SeriesStats`], [`Hll`]), merged by their own `merge`. [`IdFold::into_entries`] merges the
+//! folds of several partitions and returns every (key, partial) in key order, in chunks computed in
+//! parallel: the same entries as a [`ViewSet`] fold of the same events (property-tested below).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{
+    contribute, hash64, Basis, DeviceStats, FastMap, Gran, Hll, ItemStats, Monoid, Name, Partial,
+    Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
+};
+use crate::event::Event;
+use crate::time::Millis;
+
+/// No id.
+const NONE: u32 = u32::MAX;
+
+/// (id, partial) cells of one time bucket.
+type Cells<V> = Vec<(u32, V)>;
+
+/// A user's history: (item id, time) pairs.
+type History = Vec<(u32, Millis)>;
+
+/// Names of one kind and their ids, in order of first sight.
+#[derive(Default)]
+struct Interner {
+    ids: FastMap<Name, u32>,
+    names: Vec<Name>,
+    /// The id returned last: consecutive calls are mostly for the same name.
+    last: u32,
+}
+
+impl Interner {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(n) = self.names.get(self.last as usize) {
+            if n.as_str() == name {
+                return self.last;
+            }
+        }
+        let id = match self.ids.get(name) {
+            Some(&id) => id,
+            None => {
+                let id = self.names.len() as u32;
+                let name = Name::from(name);
+                self.names.push(name.clone());
+                self.ids.insert(name, id);
+                id
+            }
+        };
+        self.last = id;
+        id
+    }
+}
+
+/// One time bucket of a view keyed by (bucket, item).
+struct Bucket<V> {
+    start: Millis,
+    /// Item id -> index in `cells`.
+    index: FastMap<u32, u32>,
+    cells: Vec<(u32, V)>,
+}
+
+/// A view keyed by (time bucket, item id).
+struct Grid<V> {
+    slots: FastMap<Millis, u32>,
+    /// The bucket used last (events arrive roughly in time order).
+    last: u32,
+    buckets: Vec<Bucket<V>>,
+}
+
+impl<V> Default for Grid<V> {
+    fn default() -> Self {
+        Grid {
+            slots: FastMap::default(),
+            last: NONE,
+            buckets: Vec::new(),
+        }
+    }
+}
+
+impl<V: Default> Grid<V> {
+    fn cell(&mut self, start: Millis, id: u32) -> &mut V {
+        let slot = match self.buckets.get(self.last as usize) {
+            Some(b) if b.start == start => self.last as usize,
+            _ => {
+                let next = self.buckets.len() as u32;
+                let slot = *self.slots.entry(start).or_insert(next);
+                if slot == next {
+                    self.buckets.push(Bucket {
+                        start,
+                        index: FastMap::default(),
+                        cells: Vec::new(),
+                    });
+                }
+                self.last = slot;
+                slot as usize
+            }
+        };
+        let b = &mut self.buckets[slot];
+        let next = b.cells.len() as u32;
+        let i = *b.index.entry(id).or_insert(next);
+        if i == next {
+            b.cells.push((id, V::default()));
+        }
+        &mut b.cells[i as usize].1
+    }
+}
+
+/// Sorts a user's history by item, keeping each item's latest time.
+fn compact_recent(list: &mut Vec<(u32, Millis)>) {
+    list.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    list.dedup_by_key(|e| e.0);
+}
+
+fn compact_set(list: &mut Vec<u32>) {
+    list.sort_unstable();
+    list.dedup();
+}
+
+/// Appends to an id list; when it has filled its allocation it is compacted first, and if that
+/// freed less than half, it grows (so compactions stay rare whatever the data).
+fn push_compacting<T>(list: &mut Vec<T>, value: T, compact: fn(&mut Vec<T>)) {
+    if list.len() == list.capacity() && list.len() >= 16 {
+        compact(list);
+        if list.len() * 2 > list.capacity() {
+            list.reserve(list.capacity());
+        }
+    }
+    list.push(value);
+}
+
+/// Every view of some events (one partition's, as a rule), keyed by ids of this fold.
+#[derive(Default)]
+pub struct IdFold {
+    items: Interner,
+    users: Interner,
+    devices: Interner,
+    metrics: Interner,
+    /// The last user hashed for the sketches, and its [`hash64`].
+    hashed: Option<(Name, u64)>,
+    item_totals: Vec<Option<ItemStats>>,
+    item_series: [Grid<ItemStats>; 3],
+    item_day_users: Grid<Hll>,
+    /// Per basis, per user id: (item id, time) in arrival order (see [`push_compacting`]).
+    user_items: [Vec<Vec<(u32, Millis)>>; 2],
+    /// Per basis, per item id: user ids.
+    item_users: [Vec<Vec<u32>>; 2],
+    devices_stats: Vec<Option<DeviceStats>>,
+    device_metric_hours: FastMap<(Millis, u32, u32), DeviceStats>,
+    series: [FastMap<Millis, SeriesStats>; 3],
+}
+
+fn gran_index(g: Gran) -> usize {
+    match g {
+        Gran::Minute => 0,
+        Gran::Hour => 1,
+        Gran::Day => 2,
+    }
+}
+
+fn basis_index(b: Basis) -> usize {
+    match b {
+        Basis::View => 0,
+        Basis::Purchase => 1,
+    }
+}
+
+const BASES: [Basis; 2] = [Basis::View, Basis::Purchase];
+
+fn slot<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
+    let i = id as usize;
+    if v.len() <= i {
+        v.resize_with(i + 1, T::default);
+    }
+    &mut v[i]
+}
+
+impl IdFold {
+    pub fn new() -> Self {
+        IdFold::default()
+    }
+
+    /// Folds one (counted) event.
+    pub fn fold(&mut self, event: &Event) {
+        contribute(event, self);
+    }
+
+    fn user_hash(&mut self, user: &str) -> u64 {
+        match &self.hashed {
+            Some((name, h)) if name.as_str() == user => *h,
+            _ => {
+                let h = hash64(user);
+                self.hashed = Some((Name::from(user), h));
+                h
+            }
+        }
+    }
+}
+
+impl Sink for IdFold {
+    fn item(&mut self, item: &str, delta: &ItemStats) {
+        let id = self.items.id(item);
+        slot(&mut self.item_totals, id)
+            .get_or_insert_with(ItemStats::default)
+            .merge(delta);
+    }
+
+    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
+        let id = self.items.id(item);
+        self.item_series[gran_index(gran)]
+            .cell(start, id)
+            .merge(delta);
+    }
+
+    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
+        let id = self.items.id(item);
+        let h = self.user_hash(user);
+        self.item_day_users.cell(day, id).insert_hash(h);
+    }
+
+    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
+        let (u, i) = (self.users.id(user), self.items.id(item));
+        let list = slot(&mut self.user_items[basis_index(basis)], u);
+        push_compacting(list, (i, ts), compact_recent);
+    }
+
+    fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
+        let (u, i) = (self.users.id(user), self.items.id(item));
+        let list = slot(&mut self.item_users[basis_index(basis)], i);
+        push_compacting(list, u, compact_set);
+    }
+
+    fn device(&mut self, device: &str, delta: &DeviceStats) {
+        let id = self.devices.id(device);
+        slot(&mut self.devices_stats, id)
+            .get_or_insert_with(DeviceStats::default)
+            .merge(delta);
+    }
+
+    fn device_metric_hour(
+        &mut self,
+        start: Millis,
+        device: &str,
+        metric: &str,
+        delta: &DeviceStats,
+    ) {
+        let (d, m) = (self.devices.id(device), self.metrics.id(metric));
+        self.device_metric_hours
+            .entry((start, d, m))
+            .or_default()
+            .merge(delta);
+    }
+
+    fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
+        let h = delta.user.map(|u| self.user_hash(u));
+        self.series[gran_index(gran)]
+            .entry(start)
+            .or_default()
+            .add(delta, h);
+    }
+}
+
+/// The names of one kind across folds: sorted, so that ids (positions) order as names do, and
+/// each fold's ids mapped to them.
+struct Names {
+    names: Vec<Name>,
+    /// Per fold: its id -> the global id.
+    maps: Vec<Vec<u32>>,
+}
+
+impl Names {
+    fn of(interners: &[&Interner]) -> Names {
+        let mut names: Vec<Name> = interners
+            .iter()
+            .flat_map(|i| i.names.iter().cloned())
+            .collect();
+        names.par_sort_unstable();
+        names.dedup();
+        let maps = interners
+            .par_iter()
+            .map(|i| {
+                i.names
+                    .iter()
+                    .map(|n| names.binary_search(n).map_or(NONE, |g| g as u32))
+                    .collect()
+            })
+            .collect();
+        Names { names, maps }
+    }
+}
+
+/// Every kind of name of the folds being merged.
+struct AllNames {
+    items: Names,
+    users: Names,
+    devices: Names,
+    metrics: Names,
+}
+
+/// The entries of one view (or part of one), in key order.
+type Entries = Vec<(ViewKey, Partial)>;
+
+/// A piece of the merge, owning its inputs (in global ids); the pieces in order give the keys in
+/// order.
+enum Job {
+    Items(Vec<Vec<Option<ItemStats>>>),
+    Devices(Vec<Vec<Option<DeviceStats>>>),
+    ItemSeries(Gran, Millis, Vec<Vec<(u32, ItemStats)>>),
+    Series([BTreeMap<Millis, SeriesStats>; 3]),
+    ItemDayUsers(Millis, Vec<Vec<(u32, Hll)>>),
+    UserItems(Basis, u32, Vec<Vec<(u32, Millis)>>),
+    ItemUsers(Basis, u32, Vec<Vec<u32>>),
+    DeviceMetricHours(Vec<((Millis, u32, u32), DeviceStats)>),
+}
+
+/// Merges cells of several folds (global ids) into one list in id order.
+fn merge_cells<V>(parts: Vec<Vec<(u32, V)>>, merge: impl Fn(&mut V, &V)) -> Vec<(u32, V)> {
+    let mut all: Vec<(u32, V)> = if parts.len() == 1 {
+        parts.into_iter().flatten().collect()
+    } else {
+        let n = parts.iter().map(Vec::len).sum();
+        let mut all = Vec::with_capacity(n);
+        for p in parts {
+            all.extend(p);
+        }
+        all
+    };
+    all.sort_unstable_by_key(|c| c.0);
+    let mut out: Vec<(u32, V)> = Vec::with_capacity(all.len());
+    for (id, v) in all {
+        match out.last_mut() {
+            Some(last) if last.0 == id => merge(&mut last.1, &v),
+            _ => out.push((id, v)),
+        }
+    }
+    out
+}
+
+/// Merges per-id vectors of several folds (global ids).
+fn merge_dense<V: Monoid + Clone>(parts: Vec<Vec<Option<V>>>, n: usize) -> Vec<Option<V>> {
+    let mut out: Vec<Option<V>> = Vec::new();
+    for p in parts {
+        if out.is_empty() {
+            out = p;
+            out.resize_with(n, || None);
+            continue;
+        }
+        for (o, v) in out.iter_mut().zip(p) {
+            if let Some(v) = v {
+                match o {
+                    Some(o) => o.merge(&v),
+                    None => *o = Some(v),
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Job {
+    fn run(self, names: &AllNames) -> Entries {
+        let item = |id: u32| names.items.names[id as usize].clone();
+        match self {
+            Job::Items(parts) => merge_dense(parts, names.items.names.len())
+                .into_iter()
+                .enumerate()
+                .filter_map(|(id, s)| Some((ViewKey::Item(item(id as u32)), Partial::Item(s?))))
+                .collect(),
+            Job::Devices(parts) => merge_dense(parts, names.devices.names.len())
+                .into_iter()
+                .enumerate()
+                .filter_map(|(id, s)| {
+                    let name = names.devices.names[id].clone();
+                    Some((ViewKey::Device(name), Partial::Device(s?)))
+                })
+                .collect(),
+            Job::ItemSeries(gran, start, parts) => merge_cells(parts, ItemStats::merge)
+                .into_iter()
+                .map(|(id, s)| {
+                    let key = ViewKey::ItemSeries {
+                        gran,
+                        start,
+                        item: item(id),
+                    };
+                    (key, Partial::Item(s))
+                })
+                .collect(),
+            Job::Series(grans) => Gran::ALL
+                .into_iter()
+                .zip(grans)
+                .flat_map(|(gran, m)| {
+                    m.into_iter().map(move |(start, s)| {
+                        (ViewKey::Series { gran, start }, Partial::Series(s))
+                    })
+                })
+                .collect(),
+            Job::ItemDayUsers(day, parts) => merge_cells(parts, Hll::merge)
+                .into_iter()
+                .map(|(id, h)| {
+                    let key = ViewKey::ItemDayUsers {
+                        day,
+                        item: item(id),
+                    };
+                    (key, Partial::Distinct(h))
+                })
+                .collect(),
+            Job::UserItems(basis, first, lists) => {
+                let mut out = Vec::new();
+                for (u, mut list) in (first..).zip(lists) {
+                    if list.is_empty() {
+                        continue;
+                    }
+                    compact_recent(&mut list);
+                    let recent: BTreeMap<Name, Millis> =
+                        list.into_iter().map(|(i, t)| (item(i), t)).collect();
+                    let user = names.users.names[u as usize].clone();
+                    out.push((
+                        ViewKey::UserItems { basis, user },
+                        Partial::Recent(Recent(recent)),
+                    ));
+                }
+                out
+            }
+            Job::ItemUsers(basis, first, lists) => {
+                let mut out = Vec::new();
+                for (i, mut list) in (first..).zip(lists) {
+                    if list.is_empty() {
+                        continue;
+                    }
+                    compact_set(&mut list);
+                    let users: BTreeSet<Name> = list
+                        .into_iter()
+                        .map(|u| names.users.names[u as usize].clone())
+                        .collect();
+                    out.push((
+                        ViewKey::ItemUsers {
+                            basis,
+                            item: item(i),
+                        },
+                        Partial::Set(Set(users)),
+                    ));
+                }
+                out
+            }
+            Job::DeviceMetricHours(mut cells) => {
+                cells.sort_unstable_by_key(|c| c.0);
+                let mut merged: Vec<((Millis, u32, u32), DeviceStats)> = Vec::new();
+                for (k, s) in cells {
+                    match merged.last_mut() {
+                        Some(last) if last.0 == k => last.1.merge(&s),
+                        _ => merged.push((k, s)),
+                    }
+                }
+                merged
+                    .into_iter()
+                    .map(|((start, d, m), s)| {
+                        let key = ViewKey::DeviceMetricHour {
+                            start,
+                            device: names.devices.names[d as usize].clone(),
+                            metric: names.metrics.names[m as usize].clone(),
+                        };
+                        (key, Partial::Device(s))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Users or items per job of the set views.
+const LIST_CHUNK: usize = 4096;
+
+/// A fold's views with its ids replaced by the merge's global ids.
+struct Global {
+    item_totals: Vec<Option<ItemStats>>,
+    devices: Vec<Option<DeviceStats>>,
+    item_series: [Vec<(Millis, Cells<ItemStats>)>; 3],
+    item_day_users: Vec<(Millis, Vec<(u32, Hll)>)>,
+    /// Per basis: (global user, its list in global item ids).
+    user_items: [Vec<(u32, History)>; 2],
+    /// Per basis: (global item, its list in global user ids).
+    item_users: [Vec<(u32, Vec<u32>)>; 2],
+    device_metric_hours: Vec<((Millis, u32, u32), DeviceStats)>,
+    series: [FastMap<Millis, SeriesStats>; 3],
+}
+
+fn to_global<T>(local: Vec<Option<T>>, map: &[u32], n: usize) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = Vec::new();
+    out.resize_with(n, || None);
+    for (id, v) in local.into_iter().enumerate() {
+        if let (Some(v), Some(&g)) = (v, map.get(id)) {
+            if let Some(o) = out.get_mut(g as usize) {
+                *o = Some(v);
+            }
+        }
+    }
+    out
+}
+
+fn grid_to_global<V>(grid: Grid<V>, map: &[u32]) -> Vec<(Millis, Vec<(u32, V)>)> {
+    grid.buckets
+        .into_iter()
+        .map(|b| {
+            let cells = b
+                .cells
+                .into_iter()
+                .map(|(id, v)| (map[id as usize], v))
+                .collect();
+            (b.start, cells)
+        })
+        .collect()
+}
+
+impl IdFold {
+    fn into_global(self, k: usize, names: &AllNames) -> Global {
+        let items = &names.items.maps[k];
+        let users = &names.users.maps[k];
+        let devices = &names.devices.maps[k];
+        let metrics = &names.metrics.maps[k];
+        let [s0, s1, s2] = self.item_series;
+        let [ui0, ui1] = self.user_items;
+        let [iu0, iu1] = self.item_users;
+        let user_items = |lists: Vec<Vec<(u32, Millis)>>| {
+            lists
+                .into_iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(u, mut l)| {
+                    for e in &mut l {
+                        e.0 = items[e.0 as usize];
+                    }
+                    (users[u], l)
+                })
+                .collect()
+        };
+        let item_users = |lists: Vec<Vec<u32>>| {
+            lists
+                .into_iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(i, mut l)| {
+                    for u in &mut l {
+                        *u = users[*u as usize];
+                    }
+                    (items[i], l)
+                })
+                .collect()
+        };
+        Global {
+            item_totals: to_global(self.item_totals, items, names.items.names.len()),
+            devices: to_global(self.devices_stats, devices, names.devices.names.len()),
+            item_series: [
+                grid_to_global(s0, items),
+                grid_to_global(s1, items),
+                grid_to_global(s2, items),
+            ],
+            item_day_users: grid_to_global(self.item_day_users, items),
+            user_items: [user_items(ui0), user_items(ui1)],
+            item_users: [item_users(iu0), item_users(iu1)],
+            device_metric_hours: self
+                .device_metric_hours
+                .into_iter()
+                .map(|((t, d, m), s)| ((t, devices[d as usize], metrics[m as usize]), s))
+                .collect(),
+            series: self.series,
+        }
+    }
+
+    /// Merges the folds of several partitions and returns every (key, partial) of the union,
+    /// in key order: the concatenation of the chunks is sorted and has no key twice. Runs on
+    /// rayon's pool.
+    pub fn into_entries(parts: Vec<IdFold>) -> Vec<Entries> {
+        let names = {
+            let pick = |f: fn(&IdFold) -> &Interner| parts.iter().map(f).collect::<Vec<_>>();
+            AllNames {
+                items: Names::of(&pick(|p| &p.items)),
+                users: Names::of(&pick(|p| &p.users)),
+                devices: Names::of(&pick(|p| &p.devices)),
+                metrics: Names::of(&pick(|p| &p.metrics)),
+            }
+        };
+        let names = Arc::new(names);
+        let globals: Vec<Global> = parts
+            .into_par_iter()
+            .enumerate()
+            .map(|(k, p)| p.into_global(k, &names))
+            .collect();
+        let jobs = jobs(globals, &names);
+        jobs.into_par_iter().map(|j| j.run(&names)).collect()
+    }
+}
+
+/// Splits the folds' views into jobs, in key order.
+fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
+    let (n_items, n_users) = (names.items.names.len(), names.users.names.len());
+    let mut item_totals = Vec::new();
+    let mut devices = Vec::new();
+    let mut item_series: [BTreeMap<Millis, Vec<Cells<ItemStats>>>; 3] = Default::default();
+    let mut day_users: BTreeMap<Millis, Vec<Vec<(u32, Hll)>>> = BTreeMap::new();
+    let mut user_items: [Vec<Vec<(u32, Millis)>>; 2] = Default::default();
+    let mut item_users: [Vec<Vec<u32>>; 2] = Default::default();
+    for b in 0..2 {
+        user_items[b].resize_with(n_users, Vec::new);
+        item_users[b].resize_with(n_items, Vec::new);
+    }
+    let mut dmh = Vec::new();
+    let mut series: [BTreeMap<Millis, SeriesStats>; 3] = Default::default();
+    for g in globals {
+        item_totals.push(g.item_totals);
+        devices.push(g.devices);
+        for (all, grid) in item_series.iter_mut().zip(g.item_series) {
+            for (start, cells) in grid {
+                all.entry(start).or_default().push(cells);
+            }
+        }
+        for (day, cells) in g.item_day_users {
+            day_users.entry(day).or_default().push(cells);
+        }
+        for (all, lists) in user_items.iter_mut().zip(g.user_items) {
+            for (u, l) in lists {
+                let slot = &mut all[u as usize];
+                if slot.is_empty() {
+                    *slot = l;
+                } else {
+                    slot.extend(l);
+                }
+            }
+        }
+        for (all, lists) in item_users.iter_mut().zip(g.item_users) {
+            for (i, l) in lists {
+                let slot = &mut all[i as usize];
+                if slot.is_empty() {
+                    *slot = l;
+                } else {
+                    slot.extend(l);
+                }
+            }
+        }
+        dmh.extend(g.device_metric_hours);
+        for (all, m) in series.iter_mut().zip(g.series) {
+            for (start, s) in m {
+                match all.get_mut(&start) {
+                    Some(a) => a.merge(&s),
+                    None => {
+                        all.insert(start, s);
+                    }
+                }
+            }
+        }
+    }
+    let mut jobs = vec![Job::Items(item_totals), Job::Devices(devices)];
+    for (gran, buckets) in Gran::ALL.into_iter().zip(item_series) {
+        for (start, parts) in buckets {
+            jobs.push(Job::ItemSeries(gran, start, parts));
+        }
+    }
+    jobs.push(Job::Series(series));
+    for (day, parts) in day_users {
+        jobs.push(Job::ItemDayUsers(day, parts));
+    }
+    for (basis, lists) in BASES.into_iter().zip(user_items) {
+        push_chunks(&mut jobs, lists, |first, chunk| {
+            Job::UserItems(basis, first, chunk)
+        });
+    }
+    for (basis, lists) in BASES.into_iter().zip(item_users) {
+        push_chunks(&mut jobs, lists, |first, chunk| {
+            Job::ItemUsers(basis, first, chunk)
+        });
+    }
+    jobs.push(Job::DeviceMetricHours(dmh));
+    jobs
+}
+
+/// Cuts per-id lists into jobs of [`LIST_CHUNK`] ids.
+fn push_chunks<T>(jobs: &mut Vec<Job>, mut lists: Vec<T>, job: impl Fn(u32, Vec<T>) -> Job) {
+    let mut first = 0usize;
+    while !lists.is_empty() {
+        let rest = lists.split_off(lists.len().min(LIST_CHUNK));
+        jobs.push(job(first as u32, lists));
+        first += LIST_CHUNK;
+        lists = rest;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::arb_event;
+    use super::*;
+    use crate::views::ViewSet;
+    use proptest::prelude::*;
+
+    fn keyed(events: &[Event]) -> Vec<(ViewKey, Partial)> {
+        let mut v = ViewSet::default();
+        events.iter().for_each(|e| v.fold(e));
+        let mut entries: Vec<_> = v.entries.into_iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries
+    }
+
+    fn by_ids(events: &[Event], cuts: &[usize]) -> Vec<(ViewKey, Partial)> {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain([&events.len()]) {
+            let mut f = IdFold::new();
+            events[start..end].iter().for_each(|e| f.fold(e));
+            parts.push(f);
+            start = end;
+        }
+        IdFold::into_entries(parts).into_iter().flatten().collect()
+    }
+
+    proptest! {
+        #[test]
+        fn id_fold_equals_the_keyed_fold(
+            events in proptest::collection::vec(arb_event(), 0..300),
+            cuts in proptest::collection::vec(0..300usize, 0..4),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(events.len())).collect();
+            cuts.sort_unstable();
+            prop_assert_eq!(by_ids(&events, &cuts), keyed(&events));
+        }
+
+        #[test]
+        fn id_fold_of_events_in_any_order_and_split(
+            events in proptest::collection::vec(arb_event(), 0..200),
+            seed in 0..1000u64,
+        ) {
+            // Events dealt round-robin to parts, as partitions interleave in time.
+            let parts = (seed % 4 + 1) as usize;
+            let mut dealt: Vec<Event> = Vec::new();
+            for k in 0..parts {
+                dealt.extend(events.iter().skip(k).step_by(parts).cloned());
+            }
+            let cuts: Vec<usize> = (1..parts).map(|k| {
+                (0..k).map(|j| events.iter().skip(j).step_by(parts).count()).sum()
+            }).collect();
+            prop_assert_eq!(by_ids(&dealt, &cuts), keyed(&events));
+        }
+    }
+
+    #[test]
+    fn series_delta_add_is_the_merge_of_its_stats() {
+        let d = SeriesDelta {
+            type_index: 2,
+            quantity: 3,
+            revenue_micros: 7,
+            user: Some("u1"),
+        };
+        let mut a = SeriesStats::default();
+        a.add(&d, d.user.map(hash64));
+        let mut b = SeriesStats::default();
+        b.merge(&d.to_stats());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn id_fold_of_a_generated_stream_equals_the_keyed_fold() {
+        use crate::generate::{Class, GenConfig, Generator};
+        let mut cfg = GenConfig::new(7, 30_000, 1_795_600_000_000);
+        cfg.patterns = true;
+        let events: Vec<Event> = Generator::new(cfg)
+            .filter_map(|g| match g.class {
+                Class::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let n = events.len();
+        let got = by_ids(&events, &[n / 5, n / 2, n / 2 + 17]);
+        let want = keyed(&events);
+        assert!(want.len() > 1_000, "{} keys", want.len());
+        assert!(
+            want.iter()
+                .any(|(_, p)| matches!(p, Partial::Series(s) if matches!(s.users, Hll::Dense(_)))),
+            "some sketch is dense"
+        );
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
+    }
+}
