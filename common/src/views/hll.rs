@@ -133,6 +133,57 @@ impl Hll {
     }
 }
 
+/// An [`Hll`] being built one hash at a time: while few registers are set, they are kept sorted
+/// in a vector (quicker to search and to grow than the sparse form's map); past the sparse form's
+/// limit, all registers, as the dense form. [`HllBuilder::build`] is the [`Hll`] that
+/// [`Hll::insert_hash`] of the same hashes into `Hll::default()` gives, form included: each step
+/// below is [`Hll::set`]'s, on a sorted vector instead of a map.
+#[derive(Clone, Debug)]
+pub enum HllBuilder {
+    Sparse(Vec<(u16, u8)>),
+    Dense(Vec<u8>),
+}
+
+impl Default for HllBuilder {
+    fn default() -> Self {
+        HllBuilder::Sparse(Vec::new())
+    }
+}
+
+impl HllBuilder {
+    pub fn insert_hash(&mut self, x: u64) {
+        let idx = (x >> (64 - P)) as u16;
+        let rest = x << P;
+        let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
+        match self {
+            HllBuilder::Sparse(regs) => match regs.binary_search_by_key(&idx, |r| r.0) {
+                Ok(i) => regs[i].1 = regs[i].1.max(rank),
+                Err(i) => {
+                    regs.insert(i, (idx, rank));
+                    if regs.len() > SPARSE_MAX {
+                        let mut dense = vec![0u8; M];
+                        for &(i, r) in regs.iter() {
+                            dense[i as usize] = r;
+                        }
+                        *self = HllBuilder::Dense(dense);
+                    }
+                }
+            },
+            HllBuilder::Dense(regs) => {
+                let r = &mut regs[idx as usize];
+                *r = (*r).max(rank);
+            }
+        }
+    }
+
+    pub fn build(self) -> Hll {
+        match self {
+            HllBuilder::Sparse(regs) => Hll::Sparse(regs.into_iter().collect()),
+            HllBuilder::Dense(regs) => Hll::Dense(regs),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +199,23 @@ mod tests {
             let e = h.estimate();
             let err = (e - n as f64).abs() / n as f64;
             assert!(err <= 4.0 * STANDARD_ERROR, "n={n} estimate={e}");
+        }
+    }
+
+    #[test]
+    fn the_builder_builds_what_inserting_gives() {
+        for n in [0usize, 1, 5, 200, 256, 257, 300, 400, 5_000] {
+            let mut h = Hll::default();
+            let mut b = HllBuilder::default();
+            for i in 0..n {
+                // Every value twice, the second time after others.
+                for v in [i, i / 2] {
+                    let x = hash64(&format!("user-{v}"));
+                    h.insert_hash(x);
+                    b.insert_hash(x);
+                }
+            }
+            assert_eq!(b.build(), h, "n={n}");
         }
     }
 

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::{
-    contribute, hash64, Basis, DeviceStats, FastMap, Gran, Hll, ItemStats, Monoid, Name, Partial,
-    Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
+    contribute, hash64, Basis, DeviceStats, FastMap, Gran, Hll, HllBuilder, ItemStats, Monoid,
+    Name, Partial, Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
 };
 use crate::event::Event;
 use crate::time::Millis;
@@ -71,12 +71,52 @@ impl Interner {
     }
 }
 
+/// Where a bucket's cell of an id is: a map while the bucket holds few of the ids, an index by id
+/// once it holds at least an eighth of them (then the index costs less than the cells).
+enum Index {
+    Map(FastMap<u32, u32>),
+    Dense(Vec<u32>),
+}
+
 /// One time bucket of a view keyed by (bucket, item).
 struct Bucket<V> {
     start: Millis,
-    /// Item id -> index in `cells`.
-    index: FastMap<u32, u32>,
+    index: Index,
     cells: Vec<(u32, V)>,
+}
+
+impl<V: Default> Bucket<V> {
+    /// The cell of `id`, made if new; `ids` is how many ids there are so far.
+    fn cell(&mut self, id: u32, ids: usize) -> &mut V {
+        let next = self.cells.len() as u32;
+        let i = match &mut self.index {
+            Index::Dense(at) => {
+                if at.len() <= id as usize {
+                    at.resize(ids.max(id as usize + 1), NONE);
+                }
+                let slot = &mut at[id as usize];
+                if *slot == NONE {
+                    *slot = next;
+                }
+                *slot
+            }
+            Index::Map(m) => {
+                let i = *m.entry(id).or_insert(next);
+                if i == next && (self.cells.len() + 1) * 8 >= ids {
+                    let mut at = vec![NONE; ids.max(id as usize + 1)];
+                    for (&k, &v) in m.iter() {
+                        at[k as usize] = v;
+                    }
+                    self.index = Index::Dense(at);
+                }
+                i
+            }
+        };
+        if i == next {
+            self.cells.push((id, V::default()));
+        }
+        &mut self.cells[i as usize].1
+    }
 }
 
 /// A view keyed by (time bucket, item id).
@@ -98,7 +138,7 @@ impl<V> Default for Grid<V> {
 }
 
 impl<V: Default> Grid<V> {
-    fn cell(&mut self, start: Millis, id: u32) -> &mut V {
+    fn cell(&mut self, start: Millis, id: u32, ids: usize) -> &mut V {
         let slot = match self.buckets.get(self.last as usize) {
             Some(b) if b.start == start => self.last as usize,
             _ => {
@@ -107,7 +147,7 @@ impl<V: Default> Grid<V> {
                 if slot == next {
                     self.buckets.push(Bucket {
                         start,
-                        index: FastMap::default(),
+                        index: Index::Map(FastMap::default()),
                         cells: Vec::new(),
                     });
                 }
@@ -115,13 +155,7 @@ impl<V: Default> Grid<V> {
                 slot as usize
             }
         };
-        let b = &mut self.buckets[slot];
-        let next = b.cells.len() as u32;
-        let i = *b.index.entry(id).or_insert(next);
-        if i == next {
-            b.cells.push((id, V::default()));
-        }
-        &mut b.cells[i as usize].1
+        self.buckets[slot].cell(id, ids)
     }
 }
 
@@ -159,7 +193,7 @@ pub struct IdFold {
     hashed: Option<(Name, u64)>,
     item_totals: Vec<Option<ItemStats>>,
     item_series: [Grid<ItemStats>; 3],
-    item_day_users: Grid<Hll>,
+    item_day_users: Grid<HllBuilder>,
     /// Per basis, per user id: (item id, time) in arrival order (see [`push_compacting`]).
     user_items: [Vec<Vec<(u32, Millis)>>; 2],
     /// Per basis, per item id: user ids.
@@ -226,15 +260,17 @@ impl Sink for IdFold {
 
     fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
         let id = self.items.id(item);
+        let ids = self.items.names.len();
         self.item_series[gran_index(gran)]
-            .cell(start, id)
+            .cell(start, id, ids)
             .merge(delta);
     }
 
     fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
         let id = self.items.id(item);
         let h = self.user_hash(user);
-        self.item_day_users.cell(day, id).insert_hash(h);
+        let ids = self.items.names.len();
+        self.item_day_users.cell(day, id, ids).insert_hash(h);
     }
 
     fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
@@ -573,7 +609,13 @@ impl IdFold {
                 grid_to_global(s1, items),
                 grid_to_global(s2, items),
             ],
-            item_day_users: grid_to_global(self.item_day_users, items),
+            item_day_users: grid_to_global(self.item_day_users, items)
+                .into_iter()
+                .map(|(day, cells)| {
+                    let cells = cells.into_iter().map(|(i, b)| (i, b.build())).collect();
+                    (day, cells)
+                })
+                .collect(),
             user_items: [user_items(ui0), user_items(ui1)],
             item_users: [item_users(iu0), item_users(iu1)],
             device_metric_hours: self
