@@ -11,8 +11,9 @@
 //! - item series and item daily users: per time bucket, cells of (item id, partial), so the
 //!   bucket being filled stays small and warm in the cache;
 //! - the series view: a small map per granularity;
-//! - user histories and item audiences (sets of names): appended id lists, sorted and deduplicated
-//!   when a list fills its allocation and once at the end.
+//! - user histories and item audiences (sets of names): (user, item) id pairs appended in
+//!   arrival order, with no lookup per event; sorted and deduplicated when the list has doubled
+//!   and once at the end.
 //!
 //! The partials themselves are the views' own monoids ([`ItemStats`], [`DeviceStats`],
 //! [`SeriesStats`], [`Hll`]), merged by their own `merge`. [`IdFold::into_entries`] merges the
@@ -37,8 +38,8 @@ const NONE: u32 = u32::MAX;
 /// (id, partial) cells of one time bucket.
 type Cells<V> = Vec<(u32, V)>;
 
-/// A user's history: (item id, time) pairs.
-type History = Vec<(u32, Millis)>;
+/// (user id, item id, time) of the user history view.
+type Seen = (u32, u32, Millis);
 
 /// Names of one kind and their ids, in order of first sight.
 #[derive(Default)]
@@ -159,27 +160,42 @@ impl<V: Default> Grid<V> {
     }
 }
 
-/// Sorts a user's history by item, keeping each item's latest time.
-fn compact_recent(list: &mut Vec<(u32, Millis)>) {
-    list.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    list.dedup_by_key(|e| e.0);
+/// Sorts (user, item, time) by user and item, keeping each pair's latest time.
+fn compact_seen(list: &mut Vec<Seen>) {
+    list.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then(b.2.cmp(&a.2)));
+    list.dedup_by_key(|e| (e.0, e.1));
 }
 
-fn compact_set(list: &mut Vec<u32>) {
+/// Sorts (item, user) pairs, each once.
+fn compact_pairs(list: &mut Vec<(u32, u32)>) {
     list.sort_unstable();
     list.dedup();
 }
 
-/// Appends to an id list; when it has filled its allocation it is compacted first, and if that
-/// freed less than half, it grows (so compactions stay rare whatever the data).
-fn push_compacting<T>(list: &mut Vec<T>, value: T, compact: fn(&mut Vec<T>)) {
-    if list.len() == list.capacity() && list.len() >= 16 {
-        compact(list);
-        if list.len() * 2 > list.capacity() {
-            list.reserve(list.capacity());
+/// Entries appended in arrival order (no lookup per event); compacted when the list has doubled
+/// since the last compaction, so it never holds more than twice the distinct entries.
+struct Appended<T> {
+    list: Vec<T>,
+    compact_at: usize,
+}
+
+impl<T> Default for Appended<T> {
+    fn default() -> Self {
+        Appended {
+            list: Vec::new(),
+            compact_at: 1 << 20,
         }
     }
-    list.push(value);
+}
+
+impl<T> Appended<T> {
+    fn push(&mut self, value: T, compact: fn(&mut Vec<T>)) {
+        if self.list.len() >= self.compact_at {
+            compact(&mut self.list);
+            self.compact_at = (self.list.len() * 2).max(1 << 20);
+        }
+        self.list.push(value);
+    }
 }
 
 /// Every view of some events (one partition's, as a rule), keyed by ids of this fold.
@@ -189,15 +205,13 @@ pub struct IdFold {
     users: Interner,
     devices: Interner,
     metrics: Interner,
-    /// The last user hashed for the sketches, and its [`hash64`].
-    hashed: Option<(Name, u64)>,
     item_totals: Vec<Option<ItemStats>>,
     item_series: [Grid<ItemStats>; 3],
     item_day_users: Grid<HllBuilder>,
-    /// Per basis, per user id: (item id, time) in arrival order (see [`push_compacting`]).
-    user_items: [Vec<Vec<(u32, Millis)>>; 2],
-    /// Per basis, per item id: user ids.
-    item_users: [Vec<Vec<u32>>; 2],
+    /// Per basis: (user id, item id, time).
+    user_items: [Appended<Seen>; 2],
+    /// Per basis: (item id, user id).
+    item_users: [Appended<(u32, u32)>; 2],
     devices_stats: Vec<Option<DeviceStats>>,
     device_metric_hours: FastMap<(Millis, u32, u32), DeviceStats>,
     series: [FastMap<Millis, SeriesStats>; 3],
@@ -237,17 +251,6 @@ impl IdFold {
     pub fn fold(&mut self, event: &Event) {
         contribute(event, self);
     }
-
-    fn user_hash(&mut self, user: &str) -> u64 {
-        match &self.hashed {
-            Some((name, h)) if name.as_str() == user => *h,
-            _ => {
-                let h = hash64(user);
-                self.hashed = Some((Name::from(user), h));
-                h
-            }
-        }
-    }
 }
 
 impl Sink for IdFold {
@@ -268,21 +271,19 @@ impl Sink for IdFold {
 
     fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
         let id = self.items.id(item);
-        let h = self.user_hash(user);
+        let h = hash64(user);
         let ids = self.items.names.len();
         self.item_day_users.cell(day, id, ids).insert_hash(h);
     }
 
     fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
         let (u, i) = (self.users.id(user), self.items.id(item));
-        let list = slot(&mut self.user_items[basis_index(basis)], u);
-        push_compacting(list, (i, ts), compact_recent);
+        self.user_items[basis_index(basis)].push((u, i, ts), compact_seen);
     }
 
     fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
         let (u, i) = (self.users.id(user), self.items.id(item));
-        let list = slot(&mut self.item_users[basis_index(basis)], i);
-        push_compacting(list, u, compact_set);
+        self.item_users[basis_index(basis)].push((i, u), compact_pairs);
     }
 
     fn device(&mut self, device: &str, delta: &DeviceStats) {
@@ -307,7 +308,7 @@ impl Sink for IdFold {
     }
 
     fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
-        let h = delta.user.map(|u| self.user_hash(u));
+        let h = delta.user.map(hash64);
         self.series[gran_index(gran)]
             .entry(start)
             .or_default()
@@ -363,8 +364,10 @@ enum Job {
     ItemSeries(Gran, Millis, Vec<Vec<(u32, ItemStats)>>),
     Series([BTreeMap<Millis, SeriesStats>; 3]),
     ItemDayUsers(Millis, Vec<Vec<(u32, Hll)>>),
-    UserItems(Basis, u32, Vec<Vec<(u32, Millis)>>),
-    ItemUsers(Basis, u32, Vec<Vec<u32>>),
+    /// Users `lo..hi` of the folds' sorted (user, item, time) lists.
+    UserItems(Basis, Arc<Vec<Vec<Seen>>>, u32, u32),
+    /// Items `lo..hi` of the folds' sorted (item, user) lists.
+    ItemUsers(Basis, Arc<Vec<Vec<(u32, u32)>>>, u32, u32),
     DeviceMetricHours(Vec<((Millis, u32, u32), DeviceStats)>),
 }
 
@@ -408,6 +411,30 @@ fn merge_dense<V: Monoid + Clone>(parts: Vec<Vec<Option<V>>>, n: usize) -> Vec<O
                 }
             }
         }
+    }
+    out
+}
+
+/// The entries with first id in `lo..hi` of several sorted, compacted lists, as one such list.
+fn gather<T: Copy>(
+    parts: &[Vec<T>],
+    lo: u32,
+    hi: u32,
+    first: impl Fn(&T) -> u32,
+    compact: fn(&mut Vec<T>),
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for p in parts {
+        let a = p.partition_point(|e| first(e) < lo);
+        let b = p.partition_point(|e| first(e) < hi);
+        if a < b {
+            out.extend_from_slice(&p[a..b]);
+            from += 1;
+        }
+    }
+    if from > 1 {
+        compact(&mut out);
     }
     out
 }
@@ -459,43 +486,36 @@ impl Job {
                     (key, Partial::Distinct(h))
                 })
                 .collect(),
-            Job::UserItems(basis, first, lists) => {
-                let mut out = Vec::new();
-                for (u, mut list) in (first..).zip(lists) {
-                    if list.is_empty() {
-                        continue;
-                    }
-                    compact_recent(&mut list);
-                    let recent: BTreeMap<Name, Millis> =
-                        list.into_iter().map(|(i, t)| (item(i), t)).collect();
-                    let user = names.users.names[u as usize].clone();
-                    out.push((
-                        ViewKey::UserItems { basis, user },
-                        Partial::Recent(Recent(recent)),
-                    ));
-                }
-                out
+            Job::UserItems(basis, parts, lo, hi) => {
+                let seen = gather(&parts, lo, hi, |e| e.0, compact_seen);
+                seen.chunk_by(|a, b| a.0 == b.0)
+                    .map(|run| {
+                        let recent: BTreeMap<Name, Millis> =
+                            run.iter().map(|e| (item(e.1), e.2)).collect();
+                        let user = names.users.names[run[0].0 as usize].clone();
+                        (
+                            ViewKey::UserItems { basis, user },
+                            Partial::Recent(Recent(recent)),
+                        )
+                    })
+                    .collect()
             }
-            Job::ItemUsers(basis, first, lists) => {
-                let mut out = Vec::new();
-                for (i, mut list) in (first..).zip(lists) {
-                    if list.is_empty() {
-                        continue;
-                    }
-                    compact_set(&mut list);
-                    let users: BTreeSet<Name> = list
-                        .into_iter()
-                        .map(|u| names.users.names[u as usize].clone())
-                        .collect();
-                    out.push((
-                        ViewKey::ItemUsers {
+            Job::ItemUsers(basis, parts, lo, hi) => {
+                let pairs = gather(&parts, lo, hi, |e| e.0, compact_pairs);
+                pairs
+                    .chunk_by(|a, b| a.0 == b.0)
+                    .map(|run| {
+                        let users: BTreeSet<Name> = run
+                            .iter()
+                            .map(|e| names.users.names[e.1 as usize].clone())
+                            .collect();
+                        let key = ViewKey::ItemUsers {
                             basis,
-                            item: item(i),
-                        },
-                        Partial::Set(Set(users)),
-                    ));
-                }
-                out
+                            item: item(run[0].0),
+                        };
+                        (key, Partial::Set(Set(users)))
+                    })
+                    .collect()
             }
             Job::DeviceMetricHours(mut cells) => {
                 cells.sort_unstable_by_key(|c| c.0);
@@ -531,10 +551,10 @@ struct Global {
     devices: Vec<Option<DeviceStats>>,
     item_series: [Vec<(Millis, Cells<ItemStats>)>; 3],
     item_day_users: Vec<(Millis, Vec<(u32, Hll)>)>,
-    /// Per basis: (global user, its list in global item ids).
-    user_items: [Vec<(u32, History)>; 2],
-    /// Per basis: (global item, its list in global user ids).
-    item_users: [Vec<(u32, Vec<u32>)>; 2],
+    /// Per basis: (user, item, time) in global ids, sorted and compacted.
+    user_items: [Vec<Seen>; 2],
+    /// Per basis: (item, user) in global ids, sorted and compacted.
+    item_users: [Vec<(u32, u32)>; 2],
     device_metric_hours: Vec<((Millis, u32, u32), DeviceStats)>,
     series: [FastMap<Millis, SeriesStats>; 3],
 }
@@ -575,31 +595,21 @@ impl IdFold {
         let [s0, s1, s2] = self.item_series;
         let [ui0, ui1] = self.user_items;
         let [iu0, iu1] = self.item_users;
-        let user_items = |lists: Vec<Vec<(u32, Millis)>>| {
-            lists
-                .into_iter()
-                .enumerate()
-                .filter(|(_, l)| !l.is_empty())
-                .map(|(u, mut l)| {
-                    for e in &mut l {
-                        e.0 = items[e.0 as usize];
-                    }
-                    (users[u], l)
-                })
-                .collect()
+        let user_items = |seen: Appended<Seen>| {
+            let mut list = seen.list;
+            for e in &mut list {
+                *e = (users[e.0 as usize], items[e.1 as usize], e.2);
+            }
+            compact_seen(&mut list);
+            list
         };
-        let item_users = |lists: Vec<Vec<u32>>| {
-            lists
-                .into_iter()
-                .enumerate()
-                .filter(|(_, l)| !l.is_empty())
-                .map(|(i, mut l)| {
-                    for u in &mut l {
-                        *u = users[*u as usize];
-                    }
-                    (items[i], l)
-                })
-                .collect()
+        let item_users = |pairs: Appended<(u32, u32)>| {
+            let mut list = pairs.list;
+            for e in &mut list {
+                *e = (items[e.0 as usize], users[e.1 as usize]);
+            }
+            compact_pairs(&mut list);
+            list
         };
         Global {
             item_totals: to_global(self.item_totals, items, names.items.names.len()),
@@ -658,12 +668,8 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
     let mut devices = Vec::new();
     let mut item_series: [BTreeMap<Millis, Vec<Cells<ItemStats>>>; 3] = Default::default();
     let mut day_users: BTreeMap<Millis, Vec<Vec<(u32, Hll)>>> = BTreeMap::new();
-    let mut user_items: [Vec<Vec<(u32, Millis)>>; 2] = Default::default();
-    let mut item_users: [Vec<Vec<u32>>; 2] = Default::default();
-    for b in 0..2 {
-        user_items[b].resize_with(n_users, Vec::new);
-        item_users[b].resize_with(n_items, Vec::new);
-    }
+    let mut user_items: [Vec<Vec<Seen>>; 2] = Default::default();
+    let mut item_users: [Vec<Vec<(u32, u32)>>; 2] = Default::default();
     let mut dmh = Vec::new();
     let mut series: [BTreeMap<Millis, SeriesStats>; 3] = Default::default();
     for g in globals {
@@ -677,25 +683,11 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
         for (day, cells) in g.item_day_users {
             day_users.entry(day).or_default().push(cells);
         }
-        for (all, lists) in user_items.iter_mut().zip(g.user_items) {
-            for (u, l) in lists {
-                let slot = &mut all[u as usize];
-                if slot.is_empty() {
-                    *slot = l;
-                } else {
-                    slot.extend(l);
-                }
-            }
+        for (all, list) in user_items.iter_mut().zip(g.user_items) {
+            all.push(list);
         }
-        for (all, lists) in item_users.iter_mut().zip(g.item_users) {
-            for (i, l) in lists {
-                let slot = &mut all[i as usize];
-                if slot.is_empty() {
-                    *slot = l;
-                } else {
-                    slot.extend(l);
-                }
-            }
+        for (all, list) in item_users.iter_mut().zip(g.item_users) {
+            all.push(list);
         }
         dmh.extend(g.device_metric_hours);
         for (all, m) in series.iter_mut().zip(g.series) {
@@ -719,29 +711,22 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
     for (day, parts) in day_users {
         jobs.push(Job::ItemDayUsers(day, parts));
     }
-    for (basis, lists) in BASES.into_iter().zip(user_items) {
-        push_chunks(&mut jobs, lists, |first, chunk| {
-            Job::UserItems(basis, first, chunk)
-        });
+    for (basis, parts) in BASES.into_iter().zip(user_items) {
+        let parts = Arc::new(parts);
+        for lo in (0..n_users).step_by(LIST_CHUNK) {
+            let hi = (lo + LIST_CHUNK).min(n_users);
+            jobs.push(Job::UserItems(basis, parts.clone(), lo as u32, hi as u32));
+        }
     }
-    for (basis, lists) in BASES.into_iter().zip(item_users) {
-        push_chunks(&mut jobs, lists, |first, chunk| {
-            Job::ItemUsers(basis, first, chunk)
-        });
+    for (basis, parts) in BASES.into_iter().zip(item_users) {
+        let parts = Arc::new(parts);
+        for lo in (0..n_items).step_by(LIST_CHUNK) {
+            let hi = (lo + LIST_CHUNK).min(n_items);
+            jobs.push(Job::ItemUsers(basis, parts.clone(), lo as u32, hi as u32));
+        }
     }
     jobs.push(Job::DeviceMetricHours(dmh));
     jobs
-}
-
-/// Cuts per-id lists into jobs of [`LIST_CHUNK`] ids.
-fn push_chunks<T>(jobs: &mut Vec<Job>, mut lists: Vec<T>, job: impl Fn(u32, Vec<T>) -> Job) {
-    let mut first = 0usize;
-    while !lists.is_empty() {
-        let rest = lists.split_off(lists.len().min(LIST_CHUNK));
-        jobs.push(job(first as u32, lists));
-        first += LIST_CHUNK;
-        lists = rest;
-    }
 }
 
 #[cfg(test)]
