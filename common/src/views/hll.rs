@@ -42,6 +42,15 @@ pub fn hash64(s: &str) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The register a value whose [`hash64`] is `x` sets, with the rank it sets it to (a register
+/// keeps the highest rank set).
+pub fn register(x: u64) -> (u16, u8) {
+    let idx = (x >> (64 - P)) as u16;
+    let rest = x << P;
+    let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
+    (idx, rank)
+}
+
 impl Hll {
     /// A sketch holding one value.
     pub fn of(value: &str) -> Self {
@@ -56,10 +65,24 @@ impl Hll {
 
     /// [`Hll::insert`] of a value whose [`hash64`] is `x`.
     pub fn insert_hash(&mut self, x: u64) {
-        let idx = (x >> (64 - P)) as u16;
-        let rest = x << P;
-        let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
+        let (idx, rank) = register(x);
         self.set(idx, rank);
+    }
+
+    /// The sketch whose set registers are `regs` (sorted by index, each index once, every rank
+    /// above 0): what inserting any values that set exactly those registers, to those ranks,
+    /// gives, form included. The form depends only on how many registers are set: [`Hll::set`]
+    /// keeps the sparse form while at most [`SPARSE_MAX`] are and the dense form from then on.
+    pub fn from_registers(regs: &[(u16, u8)]) -> Hll {
+        if regs.len() <= SPARSE_MAX {
+            Hll::Sparse(regs.iter().copied().collect())
+        } else {
+            let mut dense = vec![0u8; M];
+            for &(i, r) in regs {
+                dense[usize::from(i) % M] = r;
+            }
+            Hll::Dense(dense)
+        }
     }
 
     fn set(&mut self, idx: u16, rank: u8) {
@@ -133,57 +156,6 @@ impl Hll {
     }
 }
 
-/// An [`Hll`] being built one hash at a time: while few registers are set, they are kept sorted
-/// in a vector (quicker to search and to grow than the sparse form's map); past the sparse form's
-/// limit, all registers, as the dense form. [`HllBuilder::build`] is the [`Hll`] that
-/// [`Hll::insert_hash`] of the same hashes into `Hll::default()` gives, form included: each step
-/// below is [`Hll::set`]'s, on a sorted vector instead of a map.
-#[derive(Clone, Debug)]
-pub enum HllBuilder {
-    Sparse(Vec<(u16, u8)>),
-    Dense(Vec<u8>),
-}
-
-impl Default for HllBuilder {
-    fn default() -> Self {
-        HllBuilder::Sparse(Vec::new())
-    }
-}
-
-impl HllBuilder {
-    pub fn insert_hash(&mut self, x: u64) {
-        let idx = (x >> (64 - P)) as u16;
-        let rest = x << P;
-        let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
-        match self {
-            HllBuilder::Sparse(regs) => match regs.binary_search_by_key(&idx, |r| r.0) {
-                Ok(i) => regs[i].1 = regs[i].1.max(rank),
-                Err(i) => {
-                    regs.insert(i, (idx, rank));
-                    if regs.len() > SPARSE_MAX {
-                        let mut dense = vec![0u8; M];
-                        for &(i, r) in regs.iter() {
-                            dense[i as usize] = r;
-                        }
-                        *self = HllBuilder::Dense(dense);
-                    }
-                }
-            },
-            HllBuilder::Dense(regs) => {
-                let r = &mut regs[idx as usize];
-                *r = (*r).max(rank);
-            }
-        }
-    }
-
-    pub fn build(self) -> Hll {
-        match self {
-            HllBuilder::Sparse(regs) => Hll::Sparse(regs.into_iter().collect()),
-            HllBuilder::Dense(regs) => Hll::Dense(regs),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,19 +175,21 @@ mod tests {
     }
 
     #[test]
-    fn the_builder_builds_what_inserting_gives() {
+    fn from_registers_is_what_inserting_gives() {
         for n in [0usize, 1, 5, 200, 256, 257, 300, 400, 5_000] {
             let mut h = Hll::default();
-            let mut b = HllBuilder::default();
+            let mut regs = std::collections::BTreeMap::new();
             for i in 0..n {
-                // Every value twice, the second time after others.
                 for v in [i, i / 2] {
                     let x = hash64(&format!("user-{v}"));
                     h.insert_hash(x);
-                    b.insert_hash(x);
+                    let (idx, rank) = register(x);
+                    let r = regs.entry(idx).or_insert(0);
+                    *r = rank.max(*r);
                 }
             }
-            assert_eq!(b.build(), h, "n={n}");
+            let regs: Vec<(u16, u8)> = regs.into_iter().collect();
+            assert_eq!(Hll::from_registers(&regs), h, "n={n}");
         }
     }
 

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::{
-    contribute, hash64, Basis, DeviceStats, FastMap, Gran, Hll, HllBuilder, ItemStats, Monoid,
-    Name, Partial, Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
+    contribute, hash64, register, Basis, DeviceStats, FastMap, Gran, Hll, ItemStats, Monoid, Name,
+    Partial, Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
 };
 use crate::event::Event;
 use crate::time::Millis;
@@ -40,6 +40,45 @@ type Cells<V> = Vec<(u32, V)>;
 
 /// (user id, item id, time) of the user history view.
 type Seen = (u32, u32, Millis);
+
+/// (day, item id, register) of the item daily users view: the register's index and rank as
+/// `index << 8 | rank`, so that they sort by index then rank.
+type Reg<K> = (K, u32, u32);
+
+/// Sorts registers by (day, item, index), keeping each one's highest rank.
+fn compact_regs<K: Ord + Copy>(list: &mut Vec<Reg<K>>) {
+    list.sort_unstable();
+    list.dedup_by(|later, kept| {
+        let same = (later.0, later.1, later.2 >> 8) == (kept.0, kept.1, kept.2 >> 8);
+        if same {
+            kept.2 = kept.2.max(later.2);
+        }
+        same
+    });
+}
+
+/// Time buckets numbered in order of first sight.
+#[derive(Default)]
+struct Slots {
+    starts: Vec<Millis>,
+    ids: FastMap<Millis, u32>,
+    last: u32,
+}
+
+impl Slots {
+    fn slot(&mut self, start: Millis) -> u32 {
+        if self.starts.get(self.last as usize) == Some(&start) {
+            return self.last;
+        }
+        let next = self.starts.len() as u32;
+        let id = *self.ids.entry(start).or_insert(next);
+        if id == next {
+            self.starts.push(start);
+        }
+        self.last = id;
+        id
+    }
+}
 
 /// Names of one kind and their ids, in order of first sight.
 #[derive(Default)]
@@ -207,7 +246,10 @@ pub struct IdFold {
     metrics: Interner,
     item_totals: Vec<Option<ItemStats>>,
     item_series: [Grid<ItemStats>; 3],
-    item_day_users: Grid<HllBuilder>,
+    /// Item daily users: the register each event sets, appended (a sketch per (day, item) is
+    /// built from them at the end, in order, instead of being looked up per event).
+    days: Slots,
+    item_day_users: Appended<Reg<u32>>,
     /// Per basis: (user id, item id, time).
     user_items: [Appended<Seen>; 2],
     /// Per basis: (item id, user id).
@@ -271,9 +313,10 @@ impl Sink for IdFold {
 
     fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
         let id = self.items.id(item);
-        let h = hash64(user);
-        let ids = self.items.names.len();
-        self.item_day_users.cell(day, id, ids).insert_hash(h);
+        let (idx, rank) = register(hash64(user));
+        let reg = u32::from(idx) << 8 | u32::from(rank);
+        let d = self.days.slot(day);
+        self.item_day_users.push((d, id, reg), compact_regs::<u32>);
     }
 
     fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
@@ -363,7 +406,8 @@ enum Job {
     Devices(Vec<Vec<Option<DeviceStats>>>),
     ItemSeries(Gran, Millis, Vec<Vec<(u32, ItemStats)>>),
     Series([BTreeMap<Millis, SeriesStats>; 3]),
-    ItemDayUsers(Millis, Vec<Vec<(u32, Hll)>>),
+    /// Items `lo..hi` of one day of the folds' sorted registers.
+    ItemDayUsers(Arc<Vec<Vec<Reg<Millis>>>>, Millis, u32, u32),
     /// Users `lo..hi` of the folds' sorted (user, item, time) lists.
     UserItems(Basis, Arc<Vec<Vec<Seen>>>, u32, u32),
     /// Items `lo..hi` of the folds' sorted (item, user) lists.
@@ -416,11 +460,11 @@ fn merge_dense<V: Monoid + Clone>(parts: Vec<Vec<Option<V>>>, n: usize) -> Vec<O
 }
 
 /// The entries with first id in `lo..hi` of several sorted, compacted lists, as one such list.
-fn gather<T: Copy>(
+fn gather<T: Copy, K: Ord>(
     parts: &[Vec<T>],
-    lo: u32,
-    hi: u32,
-    first: impl Fn(&T) -> u32,
+    lo: K,
+    hi: K,
+    first: impl Fn(&T) -> K,
     compact: fn(&mut Vec<T>),
 ) -> Vec<T> {
     let mut out = Vec::new();
@@ -476,16 +520,22 @@ impl Job {
                     })
                 })
                 .collect(),
-            Job::ItemDayUsers(day, parts) => merge_cells(parts, Hll::merge)
-                .into_iter()
-                .map(|(id, h)| {
-                    let key = ViewKey::ItemDayUsers {
-                        day,
-                        item: item(id),
-                    };
-                    (key, Partial::Distinct(h))
-                })
-                .collect(),
+            Job::ItemDayUsers(parts, day, lo, hi) => {
+                let regs = gather(&parts, (day, lo), (day, hi), |e| (e.0, e.1), compact_regs);
+                regs.chunk_by(|a, b| a.1 == b.1)
+                    .map(|run| {
+                        let set: Vec<(u16, u8)> = run
+                            .iter()
+                            .map(|e| ((e.2 >> 8) as u16, (e.2 & 0xff) as u8))
+                            .collect();
+                        let key = ViewKey::ItemDayUsers {
+                            day,
+                            item: item(run[0].1),
+                        };
+                        (key, Partial::Distinct(Hll::from_registers(&set)))
+                    })
+                    .collect()
+            }
             Job::UserItems(basis, parts, lo, hi) => {
                 let seen = gather(&parts, lo, hi, |e| e.0, compact_seen);
                 seen.chunk_by(|a, b| a.0 == b.0)
@@ -550,7 +600,8 @@ struct Global {
     item_totals: Vec<Option<ItemStats>>,
     devices: Vec<Option<DeviceStats>>,
     item_series: [Vec<(Millis, Cells<ItemStats>)>; 3],
-    item_day_users: Vec<(Millis, Vec<(u32, Hll)>)>,
+    /// (day, item, register) in global ids, sorted and compacted.
+    item_day_users: Vec<Reg<Millis>>,
     /// Per basis: (user, item, time) in global ids, sorted and compacted.
     user_items: [Vec<Seen>; 2],
     /// Per basis: (item, user) in global ids, sorted and compacted.
@@ -619,13 +670,17 @@ impl IdFold {
                 grid_to_global(s1, items),
                 grid_to_global(s2, items),
             ],
-            item_day_users: grid_to_global(self.item_day_users, items)
-                .into_iter()
-                .map(|(day, cells)| {
-                    let cells = cells.into_iter().map(|(i, b)| (i, b.build())).collect();
-                    (day, cells)
-                })
-                .collect(),
+            item_day_users: {
+                let days = &self.days.starts;
+                let mut list: Vec<Reg<Millis>> = self
+                    .item_day_users
+                    .list
+                    .into_iter()
+                    .map(|(d, i, r)| (days[d as usize], items[i as usize], r))
+                    .collect();
+                compact_regs(&mut list);
+                list
+            },
             user_items: [user_items(ui0), user_items(ui1)],
             item_users: [item_users(iu0), item_users(iu1)],
             device_metric_hours: self
@@ -667,7 +722,7 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
     let mut item_totals = Vec::new();
     let mut devices = Vec::new();
     let mut item_series: [BTreeMap<Millis, Vec<Cells<ItemStats>>>; 3] = Default::default();
-    let mut day_users: BTreeMap<Millis, Vec<Vec<(u32, Hll)>>> = BTreeMap::new();
+    let mut day_users: Vec<Vec<Reg<Millis>>> = Vec::new();
     let mut user_items: [Vec<Vec<Seen>>; 2] = Default::default();
     let mut item_users: [Vec<Vec<(u32, u32)>>; 2] = Default::default();
     let mut dmh = Vec::new();
@@ -680,9 +735,7 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
                 all.entry(start).or_default().push(cells);
             }
         }
-        for (day, cells) in g.item_day_users {
-            day_users.entry(day).or_default().push(cells);
-        }
+        day_users.push(g.item_day_users);
         for (all, list) in user_items.iter_mut().zip(g.user_items) {
             all.push(list);
         }
@@ -708,8 +761,21 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
         }
     }
     jobs.push(Job::Series(series));
-    for (day, parts) in day_users {
-        jobs.push(Job::ItemDayUsers(day, parts));
+    let mut days: Vec<Millis> = day_users.iter().flatten().map(|e| e.0).collect();
+    days.dedup();
+    days.sort_unstable();
+    days.dedup();
+    let day_users = Arc::new(day_users);
+    for day in days {
+        for lo in (0..n_items).step_by(LIST_CHUNK) {
+            let hi = (lo + LIST_CHUNK).min(n_items);
+            jobs.push(Job::ItemDayUsers(
+                day_users.clone(),
+                day,
+                lo as u32,
+                hi as u32,
+            ));
+        }
     }
     for (basis, parts) in BASES.into_iter().zip(user_items) {
         let parts = Arc::new(parts);
