@@ -85,15 +85,17 @@ impl Slots {
 struct Interner {
     ids: FastMap<Name, u32>,
     names: Vec<Name>,
-    /// The id returned last: consecutive calls are mostly for the same name.
-    last: u32,
+    /// The name looked up last and its id: consecutive calls are mostly for the same name. A
+    /// copy, so that checking it reads no memory the previous event may have pushed out of the
+    /// cache.
+    last: Option<(Name, u32)>,
 }
 
 impl Interner {
     fn id(&mut self, name: &str) -> u32 {
-        if let Some(n) = self.names.get(self.last as usize) {
+        if let Some((n, id)) = &self.last {
             if n.as_str() == name {
-                return self.last;
+                return *id;
             }
         }
         let id = match self.ids.get(name) {
@@ -106,7 +108,7 @@ impl Interner {
                 id
             }
         };
-        self.last = id;
+        self.last = Some((Name::from(name), id));
         id
     }
 }
