@@ -71,8 +71,8 @@ impl Hll {
 
     /// The sketch whose set registers are `regs` (sorted by index, each index once, every rank
     /// above 0): what inserting any values that set exactly those registers, to those ranks,
-    /// gives, form included. The form depends only on how many registers are set: [`Hll::set`]
-    /// keeps the sparse form while at most [`SPARSE_MAX`] are and the dense form from then on.
+    /// gives, form included. The form depends only on how many registers are set: inserting
+    /// keeps the sparse form while at most 2^11 / 8 are and the dense form from then on.
     pub fn from_registers(regs: &[(u16, u8)]) -> Hll {
         if regs.len() <= SPARSE_MAX {
             Hll::Sparse(regs.iter().copied().collect())

@@ -1,10 +1,11 @@
 //! The views, each defined once as a keyed monoid and run unchanged by both layers.
 //!
 //! An event contributes a partial aggregate ([`Partial`]) to one or more view keys ([`ViewKey`]);
-//! [`contributions`] is the one definition of every view. Partials of one key merge associatively
-//! and commutatively, with `Default` as the identity, so the batch layer's fold over all history,
-//! the speed layer's folds over offset blocks, and the serving layer's merge of the two are the
-//! same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
+//! [`contribute`] is the one definition of every view, written against a [`Sink`]:
+//! [`contributions`] is its keyed form, [`IdFold`] the batch layer's form keyed by ids. Partials of
+//! one key merge associatively and commutatively, with `Default` as the identity, so the batch
+//! layer's fold over all history, the speed layer's folds over offset blocks, and the serving
+//! layer's merge of the two are the same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
 //!
 //! | view | key | partial | answers |
 //! |---|---|---|---|
