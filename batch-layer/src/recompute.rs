@@ -1,8 +1,8 @@
 //! Recomputing every view from the master dataset, in parallel, and publishing the result.
 //!
-//! Each partition is folded in offset order (the dedupe rule needs it) into [`SHARDS`] view sets,
-//! a key's set chosen by its hash; the partitions' sets of one shard are then merged, shard by
-//! shard in parallel, and the shards published together (their keys are disjoint).
+//! Each partition is folded in offset order (the dedupe rule needs it) into an [`IdFold`] (every
+//! view keyed by ids of that fold's names); the partitions' folds are then merged into entries in
+//! key order, view by view and time bucket by time bucket in parallel, and published.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -15,7 +15,7 @@ use strata_common::disk;
 use strata_common::handoff::{cutoff_below, Offsets};
 use strata_common::progress::Progress;
 use strata_common::time::{format_rfc3339, now_millis};
-use strata_common::views::{contributions, Partial, ViewKey, ViewSet};
+use strata_common::views::IdFold;
 
 use crate::segment::{self, Segment};
 use crate::Result;
@@ -23,34 +23,9 @@ use crate::Result;
 /// Segments parsed at once per partition: enough to keep every core busy.
 const CHUNK: usize = 8;
 
-/// View sets each partition's fold is split into. Merging the partitions' results then runs
-/// shard by shard on every core, and each shard's map is a fraction of the whole.
-const SHARDS: usize = 64;
-
-/// The views of some events, split into [`SHARDS`] sets by the hash of each key.
-struct Sharded {
-    /// The same (randomly keyed) hasher for every partition, so a key has one shard.
-    hasher: ahash::RandomState,
-    shards: Vec<ViewSet>,
-}
-
-impl Sharded {
-    fn new(hasher: ahash::RandomState) -> Self {
-        Sharded {
-            hasher,
-            shards: (0..SHARDS).map(|_| ViewSet::default()).collect(),
-        }
-    }
-
-    fn add(&mut self, key: ViewKey, partial: Partial) {
-        let i = (self.hasher.hash_one(&key) % SHARDS as u64) as usize;
-        self.shards[i].add_owned(key, partial);
-    }
-}
-
 /// What one partition contributes.
 struct PartitionFold {
-    views: Sharded,
+    views: IdFold,
     events: u64,
     duplicates: u64,
 }
@@ -87,7 +62,6 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .map(|(p, segs)| segs.iter().filter(|s| s.start < cutoffs[p]).count())
         .sum();
     let progress = Mutex::new(Progress::new("recompute segments", Some(total as u64)));
-    let hasher = ahash::RandomState::new();
 
     let folds: Vec<Result<PartitionFold>> = segments
         .par_iter()
@@ -95,7 +69,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
             let cutoff = cutoffs[p];
             let wanted: Vec<&Segment> = segs.iter().filter(|s| s.start < cutoff).collect();
             let mut fold = PartitionFold {
-                views: Sharded::new(hasher.clone()),
+                views: IdFold::new(),
                 events: 0,
                 duplicates: 0,
             };
@@ -108,7 +82,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                 for events in parsed {
                     for (_, e) in events {
                         if dedupe.admit(&e.id, e.ts) {
-                            contributions(&e, |k, p| fold.views.add(k, p));
+                            fold.views.fold(&e);
                             fold.events += 1;
                         } else {
                             fold.duplicates += 1;
@@ -125,27 +99,17 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .collect();
 
     let (mut events, mut duplicates) = (0, 0);
-    let mut columns: Vec<Vec<ViewSet>> = (0..SHARDS).map(|_| Vec::new()).collect();
+    let mut parts = Vec::with_capacity(folds.len());
     for f in folds {
         let f = f?;
         events += f.events;
         duplicates += f.duplicates;
-        for (column, set) in columns.iter_mut().zip(f.views.shards) {
-            column.push(set);
-        }
+        parts.push(f.views);
     }
-    let shards: Vec<ViewSet> = columns
-        .into_par_iter()
-        .map(|column| {
-            column.into_iter().fold(ViewSet::default(), |mut all, set| {
-                all.merge_owned(set);
-                all
-            })
-        })
-        .collect();
-    let manifest = batch_store::publish_parts(
+    let entries = IdFold::into_entries(parts);
+    let manifest = batch_store::publish_sorted(
         &cfg.data_dir,
-        &shards,
+        &entries,
         Manifest {
             version: 0,
             published_at: format_rfc3339(now_millis()),
@@ -160,7 +124,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
     if let Ok(pr) = progress.lock() {
         pr.finish();
     }
-    shards.into_par_iter().for_each(drop);
+    entries.into_par_iter().for_each(drop);
     tracing::info!(
         version = manifest.version,
         events,

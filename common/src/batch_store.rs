@@ -221,21 +221,43 @@ pub fn publish(data_dir: &Path, views: &ViewSet, manifest: Manifest) -> Result<M
 
 /// [`publish`] of the union of `parts`, which hold disjoint sets of keys (a key in two parts
 /// would be written twice).
-pub fn publish_parts(
+pub fn publish_parts(data_dir: &Path, parts: &[ViewSet], manifest: Manifest) -> Result<Manifest> {
+    let mut entries: Vec<(&ViewKey, &Partial)> =
+        parts.iter().flat_map(|p| p.entries.iter()).collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    write_version(data_dir, &entries, manifest)
+}
+
+/// [`publish`] of entries already in key order: the concatenation of `chunks`, whose keys must
+/// be strictly increasing (checked: anything else is an error and nothing is published).
+pub fn publish_sorted(
     data_dir: &Path,
-    parts: &[ViewSet],
+    chunks: &[Vec<(ViewKey, Partial)>],
+    manifest: Manifest,
+) -> Result<Manifest> {
+    let entries: Vec<(&ViewKey, &Partial)> = chunks.iter().flatten().map(|(k, p)| (k, p)).collect();
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(Error::Other(format!(
+            "batch entries out of key order: {:?} before {:?}",
+            w[0].0, w[1].0
+        )));
+    }
+    write_version(data_dir, &entries, manifest)
+}
+
+/// Writes `entries` (in key order) as the next version and publishes it.
+fn write_version(
+    data_dir: &Path,
+    entries: &[(&ViewKey, &Partial)],
     mut manifest: Manifest,
 ) -> Result<Manifest> {
     let previous = read_current(data_dir)?.map_or(0, |m| m.version);
     manifest.version = previous.max(highest_version_dir(data_dir)?) + 1;
-    manifest.keys = parts.iter().map(|p| p.len() as u64).sum();
+    manifest.keys = entries.len() as u64;
     let dir = version_dir(data_dir, manifest.version);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
 
-    let mut entries: Vec<(&ViewKey, &Partial)> =
-        parts.iter().flat_map(|p| p.entries.iter()).collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let bytes = postcard::to_stdvec(&entries).map_err(|e| Error::Other(e.to_string()))?;
+    let bytes = postcard::to_stdvec(entries).map_err(|e| Error::Other(e.to_string()))?;
     let path = dir.join("views.bin");
     write_synced(&path, &bytes)?;
     write_synced(

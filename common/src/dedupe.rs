@@ -13,6 +13,8 @@
 //! decision for every message. Remembered ids whose expiry the watermark has passed can never match
 //! again, so dropping them from storage at any time changes nothing.
 
+use std::collections::hash_map::Entry;
+
 use crate::time::Millis;
 use crate::views::{FastMap, Name};
 
@@ -80,19 +82,31 @@ impl PartitionDeduper {
 
     /// Whether the event with this id and time counts. Call in offset order.
     pub fn admit(&mut self, id: &str, ts: Millis) -> bool {
-        let remembered = self.seen.get(id).copied();
-        match self.rule.decide(&mut self.watermark, remembered, ts) {
-            Decision::Count { expiry } => {
-                self.seen.insert(Name::from(id), expiry);
-                if self.seen.len() >= self.sweep_at {
-                    let w = self.watermark;
-                    self.seen.retain(|_, e| *e >= w);
-                    self.sweep_at = (self.seen.len() * 2).max(1 << 16);
+        // One probe of the map: the id's entry is read, then updated in place if it counts.
+        let counted = match self.seen.entry(Name::from(id)) {
+            Entry::Occupied(mut e) => {
+                match self.rule.decide(&mut self.watermark, Some(*e.get()), ts) {
+                    Decision::Count { expiry } => {
+                        e.insert(expiry);
+                        true
+                    }
+                    Decision::Duplicate => false,
                 }
-                true
             }
-            Decision::Duplicate => false,
+            Entry::Vacant(e) => match self.rule.decide(&mut self.watermark, None, ts) {
+                Decision::Count { expiry } => {
+                    e.insert(expiry);
+                    true
+                }
+                Decision::Duplicate => false,
+            },
+        };
+        if counted && self.seen.len() >= self.sweep_at {
+            let w = self.watermark;
+            self.seen.retain(|_, e| *e >= w);
+            self.sweep_at = (self.seen.len() * 2).max(1 << 16);
         }
+        counted
     }
 
     pub fn watermark(&self) -> Millis {

@@ -337,8 +337,23 @@ pub fn decode(payload: &[u8], message_ts: Option<Millis>, rules: &Rules) -> Resu
 
 /// Validates a parsed wire event.
 pub fn validate(wire: Wire, message_ts: Option<Millis>, rules: &Rules) -> Result<Event, Reject> {
-    let id = ident("id", Some(wire.id.clone()), rules)?;
-    let ts = match &wire.ts {
+    // The names move from the wire form into the event (no copies); checks run in the same order.
+    let Wire {
+        id,
+        ts,
+        kind,
+        user,
+        item,
+        category,
+        qty,
+        price,
+        rating,
+        device,
+        metric,
+        value,
+    } = wire;
+    let id = ident("id", Some(id), rules)?;
+    let ts = match &ts {
         WireTs::Text(s) => parse_rfc3339(s).ok_or_else(|| {
             reject(
                 RejectCode::BadTimestamp,
@@ -370,30 +385,29 @@ pub fn validate(wire: Wire, message_ts: Option<Millis>, rules: &Rules) -> Result
             ));
         }
     }
-    let item_ref = |w: &Wire| -> Result<ItemRef, Reject> {
+    let item_ref = move || -> Result<ItemRef, Reject> {
         Ok(ItemRef {
-            user: ident("user", w.user.clone(), rules)?,
-            item: ident("item", w.item.clone(), rules)?,
-            category: match &w.category {
-                Some(c) => Some(ident("category", Some(c.clone()), rules)?),
+            user: ident("user", user, rules)?,
+            item: ident("item", item, rules)?,
+            category: match category {
+                Some(c) => Some(ident("category", Some(c), rules)?),
                 None => None,
             },
         })
     };
-    let kind = match wire.kind.as_str() {
-        "view" => Kind::View(item_ref(&wire)?),
-        "add_to_cart" => Kind::AddToCart(item_ref(&wire)?),
+    let kind = match kind.as_str() {
+        "view" => Kind::View(item_ref()?),
+        "add_to_cart" => Kind::AddToCart(item_ref()?),
         "purchase" => {
-            let qty = wire.qty.unwrap_or(1);
+            let qty = qty.unwrap_or(1);
             if !(1..=10_000).contains(&qty) {
                 return Err(reject(
                     RejectCode::BadField,
                     format!("qty {qty} is outside 1..=10000"),
                 ));
             }
-            let price = wire
-                .price
-                .ok_or_else(|| reject(RejectCode::MissingField, "purchase without price"))?;
+            let price =
+                price.ok_or_else(|| reject(RejectCode::MissingField, "purchase without price"))?;
             if !(price.is_finite() && (0.0..=10_000_000.0).contains(&price)) {
                 return Err(reject(
                     RejectCode::BadField,
@@ -401,15 +415,14 @@ pub fn validate(wire: Wire, message_ts: Option<Millis>, rules: &Rules) -> Result
                 ));
             }
             Kind::Purchase {
-                item: item_ref(&wire)?,
+                item: item_ref()?,
                 qty,
                 price_micros: (price * 1e6).round() as i64,
             }
         }
         "rating" => {
-            let rating = wire
-                .rating
-                .ok_or_else(|| reject(RejectCode::MissingField, "rating without rating"))?;
+            let rating =
+                rating.ok_or_else(|| reject(RejectCode::MissingField, "rating without rating"))?;
             if !(1..=5).contains(&rating) {
                 return Err(reject(
                     RejectCode::BadField,
@@ -417,23 +430,22 @@ pub fn validate(wire: Wire, message_ts: Option<Millis>, rules: &Rules) -> Result
                 ));
             }
             Kind::Rating {
-                item: item_ref(&wire)?,
+                item: item_ref()?,
                 rating: rating as u8,
             }
         }
         "heartbeat" => Kind::Heartbeat {
-            device: ident("device", wire.device, rules)?,
+            device: ident("device", device, rules)?,
         },
         "reading" => {
-            let value = wire
-                .value
-                .ok_or_else(|| reject(RejectCode::MissingField, "reading without value"))?;
+            let value =
+                value.ok_or_else(|| reject(RejectCode::MissingField, "reading without value"))?;
             if !value.is_finite() {
                 return Err(reject(RejectCode::BadField, "value is not finite"));
             }
             Kind::Reading {
-                device: ident("device", wire.device, rules)?,
-                metric: ident("metric", wire.metric, rules)?,
+                device: ident("device", device, rules)?,
+                metric: ident("metric", metric, rules)?,
                 value,
             }
         }

@@ -42,6 +42,15 @@ pub fn hash64(s: &str) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The register a value whose [`hash64`] is `x` sets, with the rank it sets it to (a register
+/// keeps the highest rank set).
+pub fn register(x: u64) -> (u16, u8) {
+    let idx = (x >> (64 - P)) as u16;
+    let rest = x << P;
+    let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
+    (idx, rank)
+}
+
 impl Hll {
     /// A sketch holding one value.
     pub fn of(value: &str) -> Self {
@@ -51,11 +60,29 @@ impl Hll {
     }
 
     pub fn insert(&mut self, value: &str) {
-        let x = hash64(value);
-        let idx = (x >> (64 - P)) as u16;
-        let rest = x << P;
-        let rank = (rest.leading_zeros().min(64 - P) + 1) as u8;
+        self.insert_hash(hash64(value));
+    }
+
+    /// [`Hll::insert`] of a value whose [`hash64`] is `x`.
+    pub fn insert_hash(&mut self, x: u64) {
+        let (idx, rank) = register(x);
         self.set(idx, rank);
+    }
+
+    /// The sketch whose set registers are `regs` (sorted by index, each index once, every rank
+    /// above 0): what inserting any values that set exactly those registers, to those ranks,
+    /// gives, form included. The form depends only on how many registers are set: inserting
+    /// keeps the sparse form while at most 2^11 / 8 are and the dense form from then on.
+    pub fn from_registers(regs: &[(u16, u8)]) -> Hll {
+        if regs.len() <= SPARSE_MAX {
+            Hll::Sparse(regs.iter().copied().collect())
+        } else {
+            let mut dense = vec![0u8; M];
+            for &(i, r) in regs {
+                dense[usize::from(i) % M] = r;
+            }
+            Hll::Dense(dense)
+        }
     }
 
     fn set(&mut self, idx: u16, rank: u8) {
@@ -144,6 +171,25 @@ mod tests {
             let e = h.estimate();
             let err = (e - n as f64).abs() / n as f64;
             assert!(err <= 4.0 * STANDARD_ERROR, "n={n} estimate={e}");
+        }
+    }
+
+    #[test]
+    fn from_registers_is_what_inserting_gives() {
+        for n in [0usize, 1, 5, 200, 256, 257, 300, 400, 5_000] {
+            let mut h = Hll::default();
+            let mut regs = std::collections::BTreeMap::new();
+            for i in 0..n {
+                for v in [i, i / 2] {
+                    let x = hash64(&format!("user-{v}"));
+                    h.insert_hash(x);
+                    let (idx, rank) = register(x);
+                    let r = regs.entry(idx).or_insert(0);
+                    *r = rank.max(*r);
+                }
+            }
+            let regs: Vec<(u16, u8)> = regs.into_iter().collect();
+            assert_eq!(Hll::from_registers(&regs), h, "n={n}");
         }
     }
 

@@ -1,10 +1,11 @@
 //! The views, each defined once as a keyed monoid and run unchanged by both layers.
 //!
 //! An event contributes a partial aggregate ([`Partial`]) to one or more view keys ([`ViewKey`]);
-//! [`contributions`] is the one definition of every view. Partials of one key merge associatively
-//! and commutatively, with `Default` as the identity, so the batch layer's fold over all history,
-//! the speed layer's folds over offset blocks, and the serving layer's merge of the two are the
-//! same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
+//! [`contribute`] is the one definition of every view, written against a [`Sink`]:
+//! [`contributions`] is its keyed form, [`IdFold`] the batch layer's form keyed by ids. Partials of
+//! one key merge associatively and commutatively, with `Default` as the identity, so the batch
+//! layer's fold over all history, the speed layer's folds over offset blocks, and the serving
+//! layer's merge of the two are the same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
 //!
 //! | view | key | partial | answers |
 //! |---|---|---|---|
@@ -21,6 +22,7 @@
 //! bit-identical answers. Buckets are by event time: a late event lands in the bucket it belongs to.
 
 mod hll;
+mod idfold;
 mod key;
 mod stats;
 
@@ -28,11 +30,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-pub use hll::{hash64, Hll, STANDARD_ERROR as HLL_STANDARD_ERROR};
+pub use hll::{hash64, register, Hll, STANDARD_ERROR as HLL_STANDARD_ERROR};
+pub use idfold::IdFold;
 pub use key::{tag, Basis, Gran, ViewKey};
 pub use stats::{DeviceStats, ItemStats, Recent, SeriesStats, Set};
 
 use crate::event::{Event, ItemRef, Kind, EVENT_TYPES};
+use crate::time::Millis;
 
 /// A name in a view key or a partial (item, user, device, metric, category). Names of up to 24
 /// bytes are stored inline, so hashing, comparing, cloning and dropping a key touches no other
@@ -157,74 +161,121 @@ fn item_delta(kind: &Kind) -> Option<(&ItemRef, usize, ItemStats)> {
     })
 }
 
-/// Calls `emit` with each (key, partial) an event contributes. This is the one definition of
-/// every view: both layers fold events only through it.
-pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
+/// The receiving end of [`contribute`]: one method per view, each called with what one event
+/// adds to one key of that view. [`contributions`] turns every call into a (key, partial) pair;
+/// a fold may store the same deltas in another shape (the batch layer's [`IdFold`]), as long as
+/// it merges them with the view's monoid.
+pub trait Sink {
+    /// `ViewKey::Item(item)` gets `delta`.
+    fn item(&mut self, item: &str, delta: &ItemStats);
+    /// `ViewKey::ItemSeries { gran, start, item }` gets `delta`.
+    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats);
+    /// `ViewKey::ItemDayUsers { day, item }` gets the sketch of `user`.
+    fn item_day_user(&mut self, day: Millis, item: &str, user: &str);
+    /// `ViewKey::UserItems { basis, user }` gets `item` seen at `ts`.
+    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis);
+    /// `ViewKey::ItemUsers { basis, item }` gets `user`.
+    fn item_user(&mut self, basis: Basis, item: &str, user: &str);
+    /// `ViewKey::Device(device)` gets `delta`.
+    fn device(&mut self, device: &str, delta: &DeviceStats);
+    /// `ViewKey::DeviceMetricHour { start, device, metric }` gets `delta`.
+    fn device_metric_hour(
+        &mut self,
+        start: Millis,
+        device: &str,
+        metric: &str,
+        delta: &DeviceStats,
+    );
+    /// `ViewKey::Series { gran, start }` gets `delta`.
+    fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>);
+}
+
+/// What one event adds to a time bucket of the series view: its [`SeriesStats`] is
+/// [`SeriesDelta::to_stats`], and [`SeriesStats::add`] merges it without building that.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SeriesDelta<'a> {
+    /// The event's type, as an index into [`EVENT_TYPES`].
+    pub type_index: usize,
+    pub quantity: u64,
+    pub revenue_micros: i128,
+    /// The user of a commerce event.
+    pub user: Option<&'a str>,
+}
+
+impl SeriesDelta<'_> {
+    /// The delta as a partial.
+    pub fn to_stats(&self) -> SeriesStats {
+        let mut s = SeriesStats::default();
+        s.counts[self.type_index] = 1;
+        s.quantity = self.quantity;
+        s.revenue_micros = self.revenue_micros;
+        if let Some(user) = self.user {
+            s.users = Hll::of(user);
+        }
+        s
+    }
+}
+
+impl SeriesStats {
+    /// Merges `delta.to_stats()` into `self`, given `hash64` of its user (if any).
+    pub fn add(&mut self, delta: &SeriesDelta<'_>, user_hash: Option<u64>) {
+        self.counts[delta.type_index] += 1;
+        self.quantity += delta.quantity;
+        self.revenue_micros += delta.revenue_micros;
+        if let Some(h) = user_hash {
+            self.users.insert_hash(h);
+        }
+    }
+}
+
+/// Calls `sink` with everything an event contributes, view by view. This is the one definition
+/// of every view: both layers fold events only through it (the keyed form is
+/// [`contributions`]).
+pub fn contribute(event: &Event, sink: &mut impl Sink) {
     let ts = event.ts;
     let type_index = EVENT_TYPES
         .iter()
         .position(|&t| t == event.type_name())
         .unwrap_or(0);
-    let mut series = SeriesStats::default();
-    series.counts[type_index] = 1;
+    let mut series = SeriesDelta {
+        type_index,
+        quantity: 0,
+        revenue_micros: 0,
+        user: None,
+    };
 
     if let Some((r, _, stats)) = item_delta(&event.kind) {
         let stats = ItemStats {
             category: r.category.as_deref().map(Name::from),
             ..stats
         };
-        let item = Name::from(r.item.as_str());
+        let item = r.item.as_str();
         series.quantity = stats.quantity;
         series.revenue_micros = stats.revenue_micros;
-        series.users = Hll::of(&r.user);
+        series.user = Some(&r.user);
         for gran in Gran::ALL {
-            emit(
-                ViewKey::ItemSeries {
-                    gran,
-                    start: gran.floor(ts),
-                    item: item.clone(),
-                },
-                Partial::Item(stats.clone()),
-            );
+            sink.item_series(gran, gran.floor(ts), item, &stats);
         }
-        emit(
-            ViewKey::ItemDayUsers {
-                day: Gran::Day.floor(ts),
-                item: item.clone(),
-            },
-            Partial::Distinct(Hll::of(&r.user)),
-        );
+        sink.item_day_user(Gran::Day.floor(ts), item, &r.user);
         let basis = match event.kind {
             Kind::View(_) => Some(Basis::View),
             Kind::Purchase { .. } => Some(Basis::Purchase),
             _ => None,
         };
         if let Some(basis) = basis {
-            emit(
-                ViewKey::UserItems {
-                    basis,
-                    user: Name::from(r.user.as_str()),
-                },
-                Partial::Recent(Recent(BTreeMap::from([(item.clone(), ts)]))),
-            );
-            emit(
-                ViewKey::ItemUsers {
-                    basis,
-                    item: item.clone(),
-                },
-                Partial::Set(Set(BTreeSet::from([Name::from(r.user.as_str())]))),
-            );
+            sink.user_item(basis, &r.user, item, ts);
+            sink.item_user(basis, item, &r.user);
         }
-        emit(ViewKey::Item(item), Partial::Item(stats));
+        sink.item(item, &stats);
     }
     match &event.kind {
-        Kind::Heartbeat { device } => emit(
-            ViewKey::Device(Name::from(device.as_str())),
-            Partial::Device(DeviceStats {
+        Kind::Heartbeat { device } => sink.device(
+            device,
+            &DeviceStats {
                 last_seen: Some(ts),
                 heartbeats: 1,
                 ..Default::default()
-            }),
+            },
         ),
         Kind::Reading {
             device,
@@ -239,30 +290,103 @@ pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
                 sum_micros: (*value * 1e6).round() as i128,
                 ..Default::default()
             };
-            emit(
-                ViewKey::DeviceMetricHour {
-                    start: Gran::Hour.floor(ts),
-                    device: Name::from(device.as_str()),
-                    metric: Name::from(metric.as_str()),
-                },
-                Partial::Device(stats.clone()),
-            );
-            emit(
-                ViewKey::Device(Name::from(device.as_str())),
-                Partial::Device(stats),
-            );
+            sink.device_metric_hour(Gran::Hour.floor(ts), device, metric, &stats);
+            sink.device(device, &stats);
         }
         _ => {}
     }
     for gran in Gran::ALL {
-        emit(
-            ViewKey::Series {
-                gran,
-                start: gran.floor(ts),
-            },
-            Partial::Series(series.clone()),
+        sink.series(gran, gran.floor(ts), &series);
+    }
+}
+
+/// [`contribute`] in keyed form: each delta as a (key, partial) pair.
+struct Keyed<F>(F);
+
+impl<F: FnMut(ViewKey, Partial)> Sink for Keyed<F> {
+    fn item(&mut self, item: &str, delta: &ItemStats) {
+        (self.0)(
+            ViewKey::Item(Name::from(item)),
+            Partial::Item(delta.clone()),
         );
     }
+
+    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
+        (self.0)(
+            ViewKey::ItemSeries {
+                gran,
+                start,
+                item: Name::from(item),
+            },
+            Partial::Item(delta.clone()),
+        );
+    }
+
+    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
+        (self.0)(
+            ViewKey::ItemDayUsers {
+                day,
+                item: Name::from(item),
+            },
+            Partial::Distinct(Hll::of(user)),
+        );
+    }
+
+    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
+        (self.0)(
+            ViewKey::UserItems {
+                basis,
+                user: Name::from(user),
+            },
+            Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)]))),
+        );
+    }
+
+    fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
+        (self.0)(
+            ViewKey::ItemUsers {
+                basis,
+                item: Name::from(item),
+            },
+            Partial::Set(Set(BTreeSet::from([Name::from(user)]))),
+        );
+    }
+
+    fn device(&mut self, device: &str, delta: &DeviceStats) {
+        (self.0)(
+            ViewKey::Device(Name::from(device)),
+            Partial::Device(delta.clone()),
+        );
+    }
+
+    fn device_metric_hour(
+        &mut self,
+        start: Millis,
+        device: &str,
+        metric: &str,
+        delta: &DeviceStats,
+    ) {
+        (self.0)(
+            ViewKey::DeviceMetricHour {
+                start,
+                device: Name::from(device),
+                metric: Name::from(metric),
+            },
+            Partial::Device(delta.clone()),
+        );
+    }
+
+    fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
+        (self.0)(
+            ViewKey::Series { gran, start },
+            Partial::Series(delta.to_stats()),
+        );
+    }
+}
+
+/// Calls `emit` with each (key, partial) an event contributes: [`contribute`] in keyed form.
+pub fn contributions(event: &Event, emit: impl FnMut(ViewKey, Partial)) {
+    contribute(event, &mut Keyed(emit));
 }
 
 /// The map monoid over all view keys: what a layer holds for a range of events.
@@ -358,7 +482,7 @@ mod tests {
     use crate::event::ItemRef;
     use proptest::prelude::*;
 
-    fn arb_event() -> impl Strategy<Value = Event> {
+    pub(super) fn arb_event() -> impl Strategy<Value = Event> {
         let item_ref =
             (0..5u8, 0..8u8, proptest::option::of(0..3u8)).prop_map(|(u, i, c)| ItemRef {
                 user: format!("u{u}"),

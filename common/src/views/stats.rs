@@ -50,7 +50,13 @@ impl Monoid for ItemStats {
         self.revenue_micros += o.revenue_micros;
         self.ratings += o.ratings;
         self.rating_sum += o.rating_sum;
-        self.category = min_opt(self.category.take(), o.category.clone());
+        // The smaller of two categories (a missing one is no candidate), copied only if it
+        // changes: events of one item nearly always carry the same one.
+        if let Some(theirs) = &o.category {
+            if self.category.as_ref().is_none_or(|mine| theirs < mine) {
+                self.category = Some(theirs.clone());
+            }
+        }
     }
 }
 
@@ -87,13 +93,6 @@ impl Monoid for DeviceStats {
             (a, b) => a.or(b),
         };
         self.sum_micros += o.sum_micros;
-    }
-}
-
-pub(crate) fn min_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
