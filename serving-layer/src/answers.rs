@@ -1,11 +1,10 @@
 //! Rendered answers kept for the state they were computed from.
 //!
 //! An answer is a function of the request, the loaded batch version, the speed state and, for
-//! some routes (windows ending now, device status by age), the wall clock. So it is kept under a
-//! [`Tag`] of the state: the serving state's generation (moved whenever another batch version or
-//! speed reader is put in place) and the speed database's sequence number (moved by every write
-//! the speed layer makes, or by a follower catching up); an answer that reads the clock is kept
-//! with the second it was computed in, and only for requests in that same second. The first
+//! some routes (windows ending now, device status by age), the wall clock. So it is kept under
+//! the [`StateId`] it was computed from (batch version and the speed database's sequence number,
+//! which every speed write, or a follower catching up, moves); an answer that reads the clock is
+//! kept with the second it was computed in, and only for requests in that same second. The first
 //! request after the state moves computes afresh; every other request of the same URL gets the
 //! same bytes, without reading RocksDB or waiting for a turn on the blocking pool. Answers are
 //! therefore exactly as fresh as uncached ones, and clock-dependent parts at most a second older.
@@ -22,12 +21,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use strata_common::time::{now_millis, parse_rfc3339, Millis};
 
-/// What an answer was computed from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tag {
-    pub generation: u64,
-    pub speed_sequence: Option<u64>,
-}
+use crate::state::StateId;
 
 /// A rendered answer: its JSON, and where in it the age of the speed state goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,7 +102,7 @@ pub struct Answers {
 
 #[derive(Default)]
 struct Kept {
-    tag: Option<Tag>,
+    tag: Option<StateId>,
     /// The answer to a URL, with the second it was computed in if it read the clock.
     by_url: HashMap<String, (Option<i64>, Answer)>,
     /// Bytes of the URLs and bodies held.
@@ -132,7 +126,7 @@ impl Answers {
 
     /// The answer to `url` computed at `tag` (and, for one that reads the clock, in `second`),
     /// if kept.
-    pub fn get(&self, tag: Tag, url: &str, second: Option<i64>) -> Option<Answer> {
+    pub fn get(&self, tag: StateId, url: &str, second: Option<i64>) -> Option<Answer> {
         if !self.enabled() {
             return None;
         }
@@ -157,7 +151,7 @@ impl Answers {
     /// Keeps the answer to `url` computed at `tag` (in `second`, if it read the clock). The
     /// caller must have read the same tag and second before and after computing it (so nothing
     /// moved in between).
-    pub fn put(&self, tag: Tag, url: &str, second: Option<i64>, answer: Answer) {
+    pub fn put(&self, tag: StateId, url: &str, second: Option<i64>, answer: Answer) {
         if !self.enabled() {
             return;
         }
@@ -165,7 +159,7 @@ impl Answers {
         if kept.tag != Some(tag) {
             // Tags only move forward, but a slow request can finish after a faster one already
             // kept answers of a newer tag: never replace newer answers with older ones.
-            if kept.tag.is_some_and(|t| newer(t, tag)) {
+            if kept.tag.is_some_and(|t| t.is_past(tag)) {
                 return;
             }
             *kept = Kept {
@@ -191,11 +185,6 @@ impl Answers {
     }
 }
 
-/// Whether `a` is past `b` (each part only grows).
-fn newer(a: Tag, b: Tag) -> bool {
-    a != b && a.generation >= b.generation && a.speed_sequence >= b.speed_sequence
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,9 +193,9 @@ mod tests {
         Answer::render(serde_json::from_str(text).expect("json")).expect("render")
     }
 
-    fn tag(generation: u64, seq: u64) -> Tag {
-        Tag {
-            generation,
+    fn tag(batch: u64, seq: u64) -> StateId {
+        StateId {
+            batch_version: Some(batch),
             speed_sequence: Some(seq),
         }
     }

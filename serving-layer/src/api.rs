@@ -418,13 +418,13 @@ async fn answer(
     clock: Clock,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
-    if let Some(kept) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+    if let Some(kept) = state.answers.get(state.state_id(), &url, clock.second()) {
         return Ok(json_body(kept.body()));
     }
     let result = match state.heavy.acquire().await {
         Ok(_permit) => {
             // A request for the same URL may have computed it while this one waited its turn.
-            if let Some(kept) = state.answers.get(state.answer_tag(), &url, clock.second()) {
+            if let Some(kept) = state.answers.get(state.state_id(), &url, clock.second()) {
                 return Ok(json_body(kept.body()));
             }
             let s = state.clone();
@@ -444,7 +444,7 @@ async fn answer_now(
     url: String,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<warp::reply::Response, Infallible> {
-    if let Some(kept) = state.answers.get(state.answer_tag(), &url, None) {
+    if let Some(kept) = state.answers.get(state.state_id(), &url, None) {
         return Ok(json_body(kept.body()));
     }
     Ok(render_body(compute(&state, &url, Clock::Unread, f)))
@@ -458,11 +458,11 @@ fn compute(
     clock: Clock,
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<Bytes, ApiError> {
-    let (tag, second) = (state.answer_tag(), clock.second());
+    let (tag, second) = (state.state_id(), clock.second());
     let answer = Answer::render(f(state)?).map_err(ApiError::internal)?;
     state.answers.computed();
     let body = answer.body();
-    if state.answer_tag() == tag && clock.second() == second {
+    if state.state_id() == tag && clock.second() == second {
         state.answers.put(tag, url, second, answer);
     }
     Ok(body)

@@ -123,7 +123,7 @@ impl CoMemo {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.at != Some(at) {
             // Both parts of a state id only grow: a late merge of an older state keeps nothing.
-            if kept.at.is_some_and(|k| k.0 >= at.0 && k.1 >= at.1) {
+            if kept.at.is_some_and(|k| k.is_past(at)) {
                 return Ok(rows);
             }
             *kept = CoKept {

@@ -2,7 +2,6 @@
 //! the one place where the two are merged.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::DB;
@@ -14,7 +13,7 @@ use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
-use crate::answers::{Answers, Tag};
+use crate::answers::Answers;
 use crate::error::ApiError;
 
 /// A published batch version in memory, sorted by encoded key so that one view, or one time
@@ -109,8 +108,6 @@ pub struct ServingState {
     /// as many at once as there are cores: more would only take turns on the same cores while
     /// each holds its working set, and the extra threads evict each other's caches.
     pub heavy: tokio::sync::Semaphore,
-    /// Moves whenever another batch version or speed reader is put in place.
-    generation: AtomicU64,
     /// Rendered answers of the current state.
     pub answers: Answers,
     /// Co-occurrence rows of the items asked about, for the current state.
@@ -170,13 +167,27 @@ pub struct Merge<'a> {
     ranges: Vec<BlockRange>,
     pub speed_meta: Arc<SpeedMeta>,
     pub as_of: AsOf,
-    /// Which state this merge reads, when known exactly: the batch version and the speed
-    /// database's sequence number. Equal ids, equal answers.
+    /// Which state this merge reads, when known exactly.
     pub state_id: Option<StateId>,
 }
 
-/// A merge's state: batch version (if any) and speed sequence number (if a speed state is read).
-pub type StateId = (Option<u64>, Option<u64>);
+/// A state of what answers are computed from: the loaded batch version (if any) and the speed
+/// database's sequence number (if a speed state is read; every speed write, or a follower's
+/// catch-up that brings writes, moves it). Both only grow. Equal ids, equal answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateId {
+    pub batch_version: Option<u64>,
+    pub speed_sequence: Option<u64>,
+}
+
+impl StateId {
+    /// Whether `self` is a later state than `other`.
+    pub fn is_past(self, other: StateId) -> bool {
+        self != other
+            && self.batch_version >= other.batch_version
+            && self.speed_sequence >= other.speed_sequence
+    }
+}
 
 impl Merge<'_> {
     /// The merged partial of one view key, `None` if neither side has it.
@@ -319,7 +330,6 @@ impl ServingState {
             heavy: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
-            generation: AtomicU64::new(0),
             co_rows: crate::recommend::CoMemo::new(crate::recommend::CO_MEMO_ROWS),
         };
         if let Err(e) = s.refresh_batch() {
@@ -347,18 +357,16 @@ impl ServingState {
                 if let Ok(mut s) = self.speed.write() {
                     *s = Some(Arc::new(r));
                 }
-                self.generation.fetch_add(1, Ordering::AcqRel);
             }
             Err(e) => tracing::warn!(error = %e, "cannot follow the speed state yet"),
         }
     }
 
-    /// What an answer computed now would be computed from (see [`crate::answers`]). Read it
-    /// before and after computing: an answer is kept only when both readings agree.
-    pub fn answer_tag(&self) -> Tag {
-        let generation = self.generation.load(Ordering::Acquire);
-        Tag {
-            generation,
+    /// The state an answer computed now would read (see [`crate::answers`]). Read it before
+    /// and after computing: an answer is kept only when both readings agree.
+    pub fn state_id(&self) -> StateId {
+        StateId {
+            batch_version: self.batch().map(|b| b.manifest.version),
             speed_sequence: self.speed_reader().map(|r| r.sequence()),
         }
     }
@@ -397,7 +405,6 @@ impl ServingState {
         if let Ok(mut b) = self.batch.write() {
             *b = Some(Arc::new(LoadedBatch::new(manifest, views)));
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
 
@@ -525,7 +532,10 @@ impl ServingState {
                     speed: SpeedAsOf::new(BTreeMap::new(), None),
                     coverage: cutoffs,
                 },
-                state_id: Some((batch.as_ref().map(|b| b.manifest.version), None)),
+                state_id: Some(StateId {
+                    batch_version: batch.as_ref().map(|b| b.manifest.version),
+                    speed_sequence: None,
+                }),
             };
             return Ok(Attempt::Done(f(&merge)));
         };
@@ -551,7 +561,10 @@ impl ServingState {
                     coverage: coverage(&cutoffs, &speed),
                 },
                 speed_meta: meta,
-                state_id: seq.map(|seq| (batch.as_ref().map(|b| b.manifest.version), Some(seq))),
+                state_id: seq.map(|seq| StateId {
+                    batch_version: batch.as_ref().map(|b| b.manifest.version),
+                    speed_sequence: Some(seq),
+                }),
             };
             Ok(Attempt::Done(f(&merge)))
         })?;
