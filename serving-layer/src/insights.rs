@@ -8,7 +8,7 @@ use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
 use strata_common::views::{tag, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::error::ApiError;
-use crate::state::{totals_range, Merge, ServingState, Totals};
+use crate::state::{item_total, totals_range, Merge, ServingState, Totals};
 
 /// A look-back window, in event time, ending now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,12 +115,10 @@ pub fn item_totals(m: &Merge<'_>, window: Window, now: Millis) -> Result<ItemTot
     let batch = m.batch().map_or_else(Arc::default, |b| b.item_totals(key));
     let mut speed = Totals::default();
     let (prefix, start) = totals_range(key);
-    m.scan_speed(&prefix, Some(&start), &mut |k, p| match (k, p) {
-        (ViewKey::Item(item), Partial::Item(s))
-        | (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) => {
-            speed.entry(item).or_default().merge(&s)
+    m.scan_speed(&prefix, Some(&start), &mut |k, p| {
+        if let Some((item, s)) = item_total(&k, &p) {
+            speed.entry(item.clone()).or_default().merge(s);
         }
-        _ => {}
     })?;
     Ok(ItemTotals { batch, speed })
 }

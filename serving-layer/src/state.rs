@@ -45,6 +45,15 @@ pub fn totals_range(key: TotalsKey) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
+/// The item and the totals a key of item totals holds (all-time, or one series bucket).
+pub fn item_total<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, &'a ItemStats)> {
+    match (key, p) {
+        (ViewKey::Item(item), Partial::Item(s))
+        | (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) => Some((item, s)),
+        _ => None,
+    }
+}
+
 /// How many windows' totals a loaded version keeps.
 const TOTALS_KEPT: usize = 8;
 
@@ -64,21 +73,13 @@ impl LoadedBatch {
             return totals.clone();
         }
         let mut totals = Totals::default();
-        let mut add = |item: &Name, s: &ItemStats| match totals.get_mut(item.as_str()) {
-            Some(t) => t.merge(s),
-            None => {
-                totals.insert(item.clone(), s.clone());
-            }
-        };
         let (prefix, start) = totals_range(key);
         for (k, (key, p)) in self.views.range(start..) {
             if !k.starts_with(&prefix) {
                 break;
             }
-            match (key, p) {
-                (ViewKey::Item(item), Partial::Item(s))
-                | (ViewKey::ItemSeries { item, .. }, Partial::Item(s)) => add(item, s),
-                _ => {}
+            if let Some((item, s)) = item_total(key, p) {
+                totals.entry(item.clone()).or_default().merge(s);
             }
         }
         let totals = Arc::new(totals);
