@@ -216,14 +216,7 @@ fn sync_dir(path: &Path) -> Result<()> {
 /// Writes `views` as the next version and publishes it atomically. `manifest.version` and
 /// `manifest.keys` are filled in here.
 pub fn publish(data_dir: &Path, views: &ViewSet, manifest: Manifest) -> Result<Manifest> {
-    publish_parts(data_dir, std::slice::from_ref(views), manifest)
-}
-
-/// [`publish`] of the union of `parts`, which hold disjoint sets of keys (a key in two parts
-/// would be written twice).
-pub fn publish_parts(data_dir: &Path, parts: &[ViewSet], manifest: Manifest) -> Result<Manifest> {
-    let mut entries: Vec<(&ViewKey, &Partial)> =
-        parts.iter().flat_map(|p| p.entries.iter()).collect();
+    let mut entries: Vec<(&ViewKey, &Partial)> = views.entries.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     write_version(data_dir, &entries, manifest)
 }
@@ -411,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn parts_publish_as_their_union() {
+    fn sorted_chunks_publish_as_their_union_and_out_of_order_ones_not_at_all() {
         let dir = tempfile::tempdir().expect("tempdir");
         let stats = |views| {
             Partial::Item(ItemStats {
@@ -420,17 +413,22 @@ mod tests {
             })
         };
         let mut whole = ViewSet::default();
-        let mut parts = vec![ViewSet::default(), ViewSet::default(), ViewSet::default()];
+        let mut sorted: Vec<(ViewKey, Partial)> = Vec::new();
         for i in 0..10u64 {
             let key = ViewKey::Item(format!("i{i}").into());
             whole.add(key.clone(), &stats(i));
-            parts[(i % 2) as usize].add(key, &stats(i));
+            sorted.push((key, stats(i)));
         }
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let chunks = vec![sorted[..4].to_vec(), sorted[4..].to_vec()];
         let m1 = publish(dir.path(), &whole, manifest()).expect("publish");
-        let m2 = publish_parts(dir.path(), &parts, manifest()).expect("publish");
+        let m2 = publish_sorted(dir.path(), &chunks, manifest()).expect("publish");
         assert_eq!((m1.keys, m2.keys), (10, 10));
         let bytes = |m: &Manifest| fs::read(version_dir(dir.path(), m.version).join("views.bin"));
         assert_eq!(bytes(&m1).expect("read"), bytes(&m2).expect("read"));
+        let swapped = vec![sorted[4..].to_vec(), sorted[..4].to_vec()];
+        assert!(publish_sorted(dir.path(), &swapped, manifest()).is_err());
+        assert_eq!(read_current(dir.path()).expect("read"), Some(m2));
     }
 
     #[test]
