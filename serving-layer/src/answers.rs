@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use strata_common::time::{now_millis, parse_rfc3339, Millis};
 
-use crate::state::StateId;
+use crate::state::{PerState, StateId};
 
 /// A rendered answer: its JSON, and where in it the age of the speed state goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,14 +95,13 @@ pub const MAX_KEPT_BYTES: usize = 64 << 20;
 /// The answers of one tag: a new tag drops them all.
 pub struct Answers {
     max_entries: usize,
-    kept: RwLock<Kept>,
+    kept: RwLock<PerState<Kept>>,
     hits: AtomicU64,
     computed: AtomicU64,
 }
 
 #[derive(Default)]
 struct Kept {
-    tag: Option<StateId>,
     /// The answer to a URL, with the second it was computed in if it read the clock.
     by_url: HashMap<String, (Option<i64>, Answer)>,
     /// Bytes of the URLs and bodies held.
@@ -114,7 +113,7 @@ impl Answers {
     pub fn new(max_entries: usize) -> Self {
         Answers {
             max_entries,
-            kept: RwLock::new(Kept::default()),
+            kept: RwLock::new(PerState::default()),
             hits: AtomicU64::new(0),
             computed: AtomicU64::new(0),
         }
@@ -131,9 +130,9 @@ impl Answers {
             return None;
         }
         let kept = self.kept.read().unwrap_or_else(|e| e.into_inner());
-        let found = (kept.tag == Some(tag))
-            .then(|| kept.by_url.get(url))
-            .flatten()
+        let found = kept
+            .at(tag)
+            .and_then(|k| k.by_url.get(url))
             .filter(|(at, _)| *at == second)
             .map(|(_, answer)| answer.clone());
         drop(kept);
@@ -156,17 +155,9 @@ impl Answers {
             return;
         }
         let mut kept = self.kept.write().unwrap_or_else(|e| e.into_inner());
-        if kept.tag != Some(tag) {
-            // Tags only move forward, but a slow request can finish after a faster one already
-            // kept answers of a newer tag: never replace newer answers with older ones.
-            if kept.tag.is_some_and(|t| t.is_past(tag)) {
-                return;
-            }
-            *kept = Kept {
-                tag: Some(tag),
-                ..Kept::default()
-            };
-        }
+        let Some(kept) = kept.for_state(tag) else {
+            return;
+        };
         let size = url.len() + answer.body.len();
         let replaced = kept.by_url.get(url).map(|(_, a)| url.len() + a.body.len());
         let fits = kept.bytes - replaced.unwrap_or(0) + size <= MAX_KEPT_BYTES;

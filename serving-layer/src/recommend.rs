@@ -14,7 +14,7 @@ use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
-use crate::state::{Merge, ServingState, StateId};
+use crate::state::{Merge, PerState, ServingState};
 
 fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<Name>, ApiError> {
     Ok(
@@ -76,17 +76,16 @@ pub const CO_MEMO_ROWS: usize = 1_000_000;
 
 /// Co-occurrence rows of the items asked about, for one state: a user's recommendations read
 /// the rows of their recent items, and popular items are among many users' recent ones. Rows
-/// are kept for the state they were computed from (the merge's [`StateId`]) and dropped as soon
-/// as a merge of another state keeps its own, so they are exactly what computing them again
-/// would give.
+/// are kept for the state they were computed from (the merge's
+/// [`crate::state::StateId`]) and dropped as soon as a merge of a later state keeps its own, so
+/// they are exactly what computing them again would give.
 pub struct CoMemo {
     max_rows: usize,
-    kept: Mutex<CoKept>,
+    kept: Mutex<PerState<CoKept>>,
 }
 
 #[derive(Default)]
 struct CoKept {
-    at: Option<StateId>,
     rows: usize,
     by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
 }
@@ -95,7 +94,7 @@ impl CoMemo {
     pub fn new(max_rows: usize) -> Self {
         CoMemo {
             max_rows,
-            kept: Mutex::new(CoKept::default()),
+            kept: Mutex::new(PerState::default()),
         }
     }
 
@@ -113,24 +112,15 @@ impl CoMemo {
         let key = (basis, Name::from(item));
         {
             let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            if kept.at == Some(at) {
-                if let Some(rows) = kept.by_item.get(&key) {
-                    return Ok(rows.clone());
-                }
+            if let Some(rows) = kept.at(at).and_then(|k| k.by_item.get(&key)) {
+                return Ok(rows.clone());
             }
         }
         let rows = co_occurring(m, basis, item, sizes)?.map(Arc::new);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.at != Some(at) {
-            // Both parts of a state id only grow: a late merge of an older state keeps nothing.
-            if kept.at.is_some_and(|k| k.is_past(at)) {
-                return Ok(rows);
-            }
-            *kept = CoKept {
-                at: Some(at),
-                ..CoKept::default()
-            };
-        }
+        let Some(kept) = kept.for_state(at) else {
+            return Ok(rows);
+        };
         let n = rows.as_ref().map_or(0, |r| r.len());
         if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
             kept.rows += n;

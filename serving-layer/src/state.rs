@@ -190,6 +190,35 @@ impl StateId {
     }
 }
 
+/// What is kept for one state only (rendered answers, co-occurrence rows): emptied when a later
+/// state keeps its own, and never replaced by an earlier one (a slow request of an older state
+/// can finish after a faster one of a newer state).
+#[derive(Default)]
+pub struct PerState<M> {
+    at: Option<StateId>,
+    kept: M,
+}
+
+impl<M: Default> PerState<M> {
+    /// What is kept for `at`, if that is the state kept for.
+    pub fn at(&self, at: StateId) -> Option<&M> {
+        (self.at == Some(at)).then_some(&self.kept)
+    }
+
+    /// What is kept for `at` to add to: emptied first if it was kept for an earlier state;
+    /// `None` if it is kept for a later one.
+    pub fn for_state(&mut self, at: StateId) -> Option<&mut M> {
+        if self.at != Some(at) {
+            if self.at.is_some_and(|k| k.is_past(at)) {
+                return None;
+            }
+            self.at = Some(at);
+            self.kept = M::default();
+        }
+        Some(&mut self.kept)
+    }
+}
+
 impl Merge<'_> {
     /// The merged partial of one view key, `None` if neither side has it.
     pub fn get(&self, key: &ViewKey) -> Result<Option<Partial>, ApiError> {
