@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use strata_common::batch_store;
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{HeaderValue, Method, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
 use strata_common::views::{Basis, Gran};
@@ -43,27 +43,31 @@ impl warp::reject::Reject for NeedsReadKey {}
 
 /// With `serve.read-key` set, the read routes (`/v1/*` but admin and the OpenAPI document) need
 /// `Authorization: Bearer <read key or admin key>`.
-fn read_key(state: Arc<ServingState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+fn read_key(state: &ServingState) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    let keys = state.cfg.serve.read_key.clone().map(|read| {
+        let admin = state.cfg.serve.admin_key.clone();
+        Arc::new((read, admin))
+    });
     warp::path::full()
-        .and(warp::header::optional::<String>("authorization"))
+        .and(header("authorization"))
         .and_then(move |path: warp::path::FullPath, auth: Option<String>| {
-            let state = state.clone();
-            async move {
+            let let_in = keys.as_deref().is_none_or(|(read, admin)| {
                 let p = path.as_str();
                 let guarded = p.starts_with("/v1/")
                     && !p.starts_with("/v1/admin/")
                     && p != "/v1/openapi.json";
-                let Some(key) = state.cfg.serve.read_key.as_deref().filter(|_| guarded) else {
-                    return Ok(());
-                };
                 let given = auth
                     .as_deref()
                     .and_then(|h| h.strip_prefix("Bearer "))
                     .unwrap_or("");
-                let admin = state.cfg.serve.admin_key.as_deref();
-                if constant_time_eq(given.as_bytes(), key.as_bytes())
-                    | admin.is_some_and(|a| constant_time_eq(given.as_bytes(), a.as_bytes()))
-                {
+                !guarded
+                    || constant_time_eq(given.as_bytes(), read.as_bytes())
+                        | admin
+                            .as_deref()
+                            .is_some_and(|a| constant_time_eq(given.as_bytes(), a.as_bytes()))
+            });
+            async move {
+                if let_in {
                     Ok(())
                 } else {
                     Err(warp::reject::custom(NeedsReadKey))
@@ -73,39 +77,36 @@ fn read_key(state: Arc<ServingState>) -> impl Filter<Extract = (), Error = Rejec
         .untuple_one()
 }
 
-/// Adds CORS headers for allowed origins, and answers their preflight requests.
 fn cors(
     allowed: &[String],
-    headers: &HeaderMap,
+    origin: Option<String>,
+    preflight: bool,
     method: &Method,
     reply: impl Reply,
 ) -> warp::reply::Response {
-    let origin = headers
-        .get("origin")
-        .and_then(|o| o.to_str().ok())
+    let origin = origin
         .filter(|o| allowed.iter().any(|a| a == "*" || a == o))
-        .and_then(|o| HeaderValue::from_str(o).ok());
+        .and_then(|o| HeaderValue::from_str(&o).ok());
     let Some(origin) = origin else {
         return reply.into_response();
     };
-    let mut res =
-        if method == Method::OPTIONS && headers.contains_key("access-control-request-method") {
-            let mut r = warp::reply::Response::new(Vec::new().into());
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            let h = r.headers_mut();
-            h.insert(
-                "access-control-allow-methods",
-                HeaderValue::from_static("GET, POST, OPTIONS"),
-            );
-            h.insert(
-                "access-control-allow-headers",
-                HeaderValue::from_static("authorization, content-type"),
-            );
-            h.insert("access-control-max-age", HeaderValue::from_static("600"));
-            r
-        } else {
-            reply.into_response()
-        };
+    let mut res = if method == Method::OPTIONS && preflight {
+        let mut r = warp::reply::Response::new(Vec::new().into());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        let h = r.headers_mut();
+        h.insert(
+            "access-control-allow-methods",
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            "access-control-allow-headers",
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert("access-control-max-age", HeaderValue::from_static("600"));
+        r
+    } else {
+        reply.into_response()
+    };
     let h = res.headers_mut();
     h.insert("access-control-allow-origin", origin);
     h.insert("vary", HeaderValue::from_static("Origin"));
@@ -136,6 +137,22 @@ fn limits() -> impl Filter<Extract = (), Error = Rejection> + Clone {
         .untuple_one()
 }
 
+/// A request header's value; absent when it is missing or not text.
+fn header(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::optional::<String>(name)
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
+/// The query parameters of a URL (`path?query`), as a map (a name given twice: the last value).
+fn params(url: &str) -> Result<Params, ApiError> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))
+}
+
 /// The request's path and query string: with the state's tag, what a kept answer is found by.
 fn url() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
     warp::path::full()
@@ -150,57 +167,60 @@ fn url() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
 }
 
 /// Every route of the API, with errors rendered as JSON.
+///
+/// Routes are grouped by their leading path segments, most asked first, so a request is compared
+/// with a few prefixes rather than with every route before its own. Query parameters are parsed
+/// only when an answer is computed: a kept answer is found by the URL alone.
 pub fn routes(
     state: Arc<ServingState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let observer = state.clone();
-    let guard_state = state.clone();
     let cors_origins = Arc::new(state.cfg.serve.cors_origins.clone());
-    let st = warp::any().map(move || state.clone());
-    let params = warp::query::<Params>();
+    let guard = read_key(&state);
+    let st = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
 
-    let item = warp::path!("v1" / "items" / String)
+    let item = warp::path!("items" / String)
         .and(warp::get())
         .and(url())
         .and(st.clone())
         .and_then(|item: String, url: String, s: Arc<ServingState>| {
             answer_now(s, url, move |s| query::item(s, &decode_segment(&item)?))
         });
-    let top = warp::path!("v1" / "insights" / "top-items")
+    let top = warp::path!("top-items")
         .and(warp::get())
-        .and(params)
         .and(url())
         .and(st.clone())
-        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
-            answer(s, url, Clock::Read, move |s| {
-                let limit = limit(&p, s.cfg.serve.max_limit)?;
+        .and_then(|url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, |s, p| {
+                let limit = limit(p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("purchase", String::as_str);
                 let window = Window::parse(p.get("window").map_or("all", String::as_str))?;
                 insights::top_items(s, t, window, p.get("category").map(String::as_str), limit)
             })
         });
-    let trending = warp::path!("v1" / "insights" / "trending")
+    let trending = warp::path!("trending")
         .and(warp::get())
-        .and(params)
         .and(url())
         .and(st.clone())
-        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
-            answer(s, url, Clock::Read, move |s| {
-                let limit = limit(&p, s.cfg.serve.max_limit)?;
+        .and_then(|url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, |s, p| {
+                let limit = limit(p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("view", String::as_str);
                 let window = Window::parse(p.get("window").map_or("1h", String::as_str))?;
                 let baseline = Window::parse(p.get("baseline").map_or("7d", String::as_str))?;
-                let min_support = number(&p, "min_support", 5, 1, 1_000_000)? as u64;
+                let min_support = number(p, "min_support", 5, 1, 1_000_000)? as u64;
                 insights::trending(s, t, window, baseline, min_support, limit)
             })
         });
-    let timeseries = warp::path!("v1" / "insights" / "timeseries")
+    let timeseries = warp::path!("timeseries")
         .and(warp::get())
-        .and(params)
         .and(url())
         .and(st.clone())
-        .and_then(|p: Params, url: String, s: Arc<ServingState>| {
-            answer(s, url, Clock::Read, move |s| {
+        .and_then(|url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, |s, p| {
                 let bucket = p.get("bucket").map_or("hour", String::as_str);
                 let q = insights::SeriesQuery {
                     metric: insights::Metric::parse(
@@ -219,98 +239,80 @@ pub fn routes(
                 insights::timeseries(s, &q)
             })
         });
-    let item_recs = warp::path!("v1" / "recommendations" / "items" / String)
-        .and(warp::get())
-        .and(params)
-        .and(url())
-        .and(st.clone())
-        .and_then(
-            |item: String, p: Params, url: String, s: Arc<ServingState>| {
-                answer(s, url, Clock::Unread, move |s| {
-                    let limit = limit(&p, s.cfg.serve.max_limit)?;
-                    let b = p.get("basis").map_or("purchase", String::as_str);
-                    let basis = Basis::parse(b).ok_or_else(|| {
-                        ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
-                    })?;
-                    recommend::for_item(s, &decode_segment(&item)?, basis, limit)
-                })
-            },
-        );
-    let user_recs = warp::path!("v1" / "recommendations" / "users" / String)
-        .and(warp::get())
-        .and(params)
-        .and(url())
-        .and(st.clone())
-        .and_then(
-            |user: String, p: Params, url: String, s: Arc<ServingState>| {
-                answer(s, url, Clock::Unread, move |s| {
-                    let limit = limit(&p, s.cfg.serve.max_limit)?;
-                    recommend::for_user(s, &decode_segment(&user)?, limit)
-                })
-            },
-        );
-    let device = warp::path!("v1" / "devices" / String / "health")
-        .and(warp::get())
-        .and(params)
-        .and(url())
-        .and(st.clone())
-        .and_then(
-            |device: String, p: Params, url: String, s: Arc<ServingState>| {
-                answer(s, url, Clock::Read, move |s| {
-                    let hours = number(&p, "hours", 24, 1, 168)?;
-                    devices::device(s, &decode_segment(&device)?, hours)
-                })
-            },
-        );
-    let fleet = warp::path!("v1" / "devices" / "health")
+    let item_recs = warp::path!("items" / String)
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|url: String, s: Arc<ServingState>| answer(s, url, Clock::Read, devices::fleet));
-    let status = warp::path!("v1" / "status")
+        .and_then(|item: String, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Unread, move |s, p| {
+                let limit = limit(p, s.cfg.serve.max_limit)?;
+                let b = p.get("basis").map_or("purchase", String::as_str);
+                let basis = Basis::parse(b).ok_or_else(|| {
+                    ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
+                })?;
+                recommend::for_item(s, &decode_segment(&item)?, basis, limit)
+            })
+        });
+    let user_recs = warp::path!("users" / String)
+        .and(warp::get())
+        .and(url())
+        .and(st.clone())
+        .and_then(|user: String, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Unread, move |s, p| {
+                let limit = limit(p, s.cfg.serve.max_limit)?;
+                recommend::for_user(s, &decode_segment(&user)?, limit)
+            })
+        });
+    let fleet = warp::path!("health")
+        .and(warp::get())
+        .and(url())
+        .and(st.clone())
+        .and_then(|url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, |s, _| devices::fleet(s))
+        });
+    let device = warp::path!(String / "health")
+        .and(warp::get())
+        .and(url())
+        .and(st.clone())
+        .and_then(|device: String, url: String, s: Arc<ServingState>| {
+            answer(s, url, Clock::Read, move |s, p| {
+                let hours = number(p, "hours", 24, 1, 168)?;
+                devices::device(s, &decode_segment(&device)?, hours)
+            })
+        });
+    let status = warp::path!("status")
         .and(warp::get())
         .and(st.clone())
-        .and_then(
-            |s: Arc<ServingState>| async move { Ok::<_, Infallible>(render(query::status(&s))) },
-        );
-    let admin_batch = warp::path!("v1" / "admin" / "batch")
+        .map(|s: Arc<ServingState>| render(query::status(&s)));
+    let admin_batch = warp::path!("batch")
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
-        .and_then(|auth: Option<String>, s: Arc<ServingState>| async move {
+        .map(|auth: Option<String>, s: Arc<ServingState>| {
             let r = authorize(&s, auth.as_deref()).and_then(|()| {
                 let id = batch_store::request_run(&s.cfg.data_dir)?;
                 Ok(json!({"run_id": id, "status": "requested"}))
             });
-            Ok::<_, Infallible>(match r {
+            match r {
                 Ok(v) => warp::reply::with_status(warp::reply::json(&v), StatusCode::ACCEPTED)
                     .into_response(),
                 Err(e) => e.reply().into_response(),
-            })
+            }
         });
-    let admin_run = warp::path!("v1" / "admin" / "batch" / String)
+    let admin_run = warp::path!("batch" / String)
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
-        .and_then(
-            |id: String, auth: Option<String>, s: Arc<ServingState>| async move {
-                let r =
-                    authorize(&s, auth.as_deref()).and_then(|()| {
-                        match batch_store::read_run(&s.cfg.data_dir, &id)? {
-                            Some(run) => serde_json::to_value(run).map_err(ApiError::internal),
-                            None => Err(ApiError::not_found(format!("no batch run {id:?}"))),
-                        }
-                    });
-                Ok::<_, Infallible>(match r {
-                    Ok(v) => warp::reply::json(&v).into_response(),
-                    Err(e) => e.reply().into_response(),
-                })
-            },
-        );
-    let openapi = warp::path!("v1" / "openapi.json")
-        .and(warp::get())
-        .map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json"));
-    let admin_views = warp::path!("v1" / "admin" / "views")
+        .map(|id: String, auth: Option<String>, s: Arc<ServingState>| {
+            let r = authorize(&s, auth.as_deref()).and_then(|()| {
+                match batch_store::read_run(&s.cfg.data_dir, &id)? {
+                    Some(run) => serde_json::to_value(run).map_err(ApiError::internal),
+                    None => Err(ApiError::not_found(format!("no batch run {id:?}"))),
+                }
+            });
+            render(r)
+        });
+    let admin_views = warp::path!("views")
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
@@ -330,6 +332,9 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
+    let openapi = warp::path!("openapi.json").and(warp::get()).map(|| {
+        warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+    });
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(st.clone())
@@ -337,16 +342,18 @@ pub fn routes(
             let text = tokio::task::spawn_blocking(move || crate::metrics::render(&s))
                 .await
                 .unwrap_or_default();
-            Ok::<_, Infallible>(warp::reply::with_header(
-                text,
-                "content-type",
-                "text/plain; version=0.0.4; charset=utf-8",
-            ))
+            Ok::<_, Infallible>(
+                warp::reply::with_header(
+                    text,
+                    "content-type",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .into_response(),
+            )
         });
-    let dashboard = crate::dashboard::route();
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .map(|| warp::reply::json(&json!({"status": "ok"})));
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(st)
@@ -354,34 +361,52 @@ pub fn routes(
             Ok(()) => warp::reply::json(&json!({"status": "ready"})).into_response(),
             Err(why) => ApiError::unavailable(why).reply().into_response(),
         });
+    let dashboard = crate::dashboard::route().map(Reply::into_response);
 
-    let served = limits()
-        .and(read_key(guard_state))
-        .and(
-            item.or(top)
-                .or(trending)
-                .or(timeseries)
-                .or(item_recs)
-                .or(user_recs)
-                .or(fleet)
-                .or(device)
-                .or(status)
-                .or(admin_batch)
-                .or(admin_run)
-                .or(admin_views)
-                .or(openapi)
-                .or(metrics)
-                .or(healthz)
-                .or(readyz)
-                .or(dashboard),
-        )
-        .recover(rejection);
-    warp::header::headers_cloned()
+    // warp copies, for every request, what follows each `and` and every alternative after the
+    // first: each group is boxed, so that copy is one reference count rather than every route.
+    let reads = guard.and(
+        warp::path("recommendations")
+            .and(user_recs.or(item_recs).unify().boxed())
+            .or(item)
+            .unify()
+            .or(warp::path("insights").and(top.or(trending).unify().or(timeseries).unify().boxed()))
+            .unify()
+            .or(warp::path("devices").and(fleet.or(device).unify().boxed()))
+            .unify()
+            .or(status)
+            .unify()
+            .boxed(),
+    );
+    let admin = warp::path("admin").and(
+        admin_batch
+            .or(admin_run)
+            .unify()
+            .or(admin_views)
+            .unify()
+            .boxed(),
+    );
+    let v1 = warp::path("v1").and(reads.or(openapi).unify().or(admin).unify().boxed());
+    let all = v1
+        .or(metrics)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(dashboard)
+        .unify()
+        .boxed();
+    let served = limits().and(all).recover(rejection).unify();
+    header("origin")
+        .and(header("access-control-request-method"))
         .and(warp::method())
         .and(served)
-        .map(move |headers: HeaderMap, method: Method, reply| {
-            cors(&cors_origins, &headers, &method, reply)
-        })
+        .map(
+            move |origin: Option<String>, preflight: Option<String>, method: Method, reply| {
+                cors(&cors_origins, origin, preflight.is_some(), &method, reply)
+            },
+        )
         .with(warp::log::custom(move |info| {
             observer.http_metrics.observe(
                 info.path(),
@@ -416,16 +441,16 @@ async fn answer(
     state: Arc<ServingState>,
     url: String,
     clock: Clock,
-    f: impl FnOnce(&ServingState) -> Result<Value, ApiError> + Send + 'static,
+    f: impl FnOnce(&ServingState, &Params) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
     if let Some(kept) = state.answers.get(state.state_id(), &url, clock.second()) {
-        return Ok(json_body(kept.body()));
+        return Ok(json_body(kept));
     }
     let result = match state.heavy.acquire().await {
         Ok(_permit) => {
             // A request for the same URL may have computed it while this one waited its turn.
             if let Some(kept) = state.answers.get(state.state_id(), &url, clock.second()) {
-                return Ok(json_body(kept.body()));
+                return Ok(json_body(kept));
             }
             let s = state.clone();
             tokio::task::spawn_blocking(move || compute(&s, &url, clock, f))
@@ -445,21 +470,24 @@ async fn answer_now(
     f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
 ) -> Result<warp::reply::Response, Infallible> {
     if let Some(kept) = state.answers.get(state.state_id(), &url, None) {
-        return Ok(json_body(kept.body()));
+        return Ok(json_body(kept));
     }
-    Ok(render_body(compute(&state, &url, Clock::Unread, f)))
+    Ok(render_body(compute(&state, &url, Clock::Unread, |s, _| {
+        f(s)
+    })))
 }
 
-/// Computes and renders an answer, and keeps it if neither the state nor (for an answer that
-/// reads the clock) the second moved meanwhile.
+/// Computes and renders an answer from the URL's query parameters, and keeps it if neither the
+/// state nor (for an answer that reads the clock) the second moved meanwhile.
 fn compute(
     state: &ServingState,
     url: &str,
     clock: Clock,
-    f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
+    f: impl FnOnce(&ServingState, &Params) -> Result<Value, ApiError>,
 ) -> Result<Bytes, ApiError> {
     let (tag, second) = (state.state_id(), clock.second());
-    let answer = Answer::render(f(state)?).map_err(ApiError::internal)?;
+    let params = params(url)?;
+    let answer = Answer::render(f(state, &params)?).map_err(ApiError::internal)?;
     state.answers.computed();
     let body = answer.body();
     if state.state_id() == tag && clock.second() == second {

@@ -65,22 +65,28 @@ impl Default for HttpMetrics {
 
 /// The template a request path belongs to (`None`: no route).
 pub fn route_of(path: &str) -> Option<&'static str> {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    ROUTES.iter().map(|(_, t)| *t).find(|t| {
-        let tsegs: Vec<&str> = t.trim_start_matches('/').split('/').collect();
-        tsegs.len() == segs.len()
-            && tsegs
-                .iter()
-                .zip(&segs)
-                .all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
+    route_index(path).map(|i| ROUTES[i].1)
+}
+
+/// The position in [`ROUTES`] of the template a request path belongs to. Runs for every
+/// request, so it compares segment by segment without collecting them.
+fn route_index(path: &str) -> Option<usize> {
+    ROUTES.iter().position(|(_, t)| {
+        let mut want = t.trim_start_matches('/').split('/');
+        let mut got = path.trim_start_matches('/').split('/');
+        loop {
+            match (want.next(), got.next()) {
+                (None, None) => return true,
+                (Some(w), Some(g)) if w == g || (w.starts_with('{') && !g.is_empty()) => {}
+                _ => return false,
+            }
+        }
     })
 }
 
 impl HttpMetrics {
     pub fn observe(&self, path: &str, status: u16, secs: f64) {
-        let idx = route_of(path)
-            .and_then(|t| ROUTES.iter().position(|(_, r)| *r == t))
-            .unwrap_or(ROUTES.len());
+        let idx = route_index(path).unwrap_or(ROUTES.len());
         let Some(r) = self.routes.get(idx) else {
             return;
         };

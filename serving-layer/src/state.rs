@@ -395,9 +395,16 @@ impl ServingState {
     /// The state an answer computed now would read (see [`crate::answers`]). Read it before
     /// and after computing: an answer is kept only when both readings agree.
     pub fn state_id(&self) -> StateId {
+        // Read under the locks, not through clones of the `Arc`s: this runs for every request.
+        let batch_version = (self.batch.read().unwrap_or_else(|e| e.into_inner()))
+            .as_ref()
+            .map(|b| b.manifest.version);
+        let speed_sequence = (self.speed.read().unwrap_or_else(|e| e.into_inner()))
+            .as_ref()
+            .map(|r| r.sequence());
         StateId {
-            batch_version: self.batch().map(|b| b.manifest.version),
-            speed_sequence: self.speed_reader().map(|r| r.sequence()),
+            batch_version,
+            speed_sequence,
         }
     }
 
