@@ -10,6 +10,7 @@
 
 pub mod answers;
 pub mod api;
+pub mod cooccur;
 pub mod dashboard;
 pub mod devices;
 pub mod error;

@@ -3,30 +3,19 @@
 //! Two items co-occur once for every user whose history (views, or purchases) holds both. Rows
 //! are ranked by cosine similarity, `co / sqrt(users(a) * users(b))`, which does not favour items
 //! only for being popular. Everything is computed from the merged item audiences and user
-//! histories, so the counts are exact for all accepted events; the cost grows with the audience of
-//! the item asked about.
+//! histories, so the counts are exact for all accepted events. The rows of one item cost a walk
+//! over the histories of its audience, by number ([`crate::cooccur`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
+use crate::cooccur::{CoIndex, CoRow, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
-use crate::state::{Merge, PerState, ServingState};
-
-fn audience(m: &Merge<'_>, basis: Basis, item: &str) -> Result<BTreeSet<Name>, ApiError> {
-    Ok(
-        match m.get(&ViewKey::ItemUsers {
-            basis,
-            item: item.into(),
-        })? {
-            Some(Partial::Set(s)) => s.0,
-            _ => BTreeSet::new(),
-        },
-    )
-}
+use crate::state::{basis_slot, Merge, PerState, ServingState};
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
     Ok(
@@ -40,37 +29,6 @@ fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64
     )
 }
 
-/// One item that co-occurs with another.
-pub struct CoRow {
-    pub item: Name,
-    /// Cosine similarity of the two audiences.
-    pub score: f64,
-    /// Users whose history holds both items.
-    pub co: u64,
-    /// Users whose history holds this item.
-    pub users: u64,
-}
-
-/// Audience sizes already read while answering one request.
-pub type Sizes = FastMap<Name, u64>;
-
-fn audience_size(
-    m: &Merge<'_>,
-    basis: Basis,
-    item: &str,
-    sizes: &mut Sizes,
-) -> Result<u64, ApiError> {
-    if let Some(&n) = sizes.get(item) {
-        return Ok(n);
-    }
-    let n = m.set_len(&ViewKey::ItemUsers {
-        basis,
-        item: item.into(),
-    })? as u64;
-    sizes.insert(item.into(), n);
-    Ok(n)
-}
-
 /// Co-occurrence rows kept at most (about 48 bytes each), across items.
 pub const CO_MEMO_ROWS: usize = 1_000_000;
 
@@ -78,7 +36,8 @@ pub const CO_MEMO_ROWS: usize = 1_000_000;
 /// the rows of their recent items, and popular items are among many users' recent ones. Rows
 /// are kept for the state they were computed from (the merge's
 /// [`crate::state::StateId`]) and dropped as soon as a merge of a later state keeps its own, so
-/// they are exactly what computing them again would give.
+/// they are exactly what computing them again would give. What the speed layer adds to the
+/// batch version's audiences and histories ([`Overlay`]) is kept the same way.
 pub struct CoMemo {
     max_rows: usize,
     kept: Mutex<PerState<CoKept>>,
@@ -88,6 +47,8 @@ pub struct CoMemo {
 struct CoKept {
     rows: usize,
     by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
+    /// Per basis.
+    overlays: [Option<Arc<Overlay>>; 2],
 }
 
 impl CoMemo {
@@ -98,29 +59,42 @@ impl CoMemo {
         }
     }
 
-    /// The rows of `item` in the state of `m`: kept ones, or computed (and kept).
+    /// The rows of `item` in the state of `m`: kept ones, or computed (and kept); `None` if the
+    /// item has no audience.
     pub fn rows(
         &self,
         m: &Merge<'_>,
         basis: Basis,
         item: &str,
-        sizes: &mut Sizes,
     ) -> Result<Option<Arc<Vec<CoRow>>>, ApiError> {
+        let slot = basis_slot(basis);
+        let index = m.co_index(basis);
+        let overlay = |m: &Merge<'_>| {
+            Overlay::build(&index, basis, |prefix, f| m.scan_speed(prefix, None, f)).map(Arc::new)
+        };
         let Some(at) = m.state_id else {
-            return Ok(co_occurring(m, basis, item, sizes)?.map(Arc::new));
+            let overlay = overlay(m)?;
+            return Ok(rows_of(&index, &overlay, item));
         };
         let key = (basis, Name::from(item));
-        {
+        let kept_overlay = {
             let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(rows) = kept.at(at).and_then(|k| k.by_item.get(&key)) {
+            let kept = kept.at(at);
+            if let Some(rows) = kept.and_then(|k| k.by_item.get(&key)) {
                 return Ok(rows.clone());
             }
-        }
-        let rows = co_occurring(m, basis, item, sizes)?.map(Arc::new);
+            kept.and_then(|k| k.overlays[slot].clone())
+        };
+        let overlay = match kept_overlay {
+            Some(o) => o,
+            None => overlay(m)?,
+        };
+        let rows = rows_of(&index, &overlay, item);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let Some(kept) = kept.for_state(at) else {
             return Ok(rows);
         };
+        kept.overlays[slot].get_or_insert(overlay);
         let n = rows.as_ref().map_or(0, |r| r.len());
         if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
             kept.rows += n;
@@ -130,52 +104,8 @@ impl CoMemo {
     }
 }
 
-/// Co-occurrence rows for one item, best first; `None` if the item has no history.
-pub fn co_occurring(
-    m: &Merge<'_>,
-    basis: Basis,
-    item: &str,
-    sizes: &mut Sizes,
-) -> Result<Option<Vec<CoRow>>, ApiError> {
-    let users = audience(m, basis, item)?;
-    if users.is_empty() {
-        return Ok(None);
-    }
-    // Each user's history is read in place (lent by the batch version when the speed layer has
-    // nothing to add); a name of up to 24 bytes is inline, so counting by a copy of it is cheap.
-    let mut co: FastMap<Name, u64> = FastMap::default();
-    for u in &users {
-        let key = ViewKey::UserItems {
-            basis,
-            user: u.clone(),
-        };
-        m.with_partial(&key, |p| {
-            let Some(Partial::Recent(r)) = p else {
-                return;
-            };
-            for other in r.0.keys().filter(|o| *o != item) {
-                *co.entry(other.clone()).or_default() += 1;
-            }
-        })?;
-    }
-    let n_a = users.len() as f64;
-    let mut rows = Vec::with_capacity(co.len());
-    for (other, c) in co {
-        let n_b = audience_size(m, basis, &other, sizes)?.max(1);
-        rows.push(CoRow {
-            score: c as f64 / (n_a * n_b as f64).sqrt(),
-            item: other,
-            co: c,
-            users: n_b,
-        });
-    }
-    rows.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| b.co.cmp(&a.co))
-            .then_with(|| a.item.cmp(&b.item))
-    });
-    Ok(Some(rows))
+fn rows_of(index: &CoIndex, overlay: &Overlay, item: &str) -> Option<Arc<Vec<CoRow>>> {
+    Merged { index, overlay }.rows(item).map(Arc::new)
 }
 
 /// Items that co-occur with `item`.
@@ -186,7 +116,7 @@ pub fn for_item(
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(rows) = state.co_rows.rows(m, basis, item, &mut Sizes::default())? else {
+        let Some(rows) = state.co_rows.rows(m, basis, item)? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
@@ -251,9 +181,8 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         recent.truncate(RECENT_ITEMS);
         let mut scores: BTreeMap<Name, (f64, Vec<Name>)> = BTreeMap::new();
-        let mut sizes = Sizes::default();
         for (seed, _) in &recent {
-            if let Some(rows) = state.co_rows.rows(m, Basis::View, seed, &mut sizes)? {
+            if let Some(rows) = state.co_rows.rows(m, Basis::View, seed)? {
                 for r in rows.iter() {
                     if bought.contains_key(&r.item) {
                         continue;

@@ -2,7 +2,7 @@
 //! the one place where the two are merged.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rocksdb::DB;
 use serde::Serialize;
@@ -11,9 +11,10 @@ use strata_common::config::Config;
 use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
-use strata_common::views::{tag, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
+use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
 use crate::answers::Answers;
+use crate::cooccur::CoIndex;
 use crate::error::ApiError;
 
 /// A published batch version in memory, sorted by encoded key so that one view, or one time
@@ -25,6 +26,8 @@ pub struct LoadedBatch {
     /// changes, so the batch's share of a windowed query is the same for every request until
     /// the window moves on to the next bucket.
     item_totals: Mutex<Vec<(TotalsKey, Arc<Totals>)>>,
+    /// The audiences and histories by number, per basis (view, purchase), built when first asked.
+    co_index: [OnceLock<Arc<CoIndex>>; 2],
 }
 
 /// Per-item totals.
@@ -54,6 +57,14 @@ pub fn item_total<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, &'a
     }
 }
 
+/// Where a per-basis value is kept.
+pub fn basis_slot(basis: Basis) -> usize {
+    match basis {
+        Basis::View => 0,
+        Basis::Purchase => 1,
+    }
+}
+
 /// How many windows' totals a loaded version keeps.
 const TOTALS_KEPT: usize = 8;
 
@@ -63,7 +74,15 @@ impl LoadedBatch {
             manifest,
             views,
             item_totals: Mutex::new(Vec::new()),
+            co_index: Default::default(),
         }
+    }
+
+    /// The version's audiences and histories of `basis` by number (see [`crate::cooccur`]).
+    pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
+        self.co_index[basis_slot(basis)]
+            .get_or_init(|| Arc::new(CoIndex::build(&self.views, basis)))
+            .clone()
     }
 
     /// The version's per-item totals over the buckets `key` names.
@@ -248,6 +267,12 @@ impl Merge<'_> {
             (Some(b), None) => f(Some(b)),
             (None, s) => f(s.as_ref()),
         })
+    }
+
+    /// The batch version's audiences and histories of `basis` by number (empty without one).
+    pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
+        self.batch
+            .map_or_else(|| Arc::new(CoIndex::default()), |b| b.co_index(basis))
     }
 
     /// The size of the merged set of one key (an item's audience), without copying the set.

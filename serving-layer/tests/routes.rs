@@ -659,27 +659,41 @@ async fn kept_answers_last_only_while_the_state_stands() {
     );
 }
 
+/// A configuration over `dir` that computes every answer (none kept), so what a test sees of
+/// recommendations is the co-occurrence rows and what is kept of them.
+fn computing(dir: &std::path::Path) -> Config {
+    let mut cfg = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    cfg.serve.answer_cache = 0;
+    cfg
+}
+
+/// The key of an item's audience by views.
+fn audience(item: &str) -> ViewKey {
+    ViewKey::ItemUsers {
+        basis: strata_common::views::Basis::View,
+        item: item.into(),
+    }
+}
+
+/// The key of a user's history of views.
+fn history(user: &str) -> ViewKey {
+    ViewKey::UserItems {
+        basis: strata_common::views::Basis::View,
+        user: user.into(),
+    }
+}
+
 #[tokio::test]
 async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     use std::collections::{BTreeMap, BTreeSet};
     use strata_common::speed_store::{self, block_key, Cf, SpeedReader};
-    use strata_common::views::{Basis, Name, Recent, Set};
+    use strata_common::views::{Name, Recent, Set};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    // Every answer computed: what is kept here is the co-occurrence rows only.
-    cfg.serve.answer_cache = 0;
-    let audience = |item: &str| ViewKey::ItemUsers {
-        basis: Basis::View,
-        item: item.into(),
-    };
-    let history = |user: &str| ViewKey::UserItems {
-        basis: Basis::View,
-        user: user.into(),
-    };
+    let cfg = computing(dir.path());
     let set = |users: &[&str]| Partial::Set(Set(users.iter().map(|u| Name::from(*u)).collect()));
     let recent = |items: &[(&str, i64)]| {
         Partial::Recent(Recent(
@@ -731,4 +745,132 @@ async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     assert!(after["c"] < recs(&first)["c"], "{after:?}");
     let (_, item) = call(&s, "GET", "/v1/recommendations/items/a?basis=view", None).await;
     assert_eq!(item["users"], 3, "{item}");
+}
+
+#[tokio::test]
+async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+    use strata_common::views::{Name, Recent, Set};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = computing(dir.path());
+    // Views of (user, item) pairs, from a fixed pseudo-random sequence: the batch version's, then
+    // the speed layer's spread over blocks 1 to 3, with users and items the batch never saw.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let batch_pairs: Vec<(String, String, u64)> = (0..600)
+        .map(|_| {
+            // Skewed towards the first items, as real audiences are.
+            let bound = next(30) + 1;
+            (format!("u{}", next(60)), format!("i{}", next(bound)), 0)
+        })
+        .collect();
+    let speed_pairs: Vec<(String, String, u64)> = (0..200)
+        .map(|_| {
+            (
+                format!("u{}", next(70)),
+                format!("i{}", next(35)),
+                1 + next(3),
+            )
+        })
+        .collect();
+    let partials = |pairs: &[(String, String, u64)]| {
+        let mut out: BTreeMap<(u64, ViewKey), Partial> = BTreeMap::new();
+        for (t, (u, i, block)) in pairs.iter().enumerate() {
+            let seen =
+                Partial::Recent(Recent(BTreeMap::from([(Name::from(i.as_str()), t as i64)])));
+            let member = Partial::Set(Set(BTreeSet::from([Name::from(u.as_str())])));
+            for (key, p) in [(history(u), seen), (audience(i), member)] {
+                match out.get_mut(&(*block, key.clone())) {
+                    Some(have) => have.merge(&p),
+                    None => {
+                        out.insert((*block, key), p);
+                    }
+                }
+            }
+        }
+        out
+    };
+    let mut views = ViewSet::default();
+    for ((_, key), p) in partials(&batch_pairs) {
+        views.add(key, &p);
+    }
+    publish_views(&cfg, &views, batch_pairs.len() as u64);
+    let db = speed_past_the_batch(&cfg);
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let block_size = cfg.handoff.block_size as i64;
+    db.put_cf(
+        meta,
+        meta_key::next_offset(0),
+        encode_i64(3 * block_size + 50),
+    )
+    .expect("put");
+    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
+    for ((block, key), p) in partials(&speed_pairs) {
+        db.put_cf(blocks, block_key(0, block, &key), p.encode())
+            .expect("put");
+    }
+    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    s.refresh_batch().expect("load the batch version");
+
+    // Counted here from every pair: audiences and histories are unions.
+    let mut audiences: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut histories: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (u, i, _) in batch_pairs.iter().chain(&speed_pairs) {
+        audiences.entry(i).or_default().insert(u);
+        histories.entry(u).or_default().insert(i);
+    }
+    assert!(
+        audiences.len() > 30 && histories.len() > 60,
+        "new names in the speed layer"
+    );
+    for (item, users) in &audiences {
+        let mut co: BTreeMap<&str, u64> = BTreeMap::new();
+        for u in users {
+            for other in histories[u].iter().filter(|o| *o != item) {
+                *co.entry(other).or_default() += 1;
+            }
+        }
+        let mut want: Vec<(String, u64, u64, f64)> = co
+            .into_iter()
+            .map(|(other, c)| {
+                let n_b = audiences[other].len() as u64;
+                let score = c as f64 / (users.len() as f64 * n_b as f64).sqrt();
+                (other.to_owned(), c, n_b, score)
+            })
+            .collect();
+        want.sort_by(|a, b| {
+            b.3.total_cmp(&a.3)
+                .then_with(|| b.1.cmp(&a.1))
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        let path = format!("/v1/recommendations/items/{item}?basis=view&limit=1000");
+        let (status, v) = call(&s, "GET", &path, None).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        assert_eq!(v["users"], users.len(), "{path}");
+        let got: Vec<(String, u64, u64, f64)> = v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|r| {
+                (
+                    r["item"].as_str().unwrap_or_default().to_owned(),
+                    r["co_occurrences"].as_u64().unwrap_or_default(),
+                    r["users"].as_u64().unwrap_or_default(),
+                    r["score"].as_f64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{path}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2), "{path}");
+            assert!((g.3 - w.3).abs() < 1e-12, "{path}: {g:?} against {w:?}");
+        }
+    }
 }

@@ -1,0 +1,312 @@
+//! Co-occurrence counted over dense ids.
+//!
+//! Counting the items that co-occur with one item reads the history of every user in its
+//! audience: thousands of histories for a popular item. Read as merged view partials, each is a
+//! lookup of an encoded key in the batch version and a read of every speed block past it. Here
+//! the batch version's audiences and histories of one basis are indexed once per version
+//! ([`CoIndex`], built on first use) as lists of numbers, and what the speed layer's blocks past
+//! the version add ([`Overlay`]) is read once per state with one scan per view. Counting is then
+//! a walk over integer lists into an array.
+//!
+//! Both views are unions ([`strata_common::views::Set`] and the names of
+//! [`strata_common::views::Recent`]), so the merged audience or history is the batch's list plus
+//! the overlay's additions, and the rows equal those counted from the merged partials.
+
+use std::collections::BTreeMap;
+
+use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
+
+use crate::error::ApiError;
+
+/// One item that co-occurs with another.
+pub struct CoRow {
+    pub item: Name,
+    /// Cosine similarity of the two audiences.
+    pub score: f64,
+    /// Users whose history holds both items.
+    pub co: u64,
+    /// Users whose history holds this item.
+    pub users: u64,
+}
+
+/// Names given numbers in order of first sight.
+#[derive(Default)]
+struct Ids {
+    by_name: FastMap<Name, u32>,
+    names: Vec<Name>,
+}
+
+impl Ids {
+    fn get(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The number of `name`, given the next one (from `first`) if it has none yet.
+    fn intern(&mut self, name: &Name, first: usize) -> u32 {
+        if let Some(&id) = self.by_name.get(name) {
+            return id;
+        }
+        let id = (first + self.names.len()) as u32;
+        self.by_name.insert(name.clone(), id);
+        self.names.push(name.clone());
+        id
+    }
+}
+
+/// The prefix of the encoded keys of the item audiences of `basis`.
+fn audience_prefix(basis: Basis) -> Vec<u8> {
+    ViewKey::ItemUsers {
+        basis,
+        item: Name::default(),
+    }
+    .encode()
+}
+
+/// The prefix of the encoded keys of the user histories of `basis`.
+fn history_prefix(basis: Basis) -> Vec<u8> {
+    ViewKey::UserItems {
+        basis,
+        user: Name::default(),
+    }
+    .encode()
+}
+
+/// The list numbered `at`, made if there is none yet.
+fn list_at(lists: &mut Vec<Vec<u32>>, at: u32) -> &mut Vec<u32> {
+    let at = at as usize;
+    if lists.len() <= at {
+        lists.resize(at + 1, Vec::new());
+    }
+    &mut lists[at]
+}
+
+/// One basis's item audiences and user histories in a batch version, by number: users and items
+/// are numbered from 0, each list sorted.
+#[derive(Default)]
+pub struct CoIndex {
+    items: Ids,
+    users: Ids,
+    /// By item: the users of its audience.
+    audience: Vec<Vec<u32>>,
+    /// By user: the items of its history.
+    history: Vec<Vec<u32>>,
+}
+
+impl CoIndex {
+    /// Indexes the audiences and histories of `basis` among a version's views (sorted by encoded
+    /// key, so each view is one range).
+    pub fn build(views: &BTreeMap<Vec<u8>, (ViewKey, Partial)>, basis: Basis) -> Self {
+        let each = |prefix: Vec<u8>, f: &mut dyn FnMut(&ViewKey, &Partial)| {
+            for (k, (key, p)) in views.range(prefix.clone()..) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                f(key, p);
+            }
+        };
+        let mut ix = CoIndex::default();
+        each(audience_prefix(basis), &mut |key, p| {
+            if let (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) = (key, p) {
+                let item = ix.items.intern(item, 0);
+                let users: Vec<u32> = s.0.iter().map(|u| ix.users.intern(u, 0)).collect();
+                list_at(&mut ix.audience, item).extend(users);
+            }
+        });
+        each(history_prefix(basis), &mut |key, p| {
+            if let (ViewKey::UserItems { user, .. }, Partial::Recent(r)) = (key, p) {
+                let user = ix.users.intern(user, 0);
+                let items: Vec<u32> = r.0.keys().map(|i| ix.items.intern(i, 0)).collect();
+                list_at(&mut ix.history, user).extend(items);
+            }
+        });
+        ix.audience.resize(ix.items.names.len(), Vec::new());
+        ix.history.resize(ix.users.names.len(), Vec::new());
+        for list in ix.audience.iter_mut().chain(ix.history.iter_mut()) {
+            list.sort_unstable();
+            list.dedup();
+            list.shrink_to_fit();
+        }
+        ix
+    }
+
+    fn audience_of(&self, item: u32) -> &[u32] {
+        self.audience.get(item as usize).map_or(&[], Vec::as_slice)
+    }
+
+    fn history_of(&self, user: u32) -> &[u32] {
+        self.history.get(user as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What the speed layer's blocks past a batch version add to its [`CoIndex`]: users and items
+/// the version does not hold (numbered after its own), and the audience members and history
+/// items the version's lists lack.
+#[derive(Default)]
+pub struct Overlay {
+    /// Items the batch version lacks (users it lacks are only ever numbers here).
+    items: Ids,
+    audience: FastMap<u32, Vec<u32>>,
+    history: FastMap<u32, Vec<u32>>,
+}
+
+/// Numbers names as a batch version's index does, and those it lacks after its own.
+struct Numbering<'a> {
+    batch: &'a Ids,
+    new: Ids,
+}
+
+impl<'a> Numbering<'a> {
+    fn after(batch: &'a Ids) -> Self {
+        Numbering {
+            batch,
+            new: Ids::default(),
+        }
+    }
+
+    fn id(&mut self, name: &Name) -> u32 {
+        match self.batch.get(name) {
+            Some(id) => id,
+            None => self.new.intern(name, self.batch.names.len()),
+        }
+    }
+}
+
+/// Adds to the list of `of` the members the batch version's list (`known`) lacks.
+fn add_lacking(
+    added: &mut FastMap<u32, Vec<u32>>,
+    of: u32,
+    known: &[u32],
+    members: impl Iterator<Item = u32>,
+) {
+    let lacking: Vec<u32> = members
+        .filter(|m| known.binary_search(m).is_err())
+        .collect();
+    added.entry(of).or_default().extend(lacking);
+}
+
+impl Overlay {
+    /// Reads the speed layer's partials of `basis` through `scan` (called with a view's key
+    /// prefix; it calls back once per key and block).
+    pub fn build(
+        ix: &CoIndex,
+        basis: Basis,
+        mut scan: impl FnMut(&[u8], &mut dyn FnMut(ViewKey, Partial)) -> Result<(), ApiError>,
+    ) -> Result<Self, ApiError> {
+        let mut items = Numbering::after(&ix.items);
+        let mut users = Numbering::after(&ix.users);
+        let mut audience = FastMap::default();
+        let mut history = FastMap::default();
+        scan(&audience_prefix(basis), &mut |key, p| {
+            if let (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) = (key, p) {
+                let item = items.id(&item);
+                let members = s.0.iter().map(|u| users.id(u));
+                add_lacking(&mut audience, item, ix.audience_of(item), members);
+            }
+        })?;
+        scan(&history_prefix(basis), &mut |key, p| {
+            if let (ViewKey::UserItems { user, .. }, Partial::Recent(r)) = (key, p) {
+                let user = users.id(&user);
+                let members = r.0.keys().map(|i| items.id(i));
+                add_lacking(&mut history, user, ix.history_of(user), members);
+            }
+        })?;
+        let mut o = Overlay {
+            items: items.new,
+            audience,
+            history,
+        };
+        for list in o.audience.values_mut().chain(o.history.values_mut()) {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Ok(o)
+    }
+}
+
+/// A batch version's index with what the speed layer adds: the merged audiences and histories.
+pub struct Merged<'a> {
+    pub index: &'a CoIndex,
+    pub overlay: &'a Overlay,
+}
+
+impl Merged<'_> {
+    fn item_id(&self, name: &str) -> Option<u32> {
+        self.index
+            .items
+            .get(name)
+            .or_else(|| self.overlay.items.get(name))
+    }
+
+    fn item_name(&self, id: u32) -> &Name {
+        let n = self.index.items.names.len();
+        match (id as usize).checked_sub(n) {
+            None => &self.index.items.names[id as usize],
+            Some(i) => &self.overlay.items.names[i],
+        }
+    }
+
+    fn items(&self) -> usize {
+        self.index.items.names.len() + self.overlay.items.names.len()
+    }
+
+    fn added(map: &FastMap<u32, Vec<u32>>, id: u32) -> &[u32] {
+        map.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    fn audience_len(&self, item: u32) -> usize {
+        self.index.audience_of(item).len() + Self::added(&self.overlay.audience, item).len()
+    }
+
+    /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
+    pub fn rows(&self, item: &str) -> Option<Vec<CoRow>> {
+        let seed = self.item_id(item)?;
+        let audience = self
+            .index
+            .audience_of(seed)
+            .iter()
+            .chain(Self::added(&self.overlay.audience, seed));
+        let mut counts = vec![0u32; self.items()];
+        let mut seen: Vec<u32> = Vec::new();
+        let mut n_a = 0u64;
+        for &user in audience {
+            n_a += 1;
+            let history = self.index.history_of(user);
+            for &other in history
+                .iter()
+                .chain(Self::added(&self.overlay.history, user))
+            {
+                if other == seed {
+                    continue;
+                }
+                let c = &mut counts[other as usize];
+                if *c == 0 {
+                    seen.push(other);
+                }
+                *c += 1;
+            }
+        }
+        if n_a == 0 {
+            return None;
+        }
+        let mut rows: Vec<CoRow> = seen
+            .into_iter()
+            .map(|other| {
+                let co = u64::from(counts[other as usize]);
+                let users = (self.audience_len(other) as u64).max(1);
+                CoRow {
+                    item: self.item_name(other).clone(),
+                    score: co as f64 / (n_a as f64 * users as f64).sqrt(),
+                    co,
+                    users,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| b.co.cmp(&a.co))
+                .then_with(|| a.item.cmp(&b.item))
+        });
+        Some(rows)
+    }
+}
