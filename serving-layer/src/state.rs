@@ -65,7 +65,7 @@ pub fn basis_slot(basis: Basis) -> usize {
     }
 }
 
-/// How many windows' totals a loaded version keeps.
+/// How many windows' totals a loaded version keeps (the least recently asked go first).
 const TOTALS_KEPT: usize = 8;
 
 impl LoadedBatch {
@@ -88,8 +88,13 @@ impl LoadedBatch {
     /// The version's per-item totals over the buckets `key` names.
     pub fn item_totals(&self, key: TotalsKey) -> Arc<Totals> {
         let mut kept = self.item_totals.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, totals)) = kept.iter().find(|(k, _)| *k == key) {
-            return totals.clone();
+        if let Some(at) = kept.iter().position(|(k, _)| *k == key) {
+            // Last is the most recently asked: a window whose start moves on every bucket (1h
+            // by minutes) then pushes out its own old starts, not the windows still asked for.
+            let hit = kept.remove(at);
+            let totals = hit.1.clone();
+            kept.push(hit);
+            return totals;
         }
         let mut totals = Totals::default();
         let (prefix, start) = totals_range(key);
@@ -631,5 +636,36 @@ impl ServingState {
             Ok(Attempt::Done(f(&merge)))
         })?;
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_common::handoff::Offsets;
+
+    #[test]
+    fn item_totals_keep_the_windows_still_asked_for() {
+        let manifest = Manifest {
+            version: 1,
+            published_at: "2026-11-25T00:00:00.000Z".into(),
+            block_size: 10_000,
+            cutoffs: Offsets::new(),
+            events: 0,
+            duplicates: 0,
+            keys: 0,
+            duration_ms: 0,
+        };
+        let batch = LoadedBatch::new(manifest, BTreeMap::new());
+        let all = batch.item_totals(None);
+        // A window moving on by the minute asks for a new start each time; the all-time totals,
+        // asked for in between, stay kept.
+        for minute in 0..(2 * TOTALS_KEPT as i64) {
+            batch.item_totals(Some((Gran::Minute, minute * 60_000)));
+            assert!(
+                Arc::ptr_eq(&all, &batch.item_totals(None)),
+                "minute {minute}"
+            );
+        }
     }
 }
