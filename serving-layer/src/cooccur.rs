@@ -138,83 +138,60 @@ impl CoIndex {
     }
 }
 
-/// What the speed layer's blocks past a batch version add to its [`CoIndex`]: users and items
-/// the version does not hold (numbered after its own), and the audience members and history
-/// items the version's lists lack.
+/// What some of the speed layer's blocks past a batch version add to its [`CoIndex`] and to the
+/// layers read before (under) this one: users and items none of them holds (numbered after
+/// theirs), and the audience members and history items their lists lack. A partition's blocks
+/// before the one being written never change, so their layer can be read once and kept while
+/// they stay the same; the block being written is then a layer over it, read for each state.
 #[derive(Default)]
 pub struct Overlay {
-    /// Items the batch version lacks (users it lacks are only ever numbers here).
     items: Ids,
+    users: Ids,
     audience: FastMap<u32, Vec<u32>>,
     history: FastMap<u32, Vec<u32>>,
 }
 
-/// Numbers names as a batch version's index does, and those it lacks after its own.
-struct Numbering<'a> {
-    batch: &'a Ids,
-    new: Ids,
-}
-
-impl<'a> Numbering<'a> {
-    fn after(batch: &'a Ids) -> Self {
-        Numbering {
-            batch,
-            new: Ids::default(),
-        }
-    }
-
-    fn id(&mut self, name: &Name) -> u32 {
-        match self.batch.get(name) {
-            Some(id) => id,
-            None => self.new.intern(name, self.batch.names.len()),
-        }
-    }
-}
-
-/// Adds to the list of `of` the members the batch version's list (`known`) lacks.
-fn add_lacking(
-    added: &mut FastMap<u32, Vec<u32>>,
-    of: u32,
-    known: &[u32],
-    members: impl Iterator<Item = u32>,
-) {
-    let lacking: Vec<u32> = members
-        .filter(|m| known.binary_search(m).is_err())
-        .collect();
-    added.entry(of).or_default().extend(lacking);
-}
-
 impl Overlay {
     /// Reads the speed layer's partials of `basis` through `scan` (called with a view's key
-    /// prefix; it calls back once per key and block).
+    /// prefix; it calls back once per key and block) as a layer over `under`.
     pub fn build(
-        ix: &CoIndex,
+        under: &Merged<'_>,
         basis: Basis,
         mut scan: impl FnMut(&[u8], &mut dyn FnMut(ViewKey, Partial)) -> Result<(), ApiError>,
     ) -> Result<Self, ApiError> {
-        let mut items = Numbering::after(&ix.items);
-        let mut users = Numbering::after(&ix.users);
-        let mut audience = FastMap::default();
-        let mut history = FastMap::default();
+        let (first_item, first_user) = (under.items(), under.users());
+        let mut o = Overlay::default();
         scan(&audience_prefix(basis), &mut |key, p| {
             if let (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) = (key, p) {
-                let item = items.id(&item);
-                let members = s.0.iter().map(|u| users.id(u));
-                add_lacking(&mut audience, item, ix.audience_of(item), members);
+                let item = under
+                    .item_id(&item)
+                    .unwrap_or_else(|| o.items.intern(&item, first_item));
+                for u in &s.0 {
+                    let user = under
+                        .user_id(u)
+                        .unwrap_or_else(|| o.users.intern(u, first_user));
+                    if !under.lists_hold(|l| &l.audience, under.index.audience_of(item), item, user)
+                    {
+                        o.audience.entry(item).or_default().push(user);
+                    }
+                }
             }
         })?;
         scan(&history_prefix(basis), &mut |key, p| {
             if let (ViewKey::UserItems { user, .. }, Partial::Recent(r)) = (key, p) {
-                let user = users.id(&user);
-                let members = r.0.keys().map(|i| items.id(i));
-                add_lacking(&mut history, user, ix.history_of(user), members);
+                let user = under
+                    .user_id(&user)
+                    .unwrap_or_else(|| o.users.intern(&user, first_user));
+                for i in r.0.keys() {
+                    let item = under
+                        .item_id(i)
+                        .unwrap_or_else(|| o.items.intern(i, first_item));
+                    if !under.lists_hold(|l| &l.history, under.index.history_of(user), user, item) {
+                        o.history.entry(user).or_default().push(item);
+                    }
+                }
             }
         })?;
-        let mut o = Overlay {
-            items: items.new,
-            audience,
-            history,
-        };
         for list in o.audience.values_mut().chain(o.history.values_mut()) {
             list.sort_unstable();
             list.dedup();
@@ -223,58 +200,106 @@ impl Overlay {
     }
 }
 
-/// A batch version's index with what the speed layer adds: the merged audiences and histories.
+/// A batch version's index and the layers read over it, lowest first: the merged audiences and
+/// histories.
 pub struct Merged<'a> {
     pub index: &'a CoIndex,
-    pub overlay: &'a Overlay,
+    pub layers: Vec<&'a Overlay>,
+}
+
+fn added(map: &FastMap<u32, Vec<u32>>, id: u32) -> &[u32] {
+    map.get(&id).map_or(&[], Vec::as_slice)
 }
 
 impl Merged<'_> {
-    fn item_id(&self, name: &str) -> Option<u32> {
-        self.index
-            .items
-            .get(name)
-            .or_else(|| self.overlay.items.get(name))
+    /// The number of a name in the index's `own` numbering or one of the layers' (`of`).
+    fn id<'a>(
+        &'a self,
+        own: &'a Ids,
+        of: impl Fn(&'a Overlay) -> &'a Ids,
+        name: &str,
+    ) -> Option<u32> {
+        own.get(name)
+            .or_else(|| self.layers.iter().find_map(|l| of(l).get(name)))
     }
 
-    fn item_name(&self, id: u32) -> &Name {
-        let n = self.index.items.names.len();
-        match (id as usize).checked_sub(n) {
-            None => &self.index.items.names[id as usize],
-            Some(i) => &self.overlay.items.names[i],
+    fn item_id(&self, name: &str) -> Option<u32> {
+        self.id(&self.index.items, |l| &l.items, name)
+    }
+
+    fn user_id(&self, name: &str) -> Option<u32> {
+        self.id(&self.index.users, |l| &l.users, name)
+    }
+
+    fn item_name(&self, id: u32) -> Option<&Name> {
+        let mut at = id as usize;
+        for names in std::iter::once(&self.index.items.names)
+            .chain(self.layers.iter().map(|l| &l.items.names))
+        {
+            match names.get(at) {
+                Some(name) => return Some(name),
+                None => at -= names.len(),
+            }
         }
+        None
     }
 
     fn items(&self) -> usize {
-        self.index.items.names.len() + self.overlay.items.names.len()
+        let layers: usize = self.layers.iter().map(|l| l.items.names.len()).sum();
+        self.index.items.names.len() + layers
     }
 
-    fn added(map: &FastMap<u32, Vec<u32>>, id: u32) -> &[u32] {
-        map.get(&id).map_or(&[], Vec::as_slice)
+    fn users(&self) -> usize {
+        let layers: usize = self.layers.iter().map(|l| l.users.names.len()).sum();
+        self.index.users.names.len() + layers
+    }
+
+    /// Whether the list of `of` (the index's `own`, then each layer's in `lists`) holds `member`.
+    fn lists_hold(
+        &self,
+        lists: impl Fn(&Overlay) -> &FastMap<u32, Vec<u32>>,
+        own: &[u32],
+        of: u32,
+        member: u32,
+    ) -> bool {
+        own.binary_search(&member).is_ok()
+            || (self.layers.iter()).any(|l| added(lists(l), of).binary_search(&member).is_ok())
+    }
+
+    fn audience(&self, item: u32) -> impl Iterator<Item = u32> + '_ {
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(move |l| added(&l.audience, item));
+        self.index.audience_of(item).iter().chain(layers).copied()
+    }
+
+    fn history(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(move |l| added(&l.history, user));
+        self.index.history_of(user).iter().chain(layers).copied()
     }
 
     fn audience_len(&self, item: u32) -> usize {
-        self.index.audience_of(item).len() + Self::added(&self.overlay.audience, item).len()
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| added(&l.audience, item).len())
+            .sum();
+        self.index.audience_of(item).len() + layers
     }
 
     /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
     pub fn rows(&self, item: &str) -> Option<Vec<CoRow>> {
         let seed = self.item_id(item)?;
-        let audience = self
-            .index
-            .audience_of(seed)
-            .iter()
-            .chain(Self::added(&self.overlay.audience, seed));
         let mut counts = vec![0u32; self.items()];
         let mut seen: Vec<u32> = Vec::new();
         let mut n_a = 0u64;
-        for &user in audience {
+        for user in self.audience(seed) {
             n_a += 1;
-            let history = self.index.history_of(user);
-            for &other in history
-                .iter()
-                .chain(Self::added(&self.overlay.history, user))
-            {
+            for other in self.history(user) {
                 if other == seed {
                     continue;
                 }
@@ -290,15 +315,15 @@ impl Merged<'_> {
         }
         let mut rows: Vec<CoRow> = seen
             .into_iter()
-            .map(|other| {
+            .filter_map(|other| {
                 let co = u64::from(counts[other as usize]);
                 let users = (self.audience_len(other) as u64).max(1);
-                CoRow {
-                    item: self.item_name(other).clone(),
+                Some(CoRow {
+                    item: self.item_name(other)?.clone(),
                     score: co as f64 / (n_a as f64 * users as f64).sqrt(),
                     co,
                     users,
-                }
+                })
             })
             .collect();
         rows.sort_by(|a, b| {

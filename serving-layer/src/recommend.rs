@@ -16,6 +16,7 @@ use crate::cooccur::{CoIndex, CoRow, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{basis_slot, Merge, PerState, ServingState};
+use strata_common::handoff::BlockRange;
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
     Ok(
@@ -37,18 +38,29 @@ pub const CO_MEMO_ROWS: usize = 1_000_000;
 /// are kept for the state they were computed from (the merge's
 /// [`crate::state::StateId`]) and dropped as soon as a merge of a later state keeps its own, so
 /// they are exactly what computing them again would give. What the speed layer adds to the
-/// batch version's audiences and histories ([`Overlay`]) is kept the same way.
+/// batch version's audiences and histories is read in two [`Overlay`]s: that of the blocks every
+/// partition has consumed past, kept for as long as the batch version and those blocks are the
+/// same, and over it that of each partition's last block, kept for the state like the rows.
 pub struct CoMemo {
     max_rows: usize,
     kept: Mutex<PerState<CoKept>>,
+    /// Per basis: the layer of the finished blocks, with the batch version and blocks it was read
+    /// from.
+    finished: Mutex<[Option<FinishedLayer>; 2]>,
 }
+
+/// Which finished blocks a layer was read from, over which batch version.
+type Finished = (Option<u64>, Vec<BlockRange>);
+
+/// A finished blocks' layer and what it was read from.
+type FinishedLayer = (Finished, Arc<Overlay>);
 
 #[derive(Default)]
 struct CoKept {
     rows: usize,
     by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
-    /// Per basis.
-    overlays: [Option<Arc<Overlay>>; 2],
+    /// Per basis: the finished blocks' layer and the last blocks' layer over it.
+    layers: [Option<(Arc<Overlay>, Arc<Overlay>)>; 2],
 }
 
 impl CoMemo {
@@ -56,6 +68,7 @@ impl CoMemo {
         CoMemo {
             max_rows,
             kept: Mutex::new(PerState::default()),
+            finished: Mutex::new(Default::default()),
         }
     }
 
@@ -69,32 +82,29 @@ impl CoMemo {
     ) -> Result<Option<Arc<Vec<CoRow>>>, ApiError> {
         let slot = basis_slot(basis);
         let index = m.co_index(basis);
-        let overlay = |m: &Merge<'_>| {
-            Overlay::build(&index, basis, |prefix, f| m.scan_speed(prefix, None, f)).map(Arc::new)
-        };
         let Some(at) = m.state_id else {
-            let overlay = overlay(m)?;
-            return Ok(rows_of(&index, &overlay, item));
+            let (finished, open) = self.layers(m, &index, basis)?;
+            return Ok(rows_of(&index, &finished, &open, item));
         };
         let key = (basis, Name::from(item));
-        let kept_overlay = {
+        let kept_layers = {
             let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             let kept = kept.at(at);
             if let Some(rows) = kept.and_then(|k| k.by_item.get(&key)) {
                 return Ok(rows.clone());
             }
-            kept.and_then(|k| k.overlays[slot].clone())
+            kept.and_then(|k| k.layers[slot].clone())
         };
-        let overlay = match kept_overlay {
-            Some(o) => o,
-            None => overlay(m)?,
+        let (finished, open) = match kept_layers {
+            Some(layers) => layers,
+            None => self.layers(m, &index, basis)?,
         };
-        let rows = rows_of(&index, &overlay, item);
+        let rows = rows_of(&index, &finished, &open, item);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let Some(kept) = kept.for_state(at) else {
             return Ok(rows);
         };
-        kept.overlays[slot].get_or_insert(overlay);
+        kept.layers[slot].get_or_insert((finished, open));
         let n = rows.as_ref().map_or(0, |r| r.len());
         if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
             kept.rows += n;
@@ -102,10 +112,59 @@ impl CoMemo {
         }
         Ok(rows)
     }
+
+    /// The layers of the speed layer's additions in the state of `m`: the finished blocks' (kept
+    /// one if it was read from the same version and blocks), and the last blocks' over it.
+    fn layers(
+        &self,
+        m: &Merge<'_>,
+        index: &CoIndex,
+        basis: Basis,
+    ) -> Result<(Arc<Overlay>, Arc<Overlay>), ApiError> {
+        let slot = basis_slot(basis);
+        let (done, open) = m.speed_blocks();
+        let which: Finished = (m.batch().map(|b| b.manifest.version), done);
+        let kept = {
+            let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+            finished[slot]
+                .as_ref()
+                .filter(|(w, _)| *w == which)
+                .map(|(_, layer)| layer.clone())
+        };
+        let finished = match kept {
+            Some(layer) => layer,
+            None => {
+                let under = Merged {
+                    index,
+                    layers: Vec::new(),
+                };
+                let layer = Arc::new(Overlay::build(&under, basis, |prefix, f| {
+                    m.scan_speed_in(&which.1, prefix, None, f)
+                })?);
+                let mut kept = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+                kept[slot] = Some((which, layer.clone()));
+                layer
+            }
+        };
+        let under = Merged {
+            index,
+            layers: vec![&finished],
+        };
+        let open = Overlay::build(&under, basis, |prefix, f| {
+            m.scan_speed_in(&open, prefix, None, f)
+        })?;
+        Ok((finished, Arc::new(open)))
+    }
 }
 
-fn rows_of(index: &CoIndex, overlay: &Overlay, item: &str) -> Option<Arc<Vec<CoRow>>> {
-    Merged { index, overlay }.rows(item).map(Arc::new)
+fn rows_of(
+    index: &CoIndex,
+    finished: &Overlay,
+    open: &Overlay,
+    item: &str,
+) -> Option<Arc<Vec<CoRow>>> {
+    let layers = vec![finished, open];
+    Merged { index, layers }.rows(item).map(Arc::new)
 }
 
 /// Items that co-occur with `item`.

@@ -347,10 +347,42 @@ impl Merge<'_> {
         from: Option<&[u8]>,
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<(), ApiError> {
+        self.scan_speed_in(&self.ranges, prefix, from, f)
+    }
+
+    /// [`Merge::scan_speed`] over some of this merge's blocks only (see [`Merge::speed_blocks`]).
+    pub fn scan_speed_in(
+        &self,
+        ranges: &[BlockRange],
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<(), ApiError> {
         if let Some((db, reads)) = self.speed {
-            reads.scan(db, &self.ranges, prefix, from, f)?;
+            reads.scan(db, ranges, prefix, from, f)?;
         }
         Ok(())
+    }
+
+    /// The speed blocks this merge reads, split into those every partition has consumed past
+    /// (never written again: their values stay as they are until a batch version covers them) and
+    /// each partition's last block, which may still be written.
+    pub fn speed_blocks(&self) -> (Vec<BlockRange>, Vec<BlockRange>) {
+        let mut done = Vec::new();
+        let mut open = Vec::new();
+        for r in &self.ranges {
+            if r.last > r.first {
+                done.push(BlockRange {
+                    last: r.last - 1,
+                    ..*r
+                });
+            }
+            open.push(BlockRange {
+                first: r.last,
+                ..*r
+            });
+        }
+        (done, open)
     }
 
     /// Every merged partial of one view (by key tag).

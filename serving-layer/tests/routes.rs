@@ -747,89 +747,39 @@ async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     assert_eq!(item["users"], 3, "{item}");
 }
 
-#[tokio::test]
-async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
+/// Views of `(user, item, block)` pairs as (block, key) partials: each user's history and each
+/// item's audience.
+fn pair_partials(
+    pairs: &[(String, String, u64)],
+) -> std::collections::BTreeMap<(u64, ViewKey), Partial> {
     use std::collections::{BTreeMap, BTreeSet};
-    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
     use strata_common::views::{Name, Recent, Set};
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = computing(dir.path());
-    // Views of (user, item) pairs, from a fixed pseudo-random sequence: the batch version's, then
-    // the speed layer's spread over blocks 1 to 3, with users and items the batch never saw.
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
-    let batch_pairs: Vec<(String, String, u64)> = (0..600)
-        .map(|_| {
-            // Skewed towards the first items, as real audiences are.
-            let bound = next(30) + 1;
-            (format!("u{}", next(60)), format!("i{}", next(bound)), 0)
-        })
-        .collect();
-    let speed_pairs: Vec<(String, String, u64)> = (0..200)
-        .map(|_| {
-            (
-                format!("u{}", next(70)),
-                format!("i{}", next(35)),
-                1 + next(3),
-            )
-        })
-        .collect();
-    let partials = |pairs: &[(String, String, u64)]| {
-        let mut out: BTreeMap<(u64, ViewKey), Partial> = BTreeMap::new();
-        for (t, (u, i, block)) in pairs.iter().enumerate() {
-            let seen =
-                Partial::Recent(Recent(BTreeMap::from([(Name::from(i.as_str()), t as i64)])));
-            let member = Partial::Set(Set(BTreeSet::from([Name::from(u.as_str())])));
-            for (key, p) in [(history(u), seen), (audience(i), member)] {
-                match out.get_mut(&(*block, key.clone())) {
-                    Some(have) => have.merge(&p),
-                    None => {
-                        out.insert((*block, key), p);
-                    }
+    let mut out: BTreeMap<(u64, ViewKey), Partial> = BTreeMap::new();
+    for (t, (u, i, block)) in pairs.iter().enumerate() {
+        let seen = Partial::Recent(Recent(BTreeMap::from([(Name::from(i.as_str()), t as i64)])));
+        let member = Partial::Set(Set(BTreeSet::from([Name::from(u.as_str())])));
+        for (key, p) in [(history(u), seen), (audience(i), member)] {
+            match out.get_mut(&(*block, key.clone())) {
+                Some(have) => have.merge(&p),
+                None => {
+                    out.insert((*block, key), p);
                 }
             }
         }
-        out
-    };
-    let mut views = ViewSet::default();
-    for ((_, key), p) in partials(&batch_pairs) {
-        views.add(key, &p);
     }
-    publish_views(&cfg, &views, batch_pairs.len() as u64);
-    let db = speed_past_the_batch(&cfg);
-    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
-    let block_size = cfg.handoff.block_size as i64;
-    db.put_cf(
-        meta,
-        meta_key::next_offset(0),
-        encode_i64(3 * block_size + 50),
-    )
-    .expect("put");
-    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    for ((block, key), p) in partials(&speed_pairs) {
-        db.put_cf(blocks, block_key(0, block, &key), p.encode())
-            .expect("put");
-    }
-    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
-    s.refresh_batch().expect("load the batch version");
+    out
+}
 
-    // Counted here from every pair: audiences and histories are unions.
+/// Asks for every item's co-occurrence rows and checks them against a count over `pairs`
+/// (audiences and histories are unions).
+async fn assert_rows_counted(s: &Arc<ServingState>, pairs: &[(String, String, u64)], round: &str) {
+    use std::collections::{BTreeMap, BTreeSet};
     let mut audiences: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let mut histories: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for (u, i, _) in batch_pairs.iter().chain(&speed_pairs) {
+    for (u, i, _) in pairs {
         audiences.entry(i).or_default().insert(u);
         histories.entry(u).or_default().insert(i);
     }
-    assert!(
-        audiences.len() > 30 && histories.len() > 60,
-        "new names in the speed layer"
-    );
     for (item, users) in &audiences {
         let mut co: BTreeMap<&str, u64> = BTreeMap::new();
         for u in users {
@@ -851,9 +801,9 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
                 .then_with(|| a.0.cmp(&b.0))
         });
         let path = format!("/v1/recommendations/items/{item}?basis=view&limit=1000");
-        let (status, v) = call(&s, "GET", &path, None).await;
-        assert_eq!(status, 200, "{path}: {v}");
-        assert_eq!(v["users"], users.len(), "{path}");
+        let (status, v) = call(s, "GET", &path, None).await;
+        assert_eq!(status, 200, "{round} {path}: {v}");
+        assert_eq!(v["users"], users.len(), "{round} {path}");
         let got: Vec<(String, u64, u64, f64)> = v["items"]
             .as_array()
             .expect("items")
@@ -867,10 +817,80 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
                 )
             })
             .collect();
-        assert_eq!(got.len(), want.len(), "{path}");
+        assert_eq!(got.len(), want.len(), "{round} {path}");
         for (g, w) in got.iter().zip(&want) {
-            assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2), "{path}");
-            assert!((g.3 - w.3).abs() < 1e-12, "{path}: {g:?} against {w:?}");
+            assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2), "{round} {path}");
+            assert!(
+                (g.3 - w.3).abs() < 1e-12,
+                "{round} {path}: {g:?} against {w:?}"
+            );
         }
     }
+}
+
+#[tokio::test]
+async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
+    use strata_common::speed_store::{self, block_key, encode_i64, meta_key, Cf, SpeedReader};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = computing(dir.path());
+    // (user, item, block) pairs from a fixed pseudo-random sequence: the batch version's, then
+    // the speed layer's, with users and items the batch never saw.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let batch_pairs: Vec<(String, String, u64)> = (0..600)
+        .map(|_| {
+            // Skewed towards the first items, as real audiences are.
+            let bound = next(30) + 1;
+            (format!("u{}", next(60)), format!("i{}", next(bound)), 0)
+        })
+        .collect();
+    let mut views = ViewSet::default();
+    for ((_, key), p) in pair_partials(&batch_pairs) {
+        views.add(key, &p);
+    }
+    publish_views(&cfg, &views, batch_pairs.len() as u64);
+    let db = speed_past_the_batch(&cfg);
+    let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
+    let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
+    let block_size = cfg.handoff.block_size as i64;
+    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    s.refresh_batch().expect("load the batch version");
+
+    // Three states of the speed layer: blocks 1 and 2 consumed past and block 3 open; more in
+    // block 3; then block 3 consumed past and block 4 open.
+    let mut pairs = batch_pairs.clone();
+    for (round, blocks_now, (next_block, new_pairs)) in [
+        ("first", 1..=3, (3, 200)),
+        ("open block written", 3..=3, (3, 60)),
+        ("next block", 4..=4, (4, 60)),
+    ] {
+        let from = *blocks_now.start();
+        let span = blocks_now.end() - from + 1;
+        for _ in 0..new_pairs {
+            let (u, i, b) = (next(70), next(35), from + next(span));
+            pairs.push((format!("u{u}"), format!("i{i}"), b));
+        }
+        let speed: Vec<_> = pairs.iter().filter(|p| p.2 > 0).cloned().collect();
+        for ((block, key), p) in pair_partials(&speed) {
+            db.put_cf(blocks, block_key(0, block, &key), p.encode())
+                .expect("put");
+        }
+        db.put_cf(
+            meta,
+            meta_key::next_offset(0),
+            encode_i64(next_block * block_size + 50),
+        )
+        .expect("put");
+        assert_rows_counted(&s, &pairs, round).await;
+    }
+    assert!(
+        pairs.iter().any(|p| p.0 == "u65") && pairs.iter().any(|p| p.1 == "i33"),
+        "the speed layer has users and items the batch never saw"
+    );
 }
