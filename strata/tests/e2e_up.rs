@@ -26,14 +26,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");
     let common = layer_args(&topic, &data_dir, 5000, None);
-    let mut up_args: Vec<String> = vec!["up".into()];
-    up_args.extend_from_slice(&common);
-    up_args.extend([
-        "--http".into(),
-        addr.clone(),
-        "--admin-key".into(),
-        KEY.into(),
-    ]);
+    let up_args = up_args(&common, &addr, KEY);
     let mut up = Proc::spawn("up", &up_args, dir.path());
     wait_http(&addr);
 

@@ -58,6 +58,19 @@ pub fn layer_args(
     v
 }
 
+/// `strata up` with a test's shared flags (`common`), serving on `addr` with `admin_key`.
+pub fn up_args(common: &[String], addr: &str, admin_key: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec!["up".into()];
+    v.extend_from_slice(common);
+    v.extend([
+        "--http".into(),
+        addr.into(),
+        "--admin-key".into(),
+        admin_key.into(),
+    ]);
+    v
+}
+
 pub fn strata_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_strata"))
 }
