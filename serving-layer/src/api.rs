@@ -77,6 +77,7 @@ fn read_key(state: &ServingState) -> impl Filter<Extract = (), Error = Rejection
         .untuple_one()
 }
 
+/// Adds CORS headers for allowed origins, and answers their preflight requests.
 fn cors(
     allowed: &[String],
     origin: Option<String>,
@@ -651,6 +652,20 @@ mod tests {
     fn segments_are_percent_decoded() {
         assert_eq!(decode_segment("a%20b").ok().as_deref(), Some("a b"));
         assert!(decode_segment("a%2").is_err());
+    }
+
+    #[test]
+    fn parameters_come_from_the_query_string() {
+        let p = params("/v1/insights/top-items?limit=5&type=view&limit=7&category=a%20b")
+            .expect("parsed");
+        assert_eq!(
+            p.get("limit").map(String::as_str),
+            Some("7"),
+            "the last value"
+        );
+        assert_eq!(p.get("category").map(String::as_str), Some("a b"));
+        assert_eq!(p.len(), 3);
+        assert!(params("/v1/items/i1").expect("no query").is_empty());
     }
 
     #[test]
