@@ -8,7 +8,7 @@ use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
 use strata_common::views::{tag, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::error::ApiError;
-use crate::state::{item_total, totals_range, Merge, ServingState, Totals};
+use crate::state::{item_total, totals_range, with_merged, Merge, ServingState, Totals};
 
 /// A look-back window, in event time, ending now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,29 +77,16 @@ pub struct ItemTotals {
 impl ItemTotals {
     /// One item's merged totals.
     pub fn get(&self, item: &str) -> Option<ItemStats> {
-        match (self.batch.get(item), self.speed.get(item)) {
-            (Some(b), Some(s)) => {
-                let mut t = b.clone();
-                t.merge(s);
-                Some(t)
-            }
-            (Some(b), None) => Some(b.clone()),
-            (None, Some(s)) => Some(s.clone()),
-            (None, None) => None,
-        }
+        let (b, s) = (self.batch.get(item), self.speed.get(item));
+        with_merged(b, s, ItemStats::merge, |t| t.cloned())
     }
 
     /// Calls `f` with every item and its merged totals.
     pub fn for_each<'a>(&'a self, mut f: impl FnMut(&'a str, &ItemStats)) {
         for (item, b) in self.batch.iter() {
-            match self.speed.get(item) {
-                Some(s) => {
-                    let mut t = b.clone();
-                    t.merge(s);
-                    f(item, &t);
-                }
-                None => f(item, b),
-            }
+            with_merged(Some(b), self.speed.get(item), ItemStats::merge, |t| {
+                t.into_iter().for_each(|t| f(item, t))
+            });
         }
         for (item, s) in &self.speed {
             if !self.batch.contains_key(item) {

@@ -57,6 +57,25 @@ pub fn item_total<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, &'a
     }
 }
 
+/// Calls `f` with the merge of the batch side's and the speed side's value of one key: the one
+/// that is there, lent as it is, or a merged copy when both are.
+pub fn with_merged<V: Clone, T>(
+    batch: Option<&V>,
+    speed: Option<&V>,
+    merge: impl FnOnce(&mut V, &V),
+    f: impl FnOnce(Option<&V>) -> T,
+) -> T {
+    match (batch, speed) {
+        (Some(b), Some(s)) => {
+            let mut merged = b.clone();
+            merge(&mut merged, s);
+            f(Some(&merged))
+        }
+        (Some(b), None) => f(Some(b)),
+        (None, s) => f(s),
+    }
+}
+
 /// Where a per-basis value is kept.
 pub fn basis_slot(basis: Basis) -> usize {
     match basis {
@@ -263,15 +282,7 @@ impl Merge<'_> {
             Some((db, reads)) => reads.partial(db, &self.ranges, key)?,
             None => None,
         };
-        Ok(match (batch, speed) {
-            (Some(b), Some(s)) => {
-                let mut merged = b.clone();
-                merged.merge(&s);
-                f(Some(&merged))
-            }
-            (Some(b), None) => f(Some(b)),
-            (None, s) => f(s.as_ref()),
-        })
+        Ok(with_merged(batch, speed.as_ref(), Partial::merge, f))
     }
 
     /// The batch version's audiences and histories of `basis` by number (empty without one).
