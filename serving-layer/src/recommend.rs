@@ -38,29 +38,33 @@ pub const CO_MEMO_ROWS: usize = 1_000_000;
 /// are kept for the state they were computed from (the merge's
 /// [`crate::state::StateId`]) and dropped as soon as a merge of a later state keeps its own, so
 /// they are exactly what computing them again would give. What the speed layer adds to the
-/// batch version's audiences and histories is read in two [`Overlay`]s: that of the blocks every
-/// partition has consumed past, kept for as long as the batch version and those blocks are the
-/// same, and over it that of each partition's last block, kept for the state like the rows.
+/// batch version's audiences and histories is read in [`Overlay`] layers: those of the blocks
+/// every partition has consumed past, kept for as long as the batch version stands (a block
+/// finished since adds a layer over them, up to [`FINISHED_LAYERS`]; then they are read again as
+/// one), and over them that of each partition's last block, kept for the state like the rows.
 pub struct CoMemo {
     max_rows: usize,
     kept: Mutex<PerState<CoKept>>,
-    /// Per basis: the layer of the finished blocks, with the batch version and blocks it was read
+    /// Per basis: the finished blocks' layers, with the batch version and blocks they were read
     /// from.
-    finished: Mutex<[Option<FinishedLayer>; 2]>,
+    finished: Mutex<[Option<FinishedLayers>; 2]>,
 }
 
-/// Which finished blocks a layer was read from, over which batch version.
-type Finished = (Option<u64>, Vec<BlockRange>);
+/// Layers over a batch version's index, lowest first.
+type Layers = Vec<Arc<Overlay>>;
 
-/// A finished blocks' layer and what it was read from.
-type FinishedLayer = (Finished, Arc<Overlay>);
+/// Which finished blocks layers were read from, over which batch version, and the layers.
+type FinishedLayers = ((Option<u64>, Vec<BlockRange>), Arc<Layers>);
+
+/// How many layers the finished blocks may be read in before they are read again as one.
+pub const FINISHED_LAYERS: usize = 8;
 
 #[derive(Default)]
 struct CoKept {
     rows: usize,
     by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
-    /// Per basis: the finished blocks' layer and the last blocks' layer over it.
-    layers: [Option<(Arc<Overlay>, Arc<Overlay>)>; 2],
+    /// Per basis: the finished blocks' layers and the last blocks' layer over them.
+    layers: [Option<Arc<Layers>>; 2],
 }
 
 impl CoMemo {
@@ -83,8 +87,8 @@ impl CoMemo {
         let slot = basis_slot(basis);
         let index = m.co_index(basis);
         let Some(at) = m.state_id else {
-            let (finished, open) = self.layers(m, &index, basis)?;
-            return Ok(rows_of(&index, &finished, &open, item));
+            let layers = self.layers(m, &index, basis)?;
+            return Ok(rows_of(&index, &layers, item));
         };
         let key = (basis, Name::from(item));
         let kept_layers = {
@@ -95,16 +99,16 @@ impl CoMemo {
             }
             kept.and_then(|k| k.layers[slot].clone())
         };
-        let (finished, open) = match kept_layers {
+        let layers = match kept_layers {
             Some(layers) => layers,
             None => self.layers(m, &index, basis)?,
         };
-        let rows = rows_of(&index, &finished, &open, item);
+        let rows = rows_of(&index, &layers, item);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let Some(kept) = kept.for_state(at) else {
             return Ok(rows);
         };
-        kept.layers[slot].get_or_insert((finished, open));
+        kept.layers[slot].get_or_insert(layers);
         let n = rows.as_ref().map_or(0, |r| r.len());
         if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
             kept.rows += n;
@@ -113,57 +117,82 @@ impl CoMemo {
         Ok(rows)
     }
 
-    /// The layers of the speed layer's additions in the state of `m`: the finished blocks' (kept
-    /// one if it was read from the same version and blocks), and the last blocks' over it.
+    /// The layers of the speed layer's additions in the state of `m`: the finished blocks' (the
+    /// kept ones, with a layer over them for blocks finished since), then the last blocks'.
     fn layers(
         &self,
         m: &Merge<'_>,
         index: &CoIndex,
         basis: Basis,
-    ) -> Result<(Arc<Overlay>, Arc<Overlay>), ApiError> {
+    ) -> Result<Arc<Layers>, ApiError> {
         let slot = basis_slot(basis);
         let (done, open) = m.speed_blocks();
-        let which: Finished = (m.batch().map(|b| b.manifest.version), done);
+        let version = m.batch().map(|b| b.manifest.version);
         let kept = {
             let finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-            finished[slot]
-                .as_ref()
-                .filter(|(w, _)| *w == which)
-                .map(|(_, layer)| layer.clone())
+            finished[slot].clone()
         };
-        let finished = match kept {
-            Some(layer) => layer,
-            None => {
-                let under = Merged {
-                    index,
-                    layers: Vec::new(),
-                };
-                let layer = Arc::new(Overlay::build(&under, basis, |prefix, f| {
-                    m.scan_speed_in(&which.1, prefix, None, f)
-                })?);
-                let mut kept = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-                kept[slot] = Some((which, layer.clone()));
-                layer
-            }
+        let (chain, read) = match kept {
+            Some(((v, read), chain)) if v == version => (chain, read),
+            _ => (Arc::default(), Vec::new()),
         };
-        let under = Merged {
-            index,
-            layers: vec![&finished],
+        let build = |under: &[Arc<Overlay>], blocks: &[BlockRange]| {
+            let layers = under.iter().map(|l| &**l).collect();
+            let under = Merged { index, layers };
+            Overlay::build(&under, basis, |prefix, f| {
+                m.scan_speed_in(blocks, prefix, None, f)
+            })
+            .map(Arc::new)
         };
-        let open = Overlay::build(&under, basis, |prefix, f| {
-            m.scan_speed_in(&open, prefix, None, f)
-        })?;
-        Ok((finished, Arc::new(open)))
+        let chain = if read == done {
+            chain
+        } else {
+            let since = blocks_since(&read, &done).filter(|_| chain.len() < FINISHED_LAYERS);
+            let chain = Arc::new(match since {
+                Some(since) => {
+                    let mut layers = (*chain).clone();
+                    layers.push(build(&chain, &since)?);
+                    layers
+                }
+                None => vec![build(&[], &done)?],
+            });
+            let mut kept = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+            kept[slot] = Some(((version, done), chain.clone()));
+            chain
+        };
+        let mut layers = (*chain).clone();
+        layers.push(build(&chain, &open)?);
+        Ok(Arc::new(layers))
     }
 }
 
-fn rows_of(
-    index: &CoIndex,
-    finished: &Overlay,
-    open: &Overlay,
-    item: &str,
-) -> Option<Arc<Vec<CoRow>>> {
-    let layers = vec![finished, open];
+/// The blocks of `now` that `before` does not hold, if `now` holds every block of `before` (each
+/// partition's range starting where it did and ending no earlier).
+fn blocks_since(before: &[BlockRange], now: &[BlockRange]) -> Option<Vec<BlockRange>> {
+    let held = |r: &BlockRange| before.iter().find(|b| b.partition == r.partition);
+    let kept_all = before.iter().all(|b| {
+        now.iter()
+            .any(|r| r.partition == b.partition && r.first == b.first && r.last >= b.last)
+    });
+    if !kept_all {
+        return None;
+    }
+    Some(
+        now.iter()
+            .filter_map(|r| match held(r) {
+                None => Some(*r),
+                Some(b) if r.last > b.last => Some(BlockRange {
+                    first: b.last + 1,
+                    ..*r
+                }),
+                Some(_) => None,
+            })
+            .collect(),
+    )
+}
+
+fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<Vec<CoRow>>> {
+    let layers = layers.iter().map(|l| &**l).collect();
     Merged { index, layers }.rows(item).map(Arc::new)
 }
 

@@ -862,14 +862,23 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
     let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
     s.refresh_batch().expect("load the batch version");
 
-    // Three states of the speed layer: blocks 1 and 2 consumed past and block 3 open; more in
-    // block 3; then block 3 consumed past and block 4 open.
+    // States of the speed layer: blocks 1 and 2 consumed past and block 3 open; more in block
+    // 3; then one block after another consumed past, more than the finished blocks' layers kept
+    // before they are read again as one.
     let mut pairs = batch_pairs.clone();
-    for (round, blocks_now, (next_block, new_pairs)) in [
-        ("first", 1..=3, (3, 200)),
-        ("open block written", 3..=3, (3, 60)),
-        ("next block", 4..=4, (4, 60)),
-    ] {
+    let mut rounds = vec![
+        ("first".to_string(), 1..=3, (3, 200)),
+        ("open block written".to_string(), 3..=3, (3, 60)),
+    ];
+    let last = 4 + strata_serving::recommend::FINISHED_LAYERS as u64 + 2;
+    for block in 4..=last {
+        rounds.push((
+            format!("block {block} open"),
+            block..=block,
+            (block as i64, 20),
+        ));
+    }
+    for (round, blocks_now, (next_block, new_pairs)) in rounds {
         let from = *blocks_now.start();
         let span = blocks_now.end() - from + 1;
         for _ in 0..new_pairs {
@@ -887,7 +896,7 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
             encode_i64(next_block * block_size + 50),
         )
         .expect("put");
-        assert_rows_counted(&s, &pairs, round).await;
+        assert_rows_counted(&s, &pairs, &round).await;
     }
     assert!(
         pairs.iter().any(|p| p.0 == "u65") && pairs.iter().any(|p| p.1 == "i33"),
