@@ -12,11 +12,10 @@
 //! [`strata_common::views::Recent`]), so the merged audience or history is the batch's list plus
 //! the overlay's additions, and the rows equal those counted from the merged partials.
 
-use std::collections::BTreeMap;
-
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
+use crate::state::LoadedBatch;
 
 /// One item that co-occurs with another.
 pub struct CoRow {
@@ -95,14 +94,9 @@ pub struct CoIndex {
 impl CoIndex {
     /// Indexes the audiences and histories of `basis` among a version's views (sorted by encoded
     /// key, so each view is one range).
-    pub fn build(views: &BTreeMap<Vec<u8>, (ViewKey, Partial)>, basis: Basis) -> Self {
+    pub fn build(batch: &LoadedBatch, basis: Basis) -> Self {
         let each = |prefix: Vec<u8>, f: &mut dyn FnMut(&ViewKey, &Partial)| {
-            for (k, (key, p)) in views.range(prefix.clone()..) {
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                f(key, p);
-            }
+            batch.range(&prefix, None).for_each(|(key, p)| f(key, p));
         };
         let mut ix = CoIndex::default();
         each(audience_prefix(basis), &mut |key, p| {

@@ -100,8 +100,22 @@ impl LoadedBatch {
     /// The version's audiences and histories of `basis` by number (see [`crate::cooccur`]).
     pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
         self.co_index[basis_slot(basis)]
-            .get_or_init(|| Arc::new(CoIndex::build(&self.views, basis)))
+            .get_or_init(|| Arc::new(CoIndex::build(self, basis)))
             .clone()
+    }
+
+    /// The entries whose encoded key starts with `prefix`, from `from` (a longer key inside the
+    /// prefix; `None`: the prefix itself) on, in key order.
+    pub fn range<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        from: Option<&[u8]>,
+    ) -> impl Iterator<Item = (&'a ViewKey, &'a Partial)> + 'a {
+        let start = from.unwrap_or(prefix).to_vec();
+        self.views
+            .range(start..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, (key, p))| (key, p))
     }
 
     /// The version's per-item totals over the buckets `key` names.
@@ -117,10 +131,7 @@ impl LoadedBatch {
         }
         let mut totals = Totals::default();
         let (prefix, start) = totals_range(key);
-        for (k, (key, p)) in self.views.range(start..) {
-            if !k.starts_with(&prefix) {
-                break;
-            }
+        for (key, p) in self.range(&prefix, Some(&start)) {
             if let Some((item, s)) = item_total(key, p) {
                 totals.entry(item.clone()).or_default().merge(s);
             }
@@ -333,11 +344,7 @@ impl Merge<'_> {
             }
         };
         if let Some(b) = self.batch {
-            let start = from.unwrap_or(prefix).to_vec();
-            for (k, (key, p)) in b.views.range(start..) {
-                if !k.starts_with(prefix) {
-                    break;
-                }
+            for (key, p) in b.range(prefix, from) {
                 add(key.clone(), p);
             }
         }
