@@ -52,22 +52,49 @@ impl Ids {
     }
 }
 
-/// The prefix of the encoded keys of the item audiences of `basis`.
-fn audience_prefix(basis: Basis) -> Vec<u8> {
-    ViewKey::ItemUsers {
-        basis,
-        item: Name::default(),
-    }
-    .encode()
+/// The two kinds of names, numbered apart.
+#[derive(Clone, Copy)]
+enum Kind {
+    Item = 0,
+    User = 1,
 }
 
-/// The prefix of the encoded keys of the user histories of `basis`.
-fn history_prefix(basis: Basis) -> Vec<u8> {
-    ViewKey::UserItems {
-        basis,
-        user: Name::default(),
+/// The two views counted over: an item's audience (users) and a user's history (items).
+#[derive(Clone, Copy)]
+enum Side {
+    Audience = 0,
+    History = 1,
+}
+
+const SIDES: [Side; 2] = [Side::Audience, Side::History];
+
+impl Side {
+    /// What a list of this side belongs to, and what it holds.
+    fn kinds(self) -> (Kind, Kind) {
+        match self {
+            Side::Audience => (Kind::Item, Kind::User),
+            Side::History => (Kind::User, Kind::Item),
+        }
     }
-    .encode()
+
+    /// The prefix of the encoded keys of this side's view of `basis`.
+    fn prefix(self, basis: Basis) -> Vec<u8> {
+        let name = Name::default();
+        match self {
+            Side::Audience => ViewKey::ItemUsers { basis, item: name },
+            Side::History => ViewKey::UserItems { basis, user: name },
+        }
+        .encode()
+    }
+}
+
+/// The owner and members of an audience or history entry.
+fn entry<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, Vec<&'a Name>)> {
+    match (key, p) {
+        (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) => Some((item, s.0.iter().collect())),
+        (ViewKey::UserItems { user, .. }, Partial::Recent(r)) => Some((user, r.0.keys().collect())),
+        _ => None,
+    }
 }
 
 /// The list numbered `at`, made if there is none yet.
@@ -79,56 +106,48 @@ fn list_at(lists: &mut Vec<Vec<u32>>, at: u32) -> &mut Vec<u32> {
     &mut lists[at]
 }
 
-/// One basis's item audiences and user histories in a batch version, by number: users and items
+/// One basis's item audiences and user histories in a batch version, by number: items and users
 /// are numbered from 0, each list sorted.
 #[derive(Default)]
 pub struct CoIndex {
-    items: Ids,
-    users: Ids,
-    /// By item: the users of its audience.
-    audience: Vec<Vec<u32>>,
-    /// By user: the items of its history.
-    history: Vec<Vec<u32>>,
+    /// By [`Kind`].
+    ids: [Ids; 2],
+    /// By [`Side`], then by the owner's number.
+    lists: [Vec<Vec<u32>>; 2],
 }
 
 impl CoIndex {
-    /// Indexes the audiences and histories of `basis` among a version's views (sorted by encoded
-    /// key, so each view is one range).
+    /// Indexes the audiences and histories of `basis` in a batch version.
     pub fn build(batch: &LoadedBatch, basis: Basis) -> Self {
-        let each = |prefix: Vec<u8>, f: &mut dyn FnMut(&ViewKey, &Partial)| {
-            batch.range(&prefix, None).for_each(|(key, p)| f(key, p));
-        };
         let mut ix = CoIndex::default();
-        each(audience_prefix(basis), &mut |key, p| {
-            if let (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) = (key, p) {
-                let item = ix.items.intern(item, 0);
-                let users: Vec<u32> = s.0.iter().map(|u| ix.users.intern(u, 0)).collect();
-                list_at(&mut ix.audience, item).extend(users);
+        for side in SIDES {
+            let (owner, member) = side.kinds();
+            for (key, p) in batch.range(&side.prefix(basis), None) {
+                let Some((name, members)) = entry(key, p) else {
+                    continue;
+                };
+                let at = ix.ids[owner as usize].intern(name, 0);
+                let ids = &mut ix.ids[member as usize];
+                let members: Vec<u32> = members.into_iter().map(|m| ids.intern(m, 0)).collect();
+                list_at(&mut ix.lists[side as usize], at).extend(members);
             }
-        });
-        each(history_prefix(basis), &mut |key, p| {
-            if let (ViewKey::UserItems { user, .. }, Partial::Recent(r)) = (key, p) {
-                let user = ix.users.intern(user, 0);
-                let items: Vec<u32> = r.0.keys().map(|i| ix.items.intern(i, 0)).collect();
-                list_at(&mut ix.history, user).extend(items);
+        }
+        for side in SIDES {
+            let owners = ix.ids[side.kinds().0 as usize].names.len();
+            let lists = &mut ix.lists[side as usize];
+            lists.resize(owners, Vec::new());
+            for list in lists {
+                list.sort_unstable();
+                list.dedup();
+                list.shrink_to_fit();
             }
-        });
-        ix.audience.resize(ix.items.names.len(), Vec::new());
-        ix.history.resize(ix.users.names.len(), Vec::new());
-        for list in ix.audience.iter_mut().chain(ix.history.iter_mut()) {
-            list.sort_unstable();
-            list.dedup();
-            list.shrink_to_fit();
         }
         ix
     }
 
-    fn audience_of(&self, item: u32) -> &[u32] {
-        self.audience.get(item as usize).map_or(&[], Vec::as_slice)
-    }
-
-    fn history_of(&self, user: u32) -> &[u32] {
-        self.history.get(user as usize).map_or(&[], Vec::as_slice)
+    fn list(&self, side: Side, of: u32) -> &[u32] {
+        let lists = &self.lists[side as usize];
+        lists.get(of as usize).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -139,10 +158,10 @@ impl CoIndex {
 /// they stay the same; the block being written is then a layer over it, read for each state.
 #[derive(Default)]
 pub struct Overlay {
-    items: Ids,
-    users: Ids,
-    audience: FastMap<u32, Vec<u32>>,
-    history: FastMap<u32, Vec<u32>>,
+    /// By [`Kind`].
+    ids: [Ids; 2],
+    /// By [`Side`]: what each owner's list gains.
+    added: [FastMap<u32, Vec<u32>>; 2],
 }
 
 impl Overlay {
@@ -153,44 +172,42 @@ impl Overlay {
         basis: Basis,
         mut scan: impl FnMut(&[u8], &mut dyn FnMut(ViewKey, Partial)) -> Result<(), ApiError>,
     ) -> Result<Self, ApiError> {
-        let (first_item, first_user) = (under.items(), under.users());
+        let first = [under.count(Kind::Item), under.count(Kind::User)];
         let mut o = Overlay::default();
-        scan(&audience_prefix(basis), &mut |key, p| {
-            if let (ViewKey::ItemUsers { item, .. }, Partial::Set(s)) = (key, p) {
-                let item = under
-                    .item_id(&item)
-                    .unwrap_or_else(|| o.items.intern(&item, first_item));
-                for u in &s.0 {
-                    let user = under
-                        .user_id(u)
-                        .unwrap_or_else(|| o.users.intern(u, first_user));
-                    if !under.lists_hold(|l| &l.audience, under.index.audience_of(item), item, user)
-                    {
-                        o.audience.entry(item).or_default().push(user);
-                    }
-                }
-            }
-        })?;
-        scan(&history_prefix(basis), &mut |key, p| {
-            if let (ViewKey::UserItems { user, .. }, Partial::Recent(r)) = (key, p) {
-                let user = under
-                    .user_id(&user)
-                    .unwrap_or_else(|| o.users.intern(&user, first_user));
-                for i in r.0.keys() {
-                    let item = under
-                        .item_id(i)
-                        .unwrap_or_else(|| o.items.intern(i, first_item));
-                    if !under.lists_hold(|l| &l.history, under.index.history_of(user), user, item) {
-                        o.history.entry(user).or_default().push(item);
-                    }
-                }
-            }
-        })?;
-        for list in o.audience.values_mut().chain(o.history.values_mut()) {
+        for side in SIDES {
+            let (owner, member) = side.kinds();
+            scan(&side.prefix(basis), &mut |key, p| {
+                let Some((name, members)) = entry(&key, &p) else {
+                    return;
+                };
+                let mut number = |kind: Kind, name: &Name| {
+                    under
+                        .id(kind, name)
+                        .unwrap_or_else(|| o.ids[kind as usize].intern(name, first[kind as usize]))
+                };
+                let at = number(owner, name);
+                let lacking: Vec<u32> = members
+                    .into_iter()
+                    .map(|m| number(member, m))
+                    .filter(|&m| !under.holds(side, at, m))
+                    .collect();
+                o.added[side as usize]
+                    .entry(at)
+                    .or_default()
+                    .extend(lacking);
+            })?;
+        }
+        for list in o.added.iter_mut().flat_map(|a| a.values_mut()) {
             list.sort_unstable();
             list.dedup();
         }
         Ok(o)
+    }
+
+    fn added(&self, side: Side, of: u32) -> &[u32] {
+        self.added[side as usize]
+            .get(&of)
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -201,34 +218,27 @@ pub struct Merged<'a> {
     pub layers: Vec<&'a Overlay>,
 }
 
-fn added(map: &FastMap<u32, Vec<u32>>, id: u32) -> &[u32] {
-    map.get(&id).map_or(&[], Vec::as_slice)
-}
-
 impl Merged<'_> {
-    /// The number of a name in the index's `own` numbering or one of the layers' (`of`).
-    fn id<'a>(
-        &'a self,
-        own: &'a Ids,
-        of: impl Fn(&'a Overlay) -> &'a Ids,
-        name: &str,
-    ) -> Option<u32> {
-        own.get(name)
-            .or_else(|| self.layers.iter().find_map(|l| of(l).get(name)))
+    /// The number of a name of `kind`, in the index's numbering or one of the layers'.
+    fn id(&self, kind: Kind, name: &str) -> Option<u32> {
+        let k = kind as usize;
+        self.index.ids[k]
+            .get(name)
+            .or_else(|| self.layers.iter().find_map(|l| l.ids[k].get(name)))
     }
 
-    fn item_id(&self, name: &str) -> Option<u32> {
-        self.id(&self.index.items, |l| &l.items, name)
-    }
-
-    fn user_id(&self, name: &str) -> Option<u32> {
-        self.id(&self.index.users, |l| &l.users, name)
+    /// How many names of `kind` are numbered.
+    fn count(&self, kind: Kind) -> usize {
+        let k = kind as usize;
+        let layers: usize = self.layers.iter().map(|l| l.ids[k].names.len()).sum();
+        self.index.ids[k].names.len() + layers
     }
 
     fn item_name(&self, id: u32) -> Option<&Name> {
+        let k = Kind::Item as usize;
         let mut at = id as usize;
-        for names in std::iter::once(&self.index.items.names)
-            .chain(self.layers.iter().map(|l| &l.items.names))
+        for names in std::iter::once(&self.index.ids[k].names)
+            .chain(self.layers.iter().map(|l| &l.ids[k].names))
         {
             match names.get(at) {
                 Some(name) => return Some(name),
@@ -238,62 +248,31 @@ impl Merged<'_> {
         None
     }
 
-    fn items(&self) -> usize {
-        let layers: usize = self.layers.iter().map(|l| l.items.names.len()).sum();
-        self.index.items.names.len() + layers
+    /// The merged list of one side: the index's, then what each layer adds.
+    fn list(&self, side: Side, of: u32) -> impl Iterator<Item = u32> + '_ {
+        let layers = self.layers.iter().flat_map(move |l| l.added(side, of));
+        self.index.list(side, of).iter().chain(layers).copied()
     }
 
-    fn users(&self) -> usize {
-        let layers: usize = self.layers.iter().map(|l| l.users.names.len()).sum();
-        self.index.users.names.len() + layers
+    fn holds(&self, side: Side, of: u32, member: u32) -> bool {
+        self.index.list(side, of).binary_search(&member).is_ok()
+            || (self.layers.iter()).any(|l| l.added(side, of).binary_search(&member).is_ok())
     }
 
-    /// Whether the list of `of` (the index's `own`, then each layer's in `lists`) holds `member`.
-    fn lists_hold(
-        &self,
-        lists: impl Fn(&Overlay) -> &FastMap<u32, Vec<u32>>,
-        own: &[u32],
-        of: u32,
-        member: u32,
-    ) -> bool {
-        own.binary_search(&member).is_ok()
-            || (self.layers.iter()).any(|l| added(lists(l), of).binary_search(&member).is_ok())
-    }
-
-    fn audience(&self, item: u32) -> impl Iterator<Item = u32> + '_ {
-        let layers = self
-            .layers
-            .iter()
-            .flat_map(move |l| added(&l.audience, item));
-        self.index.audience_of(item).iter().chain(layers).copied()
-    }
-
-    fn history(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        let layers = self
-            .layers
-            .iter()
-            .flat_map(move |l| added(&l.history, user));
-        self.index.history_of(user).iter().chain(layers).copied()
-    }
-
-    fn audience_len(&self, item: u32) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| added(&l.audience, item).len())
-            .sum();
-        self.index.audience_of(item).len() + layers
+    fn len(&self, side: Side, of: u32) -> usize {
+        let layers: usize = self.layers.iter().map(|l| l.added(side, of).len()).sum();
+        self.index.list(side, of).len() + layers
     }
 
     /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
     pub fn rows(&self, item: &str) -> Option<Vec<CoRow>> {
-        let seed = self.item_id(item)?;
-        let mut counts = vec![0u32; self.items()];
+        let seed = self.id(Kind::Item, item)?;
+        let mut counts = vec![0u32; self.count(Kind::Item)];
         let mut seen: Vec<u32> = Vec::new();
         let mut n_a = 0u64;
-        for user in self.audience(seed) {
+        for user in self.list(Side::Audience, seed) {
             n_a += 1;
-            for other in self.history(user) {
+            for other in self.list(Side::History, user) {
                 if other == seed {
                     continue;
                 }
@@ -311,7 +290,7 @@ impl Merged<'_> {
             .into_iter()
             .filter_map(|other| {
                 let co = u64::from(counts[other as usize]);
-                let users = (self.audience_len(other) as u64).max(1);
+                let users = (self.len(Side::Audience, other) as u64).max(1);
                 Some(CoRow {
                     item: self.item_name(other)?.clone(),
                     score: co as f64 / (n_a as f64 * users as f64).sqrt(),
