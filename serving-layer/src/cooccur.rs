@@ -28,6 +28,13 @@ pub struct CoRow {
     pub users: u64,
 }
 
+/// An item's audience size and its co-occurrence rows, best first.
+pub struct CoRows {
+    /// Users whose history holds the item.
+    pub users: u64,
+    pub rows: Vec<CoRow>,
+}
+
 /// Names given numbers in order of first sight.
 #[derive(Default)]
 struct Ids {
@@ -265,7 +272,7 @@ impl Merged<'_> {
     }
 
     /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
-    pub fn rows(&self, item: &str) -> Option<Vec<CoRow>> {
+    pub fn rows(&self, item: &str) -> Option<CoRows> {
         let seed = self.id(Kind::Item, item)?;
         let mut counts = vec![0u32; self.count(Kind::Item)];
         let mut seen: Vec<u32> = Vec::new();
@@ -305,6 +312,6 @@ impl Merged<'_> {
                 .then_with(|| b.co.cmp(&a.co))
                 .then_with(|| a.item.cmp(&b.item))
         });
-        Some(rows)
+        Some(CoRows { users: n_a, rows })
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
-use crate::cooccur::{CoIndex, CoRow, Merged, Overlay};
+use crate::cooccur::{CoIndex, CoRows, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{basis_slot, Merge, PerState, ServingState};
@@ -62,7 +62,7 @@ pub const FINISHED_LAYERS: usize = 8;
 #[derive(Default)]
 struct CoKept {
     rows: usize,
-    by_item: FastMap<(Basis, Name), Option<Arc<Vec<CoRow>>>>,
+    by_item: FastMap<(Basis, Name), Option<Arc<CoRows>>>,
     /// Per basis: the finished blocks' layers and the last blocks' layer over them.
     layers: [Option<Arc<Layers>>; 2],
 }
@@ -83,7 +83,7 @@ impl CoMemo {
         m: &Merge<'_>,
         basis: Basis,
         item: &str,
-    ) -> Result<Option<Arc<Vec<CoRow>>>, ApiError> {
+    ) -> Result<Option<Arc<CoRows>>, ApiError> {
         let slot = basis_slot(basis);
         let index = m.co_index(basis);
         let Some(at) = m.state_id else {
@@ -109,7 +109,7 @@ impl CoMemo {
             return Ok(rows);
         };
         kept.layers[slot].get_or_insert(layers);
-        let n = rows.as_ref().map_or(0, |r| r.len());
+        let n = rows.as_ref().map_or(0, |r| r.rows.len());
         if kept.rows + n <= self.max_rows && !kept.by_item.contains_key(&key) {
             kept.rows += n;
             kept.by_item.insert(key, rows.clone());
@@ -191,7 +191,7 @@ fn blocks_since(before: &[BlockRange], now: &[BlockRange]) -> Option<Vec<BlockRa
     )
 }
 
-fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<Vec<CoRow>>> {
+fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<CoRows>> {
     let layers = layers.iter().map(|l| &**l).collect();
     Merged { index, layers }.rows(item).map(Arc::new)
 }
@@ -210,15 +210,14 @@ pub fn for_item(
                 basis_name(basis)
             )));
         };
-        let items: Vec<Value> = rows
-            .iter()
+        let items: Vec<Value> = (rows.rows.iter())
             .take(limit)
             .map(|r| json!({"item": r.item, "score": r.score, "co_occurrences": r.co, "users": r.users}))
             .collect();
         Ok(json!({
             "item": item,
             "basis": basis_name(basis),
-            "users": m.set_len(&ViewKey::ItemUsers { basis, item: item.into() })?,
+            "users": rows.users,
             "items": items,
             "as_of": m.as_of,
         }))
@@ -271,7 +270,7 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let mut scores: BTreeMap<Name, (f64, Vec<Name>)> = BTreeMap::new();
         for (seed, _) in &recent {
             if let Some(rows) = state.co_rows.rows(m, Basis::View, seed)? {
-                for r in rows.iter() {
+                for r in &rows.rows {
                     if bought.contains_key(&r.item) {
                         continue;
                     }

@@ -302,27 +302,6 @@ impl Merge<'_> {
             .map_or_else(|| Arc::new(CoIndex::default()), |b| b.co_index(basis))
     }
 
-    /// The size of the merged set of one key (an item's audience), without copying the set.
-    pub fn set_len(&self, key: &ViewKey) -> Result<usize, ApiError> {
-        let batch = match self.batch.and_then(|b| b.views.get(&key.encode())) {
-            Some((_, Partial::Set(s))) => Some(&s.0),
-            _ => None,
-        };
-        let speed = match self.speed {
-            Some((db, reads)) => match reads.partial(db, &self.ranges, key)? {
-                Some(Partial::Set(s)) => Some(s.0),
-                _ => None,
-            },
-            None => None,
-        };
-        Ok(match (batch, speed) {
-            (Some(b), Some(s)) => b.len() + s.iter().filter(|u| !b.contains(*u)).count(),
-            (Some(b), None) => b.len(),
-            (None, Some(s)) => s.len(),
-            (None, None) => 0,
-        })
-    }
-
     /// The merged partials of every key whose encoding starts with `prefix` and is at or after
     /// `from` (a longer key inside the prefix), keeping those `keep` accepts.
     pub fn collect(
