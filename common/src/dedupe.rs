@@ -83,23 +83,17 @@ impl PartitionDeduper {
     /// Whether the event with this id and time counts. Call in offset order.
     pub fn admit(&mut self, id: &str, ts: Millis) -> bool {
         // One probe of the map: the id's entry is read, then updated in place if it counts.
-        let counted = match self.seen.entry(Name::from(id)) {
-            Entry::Occupied(mut e) => {
-                match self.rule.decide(&mut self.watermark, Some(*e.get()), ts) {
-                    Decision::Count { expiry } => {
-                        e.insert(expiry);
-                        true
-                    }
-                    Decision::Duplicate => false,
-                }
+        let entry = self.seen.entry(Name::from(id));
+        let remembered = match &entry {
+            Entry::Occupied(e) => Some(*e.get()),
+            Entry::Vacant(_) => None,
+        };
+        let counted = match self.rule.decide(&mut self.watermark, remembered, ts) {
+            Decision::Count { expiry } => {
+                entry.insert_entry(expiry);
+                true
             }
-            Entry::Vacant(e) => match self.rule.decide(&mut self.watermark, None, ts) {
-                Decision::Count { expiry } => {
-                    e.insert(expiry);
-                    true
-                }
-                Decision::Duplicate => false,
-            },
+            Decision::Duplicate => false,
         };
         if counted && self.seen.len() >= self.sweep_at {
             let w = self.watermark;
