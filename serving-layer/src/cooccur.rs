@@ -12,7 +12,7 @@
 //! [`strata_common::views::Recent`]), so the merged audience or history is the batch's list plus
 //! the overlay's additions, and the rows equal those counted from the merged partials.
 
-use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
+use strata_common::views::{at_id, Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::state::LoadedBatch;
@@ -104,15 +104,6 @@ fn entry<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, Vec<&'a Name
     }
 }
 
-/// The list numbered `at`, made if there is none yet.
-fn list_at(lists: &mut Vec<Vec<u32>>, at: u32) -> &mut Vec<u32> {
-    let at = at as usize;
-    if lists.len() <= at {
-        lists.resize(at + 1, Vec::new());
-    }
-    &mut lists[at]
-}
-
 /// One basis's item audiences and user histories in a batch version, by number: items and users
 /// are numbered from 0, each list sorted.
 #[derive(Default)]
@@ -136,7 +127,7 @@ impl CoIndex {
                 let at = ix.ids[owner as usize].intern(name, 0);
                 let ids = &mut ix.ids[member as usize];
                 let members: Vec<u32> = members.into_iter().map(|m| ids.intern(m, 0)).collect();
-                list_at(&mut ix.lists[side as usize], at).extend(members);
+                at_id(&mut ix.lists[side as usize], at).extend(members);
             }
         }
         for side in SIDES {

@@ -15,7 +15,7 @@ use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 use crate::cooccur::{CoIndex, CoRows, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
-use crate::state::{basis_slot, Merge, PerState, ServingState};
+use crate::state::{Merge, PerState, ServingState};
 use strata_common::handoff::BlockRange;
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
@@ -84,7 +84,7 @@ impl CoMemo {
         basis: Basis,
         item: &str,
     ) -> Result<Option<Arc<CoRows>>, ApiError> {
-        let slot = basis_slot(basis);
+        let slot = basis.index();
         let index = m.co_index(basis);
         let Some(at) = m.state_id else {
             let layers = self.layers(m, &index, basis)?;
@@ -125,7 +125,7 @@ impl CoMemo {
         index: &CoIndex,
         basis: Basis,
     ) -> Result<Arc<Layers>, ApiError> {
-        let slot = basis_slot(basis);
+        let slot = basis.index();
         let (done, open) = m.speed_blocks();
         let version = m.batch().map(|b| b.manifest.version);
         let kept = {

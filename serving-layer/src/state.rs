@@ -76,14 +76,6 @@ pub fn with_merged<V: Clone, T>(
     }
 }
 
-/// Where a per-basis value is kept.
-pub fn basis_slot(basis: Basis) -> usize {
-    match basis {
-        Basis::View => 0,
-        Basis::Purchase => 1,
-    }
-}
-
 /// How many windows' totals a loaded version keeps (the least recently asked go first).
 const TOTALS_KEPT: usize = 8;
 
@@ -99,7 +91,7 @@ impl LoadedBatch {
 
     /// The version's audiences and histories of `basis` by number (see [`crate::cooccur`]).
     pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
-        self.co_index[basis_slot(basis)]
+        self.co_index[basis.index()]
             .get_or_init(|| Arc::new(CoIndex::build(self, basis)))
             .clone()
     }

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::{
-    contribute, hash64, register, Basis, DeviceStats, FastMap, Gran, Hll, ItemStats, Monoid, Name,
-    Partial, Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
+    at_id, contribute, hash64, register, Basis, DeviceStats, FastMap, Gran, Hll, ItemStats, Monoid,
+    Name, Partial, Recent, SeriesDelta, SeriesStats, Set, Sink, ViewKey,
 };
 use crate::event::Event;
 use crate::time::Millis;
@@ -269,23 +269,6 @@ fn gran_index(g: Gran) -> usize {
     }
 }
 
-fn basis_index(b: Basis) -> usize {
-    match b {
-        Basis::View => 0,
-        Basis::Purchase => 1,
-    }
-}
-
-const BASES: [Basis; 2] = [Basis::View, Basis::Purchase];
-
-fn slot<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
-    let i = id as usize;
-    if v.len() <= i {
-        v.resize_with(i + 1, T::default);
-    }
-    &mut v[i]
-}
-
 impl IdFold {
     pub fn new() -> Self {
         IdFold::default()
@@ -300,7 +283,7 @@ impl IdFold {
 impl Sink for IdFold {
     fn item(&mut self, item: &str, delta: &ItemStats) {
         let id = self.items.id(item);
-        slot(&mut self.item_totals, id)
+        at_id(&mut self.item_totals, id)
             .get_or_insert_with(ItemStats::default)
             .merge(delta);
     }
@@ -323,17 +306,17 @@ impl Sink for IdFold {
 
     fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
         let (u, i) = (self.users.id(user), self.items.id(item));
-        self.user_items[basis_index(basis)].push((u, i, ts), compact_seen);
+        self.user_items[basis.index()].push((u, i, ts), compact_seen);
     }
 
     fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
         let (u, i) = (self.users.id(user), self.items.id(item));
-        self.item_users[basis_index(basis)].push((i, u), compact_pairs);
+        self.item_users[basis.index()].push((i, u), compact_pairs);
     }
 
     fn device(&mut self, device: &str, delta: &DeviceStats) {
         let id = self.devices.id(device);
-        slot(&mut self.devices_stats, id)
+        at_id(&mut self.devices_stats, id)
             .get_or_insert_with(DeviceStats::default)
             .merge(delta);
     }
@@ -779,14 +762,14 @@ fn jobs(globals: Vec<Global>, names: &AllNames) -> Vec<Job> {
             ));
         }
     }
-    for (basis, parts) in BASES.into_iter().zip(user_items) {
+    for (basis, parts) in Basis::ALL.into_iter().zip(user_items) {
         let parts = Arc::new(parts);
         for lo in (0..n_users).step_by(LIST_CHUNK) {
             let hi = (lo + LIST_CHUNK).min(n_users);
             jobs.push(Job::UserItems(basis, parts.clone(), lo as u32, hi as u32));
         }
     }
-    for (basis, parts) in BASES.into_iter().zip(item_users) {
+    for (basis, parts) in Basis::ALL.into_iter().zip(item_users) {
         let parts = Arc::new(parts);
         for lo in (0..n_items).step_by(LIST_CHUNK) {
             let hi = (lo + LIST_CHUNK).min(n_items);

@@ -68,6 +68,17 @@ pub enum Basis {
 }
 
 impl Basis {
+    /// Every basis, in the order of [`Basis::index`].
+    pub const ALL: [Basis; 2] = [Basis::View, Basis::Purchase];
+
+    /// A number from 0, for what is kept per basis in arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Basis::View => 0,
+            Basis::Purchase => 1,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Basis> {
         match s {
             "view" => Some(Basis::View),

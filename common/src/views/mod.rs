@@ -5,7 +5,8 @@
 //! [`contributions`] is its keyed form, [`IdFold`] the batch layer's form keyed by ids. Partials of
 //! one key merge associatively and commutatively, with `Default` as the identity, so the batch
 //! layer's fold over all history, the speed layer's folds over offset blocks, and the serving
-//! layer's merge of the two are the same computation cut in different places. A [`ViewSet`] is the map monoid over those keys.
+//! layer's merge of the two are the same computation cut in different places. A [`ViewSet`] is
+//! the map monoid over those keys.
 //!
 //! | view | key | partial | answers |
 //! |---|---|---|---|
@@ -398,6 +399,16 @@ pub struct ViewSet {
 /// A hash map with a fast hasher that is still keyed at random per process (view keys come
 /// from event data, so a fixed hash could be attacked with colliding ids).
 pub type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// The element numbered `id` of a vector kept by dense ids, the vector grown with defaults to
+/// hold it.
+pub fn at_id<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
+    let i = id as usize;
+    if v.len() <= i {
+        v.resize_with(i + 1, T::default);
+    }
+    &mut v[i]
+}
 
 impl ViewSet {
     pub fn fold(&mut self, event: &Event) {
