@@ -12,7 +12,7 @@
 //! [`strata_common::views::Recent`]), so the merged audience or history is the batch's list plus
 //! the overlay's additions, and the rows equal those counted from the merged partials.
 
-use strata_common::views::{at_id, Basis, FastMap, Name, Partial, ViewKey};
+use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
 use crate::state::LoadedBatch;
@@ -33,30 +33,6 @@ pub struct CoRows {
     /// Users whose history holds the item.
     pub users: u64,
     pub rows: Vec<CoRow>,
-}
-
-/// Names given numbers in order of first sight.
-#[derive(Default)]
-struct Ids {
-    by_name: FastMap<Name, u32>,
-    names: Vec<Name>,
-}
-
-impl Ids {
-    fn get(&self, name: &str) -> Option<u32> {
-        self.by_name.get(name).copied()
-    }
-
-    /// The number of `name`, given the next one (from `first`) if it has none yet.
-    fn intern(&mut self, name: &Name, first: usize) -> u32 {
-        if let Some(&id) = self.by_name.get(name) {
-            return id;
-        }
-        let id = (first + self.names.len()) as u32;
-        self.by_name.insert(name.clone(), id);
-        self.names.push(name.clone());
-        id
-    }
 }
 
 /// The two kinds of names, numbered apart.
@@ -109,7 +85,7 @@ fn entry<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, Vec<&'a Name
 #[derive(Default)]
 pub struct CoIndex {
     /// By [`Kind`].
-    ids: [Ids; 2],
+    ids: [Interner; 2],
     /// By [`Side`], then by the owner's number.
     lists: [Vec<Vec<u32>>; 2],
 }
@@ -124,9 +100,9 @@ impl CoIndex {
                 let Some((name, members)) = entry(key, p) else {
                     continue;
                 };
-                let at = ix.ids[owner as usize].intern(name, 0);
+                let at = ix.ids[owner as usize].id(name);
                 let ids = &mut ix.ids[member as usize];
-                let members: Vec<u32> = members.into_iter().map(|m| ids.intern(m, 0)).collect();
+                let members: Vec<u32> = members.into_iter().map(|m| ids.id(m)).collect();
                 at_id(&mut ix.lists[side as usize], at).extend(members);
             }
         }
@@ -156,8 +132,9 @@ impl CoIndex {
 /// they stay the same; the block being written is then a layer over it, read for each state.
 #[derive(Default)]
 pub struct Overlay {
-    /// By [`Kind`].
-    ids: [Ids; 2],
+    /// By [`Kind`]: the names none of the layers under this one numbers, numbered from `first`.
+    ids: [Interner; 2],
+    first: [usize; 2],
     /// By [`Side`]: what each owner's list gains.
     added: [FastMap<u32, Vec<u32>>; 2],
 }
@@ -170,8 +147,10 @@ impl Overlay {
         basis: Basis,
         mut scan: impl FnMut(&[u8], &mut dyn FnMut(ViewKey, Partial)) -> Result<(), ApiError>,
     ) -> Result<Self, ApiError> {
-        let first = [under.count(Kind::Item), under.count(Kind::User)];
-        let mut o = Overlay::default();
+        let mut o = Overlay {
+            first: [under.count(Kind::Item), under.count(Kind::User)],
+            ..Overlay::default()
+        };
         for side in SIDES {
             let (owner, member) = side.kinds();
             scan(&side.prefix(basis), &mut |key, p| {
@@ -179,9 +158,10 @@ impl Overlay {
                     return;
                 };
                 let mut number = |kind: Kind, name: &Name| {
-                    under
-                        .id(kind, name)
-                        .unwrap_or_else(|| o.ids[kind as usize].intern(name, first[kind as usize]))
+                    under.id(kind, name).unwrap_or_else(|| {
+                        let k = kind as usize;
+                        (o.first[k] + o.ids[k].id(name) as usize) as u32
+                    })
                 };
                 let at = number(owner, name);
                 let lacking: Vec<u32> = members
@@ -220,9 +200,10 @@ impl Merged<'_> {
     /// The number of a name of `kind`, in the index's numbering or one of the layers'.
     fn id(&self, kind: Kind, name: &str) -> Option<u32> {
         let k = kind as usize;
-        self.index.ids[k]
-            .get(name)
-            .or_else(|| self.layers.iter().find_map(|l| l.ids[k].get(name)))
+        self.index.ids[k].get(name).or_else(|| {
+            (self.layers.iter())
+                .find_map(|l| Some((l.first[k] + l.ids[k].get(name)? as usize) as u32))
+        })
     }
 
     /// How many names of `kind` are numbered.

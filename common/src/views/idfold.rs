@@ -80,11 +80,12 @@ impl Slots {
     }
 }
 
-/// Names of one kind and their ids, in order of first sight.
+/// Names of one kind and their ids, from 0 in order of first sight.
 #[derive(Default)]
-struct Interner {
+pub struct Interner {
     ids: FastMap<Name, u32>,
-    names: Vec<Name>,
+    /// By id.
+    pub names: Vec<Name>,
     /// The name looked up last and its id: consecutive calls are mostly for the same name. A
     /// copy, so that checking it reads no memory the previous event may have pushed out of the
     /// cache.
@@ -92,7 +93,13 @@ struct Interner {
 }
 
 impl Interner {
-    fn id(&mut self, name: &str) -> u32 {
+    /// The id of `name`, if it has one.
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The id of `name`, the next one if it has none yet.
+    pub fn id(&mut self, name: &str) -> u32 {
         if let Some((n, id)) = &self.last {
             if n.as_str() == name {
                 return *id;
