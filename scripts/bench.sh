@@ -399,11 +399,12 @@ bench_serving() { # address pid (of the loaded `strata up`)
   [ "$users" -le 200000 ] || users=200000
   ids=$(curl -sf "http://$addr/v1/insights/top-items?limit=1000" | jq -r '.items[].item') ||
     die "cannot list the top items"
+  local seed='init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
   { echo "local ids = {"; printf '"%s",\n' $ids; echo "}"
-    echo 'init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
+    echo "$seed"
     echo 'request = function() return wrk.format(nil, "/v1/items/" .. ids[math.random(#ids)]) end'
   } >"$work/spread-items.lua"
-  { echo 'init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
+  { echo "$seed"
     echo "request = function() return wrk.format(nil, \"/v1/recommendations/users/u\" .. math.random(0, $((users - 1)))) end"
   } >"$work/spread-users.lua"
   local spec name path script
