@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing, runs the unit, property and golden tests, then each
-# end-to-end suite (strata/tests/e2e_*.rs) against a fresh Kafka-protocol broker on 127.0.0.1
-# (port STRATA_TEST_BROKER_PORT, default 19092), unless STRATA_TEST_BROKERS names one to use.
+# end-to-end suite (strata/tests/e2e_*.rs) against a fresh Apache Kafka broker on 127.0.0.1 started
+# by scripts/broker.sh (port STRATA_TEST_BROKER_PORT, default 19092), unless STRATA_TEST_BROKERS
+# names one to use.
 # Extra arguments run `cargo test --release --workspace ARGS` against one broker instead
 # (e.g. `scripts/test.sh --test e2e_up`).
 set -euo pipefail
@@ -21,25 +22,20 @@ stop_broker() {
 }
 trap stop_broker EXIT
 
-# A fresh broker for each end-to-end suite (tansu slows down as its SQLite file grows), unless
-# STRATA_TEST_BROKERS names one to use throughout.
-with_broker() {
-  if [ -n "${STRATA_TEST_BROKERS:-}" ]; then "$@"; return; fi
+# One fresh broker for the end-to-end suites (each suite uses topics of its own), unless
+# STRATA_TEST_BROKERS names one to use. e2e_broker and e2e_secure run brokers of their own.
+start_broker() {
+  [ -n "${STRATA_TEST_BROKERS:-}" ] && return
   broker_dir="$(mktemp -d -t strata-test-broker.XXXXXX)"
   STRATA_BROKER_PORT="$port" "$STRATA_ROOT/scripts/broker.sh" start "$broker_dir"
-  STRATA_TEST_BROKERS="127.0.0.1:$port" "$@"
-  local rc=$?
-  stop_broker
-  return $rc
+  export STRATA_TEST_BROKERS="127.0.0.1:$port"
 }
-
-# e2e_broker runs a broker of its own, to restart it.
-export STRATA_TANSU_BIN="$TANSU_BIN"
 export STRATA_NODE_MODULES="${STRATA_NODE_MODULES:-$STRATA_CACHE/tools/node/node_modules}"
 
 started=$(date +%s)
 if [ $# -gt 0 ]; then
-  with_broker cargo test --release --workspace "$@"
+  start_broker
+  cargo test --release --workspace "$@"
 else
   # Everything that needs no broker: every library crate's tests and the CLI's.
   cargo test --release --workspace --exclude strata
@@ -48,11 +44,12 @@ else
     name="$(basename "$suite" .rs)"
     case "$name" in e2e_*) ;; *) cargo test --release -p strata --test "$name" ;; esac
   done
-  # Then each end-to-end suite against its own broker.
+  # Then each end-to-end suite against the broker.
+  start_broker
   for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do
     name="$(basename "$suite" .rs)"
     log "end-to-end suite $name"
-    with_broker cargo test --release -p strata --test "$name"
+    cargo test --release -p strata --test "$name"
   done
 fi
 [ $# -gt 0 ] || "$STRATA_ROOT/scripts/bench.sh" --smoke >/dev/null  # the benchmark harness still runs

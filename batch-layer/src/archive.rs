@@ -52,7 +52,8 @@ pub fn run(
         Ok(resume.get(&p).copied())
     });
     let group = cfg.consumer_group("archive");
-    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
+    let instance = kafka::instance_id(&cfg.data_dir)?;
+    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, &instance, positions)?;
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
     let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);

@@ -55,7 +55,11 @@ impl BatchLayer {
                 kafka::high_watermarks(&probe, &self.cfg.kafka.topic)
             })?;
         tracing::info!(until = ?ends, "archiving up to the topic's current end");
-        archive::run(&self.cfg, self.status.clone(), Some(ends), shutdown.clone())?;
+        // A one-off run reads every partition itself: in the group it would share them with
+        // an archiver that is running continuously, and never reach the end of the others.
+        let mut cfg = self.cfg.clone();
+        cfg.kafka.assignment = kafka::Assignment::All;
+        archive::run(&cfg, self.status.clone(), Some(ends), shutdown.clone())?;
         if shutdown.is_cancelled() {
             return Err(Error::Dataset(
                 "stopped before the archive caught up".into(),

@@ -152,7 +152,7 @@ impl Default for KafkaConfig {
             topic: "events".into(),
             group: "strata".into(),
             partitions: 4,
-            assignment: crate::kafka::Assignment::All,
+            assignment: crate::kafka::Assignment::Group,
             properties: BTreeMap::new(),
         }
     }
@@ -663,7 +663,7 @@ mod tests {
 data-dir = "/srv/strata"
 [kafka]
 brokers = "k1:9092,k2:9092"
-assignment = "group"
+assignment = "all"
 [kafka.properties]
 "security.protocol" = "SSL"
 [serve]
@@ -682,7 +682,7 @@ every-secs = 600
             ..Config::default()
         };
         want.kafka.brokers = "k1:9092,k2:9092".into();
-        want.kafka.assignment = crate::kafka::Assignment::Group;
+        want.kafka.assignment = crate::kafka::Assignment::All;
         want.kafka.properties = BTreeMap::from([("security.protocol".into(), "SSL".into())]);
         want.serve.max_limit = 250;
         want.serve.admin_key = Some("0123456789".into());
@@ -733,7 +733,7 @@ max-limit = 250
                 ("STRATA__SERVE__METRIC_BOUNDS__TEMP_C__MIN", "-30"),
                 ("STRATA__SERVE__METRIC_BOUNDS__PRESSURE__MIN", "900"),
                 ("STRATA__SERVE__METRIC_BOUNDS__PRESSURE__MAX", "1100.5"),
-                ("STRATA__KAFKA__ASSIGNMENT", "group"),
+                ("STRATA__KAFKA__ASSIGNMENT", "all"),
                 // Not ours: single-underscore variables are the flags' business.
                 ("STRATA_BROKERS", "ignored:1"),
                 ("STRATA_TEST_BROKERS", "ignored:2"),
@@ -773,7 +773,7 @@ max-limit = 250
                 max: 1100.5
             }
         );
-        assert_eq!(c.kafka.assignment, crate::kafka::Assignment::Group);
+        assert_eq!(c.kafka.assignment, crate::kafka::Assignment::All);
         // Values are checked afterwards, naming the key.
         let e = c.check().expect_err("negative horizon").to_string();
         assert!(e.contains("dedupe.horizon-secs"), "{e}");

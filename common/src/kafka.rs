@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -27,8 +27,17 @@ use crate::{Error, Result};
 
 /// The base client configuration: brokers plus the pass-through properties.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    client_config_with(cfg, &[])
+}
+
+/// The client configuration with Strata's `defaults` for one kind of client, under the
+/// pass-through properties: a property the user sets wins over Strata's choice.
+pub fn client_config_with(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
@@ -180,55 +189,95 @@ fn forward_error(error: &rdkafka::error::KafkaError, reason: &str) {
     tracing::warn!(target: "librdkafka", error = %error, "kafka client: {reason}");
 }
 
+impl ResumeContext {
+    /// Sets each partition of `tpl` to start at the layer's stored position; returns those that
+    /// can be consumed (a partition whose position cannot be read is left out and logged).
+    fn positioned(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut out = TopicPartitionList::new();
+        for elem in tpl.elements() {
+            let p = elem.partition();
+            let offset = match (self.positions)(p) {
+                Ok(Some(o)) => Offset::Offset(o),
+                Ok(None) => Offset::Beginning,
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "cannot read the stored position; not consuming this partition");
+                    continue;
+                }
+            };
+            if let Err(e) = out.add_partition_offset(elem.topic(), p, offset) {
+                tracing::error!(partition = p, error = %e, "cannot set the start offset");
+            }
+        }
+        out
+    }
+
+    fn set_assigned(&self, f: impl FnOnce(&mut Vec<Partition>)) {
+        if let Ok(mut a) = self.assigned.lock() {
+            f(&mut a);
+            a.sort_unstable();
+            a.dedup();
+        }
+    }
+}
+
 impl ConsumerContext for ResumeContext {
+    /// Partitions handed out by the group start at the layer's own stored positions. With the
+    /// cooperative protocol (the default, `cooperative-sticky`) a rebalance only adds or removes
+    /// the partitions that move; with the eager one every rebalance revokes and reassigns all.
     fn rebalance(
         &self,
         base_consumer: &BaseConsumer<Self>,
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<Partition> = tpl.elements().iter().map(|e| e.partition()).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let mut assigned = Vec::new();
-                for elem in tpl.elements() {
-                    assigned.push(elem.partition());
-                }
-                for &p in &assigned {
-                    let offset = match (self.positions)(p) {
-                        Ok(Some(o)) => Offset::Offset(o),
-                        Ok(None) => Offset::Beginning,
-                        Err(e) => {
-                            tracing::error!(partition = p, error = %e, "cannot read the stored position; not consuming this partition");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
-                        tracing::error!(partition = p, error = %e, "cannot set the start offset");
-                    }
-                }
-                tracing::info!(topic = %self.topic, partitions = ?assigned, "partitions assigned");
-                if let Err(e) = base_consumer.assign(tpl) {
+                let start = self.positioned(tpl);
+                let done = if cooperative {
+                    base_consumer.incremental_assign(&start)
+                } else {
+                    base_consumer.assign(&start)
+                };
+                if let Err(e) = done {
                     tracing::error!(error = %e, "assign failed");
                 }
-                if let Ok(mut a) = self.assigned.lock() {
-                    *a = assigned;
-                }
+                let taken: Vec<Partition> =
+                    start.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(topic = %self.topic, partitions = ?taken, "partitions assigned");
+                self.set_assigned(|a| {
+                    if !cooperative {
+                        a.clear();
+                    }
+                    a.extend(taken);
+                });
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(topic = %self.topic, "partitions revoked");
-                if let Err(e) = base_consumer.unassign() {
+                tracing::info!(topic = %self.topic, partitions = ?partitions, lost = base_consumer.assignment_lost(), "partitions revoked");
+                let done = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                if let Err(e) = done {
                     tracing::error!(error = %e, "unassign failed");
                 }
-                if let Ok(mut a) = self.assigned.lock() {
-                    a.clear();
-                }
+                self.set_assigned(|a| {
+                    if cooperative {
+                        a.retain(|p| !partitions.contains(p));
+                    } else {
+                        a.clear();
+                    }
+                });
             }
             other => {
                 tracing::warn!(error = ?other, "rebalance error; unassigning");
                 let _ = base_consumer.unassign();
-                if let Ok(mut a) = self.assigned.lock() {
-                    a.clear();
-                }
+                self.set_assigned(Vec::clear);
             }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -242,20 +291,36 @@ pub type ResumingConsumer = BaseConsumer<ResumeContext>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Assignment {
-    /// Assign every partition of the topic to this process directly (the default): no group
-    /// rebalance, so a restart resumes at once. The group is used only to publish offsets.
+    /// Join the consumer group and take the partitions it hands out (the default): several
+    /// processes can share a topic, and the broker moves the partitions of a member that died
+    /// once its session times out. A static member (`group.instance.id`, kept in the data
+    /// directory) that restarts takes its partitions back at once, without a rebalance.
     #[default]
-    All,
-    /// Join the consumer group and take the partitions it hands out (several processes
-    /// sharing a topic).
     Group,
+    /// Assign every partition of the topic to this process directly: no group membership, for
+    /// tools that want every partition. The group is used only to publish offsets.
+    All,
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "group" => Ok(Assignment::Group),
+            "all" => Ok(Assignment::All),
+            _ => Err(format!("{s:?} is neither \"group\" nor \"all\"")),
+        }
+    }
 }
 
 /// A consumer of `topic` that resumes every partition at the position `positions` gives, taking
-/// partitions as `assignment` says; `group` receives the committed offsets.
+/// partitions as `assignment` says; `group` receives the committed offsets. `instance` is the
+/// static group member id ([`instance_id`]), so that a restart of the same process (same data
+/// directory) takes its partitions back without waiting for the broker to expire it.
 pub fn resuming_consumer(
     cfg: &KafkaConfig,
     group: &str,
+    instance: &str,
     positions: Box<PositionFn>,
 ) -> Result<ResumingConsumer> {
     let ctx = ResumeContext {
@@ -264,23 +329,28 @@ pub fn resuming_consumer(
         assigned: Mutex::new(Vec::new()),
         generation: AtomicU64::new(0),
     };
-    let mut c = client_config(cfg);
-    c.set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "50")
-        .set("queued.min.messages", "200000")
-        // Prefetch keeps fetching while fewer than `queued.min.messages` wait, up to this many
-        // KiB of payloads (librdkafka's default is 64 MiB, plus its per-message bookkeeping:
-        // about 107 MiB in a heap profile of the speed layer). 16 MiB is two seconds of
-        // consumption at 50,000 events/s of 160 bytes.
-        .set("queued.max.messages.kbytes", "16384");
-    for (k, v) in &cfg.properties {
-        c.set(k, v);
-    }
+    let c = client_config_with(
+        cfg,
+        &[
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // Partitions stay where their state is: a rebalance moves only those that must
+            // move, and the others are consumed throughout (docs/decisions/0007-apache-kafka.md).
+            ("partition.assignment.strategy", "cooperative-sticky"),
+            ("group.instance.id", instance),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+            ("fetch.wait.max.ms", "50"),
+            ("queued.min.messages", "200000"),
+            // Prefetch keeps fetching while fewer than `queued.min.messages` wait, up to this
+            // many KiB of payloads (librdkafka's default is 64 MiB, plus its per-message
+            // bookkeeping: about 107 MiB in a heap profile of the speed layer). 16 MiB is two
+            // seconds of consumption at 50,000 events/s of 160 bytes.
+            ("queued.max.messages.kbytes", "16384"),
+        ],
+    );
     let consumer: ResumingConsumer = c
         .create_with_context(ctx)
         .map_err(|e| Error::kafka("create consumer", e))?;
@@ -295,6 +365,46 @@ pub fn resuming_consumer(
         }
     }
     Ok(consumer)
+}
+
+/// The static group member id of the layers using `data_dir`: created once, at random, and kept
+/// in `<data_dir>/instance-id`, so it is the same across restarts and different for every data
+/// directory (two hosts never share one).
+pub fn instance_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
+    let id = format!("strata-{:016x}", rand_u64());
+    let tmp = data_dir.join(format!(".instance-id.{}", std::process::id()));
+    std::fs::write(&tmp, &id).map_err(|e| Error::io(&tmp, e))?;
+    // Linked, never replaced: when two layers start at once, the first link stands for both.
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(Error::io(&path, e)),
+        _ => {}
+    }
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| Error::io(&path, e))
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Assigns every partition of the topic at the layer's stored positions.
@@ -432,10 +542,15 @@ pub mod dlq_header {
 
 impl DeadLetters {
     pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
-        let producer = client_config(cfg)
-            .set("linger.ms", "5")
-            .set("message.max.bytes", "10000000")
-            .create_with_context(DeliveryTracker::default())
+        let producer = client_config_with(
+            cfg,
+            &[
+                ("linger.ms", "5"),
+                ("message.max.bytes", "10000000"),
+                ("enable.idempotence", "true"),
+            ],
+        )
+        .create_with_context(DeliveryTracker::default())
             .map_err(|e| Error::kafka("create dead-letter producer", e))?;
         Ok(DeadLetters {
             producer,

@@ -49,7 +49,8 @@ impl SpeedLayer {
             Ok(v.and_then(|b| speed_store::decode_i64(&b)))
         });
         let group = self.cfg.consumer_group("speed");
-        let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, positions)?;
+        let instance = kafka::instance_id(&self.cfg.data_dir)?;
+        let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, &instance, positions)?;
         let mut dlq = DeadLetters::new(&self.cfg.kafka, self.cfg.dlq_topic())?;
         let rule = self.cfg.dedupe_rule();
         let topic = self.cfg.kafka.topic.clone();

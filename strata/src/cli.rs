@@ -132,11 +132,11 @@ pub struct CommonArgs {
     /// Partitions for topics Strata creates [key: kafka.partitions, default: 4].
     #[arg(long)]
     pub partitions: Option<i32>,
-    /// `all`: this process consumes every partition, resuming at once after a restart; `group`:
-    /// partitions come from the consumer group (several processes sharing the topic) [key:
-    /// kafka.assignment, default: all].
-    #[arg(long, value_parser = ["all", "group"])]
-    pub assignment: Option<String>,
+    /// `group`: partitions come from the consumer group (several processes can share the
+    /// topic; a restart takes its partitions back at once as the same static member); `all`:
+    /// this process consumes every partition itself [key: kafka.assignment, default: group].
+    #[arg(long, value_parser = |s: &str| s.parse::<strata_common::kafka::Assignment>())]
+    pub assignment: Option<strata_common::kafka::Assignment>,
     /// Where all state lives; layers run as separate processes share it [key: data-dir, default:
     /// .data/strata].
     #[arg(long, env = "STRATA_DATA_DIR")]
@@ -229,12 +229,8 @@ impl CommonArgs {
         if let Some(v) = self.partitions {
             c.kafka.partitions = v;
         }
-        if let Some(v) = &self.assignment {
-            c.kafka.assignment = if v == "group" {
-                strata_common::kafka::Assignment::Group
-            } else {
-                strata_common::kafka::Assignment::All
-            };
+        if let Some(v) = self.assignment {
+            c.kafka.assignment = v;
         }
         c.kafka.properties.extend(self.kafka.iter().cloned());
         if let Some(v) = &self.http {

@@ -47,12 +47,19 @@ pub async fn run(cfg: &Config, args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn produce(cfg: &Config, gen_cfg: GenConfig, rate: u64) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<DefaultProducerContext> = kafka::client_config(&cfg.kafka)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
-        .set("compression.type", "none")
-        .create()
+    // Idempotent, so that a batch sent again after a broker restart is written once; any
+    // property given with --kafka (compression.type=zstd, ...) wins over these.
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::client_config_with(
+        &cfg.kafka,
+        &[
+            ("linger.ms", "20"),
+            ("batch.num.messages", "10000"),
+            ("queue.buffering.max.messages", "500000"),
+            ("compression.type", "none"),
+            ("enable.idempotence", "true"),
+        ],
+    )
+    .create()
         .context("creating the producer")?;
     let count = gen_cfg.count;
     let mut progress = Progress::new("generate", Some(count));

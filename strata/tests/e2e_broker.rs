@@ -1,112 +1,21 @@
-//! The broker restarts mid-stream. This suite runs a broker of its own (tansu, SQLite storage, on
-//! a free port) so it can stop and start it: while it is down the layers keep running, the serving
+//! The broker restarts mid-stream. This suite runs a broker of its own (Apache Kafka through
+//! `scripts/broker.sh`, on a free port) so it can stop and start it: while it is down the layers keep running, the serving
 //! layer keeps answering from the state it holds and reports the outage in `/v1/status` and
 //! `/readyz`; once it is back everything catches up, and every answer, and `strata verify`, agree
 //! with the ground truth.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_common::time::now_millis;
 use support::*;
 
-/// A tansu broker owned by the test, restartable on the same port and data.
-struct Broker {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn bin() -> PathBuf {
-        std::env::var_os("STRATA_TANSU_BIN")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".cache/strata/tools/bin/tansu"))
-            })
-            .expect("STRATA_TANSU_BIN or HOME")
-    }
-
-    fn start(dir: &Path, port: u16) -> Broker {
-        let mut b = Broker {
-            dir: dir.to_path_buf(),
-            port,
-            child: None,
-        };
-        b.restart();
-        b
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        std::fs::create_dir_all(&self.dir).expect("broker dir");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("broker.log"))
-            .expect("broker log");
-        let url = format!("tcp://{}", self.addr());
-        let child = Command::new(Self::bin())
-            .current_dir(&self.dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("start tansu ({}): {e}", Self::bin().display()));
-        self.child = Some(child);
-        wait_for("the broker to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(self.addr()).ok()
-        });
-    }
-
-    /// SIGTERM, as an operator restarting the broker would.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = Broker::start(&dir.path().join("broker"), free_port());
+    let mut broker = Broker::start(&dir.path().join("broker"), &[]);
     let topic = unique_topic("e2e-broker");
     let addr = format!("127.0.0.1:{}", free_port());
     let data_dir = dir.path().join("data");

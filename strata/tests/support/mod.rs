@@ -877,3 +877,79 @@ pub fn dead_letters(topic: &str, expected: u64) -> (BTreeSet<String>, BTreeMap<S
     }
     (sources, codes)
 }
+
+/// An Apache Kafka broker owned by one test, run through `scripts/broker.sh` (the same script
+/// that runs the local broker for users) on a free port, restartable on the same data.
+pub struct Broker {
+    pub dir: PathBuf,
+    pub port: u16,
+    env: Vec<(String, String)>,
+    running: bool,
+}
+
+impl Broker {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
+    }
+
+    /// Starts a broker with its data in `dir`; `env` adds settings of `scripts/broker.sh`
+    /// (`STRATA_BROKER_PROPERTIES`, `STRATA_BROKER_SCRAM`, ...).
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Broker {
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running: false,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn run(&self, cmd: &str) -> std::process::Output {
+        let out = Command::new("bash")
+            .arg(Self::script())
+            .args([cmd, self.dir.to_str().expect("utf-8 path")])
+            .env("STRATA_BROKER_PORT", self.port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run scripts/broker.sh");
+        assert!(
+            out.status.success(),
+            "scripts/broker.sh {cmd} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Starts it again on the same port and data, and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.run("start");
+        self.running = true;
+    }
+
+    /// A clean stop (SIGTERM and a controlled shutdown), as an operator restarting it would.
+    pub fn stop(&mut self) {
+        self.run("stop");
+        self.running = false;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = Command::new("bash")
+                .arg(Self::script())
+                .args(["stop", self.dir.to_str().unwrap_or_default()])
+                .env("STRATA_BROKER_PORT", self.port.to_string())
+                .output();
+        }
+    }
+}
