@@ -74,8 +74,28 @@ pub fn run(
         })
     };
 
+    let mut last_position_check = Instant::now();
     while !shutdown.is_cancelled() && !done(&next, &open) {
-        if let Some(result) = consumer.poll(Duration::from_millis(50)) {
+        let polled = consumer.poll(Duration::from_millis(50));
+        // Nothing to hand out: records passed over (transaction markers, aborted records) are
+        // covered by the open segment's range, so the archive reaches the partition's end.
+        if polled.is_none() && last_position_check.elapsed() >= Duration::from_millis(100) {
+            last_position_check = Instant::now();
+            for (p, position) in kafka::positions(&consumer, &topic) {
+                let expected = next.get(&p).copied().unwrap_or(0);
+                if position > expected {
+                    let seg = open.entry(p).or_insert_with(|| Open {
+                        start: expected,
+                        next: expected,
+                        events: Vec::new(),
+                        opened: Instant::now(),
+                    });
+                    seg.next = position;
+                    next.insert(p, position);
+                }
+            }
+        }
+        if let Some(result) = polled {
             match result {
                 Err(e) => {
                     tracing::warn!(error = %e, "archiver consume error; retrying");

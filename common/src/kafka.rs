@@ -444,6 +444,29 @@ fn assign_all(consumer: &ResumingConsumer, topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// The consumer's position in each assigned partition of `topic`: the offset after the last
+/// record it handed out, or after records it passed over without handing them out: the
+/// markers that commit or abort a transaction, and the records of aborted transactions (the
+/// consumers read committed records only, librdkafka's `isolation.level` default). A layer whose
+/// stored next offset is below the position moves it up to the position, so that its coverage
+/// reaches the partition's end even when the last record there is a marker.
+pub fn positions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Vec<(Partition, i64)> {
+    let Ok(tpl) = consumer.position() else {
+        return Vec::new();
+    };
+    tpl.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Commits `offsets` (next offsets to read) to the consumer group, without waiting. Only for
 /// lag visibility: positions come from the layer's own state.
 pub fn commit_for_lag<C: ConsumerContext>(
@@ -551,7 +574,7 @@ impl DeadLetters {
             ],
         )
         .create_with_context(DeliveryTracker::default())
-            .map_err(|e| Error::kafka("create dead-letter producer", e))?;
+        .map_err(|e| Error::kafka("create dead-letter producer", e))?;
         Ok(DeadLetters {
             producer,
             topic,

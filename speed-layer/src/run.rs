@@ -62,6 +62,7 @@ impl SpeedLayer {
         let mut last_flush = Instant::now();
         let mut last_drop_check = Instant::now() - Duration::from_secs(60);
         let mut last_sweep = Instant::now();
+        let mut last_position_check = Instant::now();
         let mut last_log = Instant::now();
         let mut consumed_since_log = 0u64;
         let mut errors_since_log = 0u64;
@@ -80,7 +81,19 @@ impl SpeedLayer {
             };
             let mut dry = false;
             match consumer.poll(wait) {
-                None => dry = true,
+                None => {
+                    dry = true;
+                    if last_position_check.elapsed() >= Duration::from_millis(100) {
+                        last_position_check = Instant::now();
+                        for (p, position) in kafka::positions(&consumer, &topic) {
+                            let part = self.state.part(p);
+                            if position > part.next_offset {
+                                part.next_offset = position;
+                                pending.touched.insert(p);
+                            }
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     if errors_since_log == 0 {
                         tracing::warn!(error = %e, "consume error; retrying");

@@ -60,7 +60,7 @@ fn produce(cfg: &Config, gen_cfg: GenConfig, rate: u64) -> anyhow::Result<()> {
         ],
     )
     .create()
-        .context("creating the producer")?;
+    .context("creating the producer")?;
     let count = gen_cfg.count;
     let mut progress = Progress::new("generate", Some(count));
     let started = Instant::now();
