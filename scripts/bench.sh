@@ -15,8 +15,9 @@
 #              hello-world server (`strata-bench hello`); each query once for one URL over and
 #              over (answered from the kept answers but once a second), then spread over the
 #              1,000 top items and over every generated user (mostly computed afresh)
-#   freshness  then, with the same `strata up`: R events/s (default 5,000; smoke 500) for S s
-#              (default 30; smoke 3), each for a new item; 1 in K (--fresh-sample, default 250;
+#   freshness  then, with the same `strata up`, for each rate R of a list (default
+#              5000,20000,50000; smoke 500): R events/s for S s (default 30; smoke 3), each for a
+#              new item; 1 in K (--fresh-sample, default 250;
 #              smoke 50) timed from produce to a 200 answer (polled every 5 ms, or a tenth of its
 #              age when longer), and to its arrival at a bare consumer reading the topic's end
 #   batch      `strata batch --once` archives the ingest topic into the master dataset (Parquet);
@@ -31,7 +32,11 @@
 #              events, B more (default 1,000,000; smoke 20,000) are produced, and the restarted
 #              layer is timed until its stored offsets reach the end
 #
-#   --only ingest,serving,freshness,batch,memory,recovery  run some parts only
+#   hostile    (fresh broker) H messages (default 200,000; smoke 20,000; --hostile-events), half
+#              of them malformed in every way the generator knows, read by `strata speed`: every
+#              malformed one in the DLQ, the rest counted exactly (the generator's own counts)
+#
+#   --only ingest,serving,freshness,batch,memory,recovery,hostile  run some parts only
 #   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
 #   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
 #
@@ -44,9 +49,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
-smoke=0 profile=0 only="ingest,serving,freshness,batch,memory,recovery"
+smoke=0 profile=0 only="ingest,serving,freshness,batch,memory,recovery,hostile"
 DUCKDB_VERSION="2.0.1"
-mem_events="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
+hostile_events="" mem_events="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
@@ -59,6 +64,7 @@ while [ $# -gt 0 ]; do
     --wrk-secs) wrk_secs="${2:?--wrk-secs needs a value}"; shift ;;
     --backlog) backlog="${2:?--backlog needs a value}"; shift ;;
     --memory-events) mem_events="${2:?--memory-events needs a value}"; shift ;;
+    --hostile-events) hostile_events="${2:?--hostile-events needs a value}"; shift ;;
     --only) only="${2:?--only needs a value}"; shift ;;
     --out) out="${2:?--out needs a value}"; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
@@ -69,13 +75,14 @@ done
 if [ "$smoke" = 1 ]; then
   : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${fresh_sample:=50}"
   : "${wrk_secs:=2}"
-  : "${backlog:=20000}" "${mem_events:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
+  : "${backlog:=20000}" "${mem_events:=20000}" "${hostile_events:=20000}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
 else
-  : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000}" "${fresh_secs:=30}" "${fresh_sample:=250}"
+  : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000,20000,50000}" "${fresh_secs:=30}" "${fresh_sample:=250}"
   : "${wrk_secs:=10}"
-  : "${backlog:=1000000}" "${mem_events:=4000000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
+  : "${backlog:=1000000}" "${mem_events:=4000000}" "${hostile_events:=200000}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
 fi
-for n in "$runs" "$events" "$fresh_rate" "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog" "$mem_events"; do
+fresh_rates="${fresh_rate//,/ }"
+for n in "$runs" "$events" $fresh_rates "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog" "$mem_events" "$hostile_events"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "$n is not a positive whole number"
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -104,8 +111,7 @@ broker_dir=""
 broker_port="${STRATA_BENCH_BROKER_PORT:-$("$BENCH" free-port | sed -n 's/^port=//p')}"
 BROKERS="127.0.0.1:$broker_port"
 ADMIN_KEY="bench-admin-key"
-# Strata's processes log at info (progress lines are read below); the broker keeps its own
-# default level (at info, tansu logs every SQL statement and slows down many times over).
+# Strata's processes log at info (progress lines are read below), whatever the caller's RUST_LOG.
 unset RUST_LOG
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -432,41 +438,47 @@ bench_serving() { # address pid (of the loaded `strata up`)
 }
 
 bench_freshness() { # address pid (of the loaded `strata up`)
-  local addr="$1" upid="$2"
+  local rate
+  for rate in $fresh_rates; do freshness_at "$1" "$2" "$rate"; done
+}
+
+freshness_at() { # address pid rate
+  local addr="$1" upid="$2" rate="$3" n="freshness.$3"
   settle "$upid" "strata up"
-  note_load freshness
+  note_load "freshness.$rate"
+  log "freshness at $rate events/s for $fresh_secs s"
   "$BENCH" freshness --brokers "$BROKERS" --topic "$INGEST_TOPIC" --url "http://$addr" \
-    --rate "$fresh_rate" --secs "$fresh_secs" --sample "$fresh_sample" --patience-secs 60 \
-    >"$work/freshness.txt" ||
+    --rate "$rate" --secs "$fresh_secs" --sample "$fresh_sample" --patience-secs 60 \
+    >"$work/freshness-$rate.txt" ||
     { tail -n 30 "$work/up.log" >&2; die "the freshness probe failed"; }
-  local f="$work/freshness.txt"
-  figure freshness.p50 "$(calc "$(val p50_ms "$f")" 1)" ms
-  figure freshness.p90 "$(calc "$(val p90_ms "$f")" 1)" ms
-  figure freshness.p99 "$(calc "$(val p99_ms "$f")" 1)" ms
-  figure freshness.max "$(calc "$(val max_ms "$f")" 1)" ms
-  figure freshness.rate_sent "$(calc "$(val rate_sent "$f")")" events/s
-  figure freshness.rate_acked "$(calc "$(val rate_acked "$f")")" events/s
-  figure freshness.raw_p50 "$(calc "$(val raw_p50_ms "$f")" 1)" ms
-  figure freshness.raw_p99 "$(calc "$(val raw_p99_ms "$f")" 1)" ms
-  figure freshness.p50_vs_raw "$(ratio "$(val p50_ms "$f")" "$(val raw_p50_ms "$f")")" ratio
-  figure freshness.p99_vs_raw "$(ratio "$(val p99_ms "$f")" "$(val raw_p99_ms "$f")")" ratio
-  figure freshness.ack_p50 "$(calc "$(val ack_p50_ms "$f")" 1)" ms
-  figure freshness.ack_p99 "$(calc "$(val ack_p99_ms "$f")" 1)" ms
-  figure freshness.probes "$(val probes "$f")" count
-  figure freshness.probe_requests "$(calc "$(val probe_requests_per_sec "$f")")" req/s
+  local f="$work/freshness-$rate.txt"
+  figure "$n.p50" "$(calc "$(val p50_ms "$f")" 1)" ms
+  figure "$n.p90" "$(calc "$(val p90_ms "$f")" 1)" ms
+  figure "$n.p99" "$(calc "$(val p99_ms "$f")" 1)" ms
+  figure "$n.max" "$(calc "$(val max_ms "$f")" 1)" ms
+  figure "$n.rate_sent" "$(calc "$(val rate_sent "$f")")" events/s
+  figure "$n.rate_acked" "$(calc "$(val rate_acked "$f")")" events/s
+  figure "$n.raw_p50" "$(calc "$(val raw_p50_ms "$f")" 1)" ms
+  figure "$n.raw_p99" "$(calc "$(val raw_p99_ms "$f")" 1)" ms
+  figure "$n.p50_vs_raw" "$(ratio "$(val p50_ms "$f")" "$(val raw_p50_ms "$f")")" ratio
+  figure "$n.p99_vs_raw" "$(ratio "$(val p99_ms "$f")" "$(val raw_p99_ms "$f")")" ratio
+  figure "$n.ack_p50" "$(calc "$(val ack_p50_ms "$f")" 1)" ms
+  figure "$n.ack_p99" "$(calc "$(val ack_p99_ms "$f")" 1)" ms
+  figure "$n.probes" "$(val probes "$f")" count
+  figure "$n.probe_requests" "$(calc "$(val probe_requests_per_sec "$f")")" req/s
   local timeouts failed
   timeouts=$(val timeouts "$f") failed=$(val failed_sends "$f")
-  figure freshness.timeouts "$timeouts" count
+  figure "$n.timeouts" "$timeouts" count
   if [ "$failed" = 0 ]; then
-    check freshness.sends ok "every event accepted by the producer"
+    check "$n.sends" ok "every event accepted by the producer"
   else
-    check freshness.sends fail "$failed sends failed"
+    check "$n.sends" fail "$failed sends failed"
   fi
   # Not visible within 60 s: a figure at full load; broken at the smoke run's trickle.
   if [ "$timeouts" = 0 ]; then
-    check freshness.visible ok "every one of $(val probes "$f") probes became visible"
+    check "$n.visible" ok "every one of $(val probes "$f") probes became visible"
   elif [ "$smoke" = 1 ]; then
-    check freshness.visible fail "$timeouts of $(val probes "$f") probes not visible after 60 s"
+    check "$n.visible" fail "$timeouts of $(val probes "$f") probes not visible after 60 s"
   else
     log "freshness: $timeouts of $(val probes "$f") probes not visible after 60 s"
   fi
@@ -606,6 +618,46 @@ bench_batch() {
   rm -rf "$dd"
 }
 
+# --- hostile ---------------------------------------------------------------------------------
+
+# `strata speed` over H messages, half of them malformed: the rejected count, the DLQ and the
+# accepted and duplicate counts all equal what the generator says it produced.
+bench_hostile() {
+  local topic="bench-hostile" dd="$work/hostile-data" spid t0 h="$work/hostile.txt"
+  log "producing $hostile_events messages to $topic, half of them malformed (seed 4)"
+  t0=$(now_ns)
+  RUST_LOG=info "$STRATA" generate --brokers "$BROKERS" --topic "$topic" --partitions 4 \
+    --count "$hostile_events" --seed 4 --malformed-rate 0.5 2>&1 | sed -u 's/^/  [generate] /' >&2
+  figure hostile.produce "$(calc "$hostile_events / (($(now_ns) - $t0) / 1e9)")" msgs/s
+  "$BENCH" gen-counts --seed 4 --count "$hostile_events" --malformed-rate 0.5 >"$work/hostile-truth.txt"
+  note_load hostile
+  start_serve hostile-serve "$topic" "$dd"
+  t0=$(now_ns)
+  spawn hostile-speed "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$dd"
+  spid=$last_pid
+  "$BENCH" watch --url "http://$serve_addr" --brokers "$BROKERS" --topic "$topic" \
+    --started-at-ns "$t0" --pid "$spid" --label "hostile" >"$h" ||
+    { tail -n 30 "$work/hostile-speed.log" >&2; die "speed failed on the hostile stream"; }
+  figure hostile.messages "$hostile_events" count
+  figure hostile.malformed "$(val malformed "$work/hostile-truth.txt")" count
+  figure hostile.rate "$(calc "$hostile_events / $(val secs "$h")")" msgs/s
+  "$BENCH" end-offsets --brokers "$BROKERS" --topic "$topic.dlq" >"$work/hostile-dlq.txt"
+  local want_rej want_acc want_dup rej acc dup dlq
+  want_rej=$(calc "$(val malformed "$work/hostile-truth.txt")")
+  want_acc=$(calc "$(val events "$work/hostile-truth.txt") + $(val copies "$work/hostile-truth.txt")")
+  want_dup=$(calc "$(val copies "$work/hostile-truth.txt")")
+  rej=$(calc "$(val rejected "$h")") acc=$(calc "$(val accepted "$h")") dup=$(calc "$(val duplicates "$h")")
+  dlq=$(calc "$(val total "$work/hostile-dlq.txt")")
+  if [ "$rej" = "$want_rej" ] && [ "$dlq" -ge "$want_rej" ] && [ "$acc" = "$want_acc" ] && [ "$dup" = "$want_dup" ]; then
+    check hostile.counts ok "rejected $rej, $dlq dead letters, accepted $acc, duplicates $dup: as generated"
+  else
+    check hostile.counts fail "rejected $rej (want $want_rej), $dlq dead letters, accepted $acc (want $want_acc), duplicates $dup (want $want_dup)"
+  fi
+  stop_pid "$spid"
+  stop_pid "$serve_pid"
+  rm -rf "$dd"
+}
+
 # --- memory ----------------------------------------------------------------------------------
 
 # `strata speed` over M events spread over 7 days of event time, so that nearly every event
@@ -652,6 +704,11 @@ if wants recovery; then
   bench_recovery
   stop_broker
 fi
+if wants hostile; then
+  start_broker hostile
+  bench_hostile
+  stop_broker
+fi
 
 "$BENCH" report --lines "$results" --out "$out" \
   --meta "mode=$mode" --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
@@ -661,7 +718,7 @@ fi
   --meta "load_at_start=$load_at_start" --meta "load_at_end=$(cut -d ' ' -f 1-3 /proc/loadavg)" \
   --meta "events=$events" --meta "runs=$runs" --meta "fresh_rate=$fresh_rate" \
   --meta "fresh_secs=$fresh_secs" --meta "fresh_sample=$fresh_sample" --meta "wrk_secs=$wrk_secs" --meta "backlog=$backlog" \
-  --meta "broker=tansu $TANSU_VERSION (SQLite)" --meta "wrk=$(wrk -v 2>&1 | head -n 1 || true)"
+  --meta "broker=Apache Kafka $KAFKA_VERSION (KRaft, one node, scripts/broker.sh)" --meta "wrk=$(wrk -v 2>&1 | head -n 1 || true)"
 log "results: $out"
 log "bench ($mode) finished in $(( $(date +%s) - started ))s"
 [ "$failed_checks" = 0 ] || die "$failed_checks correctness checks failed (see above)"

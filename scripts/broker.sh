@@ -10,7 +10,8 @@
 # (default 9092); the controller's is $STRATA_BROKER_CONTROLLER_PORT, else a free one chosen at the
 # first start and kept in DATA_DIR. Optional, read at every start:
 #   STRATA_BROKER_PROPERTIES  a file of broker properties added last (they win): more listeners,
-#                             TLS, SASL, ...
+#                             TLS, SASL, ...; @PORT@ and @CONTROLLER_PORT@ in it stand for the two
+#                             ports above (a `listeners=` line must repeat PLAINTEXT and CONTROLLER)
 #   STRATA_BROKER_SCRAM       SCRAM credentials created when the storage is formatted, e.g.
 #                             'SCRAM-SHA-256=[name=strata,password=secret]'
 #   STRATA_BROKER_HEAP        the JVM's heap (default 1g)
@@ -61,7 +62,8 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 PROPS
     if [ -n "${STRATA_BROKER_PROPERTIES:-}" ]; then
-      { echo "# From $STRATA_BROKER_PROPERTIES"; cat "$STRATA_BROKER_PROPERTIES"; } >>"$dir/server.properties"
+      { echo "# From $STRATA_BROKER_PROPERTIES"
+        sed -e "s/@PORT@/$port/g" -e "s/@CONTROLLER_PORT@/$cport/g" "$STRATA_BROKER_PROPERTIES"; } >>"$dir/server.properties"
     fi
     cat >"$dir/log4j2.properties" <<'LOG'
 status = warn

@@ -128,6 +128,16 @@ enum Cmd {
     },
     /// A TCP port free on 127.0.0.1 right now.
     FreePort,
+    /// What `strata generate` with these flags produces, counted from the generator itself:
+    /// messages, new events, copies and malformed messages (the truth of the hostile run).
+    GenCounts {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 0.005)]
+        malformed_rate: f64,
+    },
     /// Count the keys of a stopped speed layer's state (view keys of every block, remembered
     /// event ids).
     CountKeys {
@@ -299,6 +309,31 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
                 .context("finding a free port")?
                 .port();
             out.num("port", f64::from(port));
+            Ok(())
+        }
+        Cmd::GenCounts {
+            seed,
+            count,
+            malformed_rate,
+        } => {
+            let mut cfg = strata_common::generate::GenConfig::new(
+                seed,
+                count,
+                strata_common::time::now_millis(),
+            );
+            cfg.malformed_rate = malformed_rate;
+            let (mut events, mut copies, mut malformed) = (0u64, 0u64, 0u64);
+            for g in strata_common::generate::Generator::new(cfg) {
+                match g.class {
+                    strata_common::generate::Class::Event(_) => events += 1,
+                    strata_common::generate::Class::Copy(_) => copies += 1,
+                    strata_common::generate::Class::Malformed(_) => malformed += 1,
+                }
+            }
+            out.num("messages", (events + copies + malformed) as f64);
+            out.num("events", events as f64);
+            out.num("copies", copies as f64);
+            out.num("malformed", malformed as f64);
             Ok(())
         }
         Cmd::CountKeys { speed_dir } => keys::run(&speed_dir, out),

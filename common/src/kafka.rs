@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,7 +46,8 @@ pub fn client_config_with(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> Clien
 
 /// Runs `f` until it succeeds, waiting 100 ms, 200 ms, ... up to 5 s between tries and logging
 /// each failure; gives up with the last error after `patience`. For start-up steps that need the
-/// broker, so that a slow or restarting broker delays a layer instead of stopping it.
+/// broker, so that a slow or restarting broker delays a layer instead of stopping it. An
+/// authentication failure is not retried: waiting does not fix credentials.
 pub fn with_retries<T>(
     what: &str,
     patience: Duration,
@@ -57,6 +58,7 @@ pub fn with_retries<T>(
     loop {
         match f() {
             Ok(v) => return Ok(v),
+            Err(e) if is_auth_failure(&e) => return Err(e),
             Err(e) if started.elapsed() + wait < patience => {
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
                 std::thread::sleep(wait);
@@ -67,14 +69,84 @@ pub fn with_retries<T>(
     }
 }
 
+/// librdkafka's codes for credentials the broker refused.
+fn is_auth_code(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed
+    )
+}
+
+/// Whether `e` says the broker refused the client's credentials (not worth retrying).
+fn is_auth_failure(e: &Error) -> bool {
+    match e {
+        Error::Kafka { source, .. } => source.rdkafka_error_code().is_some_and(is_auth_code),
+        Error::Other(m) => m.starts_with(AUTH_FAILED),
+        _ => false,
+    }
+}
+
+const AUTH_FAILED: &str = "authentication failed at ";
+
+/// `authentication failed at <brokers> (security.protocol=..., sasl.mechanism=...): <reason>`.
+fn auth_failure_message(cfg: &KafkaConfig, reason: &str) -> String {
+    let prop = |k: &str| {
+        cfg.properties
+            .get(k)
+            .map_or("(librdkafka's default)", String::as_str)
+            .to_string()
+    };
+    format!(
+        "{AUTH_FAILED}{} (security.protocol={}, sasl.mechanism={}): {reason}",
+        cfg.brokers,
+        prop("security.protocol"),
+        prop("sasl.mechanism")
+    )
+}
+
+/// A client context that forwards librdkafka's logs and errors like the layers' own clients, and
+/// keeps the first authentication failure librdkafka reports (they arrive through this
+/// callback; the request that was waiting for the broker only times out).
+#[derive(Default)]
+struct AuthWatch {
+    failure: Mutex<Option<String>>,
+}
+
+impl AuthWatch {
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl ClientContext for AuthWatch {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        forward_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code().is_some_and(is_auth_code) {
+            if let Ok(mut f) = self.failure.lock() {
+                f.get_or_insert_with(|| reason.to_string());
+            }
+        }
+        forward_error(&error, reason);
+    }
+}
+
+impl ProducerContext for AuthWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
 /// Creates the topics that do not exist yet; existing topics are used as they are. Retries while
-/// the broker is unreachable, for up to two minutes.
+/// the broker is unreachable, for up to two minutes; stops at once if it refuses the credentials.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
     let started = std::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
         match try_ensure_topics(cfg, topics).await {
             Ok(()) => return Ok(()),
+            Err(e) if is_auth_failure(&e) => return Err(e),
             Err(e) if started.elapsed() < Duration::from_secs(120) => {
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot create the topics yet; retrying");
                 tokio::time::sleep(wait).await;
@@ -86,10 +158,28 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
 }
 
 async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
-        .create()
-        .map_err(|e| Error::kafka("create admin client", e))?;
-    let existing = existing_topics(&admin, topics)?;
+    // The metadata goes through a client whose events are polled (the admin client's are not),
+    // so that librdkafka's report of refused credentials is seen; asked for in short tries, for
+    // 10 s in all, so that such a report ends the wait at once.
+    let probe: ThreadedProducer<AuthWatch> = client_config(cfg)
+        .create_with_context(AuthWatch::default())
+        .map_err(|e| Error::kafka("create a client", e))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let existing = loop {
+        match existing_topics(probe.client(), topics) {
+            Ok(existing) => break existing,
+            Err(e) => {
+                if let Some(reason) = probe.context().failure() {
+                    return Err(Error::Other(auth_failure_message(cfg, &reason)));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    drop(probe);
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .filter(|(name, _)| !existing.contains(&name.to_string()))
@@ -98,6 +188,9 @@ async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
     if new.is_empty() {
         return Ok(());
     }
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(|e| Error::kafka("create admin client", e))?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(new.iter(), &opts)
@@ -119,14 +212,13 @@ async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
 }
 
 fn existing_topics<C: ClientContext>(
-    admin: &AdminClient<C>,
+    client: &Client<C>,
     topics: &[(&str, i32)],
 ) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (name, _) in topics {
-        let md = admin
-            .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(10))
+        let md = client
+            .fetch_metadata(Some(name), Duration::from_secs(1))
             .map_err(|e| Error::kafka(format!("metadata of {name}"), e))?;
         if md
             .topics()
@@ -380,7 +472,9 @@ pub fn instance_id(data_dir: &std::path::Path) -> Result<String> {
     }
     std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
     let id = format!("strata-{:016x}", rand_u64());
-    let tmp = data_dir.join(format!(".instance-id.{}", std::process::id()));
+    // Named after the id, not only the process: the layers of `strata up` are threads of one
+    // process, and a shared name let one remove the other's file before it was linked.
+    let tmp = data_dir.join(format!(".{id}.{}", std::process::id()));
     std::fs::write(&tmp, &id).map_err(|e| Error::io(&tmp, e))?;
     // Linked, never replaced: when two layers start at once, the first link stands for both.
     let linked = std::fs::hard_link(&tmp, &path);
@@ -670,5 +764,87 @@ impl DeadLetters {
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_credentials_are_kept_and_named() {
+        let watch = AuthWatch::default();
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:9093/bootstrap: Connection refused",
+        );
+        assert_eq!(watch.failure(), None);
+        let reason = "sasl_ssl://127.0.0.1:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-256";
+        watch.error(KafkaError::Global(RDKafkaErrorCode::Authentication), reason);
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "a later one",
+        );
+        assert_eq!(watch.failure().as_deref(), Some(reason));
+
+        let mut cfg = KafkaConfig {
+            brokers: "127.0.0.1:9093".into(),
+            ..KafkaConfig::default()
+        };
+        cfg.properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        cfg.properties
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-256".into());
+        let msg = auth_failure_message(&cfg, reason);
+        assert_eq!(
+            msg,
+            format!("authentication failed at 127.0.0.1:9093 (security.protocol=SASL_SSL, sasl.mechanism=SCRAM-SHA-256): {reason}")
+        );
+        assert!(is_auth_failure(&Error::Other(msg)));
+        assert!(!is_auth_failure(&Error::Other(
+            "topic x has no partitions".into()
+        )));
+    }
+
+    #[test]
+    fn threads_starting_at_once_share_one_instance_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| instance_id(&data))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("no panic").expect("an instance id"))
+                .collect()
+        });
+        assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
+        assert_eq!(instance_id(&data).ok().as_ref(), Some(&ids[0]));
+    }
+
+    #[test]
+    fn with_retries_stops_at_an_authentication_failure() {
+        let mut tries = 0;
+        let r: Result<()> = with_retries("probing", Duration::from_secs(60), || {
+            tries += 1;
+            Err(Error::kafka(
+                "metadata of events",
+                KafkaError::MetadataFetch(RDKafkaErrorCode::SaslAuthenticationFailed),
+            ))
+        });
+        assert!(r.is_err());
+        assert_eq!(tries, 1);
+        let mut tries = 0;
+        let r = with_retries("probing", Duration::from_secs(60), || {
+            tries += 1;
+            if tries < 3 {
+                Err(Error::kafka(
+                    "metadata of events",
+                    KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure),
+                ))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(r.ok(), Some(3));
     }
 }
