@@ -52,8 +52,7 @@ pub fn run(
         Ok(resume.get(&p).copied())
     });
     let group = cfg.consumer_group("archive");
-    let instance = kafka::instance_id(&cfg.data_dir)?;
-    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, &instance, positions)?;
+    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
     let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);
@@ -98,6 +97,7 @@ pub fn run(
         if let Some(result) = polled {
             match result {
                 Err(e) => {
+                    kafka::check_fatal(&consumer, "archiver")?;
                     tracing::warn!(error = %e, "archiver consume error; retrying");
                     std::thread::sleep(Duration::from_millis(200));
                 }

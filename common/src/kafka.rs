@@ -385,8 +385,7 @@ pub type ResumingConsumer = BaseConsumer<ResumeContext>;
 pub enum Assignment {
     /// Join the consumer group and take the partitions it hands out (the default): several
     /// processes can share a topic, and the broker moves the partitions of a member that died
-    /// once its session times out. A static member (`group.instance.id`, kept in the data
-    /// directory) that restarts takes its partitions back at once, without a rebalance.
+    /// once its session times out (a restarted process gets them back then).
     #[default]
     Group,
     /// Assign every partition of the topic to this process directly: no group membership, for
@@ -406,13 +405,10 @@ impl std::str::FromStr for Assignment {
 }
 
 /// A consumer of `topic` that resumes every partition at the position `positions` gives, taking
-/// partitions as `assignment` says; `group` receives the committed offsets. `instance` is the
-/// static group member id ([`instance_id`]), so that a restart of the same process (same data
-/// directory) takes its partitions back without waiting for the broker to expire it.
+/// partitions as `assignment` says; `group` receives the committed offsets.
 pub fn resuming_consumer(
     cfg: &KafkaConfig,
     group: &str,
-    instance: &str,
     positions: Box<PositionFn>,
 ) -> Result<ResumingConsumer> {
     let ctx = ResumeContext {
@@ -431,7 +427,6 @@ pub fn resuming_consumer(
             // Partitions stay where their state is: a rebalance moves only those that must
             // move, and the others are consumed throughout (docs/decisions/0007-apache-kafka.md).
             ("partition.assignment.strategy", "cooperative-sticky"),
-            ("group.instance.id", instance),
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
             ("fetch.wait.max.ms", "50"),
@@ -457,48 +452,6 @@ pub fn resuming_consumer(
         }
     }
     Ok(consumer)
-}
-
-/// The static group member id of the layers using `data_dir`: created once, at random, and kept
-/// in `<data_dir>/instance-id`, so it is the same across restarts and different for every data
-/// directory (two hosts never share one).
-pub fn instance_id(data_dir: &std::path::Path) -> Result<String> {
-    let path = data_dir.join("instance-id");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(&path, e)),
-    }
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
-    let id = format!("strata-{:016x}", rand_u64());
-    // Named after the id, not only the process: the layers of `strata up` are threads of one
-    // process, and a shared name let one remove the other's file before it was linked.
-    let tmp = data_dir.join(format!(".{id}.{}", std::process::id()));
-    std::fs::write(&tmp, &id).map_err(|e| Error::io(&tmp, e))?;
-    // Linked, never replaced: when two layers start at once, the first link stands for both.
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(Error::io(&path, e)),
-        _ => {}
-    }
-    std::fs::read_to_string(&path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| Error::io(&path, e))
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 /// Assigns every partition of the topic at the layer's stored positions.
@@ -559,6 +512,19 @@ pub fn positions<C: ConsumerContext>(
             _ => None,
         })
         .collect()
+}
+
+/// Fails when librdkafka has raised a fatal error on the consumer (it consumes nothing more
+/// after one: e.g. a static member fenced by another with the same `group.instance.id`), so the
+/// layer stops with the reason instead of polling a dead client; a restart resumes at the
+/// stored offsets.
+pub fn check_fatal<C: ConsumerContext>(consumer: &BaseConsumer<C>, layer: &str) -> Result<()> {
+    match consumer.client().fatal_error() {
+        Some((code, reason)) => Err(Error::Other(format!(
+            "the {layer}'s Kafka consumer failed fatally ({code:?}): {reason}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Commits `offsets` (next offsets to read) to the consumer group, without waiting. Only for
@@ -804,21 +770,6 @@ mod tests {
         assert!(!is_auth_failure(&Error::Other(
             "topic x has no partitions".into()
         )));
-    }
-
-    #[test]
-    fn threads_starting_at_once_share_one_instance_id() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
-        let ids: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| instance_id(&data))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("no panic").expect("an instance id"))
-                .collect()
-        });
-        assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
-        assert_eq!(instance_id(&data).ok().as_ref(), Some(&ids[0]));
     }
 
     #[test]

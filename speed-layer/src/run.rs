@@ -49,8 +49,7 @@ impl SpeedLayer {
             Ok(v.and_then(|b| speed_store::decode_i64(&b)))
         });
         let group = self.cfg.consumer_group("speed");
-        let instance = kafka::instance_id(&self.cfg.data_dir)?;
-        let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, &instance, positions)?;
+        let consumer = kafka::resuming_consumer(&self.cfg.kafka, &group, positions)?;
         let mut dlq = DeadLetters::new(&self.cfg.kafka, self.cfg.dlq_topic())?;
         let rule = self.cfg.dedupe_rule();
         let topic = self.cfg.kafka.topic.clone();
@@ -95,6 +94,7 @@ impl SpeedLayer {
                     }
                 }
                 Some(Err(e)) => {
+                    kafka::check_fatal(&consumer, "speed layer")?;
                     if errors_since_log == 0 {
                         tracing::warn!(error = %e, "consume error; retrying");
                     }

@@ -132,8 +132,8 @@ pub struct CommonArgs {
     /// Partitions for topics Strata creates [key: kafka.partitions, default: 4].
     #[arg(long)]
     pub partitions: Option<i32>,
-    /// `group`: partitions come from the consumer group (several processes can share the
-    /// topic; a restart takes its partitions back at once as the same static member); `all`:
+    /// `group`: partitions come from the consumer group (cooperative-sticky; several processes
+    /// can share the topic); `all`:
     /// this process consumes every partition itself [key: kafka.assignment, default: group].
     #[arg(long, value_parser = |s: &str| s.parse::<strata_common::kafka::Assignment>())]
     pub assignment: Option<strata_common::kafka::Assignment>,

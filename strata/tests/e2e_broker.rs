@@ -88,9 +88,35 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         eprintln!("{} logged: {}", p.name, outage_lines[0]);
     }
 
-    // The broker comes back with its data; more events arrive; everything catches up.
+    // The broker comes back with its data. Then a producer produces at a steady rate, and the
+    // broker is restarted again while it is producing and the layers are consuming: the
+    // producer's records wait in its queue and are sent again (it is idempotent: nothing
+    // written twice, nothing lost), and the layers pick up where they were.
     broker.restart();
     let down_for = outage.elapsed();
+    let inflight = gen_config(33, 60_000, now - 3_600_000, 3_600_000, false);
+    let mut gen_args = generate_args(&common, &inflight);
+    gen_args.extend(["--rate".to_string(), "3000".to_string()]);
+    let mut producer = Proc::spawn("generate", &gen_args, dir.path());
+    wait_for(
+        "the in-flight stream to arrive",
+        Duration::from_secs(60),
+        || {
+            let (_, st) = get_json(&addr, "/v1/status");
+            let sum: u64 = st["speed"]["offsets"]
+                .as_object()?
+                .values()
+                .filter_map(serde_json::Value::as_u64)
+                .sum();
+            (sum > truth.messages + 3_000).then_some(())
+        },
+    );
+    producer.assert_running();
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(5));
+    broker.restart();
+    producer.wait_success(Duration::from_secs(180));
+    truth.add(inflight);
     truth.produce(
         &common,
         gen_config(32, 20_000, now - 3_600_000, 3_600_000, false),
