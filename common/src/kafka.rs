@@ -282,15 +282,19 @@ fn forward_error(error: &rdkafka::error::KafkaError, reason: &str) {
 }
 
 impl ResumeContext {
+    /// Where partition `p` starts: the layer's stored position, or the beginning.
+    fn start_offset(&self, p: Partition) -> Result<Offset> {
+        Ok((self.positions)(p)?.map_or(Offset::Beginning, Offset::Offset))
+    }
+
     /// Sets each partition of `tpl` to start at the layer's stored position; returns those that
     /// can be consumed (a partition whose position cannot be read is left out and logged).
     fn positioned(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
         let mut out = TopicPartitionList::new();
         for elem in tpl.elements() {
             let p = elem.partition();
-            let offset = match (self.positions)(p) {
-                Ok(Some(o)) => Offset::Offset(o),
-                Ok(None) => Offset::Beginning,
+            let offset = match self.start_offset(p) {
+                Ok(o) => o,
                 Err(e) => {
                     tracing::error!(partition = p, error = %e, "cannot read the stored position; not consuming this partition");
                     continue;
@@ -473,11 +477,7 @@ fn assign_all(consumer: &ResumingConsumer, topic: &str) -> Result<()> {
     let ctx = consumer.context();
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
-        let offset = match (ctx.positions)(p)? {
-            Some(o) => Offset::Offset(o),
-            None => Offset::Beginning,
-        };
-        tpl.add_partition_offset(topic, p, offset)
+        tpl.add_partition_offset(topic, p, ctx.start_offset(p)?)
             .map_err(|e| Error::kafka("build the assignment", e))?;
     }
     consumer
