@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 use strata_common::config::Config;
 use strata_common::disk;
 use strata_common::event::{decode, Event, Rules};
 use strata_common::handoff::{Offset, Offsets, Partition};
 use strata_common::kafka;
+use strata_common::undecodable::{self, Change, Stall, StallWatch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{segment, Result};
@@ -30,6 +32,8 @@ pub struct ArchiveStatus {
     pub archived: Offsets,
     pub rejected: u64,
     pub segments_written: u64,
+    /// Partitions waiting in front of records that cannot be decoded.
+    pub stalled: BTreeMap<Partition, Stall>,
 }
 
 /// Consumes the topic into the master dataset until `shutdown`, or, with `until`, until every
@@ -74,6 +78,8 @@ pub fn run(
     };
 
     let mut last_position_check = Instant::now();
+    let mut stalls = StallWatch::new(&cfg.kafka);
+    undecodable::write_stalls(&root, &BTreeMap::new())?;
     while !shutdown.is_cancelled() && !done(&next, &open) {
         let polled = consumer.poll(Duration::from_millis(50));
         // Nothing to hand out: records passed over (transaction markers, aborted records) are
@@ -98,8 +104,11 @@ pub fn run(
             match result {
                 Err(e) => {
                     kafka::check_fatal(&consumer, "archiver")?;
-                    tracing::warn!(error = %e, "archiver consume error; retrying");
-                    std::thread::sleep(Duration::from_millis(200));
+                    // An undecodable batch: the stall watch finds its partition.
+                    if !stalls.on_error(&e) {
+                        tracing::warn!(error = %e, "archiver consume error; retrying");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                 }
                 Ok(msg) => {
                     let p = msg.partition();
@@ -124,6 +133,58 @@ pub fn run(
                         next.insert(p, offset + 1);
                     }
                 }
+            }
+        }
+        let (held, _) = consumer.context().assignment();
+        let positions = held
+            .iter()
+            .map(|&p| (p, next.get(&p).copied().unwrap_or(0)))
+            .collect();
+        let changes = stalls.check(&positions)?;
+        let stalls_changed = !changes.is_empty();
+        for change in changes {
+            let Change::Stalled(p, stall) = change else {
+                continue;
+            };
+            tracing::error!(
+                partition = p,
+                offset = stall.offset,
+                reason = %stall.reason,
+                policy = ?cfg.kafka.undecodable,
+                "archiver: {topic}/{p} cannot be decoded from offset {}",
+                stall.offset
+            );
+            if cfg.kafka.undecodable != undecodable::Policy::Skip {
+                continue;
+            }
+            let Some(end) = stalls.end_of(p, &stall)? else {
+                continue;
+            };
+            tracing::warn!(
+                partition = p,
+                from = stall.offset,
+                to = end,
+                "archiver: offsets {}..{} of {topic}/{p} cannot be decoded ({}) and were skipped",
+                stall.offset,
+                end - 1,
+                stall.reason
+            );
+            // Like records passed over by the consumer: the open segment's range covers them.
+            let seg = open.entry(p).or_insert_with(|| Open {
+                start: stall.offset,
+                next: stall.offset,
+                events: Vec::new(),
+                opened: Instant::now(),
+            });
+            seg.next = end;
+            next.insert(p, end);
+            kafka::seek(&consumer, &topic, p, end)?;
+            stalls.clear(p);
+        }
+        if stalls_changed {
+            undecodable::write_stalls(&root, stalls.stalled())?;
+            if let Ok(mut s) = status.lock() {
+                s.stalled = stalls.stalled().clone();
             }
         }
         let mut wrote = false;

@@ -45,9 +45,13 @@ pub struct KafkaConfig {
     pub group: String,
     /// Partitions for topics Strata creates.
     pub partitions: i32,
-    /// `all`: this process takes every partition (default); `group`: partitions come from the
-    /// consumer group, for several processes sharing the topic.
+    /// `group` (default): partitions come from the consumer group, so several processes can
+    /// share the topic; `all`: this process takes every partition itself.
     pub assignment: crate::kafka::Assignment,
+    /// At a record batch that cannot be decoded (corrupt, or an unknown codec): `stall` (default)
+    /// waits there and reports the partition; `skip` passes over the undecodable records,
+    /// recording the range in the dead-letter topic and the state.
+    pub undecodable: crate::undecodable::Policy,
     /// Extra librdkafka properties passed through unchanged (e.g. `security.protocol`).
     pub properties: BTreeMap<String, String>,
 }
@@ -153,6 +157,7 @@ impl Default for KafkaConfig {
             group: "strata".into(),
             partitions: 4,
             assignment: crate::kafka::Assignment::Group,
+            undecodable: crate::undecodable::Policy::Stall,
             properties: BTreeMap::new(),
         }
     }

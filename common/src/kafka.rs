@@ -69,11 +69,14 @@ pub fn with_retries<T>(
     }
 }
 
-/// librdkafka's codes for credentials the broker refused.
+/// librdkafka's codes for credentials the broker refused, and for a TLS handshake that failed
+/// (a certificate that does not verify: waiting does not fix it either).
 fn is_auth_code(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::SSL
     )
 }
 
@@ -514,6 +517,18 @@ pub fn positions<C: ConsumerContext>(
         .collect()
 }
 
+/// Moves the consumer's position in partition `p` of `topic` to `offset`.
+pub fn seek<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    p: Partition,
+    offset: i64,
+) -> Result<()> {
+    consumer
+        .seek(topic, p, Offset::Offset(offset), Duration::from_secs(10))
+        .map_err(|e| Error::kafka(format!("seek {topic}/{p} to {offset}"), e))
+}
+
 /// Fails when librdkafka has raised a fatal error on the consumer (it consumes nothing more
 /// after one: e.g. a static member fenced by another with the same `group.instance.id`), so the
 /// layer stops with the reason instead of polling a dead client; a restart resumes at the
@@ -752,6 +767,12 @@ mod tests {
             "a later one",
         );
         assert_eq!(watch.failure().as_deref(), Some(reason));
+        let tls = AuthWatch::default();
+        tls.error(
+            KafkaError::Global(RDKafkaErrorCode::SSL),
+            "ssl://127.0.0.1:9094/bootstrap: SSL handshake failed: certificate verify failed",
+        );
+        assert!(tls.failure().is_some());
 
         let mut cfg = KafkaConfig {
             brokers: "127.0.0.1:9093".into(),

@@ -25,6 +25,7 @@ pub mod kafka;
 pub mod progress;
 pub mod speed_store;
 pub mod time;
+pub mod undecodable;
 pub mod views;
 
 pub use error::{Error, Result};

@@ -187,6 +187,17 @@ pub mod meta_key {
         tagged(b'u', p)
     }
 
+    /// JSON of the partition's [`Stall`](crate::undecodable::Stall), while it is stalled.
+    pub fn stall(p: Partition) -> Vec<u8> {
+        tagged(b's', p)
+    }
+
+    /// JSON list of the offset ranges passed over as undecodable
+    /// ([`Skipped`](crate::undecodable::Skipped)).
+    pub fn skipped(p: Partition) -> Vec<u8> {
+        tagged(b'k', p)
+    }
+
     /// Splits a partition key back into its tag and partition.
     pub fn parse(key: &[u8]) -> Option<(u8, Partition)> {
         if key.len() != 5 {
@@ -216,6 +227,20 @@ pub struct PartitionMeta {
     pub accepted: u64,
     pub rejected: u64,
     pub duplicates: u64,
+    /// Stopped in front of records that cannot be decoded (`kafka.undecodable = "stall"`).
+    pub stall: Option<crate::undecodable::Stall>,
+    /// Offset ranges passed over as undecodable (`kafka.undecodable = "skip"`).
+    pub skipped: Vec<crate::undecodable::Skipped>,
+}
+
+impl PartitionMeta {
+    /// Offsets passed over as undecodable.
+    pub fn skipped_records(&self) -> u64 {
+        self.skipped
+            .iter()
+            .map(|s| (s.to - s.from).max(0) as u64)
+            .sum()
+    }
 }
 
 impl Default for PartitionMeta {
@@ -227,6 +252,8 @@ impl Default for PartitionMeta {
             accepted: 0,
             rejected: 0,
             duplicates: 0,
+            stall: None,
+            skipped: Vec::new(),
         }
     }
 }
@@ -304,6 +331,19 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
         let Some((tag, p)) = meta_key::parse(&k) else {
             continue;
         };
+        match tag {
+            b's' => {
+                meta.partitions.entry(p).or_default().stall = serde_json::from_slice(&v)
+                    .map_err(|e| Error::corrupt("speed meta", format!("stall: {e}")))?;
+                continue;
+            }
+            b'k' => {
+                meta.partitions.entry(p).or_default().skipped = serde_json::from_slice(&v)
+                    .map_err(|e| Error::corrupt("speed meta", format!("skipped: {e}")))?;
+                continue;
+            }
+            _ => {}
+        }
         let v =
             decode_i64(&v).ok_or_else(|| Error::corrupt("speed meta", "value is not 8 bytes"))?;
         let m = meta.partitions.entry(p).or_default();

@@ -246,6 +246,46 @@ pub fn render(state: &ServingState) -> String {
                 m.next_offset
             );
         }
+        header(
+            &mut out,
+            "strata_speed_partition_stalled",
+            "gauge",
+            "1 while the speed layer waits in front of records it cannot decode (kafka.undecodable = \"stall\"), by partition.",
+        );
+        for (p, m) in &meta.partitions {
+            let _ = writeln!(
+                out,
+                "strata_speed_partition_stalled{{partition=\"{p}\"}} {}",
+                u8::from(m.stall.is_some())
+            );
+        }
+        header(
+            &mut out,
+            "strata_speed_skipped_records_total",
+            "counter",
+            "Offsets the speed layer passed over as undecodable (kafka.undecodable = \"skip\"), by partition.",
+        );
+        for (p, m) in &meta.partitions {
+            let _ = writeln!(
+                out,
+                "strata_speed_skipped_records_total{{partition=\"{p}\"}} {}",
+                m.skipped_records()
+            );
+        }
+        let archive_stalls = strata_common::undecodable::read_stalls(&state.cfg.master_dir());
+        header(
+            &mut out,
+            "strata_archive_partition_stalled",
+            "gauge",
+            "1 while the archiver waits in front of records it cannot decode, by partition.",
+        );
+        for p in meta.partitions.keys() {
+            let _ = writeln!(
+                out,
+                "strata_archive_partition_stalled{{partition=\"{p}\"}} {}",
+                u8::from(archive_stalls.contains_key(p))
+            );
+        }
         if let Some(hw) = state.high_watermarks() {
             header(
                 &mut out,

@@ -99,7 +99,13 @@ pub fn status(state: &ServingState) -> Result<Value, ApiError> {
                     "accepted": s.accepted,
                     "rejected": s.rejected,
                     "duplicates": s.duplicates,
+                    "stall": s.stall,
+                    "skipped": s.skipped,
                 }))).collect::<serde_json::Map<String, Value>>(),
+                "stalled": speed.partitions.iter().filter(|(_, s)| s.stall.is_some()).map(|(p, _)| *p).collect::<Vec<_>>(),
+            },
+            "archive": {
+                "stalled": strata_common::undecodable::read_stalls(&state.cfg.master_dir()),
             },
             "lag": lag,
             "high_watermarks": hw,

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 use strata_common::batch_store;
 use strata_common::config::Config;
@@ -11,6 +12,7 @@ use strata_common::event::{decode, Rules};
 use strata_common::handoff::block_of;
 use strata_common::kafka::{self, DeadLetters};
 use strata_common::speed_store::{self, meta_key, Cf, SpeedReader};
+use strata_common::undecodable::{self, Change, Skipped, StallWatch};
 use tokio_util::sync::CancellationToken;
 
 use crate::pending::Pending;
@@ -65,6 +67,7 @@ impl SpeedLayer {
         let mut last_log = Instant::now();
         let mut consumed_since_log = 0u64;
         let mut errors_since_log = 0u64;
+        let mut stalls = StallWatch::new(&self.cfg.kafka);
         tracing::info!(topic = %topic, group = %group, state = %self.state.path().display(), "speed layer consuming");
 
         loop {
@@ -95,11 +98,15 @@ impl SpeedLayer {
                 }
                 Some(Err(e)) => {
                     kafka::check_fatal(&consumer, "speed layer")?;
-                    if errors_since_log == 0 {
-                        tracing::warn!(error = %e, "consume error; retrying");
+                    // An undecodable batch is fetched again at once, without delaying the other
+                    // partitions; the stall watch finds which partition it is.
+                    if !stalls.on_error(&e) {
+                        if errors_since_log == 0 {
+                            tracing::warn!(error = %e, "consume error; retrying");
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     errors_since_log += 1;
-                    std::thread::sleep(Duration::from_millis(100));
                 }
                 Some(Ok(msg)) => {
                     let p = msg.partition();
@@ -166,6 +173,7 @@ impl SpeedLayer {
                     last_sweep = Instant::now();
                 }
             }
+            self.watch_stalls(&mut stalls, &mut pending, &mut dlq, &consumer, &topic)?;
             if last_drop_check.elapsed() >= Duration::from_secs(1) {
                 last_drop_check = Instant::now();
                 self.drop_covered()?;
@@ -183,6 +191,7 @@ impl SpeedLayer {
                         rejected,
                         duplicates,
                         errors = errors_since_log,
+                        stalled = ?stalls.stalled().keys().collect::<Vec<_>>(),
                         offsets = ?self.state.next_offsets(),
                         "speed layer progress"
                     );
@@ -217,6 +226,82 @@ impl SpeedLayer {
         disk::check(&self.cfg.data_dir, self.cfg.min_free_mb)?;
         self.state.flush(pending)?;
         kafka::commit_for_lag(consumer, topic, &self.state.next_offsets());
+        Ok(())
+    }
+
+    /// Finds partitions stopped at undecodable records and, with `kafka.undecodable = "skip"`,
+    /// moves them past: the range goes to the dead-letter topic and, with the new offset, into
+    /// the next flush's atomic write.
+    fn watch_stalls(
+        &mut self,
+        stalls: &mut StallWatch,
+        pending: &mut Pending,
+        dlq: &mut DeadLetters,
+        consumer: &kafka::ResumingConsumer,
+        topic: &str,
+    ) -> Result<()> {
+        let (held, _) = consumer.context().assignment();
+        let positions = held
+            .iter()
+            .map(|&p| (p, self.state.part(p).next_offset))
+            .collect();
+        for change in stalls.check(&positions)? {
+            match change {
+                Change::Cleared(p) => {
+                    tracing::info!(partition = p, "partition moves again");
+                    self.state.set_stall(p, None)?;
+                }
+                Change::Stalled(p, stall) => {
+                    let policy = self.cfg.kafka.undecodable;
+                    tracing::error!(
+                        partition = p,
+                        offset = stall.offset,
+                        reason = %stall.reason,
+                        policy = ?policy,
+                        "{topic}/{p} cannot be decoded from offset {}; {}",
+                        stall.offset,
+                        match policy {
+                            undecodable::Policy::Stall => "waiting there (set kafka.undecodable = \"skip\" to pass over it)",
+                            undecodable::Policy::Skip => "passing over the undecodable records",
+                        }
+                    );
+                    if policy == undecodable::Policy::Stall {
+                        self.state.set_stall(p, Some(stall))?;
+                        continue;
+                    }
+                    let Some(end) = stalls.end_of(p, &stall)? else {
+                        self.state.set_stall(p, Some(stall))?;
+                        continue;
+                    };
+                    let detail = format!(
+                        "offsets {}..{} of {topic}/{p} cannot be decoded ({}) and were skipped",
+                        stall.offset,
+                        end - 1,
+                        stall.reason
+                    );
+                    tracing::warn!(partition = p, from = stall.offset, to = end, "{detail}");
+                    dlq.send(
+                        None,
+                        &[],
+                        undecodable::DLQ_CODE,
+                        &detail,
+                        &format!("{topic}/{p}@{}", stall.offset),
+                    )?;
+                    let part = self.state.part(p);
+                    part.skipped.push(Skipped {
+                        from: stall.offset,
+                        to: end,
+                        reason: stall.reason,
+                        at: strata_common::time::now_millis(),
+                    });
+                    part.next_offset = end;
+                    pending.touched.insert(p);
+                    kafka::seek(consumer, topic, p, end)?;
+                    stalls.clear(p);
+                    self.state.set_stall(p, None)?;
+                }
+            }
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use strata_common::speed_store::{
     PartitionMeta,
 };
 use strata_common::time::Millis;
+use strata_common::undecodable::Stall;
 use strata_common::views::Partial;
 
 use crate::pending::Pending;
@@ -233,6 +234,14 @@ impl SpeedState {
                 meta_key::duplicates(p),
                 encode_i64(m.duplicates as i64),
             );
+            if !m.skipped.is_empty() {
+                let skipped = serde_json::to_vec(&m.skipped).map_err(|e| {
+                    Error::Common(strata_common::Error::Other(format!(
+                        "encode skipped ranges: {e}"
+                    )))
+                })?;
+                batch.put_cf(meta, meta_key::skipped(p), skipped);
+            }
         }
         batch.put_cf(
             meta,
@@ -260,6 +269,24 @@ impl SpeedState {
                 slots.drain(..slots.len() - 1);
             }
         }
+        Ok(())
+    }
+
+    /// Records (or, with `None`, clears) that partition `p` waits in front of undecodable
+    /// records. A report only, written at once on its own: the offsets do not move.
+    pub fn set_stall(&mut self, p: Partition, stall: Option<Stall>) -> Result<()> {
+        let meta = cf(&self.db, Cf::Meta)?;
+        match &stall {
+            Some(s) => {
+                let v = serde_json::to_vec(s).map_err(|e| {
+                    Error::Common(strata_common::Error::Other(format!("encode a stall: {e}")))
+                })?;
+                self.db.put_cf(meta, meta_key::stall(p), v)
+            }
+            None => self.db.delete_cf(meta, meta_key::stall(p)),
+        }
+        .map_err(Error::Write)?;
+        self.part(p).stall = stall;
         Ok(())
     }
 

@@ -84,8 +84,9 @@ pub fn run(cfg: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
             .batch_version
             .map_or_else(|| "none".to_string(), |v| v.to_string())
     );
+    let skipped = skipped_ranges(&base)?;
     let mut report = Report::default();
-    let truth = recompute(cfg, &snapshot.coverage, &mut report)?;
+    let truth = recompute(cfg, &snapshot.coverage, &skipped, &mut report)?;
     report.keys = truth.len().max(snapshot.entries.len());
     report.differences = diff(truth, snapshot.entries);
     println!(
@@ -166,7 +167,12 @@ pub fn diff(truth: ViewSet, served: Vec<(ViewKey, Partial)>) -> Vec<Difference> 
 }
 
 /// Every view over the events below `coverage`, recomputed from scratch.
-fn recompute(cfg: &Config, coverage: &Offsets, report: &mut Report) -> anyhow::Result<ViewSet> {
+fn recompute(
+    cfg: &Config,
+    coverage: &Offsets,
+    skipped: &Skips,
+    report: &mut Report,
+) -> anyhow::Result<ViewSet> {
     let rules = cfg.validation.rules()?;
     let rule = cfg.dedupe_rule();
     let segments = segment::list(&cfg.master_dir())?;
@@ -193,7 +199,7 @@ fn recompute(cfg: &Config, coverage: &Offsets, report: &mut Report) -> anyhow::R
     }
     progress.finish();
     if !tail.is_empty() {
-        read_tail(cfg, &tail, coverage, &mut streams, report)?;
+        read_tail(cfg, &tail, coverage, skipped, &mut streams, report)?;
     }
     let mut views = ViewSet::default();
     for events in streams.into_values() {
@@ -210,11 +216,49 @@ fn recompute(cfg: &Config, coverage: &Offsets, report: &mut Report) -> anyhow::R
     Ok(views)
 }
 
+/// Per partition, the offset ranges `[from, to)` the speed layer passed over as undecodable
+/// (`kafka.undecodable = "skip"`): they hold no events, and the tail is not read there.
+type Skips = BTreeMap<Partition, Vec<(Offset, Offset)>>;
+
+/// The skipped ranges the serving layer's `/v1/status` reports.
+fn skipped_ranges(base: &Url) -> anyhow::Result<Skips> {
+    let (status, body) = base.get("/v1/status", None)?;
+    if status != 200 {
+        bail!(
+            "the serving layer answered {status} to GET /v1/status: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let v: Value = serde_json::from_slice(&body).context("/v1/status is not JSON")?;
+    let mut out = Skips::new();
+    if let Some(parts) = v["speed"]["partitions"].as_object() {
+        for (p, m) in parts {
+            let p: Partition = p.parse().context("a partition in /v1/status")?;
+            for r in m["skipped"].as_array().into_iter().flatten() {
+                if let (Some(from), Some(to)) = (r["from"].as_i64(), r["to"].as_i64()) {
+                    out.entry(p).or_default().push((from, to));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where partition `p`'s reading goes on from `next`: past a skipped range that begins there.
+fn past_skipped(skipped: &Skips, p: Partition, next: Offset) -> Option<Offset> {
+    skipped
+        .get(&p)?
+        .iter()
+        .find(|&&(from, to)| from <= next && next < to)
+        .map(|&(_, to)| to)
+}
+
 /// Reads `[from[p], coverage[p])` of each partition from the topic.
 fn read_tail(
     cfg: &Config,
     from: &Offsets,
     coverage: &Offsets,
+    skipped: &Skips,
     streams: &mut BTreeMap<Partition, Vec<(Offset, Event)>>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -226,12 +270,15 @@ fn read_tail(
         .create()
         .context("creating the Kafka consumer")?;
     let mut tpl = TopicPartitionList::new();
-    for (&p, &start) in from {
-        tpl.add_partition_offset(&cfg.kafka.topic, p, rdkafka::Offset::Offset(start))
+    let mut next: Offsets = from.clone();
+    for (&p, start) in next.iter_mut() {
+        if let Some(to) = past_skipped(skipped, p, *start) {
+            *start = to;
+        }
+        tpl.add_partition_offset(&cfg.kafka.topic, p, rdkafka::Offset::Offset(*start))
             .context("assigning partitions")?;
     }
     consumer.assign(&tpl).context("assigning partitions")?;
-    let mut next: Offsets = from.clone();
     let total: i64 = from.iter().map(|(p, &s)| coverage[p] - s).sum();
     let mut progress = Progress::new("verify: read the Kafka tail", Some(total.max(0) as u64));
     let patience = Duration::from_secs(60);
@@ -261,6 +308,10 @@ fn read_tail(
                 }
                 *n = offset + 1;
                 progress.inc(1);
+                if let Some(to) = past_skipped(skipped, p, *n) {
+                    *n = to;
+                    kafka::seek(&consumer, &cfg.kafka.topic, p, to)?;
+                }
                 match decode(
                     msg.payload().unwrap_or(&[]),
                     msg.timestamp().to_millis(),

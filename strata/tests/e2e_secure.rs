@@ -264,6 +264,37 @@ fn sasl_ssl_scram_and_ssl_client_certificates() {
         refused_after.as_secs_f64()
     );
 
+    // A CA that did not sign the broker's certificate: the same, without a wait.
+    let other = make_pki(&dir.path().join("other-pki"));
+    let untrusted = secured_args(
+        &topic,
+        &dir.path().join("data-untrusted"),
+        &sasl,
+        &sasl_props(path_str(&other.ca), PASSWORD),
+    );
+    let untrusted_at = Instant::now();
+    let mut distrust = Proc::spawn(
+        "up-wrong-ca",
+        &up_args(&untrusted, &format!("127.0.0.1:{}", free_port()), ADMIN_KEY),
+        dir.path(),
+    );
+    let status = wait_for(
+        "strata up with a CA that does not sign the broker's certificate to exit",
+        Duration::from_secs(60),
+        || distrust.exit_status(),
+    );
+    assert!(!status.success(), "{status}; log: {}", distrust.tail());
+    let log = std::fs::read_to_string(&distrust.log).unwrap_or_default();
+    let tls_error = log
+        .lines()
+        .find(|l| l.contains(&format!("authentication failed at {sasl}")))
+        .unwrap_or_else(|| panic!("no TLS error in the log: {}", distrust.tail()));
+    assert!(tls_error.contains("SSL"), "{tls_error}");
+    eprintln!(
+        "untrusted CA: exited with {status} after {:.1}s: {tls_error}",
+        untrusted_at.elapsed().as_secs_f64()
+    );
+
     // SASL_SSL with SCRAM-SHA-256, and nothing else: the answers are exact.
     let common = secured_args(
         &topic,

@@ -84,6 +84,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String], log_dir: &Path) -> Proc {
+        Proc::spawn_env(name, args, &[], log_dir)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(name: &str, args: &[String], env: &[(&str, &str)], log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -94,6 +99,7 @@ impl Proc {
         let child = Command::new(strata_bin())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
@@ -829,12 +835,21 @@ impl Truth {
 /// (or three minutes pass); checks that each letter carries a reason. Returns the distinct sources
 /// and how many letters carried each code.
 pub fn dead_letters(topic: &str, expected: u64) -> (BTreeSet<String>, BTreeMap<String, u64>) {
+    dead_letters_at(&brokers(), topic, expected)
+}
+
+/// [`dead_letters`] on the broker at `brokers`.
+pub fn dead_letters_at(
+    brokers: &str,
+    topic: &str,
+    expected: u64,
+) -> (BTreeSet<String>, BTreeMap<String, u64>) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers;
     use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-check"))
         .set("enable.auto.commit", "false")
         .create()
