@@ -9,7 +9,9 @@
 #   ingest     N events (default 1,000,000; smoke 20,000) on a 4-partition topic, read to the end
 #              by a bare rdkafka consumer (`strata-bench consume`) and by `strata speed` on a fresh
 #              data dir (time until its stored offsets, seen through `strata serve`'s
-#              /v1/status, reach the end); K runs each, interleaved, medians (default 3; smoke 1)
+#              /v1/status, reach the end); K runs each, interleaved, medians (default 3; smoke 1);
+#              then the speed layer's ceiling without the broker (`strata-bench speed-ceiling`:
+#              the same workers fed N records from a file), on 1 worker and one per core
 #   serving    wrk, 64 connections, 2 threads, S s (default 10; smoke 2), --latency, against
 #              `strata up` loaded with the ingest topic and one batch run, and against a bare warp
 #              hello-world server (`strata-bench hello`); each query once for one URL over and
@@ -333,6 +335,20 @@ bench_ingest() {
   figure ingest.raw_consume "$(calc "$raw_m")" msgs/s "$(join_by , "${raw[@]}")"
   figure ingest.speed "$(calc "$speed_m")" events/s "$(join_by , "${speed[@]}")"
   figure ingest.speed_vs_raw "$(ratio "$speed_m" "$raw_m")" ratio
+  # The speed layer with the broker taken out: the same workers fed the same number of records
+  # from a file (written once), on one worker and on one per core.
+  local recs="$work/ceiling-records.bin" w c1 call wall
+  for w in 1 0; do
+    log "speed ceiling (no broker), $([ "$w" = 0 ] && echo "one worker per core" || echo "1 worker")"
+    "$BENCH" speed-ceiling --records "$recs" --events "$events" --workers "$w" \
+      --data-dir "$work/ceiling-$w" >"$work/ceiling-$w.txt" || die "the speed ceiling failed"
+    rm -rf "$work/ceiling-$w"
+  done
+  c1=$(val rate "$work/ceiling-1.txt") call=$(val rate "$work/ceiling-0.txt") wall=$(val workers "$work/ceiling-0.txt")
+  figure ingest.ceiling_1_worker "$(calc "$c1")" events/s
+  figure ingest.ceiling_all_workers "$(calc "$call")" events/s
+  figure ingest.ceiling_workers "$wall" count
+  figure ingest.speed_vs_ceiling "$(ratio "$speed_m" "$call")" ratio
   if [ "$profile" = 1 ]; then
     command -v perf >/dev/null || die "--profile needs perf (Debian: linux-perf)"
     log "profiling one more (unmeasured) speed run with perf record"

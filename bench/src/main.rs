@@ -3,6 +3,7 @@
 //! writing the results file. Each measuring subcommand prints `key=value` lines on stdout and
 //! progress on stderr.
 
+mod ceiling;
 mod compare;
 mod fresh;
 mod http;
@@ -36,6 +37,25 @@ enum Cmd {
         /// When the caller started this (ns since the epoch, `date +%s%N`); default: now.
         #[arg(long)]
         started_at_ns: Option<u128>,
+    },
+    /// The speed layer with the broker taken out: the same workers fed records in Kafka message
+    /// form from a file (written once from the seeded generator when missing).
+    SpeedCeiling {
+        /// The records file: read if it exists, else written first.
+        #[arg(long)]
+        records: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Worker threads; 0: one per core (the default of `speed.workers`).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// A data directory that does not exist yet.
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// The end offset (high watermark) of every partition, and their sum.
     EndOffsets {
@@ -213,6 +233,24 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             topic,
             started_at_ns,
         } => kafka::consume(&brokers, &topic, started_at_ns.unwrap_or_else(now_ns), out),
+        Cmd::SpeedCeiling {
+            records,
+            events,
+            seed,
+            partitions,
+            workers,
+            data_dir,
+        } => ceiling::run(
+            ceiling::Args {
+                records: &records,
+                events,
+                seed,
+                partitions,
+                workers,
+                data_dir: &data_dir,
+            },
+            out,
+        ),
         Cmd::EndOffsets { brokers, topic } => {
             let ends = kafka::end_offsets(&brokers, &topic)?;
             for (p, o) in &ends {

@@ -79,6 +79,19 @@ pub struct SpeedConfig {
     pub flush_interval_ms: u64,
     /// Most events folded in memory before a write.
     pub flush_max_events: usize,
+    /// Worker threads that decode, validate, dedupe, fold and write, each owning the partitions
+    /// `p % workers` (their state and offsets in writes of its own); 0: one per core.
+    pub workers: usize,
+}
+
+impl SpeedConfig {
+    /// The number of workers: `workers`, or one per core when it is 0.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +195,7 @@ impl Default for SpeedConfig {
         SpeedConfig {
             flush_interval_ms: 100,
             flush_max_events: 50_000,
+            workers: 0,
         }
     }
 }
@@ -254,6 +268,12 @@ impl Config {
         }
         if self.handoff.block_size == 0 {
             return Err(bad("handoff.block-size", "must be positive"));
+        }
+        if self.speed.workers > 1024 {
+            return Err(bad(
+                "speed.workers",
+                "must be at most 1024 (0: one per core)",
+            ));
         }
         if self.speed.flush_max_events == 0 {
             return Err(bad("speed.flush-max-events", "must be positive"));

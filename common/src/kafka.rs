@@ -638,27 +638,25 @@ pub mod dlq_header {
     pub const SOURCE: &str = "strata-source";
 }
 
-impl DeadLetters {
-    pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
-        let producer = client_config_with(
-            cfg,
-            &[
-                ("linger.ms", "5"),
-                ("message.max.bytes", "10000000"),
-                ("enable.idempotence", "true"),
-            ],
-        )
-        .create_with_context(DeliveryTracker::default())
-        .map_err(|e| Error::kafka("create dead-letter producer", e))?;
-        Ok(DeadLetters {
-            producer,
-            topic,
-            unacked: Vec::new(),
-        })
-    }
-
+/// Where a layer's dead letters go: the dead-letter topic ([`DeadLetters`]), or a count (the
+/// speed layer's in-process benchmark).
+pub trait Letters: Send {
     /// Queues one rejected message. `source` names where it came from (`topic/partition@offset`).
-    pub fn send(
+    fn send(
+        &mut self,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        code: &str,
+        reason: &str,
+        source: &str,
+    ) -> Result<()>;
+    /// Waits until every letter sent is stored; `Ok(false)` if `stop()` turned true first.
+    fn flush(&mut self, stop: &dyn Fn() -> bool) -> Result<bool>;
+}
+
+impl Letters for DeadLetters {
+    /// Queues one rejected message. `source` names where it came from (`topic/partition@offset`).
+    fn send(
         &mut self,
         key: Option<&[u8]>,
         payload: &[u8],
@@ -678,41 +676,9 @@ impl DeadLetters {
         Ok(())
     }
 
-    fn produce(&self, l: &Letter) -> Result<()> {
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: dlq_header::REASON,
-                value: Some(&l.reason),
-            })
-            .insert(Header {
-                key: dlq_header::CODE,
-                value: Some(&l.code),
-            })
-            .insert(Header {
-                key: dlq_header::SOURCE,
-                value: Some(&l.source),
-            });
-        let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
-            .payload(l.payload.as_slice())
-            .headers(headers);
-        if let Some(k) = &l.key {
-            record = record.key(k.as_slice());
-        }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(Error::kafka("queue a dead letter", e)),
-            }
-        }
-    }
-
     /// Waits until every queued letter is acknowledged, sending again what failed, with growing
     /// pauses while the broker is slow or away. Returns `Ok(false)` if `stop()` turned true first.
-    pub fn flush(&mut self, stop: &dyn Fn() -> bool) -> Result<bool> {
+    fn flush(&mut self, stop: &dyn Fn() -> bool) -> Result<bool> {
         let mut wait = Duration::from_millis(100);
         loop {
             if self.unacked.is_empty() {
@@ -744,6 +710,58 @@ impl DeadLetters {
             }
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+impl DeadLetters {
+    pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
+        let producer = client_config_with(
+            cfg,
+            &[
+                ("linger.ms", "5"),
+                ("message.max.bytes", "10000000"),
+                ("enable.idempotence", "true"),
+            ],
+        )
+        .create_with_context(DeliveryTracker::default())
+        .map_err(|e| Error::kafka("create dead-letter producer", e))?;
+        Ok(DeadLetters {
+            producer,
+            topic,
+            unacked: Vec::new(),
+        })
+    }
+
+    fn produce(&self, l: &Letter) -> Result<()> {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: dlq_header::REASON,
+                value: Some(&l.reason),
+            })
+            .insert(Header {
+                key: dlq_header::CODE,
+                value: Some(&l.code),
+            })
+            .insert(Header {
+                key: dlq_header::SOURCE,
+                value: Some(&l.source),
+            });
+        let mut record: BaseRecord<'_, [u8], [u8], ()> = BaseRecord::to(&self.topic)
+            .payload(l.payload.as_slice())
+            .headers(headers);
+        if let Some(k) = &l.key {
+            record = record.key(k.as_slice());
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(Error::kafka("queue a dead letter", e)),
+            }
         }
     }
 }

@@ -9,11 +9,15 @@
 //! `WriteBatch`, so a crash at any moment loses nothing and counts nothing twice: on restart the
 //! consumer resumes exactly at the stored offsets ([`run`]). Blocks wholly covered by the newest
 //! published batch version are dropped.
+//!
+//! The work runs on `speed.workers` threads ([`worker`]), each owning the partitions
+//! `p % workers`: the consumer thread only polls and hands messages over.
 
 pub mod error;
 pub mod pending;
 pub mod run;
 pub mod state;
+pub mod worker;
 
 pub use error::{Error, Result};
 pub use run::SpeedLayer;

@@ -37,6 +37,13 @@ pub struct SpeedState {
     opened_at: BTreeMap<Partition, i64>,
     /// How many values flushes have read back from the database.
     pub(crate) read_back: u64,
+    /// This state's share of the partitions: those with `p % count == index`.
+    shard: (usize, usize),
+}
+
+/// The shard (worker) of `n` that partition `p` belongs to.
+pub fn shard_of(p: Partition, n: usize) -> usize {
+    (p.rem_euclid(n.max(1) as Partition)) as usize
 }
 
 /// The stored partials of one block that this process has read or written.
@@ -82,7 +89,45 @@ impl SpeedState {
             parts: meta.partitions,
             hot: HashMap::new(),
             read_back: 0,
+            shard: (0, 1),
         })
+    }
+
+    /// Splits the state into `n` shards over the same database, one per worker: shard `i` owns
+    /// the partitions `p % n == i` (their bookkeeping, hot blocks, dedupe memory and blocks).
+    /// Shards write disjoint keys, each partition's state with its offsets in one write.
+    pub fn split(self, n: usize) -> Vec<SpeedState> {
+        let n = n.max(1);
+        (0..n)
+            .map(|i| {
+                let owns = |p: &Partition| shard_of(*p, n) == i;
+                SpeedState {
+                    db: self.db.clone(),
+                    path: self.path.clone(),
+                    block_size: self.block_size,
+                    parts: self
+                        .parts
+                        .iter()
+                        .filter(|(p, _)| owns(p))
+                        .map(|(&p, m)| (p, m.clone()))
+                        .collect(),
+                    hot: HashMap::new(),
+                    opened_at: self
+                        .opened_at
+                        .iter()
+                        .filter(|(p, _)| owns(p))
+                        .map(|(&p, &o)| (p, o))
+                        .collect(),
+                    read_back: 0,
+                    shard: (i, n),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether partition `p` belongs to this shard.
+    pub fn owns(&self, p: Partition) -> bool {
+        shard_of(p, self.shard.1) == self.shard.0
     }
 
     pub fn db(&self) -> Arc<DB> {
@@ -305,7 +350,8 @@ impl SpeedState {
         let meta = cf(&self.db, Cf::Meta)?;
         let mut batch = WriteBatch::default();
         let mut dropped = 0;
-        for (&p, &cutoff) in cutoffs {
+        let (index, count) = self.shard;
+        for (&p, &cutoff) in cutoffs.iter().filter(|(&p, _)| shard_of(p, count) == index) {
             let below = block_of(cutoff, self.block_size);
             let m = self.parts.entry(p).or_default();
             if below <= m.first_live_block {
@@ -348,20 +394,25 @@ impl SpeedState {
         let write = |batch: &mut WriteBatch| -> Result<()> {
             self.db.write(std::mem::take(batch)).map_err(Error::Write)
         };
-        for item in self.db.iterator_cf(dedupe, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
-            if k.len() < 4 {
-                continue;
-            }
-            let p = u32::from_be_bytes([k[0], k[1], k[2], k[3]]) as Partition;
-            let (Some(expiry), Some(m)) = (decode_i64(&v), self.parts.get(&p)) else {
-                continue;
-            };
-            if expiry < m.watermark {
-                batch.delete_cf(dedupe, &k);
-                removed += 1;
-                if batch.len() >= SWEEP_CHUNK {
-                    write(&mut batch)?;
+        // Each partition's ids share its 4-byte prefix: only this shard's are scanned.
+        for (&p, m) in &self.parts {
+            let prefix = (p as u32).to_be_bytes();
+            let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+            for item in self.db.iterator_cf(dedupe, from) {
+                let (k, v) =
+                    item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let Some(expiry) = decode_i64(&v) else {
+                    continue;
+                };
+                if expiry < m.watermark {
+                    batch.delete_cf(dedupe, &k);
+                    removed += 1;
+                    if batch.len() >= SWEEP_CHUNK {
+                        write(&mut batch)?;
+                    }
                 }
             }
         }

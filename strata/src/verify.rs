@@ -286,6 +286,17 @@ fn read_tail(
     while next.iter().any(|(p, &n)| n < coverage[p]) {
         match consumer.poll(Duration::from_millis(200)) {
             None => {
+                // Records the consumer passes over without handing them out (the markers that
+                // end transactions, aborted records) hold no events: go on from its position.
+                for (p, position) in kafka::positions(&consumer, &cfg.kafka.topic) {
+                    if let (Some(n), Some(&cov)) = (next.get_mut(&p), coverage.get(&p)) {
+                        if position > *n {
+                            progress.inc((position.min(cov) - *n).max(0) as u64);
+                            *n = position.min(cov);
+                            last_message = Instant::now();
+                        }
+                    }
+                }
                 if last_message.elapsed() > patience {
                     bail!(
                         "no message from the topic for {} s while reading up to {coverage:?} (at {next:?})",
