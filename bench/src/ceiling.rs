@@ -4,7 +4,8 @@
 //! written once by this command from the seeded generator, keyed over the partitions as a
 //! producer would spread them. Dead letters are counted instead of produced.
 //!
-//! The file is read into memory before the clock starts; the clock stops when every worker has
+//! The configuration is the defaults with `STRATA__…` environment variables over them, as for
+//! `strata speed`. The file is read into memory before the clock starts; the clock stops when every worker has
 //! written its last state. Prints `rate` (events/s), `secs`, `workers`, `events`.
 
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -150,11 +151,9 @@ pub fn run(a: Args<'_>, out: &mut Out) -> Result<()> {
             a.data_dir.display()
         );
     }
-    let cfg = Config {
-        data_dir: a.data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    cfg.speed_dir();
+    // The defaults, with `STRATA__…` variables over them as for `strata speed`.
+    let mut cfg = Config::load(None, std::env::vars_os())?;
+    cfg.data_dir = a.data_dir.to_path_buf();
     let state = SpeedState::open(&cfg.speed_dir(), cfg.handoff.block_size)?;
     let workers = if a.workers == 0 {
         cfg.speed.workers()

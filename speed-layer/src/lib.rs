@@ -14,6 +14,7 @@
 //! `p % workers`: the consumer thread only polls and hands messages over.
 
 pub mod error;
+pub mod filter;
 pub mod pending;
 pub mod run;
 pub mod state;

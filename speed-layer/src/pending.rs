@@ -1,7 +1,7 @@
 //! What the speed layer has folded since its last flush.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use strata_common::event::Event;
 use strata_common::handoff::Partition;
@@ -13,7 +13,8 @@ use strata_common::views::{contributions, FastMap, Partial, ViewKey};
 #[derive(Default)]
 pub struct Pending {
     pub deltas: FastMap<(Partition, u64, ViewKey), Partial>,
-    pub remembered: HashMap<(Partition, String), Millis>,
+    /// Per partition, ids newly remembered and their expiry.
+    pub remembered: BTreeMap<Partition, FastMap<String, Millis>>,
     pub touched: BTreeSet<Partition>,
     pub messages: usize,
 }
@@ -29,6 +30,16 @@ impl Pending {
                 }
             }
         });
+    }
+
+    /// Remembers an id until `expiry` (written with the next flush).
+    pub fn remember(&mut self, p: Partition, id: String, expiry: Millis) {
+        self.remembered.entry(p).or_default().insert(id, expiry);
+    }
+
+    /// The expiry of an id remembered since the last flush.
+    pub fn remembered(&self, p: Partition, id: &str) -> Option<Millis> {
+        self.remembered.get(&p)?.get(id).copied()
     }
 
     pub fn is_empty(&self) -> bool {

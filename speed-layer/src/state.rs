@@ -13,8 +13,9 @@ use strata_common::speed_store::{
 };
 use strata_common::time::Millis;
 use strata_common::undecodable::Stall;
-use strata_common::views::Partial;
+use strata_common::views::{FastMap, Partial};
 
+use crate::filter::IdFilter;
 use crate::pending::Pending;
 use crate::{Error, Result};
 
@@ -39,6 +40,16 @@ pub struct SpeedState {
     pub(crate) read_back: u64,
     /// This state's share of the partitions: those with `p % count == index`.
     shard: (usize, usize),
+    /// The ids this shard remembers (built from the stored ones on first use).
+    filter: Option<IdFilter>,
+}
+
+/// The dedupe key of partition `p`'s id given as bytes.
+fn dedupe_key_bytes(p: Partition, id: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + id.len());
+    out.extend_from_slice(&(p as u32).to_be_bytes());
+    out.extend_from_slice(id);
+    out
 }
 
 /// The shard (worker) of `n` that partition `p` belongs to.
@@ -52,7 +63,7 @@ struct HotBlock {
     /// Whether every key of the block that is stored is in `values`: true for a block this
     /// process began (nothing of it was stored before), so a key it lacks is not stored at all.
     complete: bool,
-    values: HashMap<Vec<u8>, Partial>,
+    values: FastMap<Vec<u8>, Partial>,
 }
 
 impl SpeedState {
@@ -90,6 +101,7 @@ impl SpeedState {
             hot: HashMap::new(),
             read_back: 0,
             shard: (0, 1),
+            filter: None,
         })
     }
 
@@ -120,6 +132,7 @@ impl SpeedState {
                         .collect(),
                     read_back: 0,
                     shard: (i, n),
+                    filter: None,
                 }
             })
             .collect()
@@ -159,16 +172,87 @@ impl SpeedState {
             .collect()
     }
 
-    /// The expiry remembered for an event id: unflushed first, then stored.
-    pub fn remembered(&self, pending: &Pending, p: Partition, id: &str) -> Result<Option<Millis>> {
-        if let Some(&e) = pending.remembered.get(&(p, id.to_string())) {
+    /// The expiry remembered for an event id: unflushed first, then stored (read only when the
+    /// filter says the id may be stored).
+    pub fn remembered(
+        &mut self,
+        pending: &Pending,
+        p: Partition,
+        id: &str,
+    ) -> Result<Option<Millis>> {
+        if let Some(e) = pending.remembered(p, id) {
             return Ok(Some(e));
+        }
+        if !self.filter()?.may_contain(p, id.as_bytes()) {
+            return Ok(None);
         }
         let v = self
             .db
             .get_cf(cf(&self.db, Cf::Dedupe)?, dedupe_key(p, id))
             .map_err(|e| strata_common::Error::rocks("read dedupe memory", e))?;
         Ok(v.and_then(|b| decode_i64(&b)))
+    }
+
+    /// Remembers an id (until the next flush writes it, `pending` holds it; the filter from now).
+    pub fn remember(
+        &mut self,
+        pending: &mut Pending,
+        p: Partition,
+        id: String,
+        expiry: Millis,
+    ) -> Result<()> {
+        self.filter()?.insert(p, id.as_bytes());
+        pending.remember(p, id, expiry);
+        Ok(())
+    }
+
+    /// The filter of remembered ids, built on first use from this shard's stored ones.
+    fn filter(&mut self) -> Result<&mut IdFilter> {
+        if self.filter.is_none() {
+            let started = std::time::Instant::now();
+            let mut stored = Vec::new();
+            self.scan_dedupe(|p, id, _| {
+                stored.push((p, id.to_vec()));
+                Ok(())
+            })?;
+            let mut f = IdFilter::with_capacity(2 * stored.len() as u64);
+            for (p, id) in &stored {
+                f.insert(*p, id);
+            }
+            if !stored.is_empty() {
+                tracing::info!(
+                    ids = stored.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "dedupe filter built from the stored ids"
+                );
+            }
+            self.filter = Some(f);
+        }
+        self.filter
+            .as_mut()
+            .ok_or_else(|| Error::Common(strata_common::Error::Other("no dedupe filter".into())))
+    }
+
+    /// Calls `f(partition, id, expiry)` for every id this shard's partitions remember.
+    fn scan_dedupe(
+        &self,
+        mut f: impl FnMut(Partition, &[u8], Option<Millis>) -> Result<()>,
+    ) -> Result<()> {
+        let dedupe = cf(&self.db, Cf::Dedupe)?;
+        // Each partition's ids share its 4-byte prefix: only this shard's are scanned.
+        for &p in self.parts.keys() {
+            let prefix = (p as u32).to_be_bytes();
+            let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+            for item in self.db.iterator_cf(dedupe, from) {
+                let (k, v) =
+                    item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                f(p, &k[4..], decode_i64(&v))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes everything in `pending`, and the bookkeeping of the partitions it touched, in one
@@ -213,7 +297,7 @@ impl SpeedState {
                     block,
                     complete: i64::try_from(block.saturating_mul(self.block_size))
                         .is_ok_and(|first| first >= opened_at),
-                    values: HashMap::new(),
+                    values: FastMap::default(),
                 });
                 if slots.len() > 2 {
                     slots.remove(0);
@@ -259,10 +343,12 @@ impl SpeedState {
         for (_, _, k, partial) in &merged {
             batch.put_cf(blocks, k, partial.encode());
         }
-        let mut ids: Vec<(Vec<u8>, i64)> = pending
-            .remembered
-            .drain()
-            .map(|((p, id), expiry)| (dedupe_key(p, &id), expiry))
+        let mut ids: Vec<(Vec<u8>, i64)> = std::mem::take(&mut pending.remembered)
+            .into_iter()
+            .flat_map(|(p, ids)| {
+                ids.into_iter()
+                    .map(move |(id, expiry)| (dedupe_key(p, &id), expiry))
+            })
             .collect();
         ids.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (k, expiry) in ids {
@@ -387,38 +473,37 @@ impl SpeedState {
     /// never match again, so this changes no decision. Call it only right after a flush: the
     /// watermarks it compares with must be the stored ones, or a replay after a crash could
     /// decide differently. Returns how many were removed.
-    pub fn sweep_dedupe(&self) -> Result<u64> {
+    /// The ids kept are the filter's from then on, so forgotten ones stop answering "maybe".
+    pub fn sweep_dedupe(&mut self) -> Result<u64> {
         let dedupe = cf(&self.db, Cf::Dedupe)?;
         let mut batch = WriteBatch::default();
         let mut removed = 0;
+        let mut kept: Vec<(Partition, Vec<u8>)> = Vec::new();
         let write = |batch: &mut WriteBatch| -> Result<()> {
             self.db.write(std::mem::take(batch)).map_err(Error::Write)
         };
-        // Each partition's ids share its 4-byte prefix: only this shard's are scanned.
-        for (&p, m) in &self.parts {
-            let prefix = (p as u32).to_be_bytes();
-            let from = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-            for item in self.db.iterator_cf(dedupe, from) {
-                let (k, v) =
-                    item.map_err(|e| strata_common::Error::rocks("scan dedupe memory", e))?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let Some(expiry) = decode_i64(&v) else {
-                    continue;
-                };
-                if expiry < m.watermark {
-                    batch.delete_cf(dedupe, &k);
+        self.scan_dedupe(|p, id, expiry| {
+            let watermark = self.parts.get(&p).map_or(i64::MIN, |m| m.watermark);
+            match expiry {
+                Some(expiry) if expiry < watermark => {
+                    batch.delete_cf(dedupe, dedupe_key_bytes(p, id));
                     removed += 1;
                     if batch.len() >= SWEEP_CHUNK {
                         write(&mut batch)?;
                     }
                 }
+                _ => kept.push((p, id.to_vec())),
             }
-        }
+            Ok(())
+        })?;
         if !batch.is_empty() {
             write(&mut batch)?;
         }
+        let mut f = IdFilter::with_capacity(2 * kept.len() as u64);
+        for (p, id) in &kept {
+            f.insert(*p, id);
+        }
+        self.filter = Some(f);
         Ok(removed)
     }
 }
@@ -522,10 +607,10 @@ mod tests {
         let expired = 2 * SWEEP_CHUNK + 5;
         let mut pending = Pending::default();
         for n in 0..expired {
-            pending.remembered.insert((0, format!("old{n}")), 900);
+            pending.remember(0, format!("old{n}"), 900);
         }
         for n in 0..10 {
-            pending.remembered.insert((0, format!("new{n}")), 5_000);
+            pending.remember(0, format!("new{n}"), 5_000);
         }
         state.part(0).watermark = 1_000;
         pending.touched.insert(0);
@@ -547,6 +632,35 @@ mod tests {
             .count();
         assert_eq!(left, 10);
         assert_eq!(state.sweep_dedupe().expect("sweep again"), 0);
+    }
+
+    #[test]
+    fn stored_ids_are_found_after_a_reopen_in_every_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = SpeedState::open(dir.path(), 100).expect("open");
+        let mut pending = Pending::default();
+        for p in 0..4 {
+            state
+                .remember(&mut pending, p, format!("seen-{p}"), 5_000)
+                .expect("remember");
+            pending.touched.insert(p);
+        }
+        state.flush(&mut pending).expect("flush");
+        drop(state);
+        let shards = SpeedState::open(dir.path(), 100).expect("reopen").split(2);
+        for mut shard in shards {
+            let pending = Pending::default();
+            let owned: Vec<Partition> = (0..4).filter(|&p| shard.owns(p)).collect();
+            assert_eq!(owned.len(), 2);
+            for p in owned {
+                let id = format!("seen-{p}");
+                assert_eq!(
+                    shard.remembered(&pending, p, &id).expect("read"),
+                    Some(5_000)
+                );
+                assert_eq!(shard.remembered(&pending, p, "never").expect("read"), None);
+            }
+        }
     }
 
     #[test]

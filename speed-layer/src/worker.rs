@@ -382,9 +382,8 @@ impl<L: Letters> Worker<L> {
                 {
                     Decision::Count { expiry } => {
                         let first_live = part.first_live_block;
-                        self.pending
-                            .remembered
-                            .insert((p, event.id.clone()), expiry);
+                        self.state
+                            .remember(&mut self.pending, p, event.id.clone(), expiry)?;
                         // Blocks below the first live one are covered by a published batch
                         // version already.
                         let block = block_of(offset, block_size);
