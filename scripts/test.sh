@@ -23,7 +23,7 @@ stop_broker() {
 trap stop_broker EXIT
 
 # One fresh broker for the end-to-end suites (each suite uses topics of its own), unless
-# STRATA_TEST_BROKERS names one to use. e2e_broker, e2e_secure and e2e_undecodable run brokers of their own.
+# STRATA_TEST_BROKERS names one to use. e2e_broker, e2e_secure, e2e_undecodable and e2e_shutdown run brokers of their own.
 start_broker() {
   [ -n "${STRATA_TEST_BROKERS:-}" ] && return
   broker_dir="$(mktemp -d -t strata-test-broker.XXXXXX)"

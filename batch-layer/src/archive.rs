@@ -46,6 +46,7 @@ pub fn run(
 ) -> Result<()> {
     let rules: Rules = cfg.validation.rules()?;
     let root: PathBuf = cfg.master_dir();
+    let _lock = disk::DirLock::acquire(&root, "the archiver")?;
     segment::remove_leftovers(&root)?;
     let ends = segment::ends(&root)?;
     if let Ok(mut s) = status.lock() {
@@ -79,6 +80,8 @@ pub fn run(
 
     let mut last_position_check = Instant::now();
     let mut stalls = StallWatch::new(&cfg.kafka);
+    let anchor = disk::Anchor::take(&cfg.data_dir)?;
+    let mut last_anchor_check = Instant::now();
     undecodable::write_stalls(&root, &BTreeMap::new())?;
     while !shutdown.is_cancelled() && !done(&next, &open) {
         let polled = consumer.poll(Duration::from_millis(50));
@@ -134,6 +137,10 @@ pub fn run(
                     }
                 }
             }
+        }
+        if last_anchor_check.elapsed() >= Duration::from_secs(1) {
+            last_anchor_check = Instant::now();
+            anchor.check()?;
         }
         let (held, _) = consumer.context().assignment();
         let positions = held

@@ -24,6 +24,10 @@ pub struct Config {
     /// The speed and batch layers stop with an error, before writing, when the data directory's
     /// file system has less than this many MiB free (or is read-only).
     pub min_free_mb: u64,
+    /// After SIGINT or SIGTERM, the most seconds a process spends stopping (state written,
+    /// Kafka clients closed) before it exits anyway, with exit code 3; a second signal exits at
+    /// once (130). Nothing is lost either way: a restart resumes at the stored offsets.
+    pub shutdown_timeout_secs: u64,
     pub kafka: KafkaConfig,
     pub validation: Validation,
     pub dedupe: DedupeConfig,
@@ -151,6 +155,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from(".data/strata"),
             min_free_mb: 256,
+            shutdown_timeout_secs: 10,
             kafka: KafkaConfig::default(),
             validation: Validation::default(),
             dedupe: DedupeConfig::default(),
@@ -268,6 +273,9 @@ impl Config {
         }
         if self.handoff.block_size == 0 {
             return Err(bad("handoff.block-size", "must be positive"));
+        }
+        if self.shutdown_timeout_secs == 0 {
+            return Err(bad("shutdown-timeout-secs", "must be at least 1"));
         }
         if self.speed.workers > 1024 {
             return Err(bad(

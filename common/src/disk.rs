@@ -78,3 +78,122 @@ mod tests {
         assert!(s.free_bytes > 0);
     }
 }
+
+/// The identity (device and inode) of a data directory when a layer started, so that a layer
+/// notices when the directory is removed, unmounted or replaced under it instead of running on
+/// blind (its open files would keep working on the old one).
+#[derive(Clone, Debug)]
+pub struct Anchor {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl Anchor {
+    /// Takes the identity of `path` now.
+    pub fn take(path: &Path) -> Result<Anchor> {
+        Ok(Anchor {
+            path: path.to_path_buf(),
+            id: identity(path)?,
+        })
+    }
+
+    /// Fails, naming the path, when it is gone or is another directory than at [`Anchor::take`].
+    pub fn check(&self) -> Result<()> {
+        match identity(&self.path) {
+            Ok(id) if id == self.id => Ok(()),
+            Ok(_) => Err(Error::Other(format!(
+                "the data directory {} was replaced by another one while in use; stopping",
+                self.path.display()
+            ))),
+            Err(_) => Err(Error::Other(format!(
+                "the data directory {} is gone (removed or unmounted) while in use; stopping",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+fn identity(path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+#[cfg(test)]
+mod anchor_tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_or_replaced_directory_is_noticed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("data");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let anchor = Anchor::take(&dir).expect("anchor");
+        anchor.check().expect("unchanged");
+        std::fs::rename(&dir, root.path().join("moved")).expect("move away");
+        std::fs::create_dir(&dir).expect("a new one in its place");
+        let e = anchor.check().expect_err("replaced").to_string();
+        assert!(e.contains("replaced") && e.contains("data"), "{e}");
+        std::fs::remove_dir(&dir).expect("remove");
+        let e = anchor.check().expect_err("gone").to_string();
+        assert!(e.contains("is gone"), "{e}");
+    }
+}
+
+/// An exclusive lock on a directory a layer writes (`<dir>/.lock`, `flock`), held while the
+/// layer runs: a second writer stops at start instead of writing into the same files. The
+/// kernel releases it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` for `what` (e.g. "the archiver"), or says who holds it.
+    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::Other(format!(
+                "{what} cannot start: another process ({}) holds {}; stop it first or use another data directory",
+                match holder.trim() {
+                    "" => "pid unknown".to_string(),
+                    pid => format!("pid {pid}"),
+                },
+                path.display()
+            )));
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(DirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_writer_is_refused_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = DirLock::acquire(dir.path(), "the archiver").expect("first");
+        let e = DirLock::acquire(dir.path(), "the archiver")
+            .expect_err("second")
+            .to_string();
+        assert!(e.contains("another process") && e.contains(".lock"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(first);
+        DirLock::acquire(dir.path(), "the archiver").expect("free again");
+    }
+}

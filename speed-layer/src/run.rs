@@ -84,6 +84,7 @@ impl SpeedLayer {
             shutdown.clone(),
         )?;
         let shared = pipeline.shared();
+        let anchor = disk::Anchor::take(&cfg.data_dir)?;
 
         let mut last_position_check = Instant::now();
         let mut last_commit = Instant::now();
@@ -151,6 +152,7 @@ impl SpeedLayer {
                 if last_commit.elapsed() >= Duration::from_secs(1) {
                     last_commit = Instant::now();
                     pipeline.check()?;
+                    anchor.check()?;
                     kafka::commit_for_lag(&consumer, &topic, &shared.offsets());
                 }
                 if last_log.elapsed() >= Duration::from_secs(5) {

@@ -80,32 +80,68 @@ fn init_logs(format: &str) {
     }
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
-fn on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        token.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
+/// Layers still running, for the shutdown watchdog's last word.
+static RUNNING: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+/// Exit code when stopping took longer than `shutdown-timeout-secs`.
+const EXIT_SHUTDOWN_TIMEOUT: i32 = 3;
+/// Exit code after a second signal.
+const EXIT_SECOND_SIGNAL: i32 = 130;
+
+/// Waits for SIGINT or SIGTERM.
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
             }
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutting down: draining and flushing state");
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Cancels `token` on SIGINT or SIGTERM, and bounds the shutdown that follows: a watchdog thread
+/// exits the process after `timeout` (whatever a Kafka client's close is waiting for: the state
+/// and offsets are written first, and a restart resumes there), and a second signal exits at
+/// once.
+fn on_signal(token: CancellationToken, timeout: std::time::Duration) {
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!(
+            timeout_secs = timeout.as_secs(),
+            "shutting down: draining and flushing state (a second signal exits at once)"
+        );
         token.cancel();
+        let _ = std::thread::Builder::new()
+            .name("shutdown-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(timeout);
+                let running = RUNNING.lock().map(|r| r.join(", ")).unwrap_or_default();
+                tracing::error!(
+                    still_running = %running,
+                    "shutdown did not finish within {} s; exiting anyway (a restart resumes at the stored offsets)",
+                    timeout.as_secs()
+                );
+                std::process::exit(EXIT_SHUTDOWN_TIMEOUT);
+            });
+        signal().await;
+        tracing::warn!("second signal: exiting at once (a restart resumes at the stored offsets)");
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
+}
+
+fn shutdown_timeout(cfg: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(cfg.shutdown_timeout_secs)
 }
 
 async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
@@ -129,9 +165,15 @@ fn spawn_layer(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            if let Ok(mut r) = RUNNING.lock() {
+                r.push(name);
+            }
             let r = f(shutdown.clone());
             if let Err(e) = &r {
                 tracing::error!(layer = name, "{e:#}");
+            }
+            if let Ok(mut running) = RUNNING.lock() {
+                running.retain(|n| *n != name);
             }
             shutdown.cancel();
             r
@@ -159,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let batch_every = cfg.batch.every_secs.map(std::time::Duration::from_secs);
             ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
             let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
             let state = Arc::new(ServingState::shared(cfg.clone(), speed.reader()));
             let speed_thread = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
@@ -178,7 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Speed { common } => {
             let cfg = common.config()?;
             ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
             let speed = SpeedLayer::open(cfg).context("opening the speed layer")?;
             let t = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
             tokio::task::spawn_blocking(move || join(t, "speed")).await?
@@ -190,7 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = common.config()?;
             ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
             let mode = if once {
                 RunMode::Once
             } else {
@@ -204,7 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { common } => {
             let cfg = common.config()?;
-            on_signal(shutdown.clone());
+            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
             let state = Arc::new(ServingState::following(cfg));
             Ok(strata_serving::server::serve(state, shutdown).await?)
         }
