@@ -89,7 +89,11 @@ fn print_shows_each_layer_overriding_the_one_before() {
     // Default (no layer sets it) < file < env < flag.
     assert_eq!(
         section(&printed, ""),
-        ["data-dir = \"/from/file\"", "min-free-mb = 256"]
+        [
+            "data-dir = \"/from/file\"",
+            "min-free-mb = 256",
+            "shutdown-timeout-secs = 10"
+        ]
     );
     let kafka = section(&printed, "kafka");
     assert!(kafka.contains(&"partitions = 4"), "default: {printed}");
