@@ -142,32 +142,33 @@ pub fn run(
             last_anchor_check = Instant::now();
             anchor.check()?;
         }
-        let (held, _) = consumer.context().assignment();
-        let positions = held
-            .iter()
-            .map(|&p| (p, next.get(&p).copied().unwrap_or(0)))
-            .collect();
-        let changes = stalls.check(&positions)?;
-        let stalls_changed = !changes.is_empty();
-        for change in changes {
-            let Change::Stalled(p, stall) = change else {
-                continue;
-            };
-            tracing::error!(
-                partition = p,
-                offset = stall.offset,
-                reason = %stall.reason,
-                policy = ?cfg.kafka.undecodable,
-                "archiver: {topic}/{p} cannot be decoded from offset {}",
-                stall.offset
-            );
-            if cfg.kafka.undecodable != undecodable::Policy::Skip {
-                continue;
-            }
-            let Some(end) = stalls.end_of(p, &stall)? else {
-                continue;
-            };
-            tracing::warn!(
+        if stalls.due() {
+            let (held, _) = consumer.context().assignment();
+            let positions = held
+                .iter()
+                .map(|&p| (p, next.get(&p).copied().unwrap_or(0)))
+                .collect();
+            let changes = stalls.check(&positions)?;
+            let stalls_changed = !changes.is_empty();
+            for change in changes {
+                let Change::Stalled(p, stall) = change else {
+                    continue;
+                };
+                tracing::error!(
+                    partition = p,
+                    offset = stall.offset,
+                    reason = %stall.reason,
+                    policy = ?cfg.kafka.undecodable,
+                    "archiver: {topic}/{p} cannot be decoded from offset {}",
+                    stall.offset
+                );
+                if cfg.kafka.undecodable != undecodable::Policy::Skip {
+                    continue;
+                }
+                let Some(end) = stalls.end_of(p, &stall)? else {
+                    continue;
+                };
+                tracing::warn!(
                 partition = p,
                 from = stall.offset,
                 to = end,
@@ -176,22 +177,23 @@ pub fn run(
                 end - 1,
                 stall.reason
             );
-            // Like records passed over by the consumer: the open segment's range covers them.
-            let seg = open.entry(p).or_insert_with(|| Open {
-                start: stall.offset,
-                next: stall.offset,
-                events: Vec::new(),
-                opened: Instant::now(),
-            });
-            seg.next = end;
-            next.insert(p, end);
-            kafka::seek(&consumer, &topic, p, end)?;
-            stalls.clear(p);
-        }
-        if stalls_changed {
-            undecodable::write_stalls(&root, stalls.stalled())?;
-            if let Ok(mut s) = status.lock() {
-                s.stalled = stalls.stalled().clone();
+                // Like records passed over by the consumer: the open segment's range covers them.
+                let seg = open.entry(p).or_insert_with(|| Open {
+                    start: stall.offset,
+                    next: stall.offset,
+                    events: Vec::new(),
+                    opened: Instant::now(),
+                });
+                seg.next = end;
+                next.insert(p, end);
+                kafka::seek(&consumer, &topic, p, end)?;
+                stalls.clear(p);
+            }
+            if stalls_changed {
+                undecodable::write_stalls(&root, stalls.stalled())?;
+                if let Ok(mut s) = status.lock() {
+                    s.stalled = stalls.stalled().clone();
+                }
             }
         }
         let mut wrote = false;

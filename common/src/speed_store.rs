@@ -146,10 +146,11 @@ pub fn block_prefix(p: Partition, block: u64) -> Vec<u8> {
 }
 
 /// The key remembering an event id in the dedupe family.
-pub fn dedupe_key(p: Partition, id: &str) -> Vec<u8> {
+pub fn dedupe_key(p: Partition, id: impl AsRef<[u8]>) -> Vec<u8> {
+    let id = id.as_ref();
     let mut out = Vec::with_capacity(4 + id.len());
     out.extend_from_slice(&partition_bytes(p));
-    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(id);
     out
 }
 

@@ -194,9 +194,8 @@ impl Prober {
 pub struct StallWatch {
     cfg: KafkaConfig,
     prober: Option<Prober>,
-    /// When an undecodable error last arrived, and how many since the last check.
+    /// Undecodable errors since the last check.
     errors: u64,
-    last_error: Option<Instant>,
     last_check: Instant,
     /// Per partition: its next offset at the last check.
     seen: BTreeMap<Partition, i64>,
@@ -224,7 +223,6 @@ impl StallWatch {
             cfg: cfg.clone(),
             prober: None,
             errors: 0,
-            last_error: None,
             last_check: Instant::now(),
             seen: BTreeMap::new(),
             readable: BTreeMap::new(),
@@ -237,7 +235,6 @@ impl StallWatch {
     pub fn on_error(&mut self, e: &KafkaError) -> bool {
         if undecodable(e).is_some() {
             self.errors += 1;
-            self.last_error = Some(Instant::now());
             true
         } else {
             false
@@ -254,30 +251,31 @@ impl StallWatch {
         if self.prober.is_none() {
             self.prober = Some(Prober::new(&self.cfg)?);
         }
-        self.prober
-            .as_ref()
-            .ok_or_else(|| Error::Other("no probe consumer".into()))
+        match &self.prober {
+            Some(p) => Ok(p),
+            None => unreachable!("the prober was just created"),
+        }
+    }
+
+    /// Whether a [`check`](StallWatch::check) is due (every two seconds): callers build the
+    /// positions only then, not for every message.
+    pub fn due(&self) -> bool {
+        self.last_check.elapsed() >= CHECK_EVERY
     }
 
     /// Compares the layer's next offsets (`positions`, of the partitions it holds) with the last
-    /// check's, at most every two seconds. A stalled partition that moved is cleared; while
-    /// undecodable errors arrive, each partition that did not move is probed.
+    /// check's. A stalled partition that moved is cleared; while undecodable errors arrive, each
+    /// partition that did not move is probed.
     pub fn check(&mut self, positions: &BTreeMap<Partition, i64>) -> Result<Vec<Change>> {
-        if self.last_check.elapsed() < CHECK_EVERY {
-            return Ok(Vec::new());
-        }
         self.last_check = Instant::now();
         let mut changes = Vec::new();
-        let held: Vec<Partition> = self.stalled.keys().copied().collect();
-        for p in held {
-            let moved = positions
-                .get(&p)
-                .is_none_or(|&now| self.stalled.get(&p).is_some_and(|s| now != s.offset));
-            if moved {
-                self.stalled.remove(&p);
-                changes.push(Change::Cleared(p));
+        self.stalled.retain(|p, s| {
+            let still = positions.get(p) == Some(&s.offset);
+            if !still {
+                changes.push(Change::Cleared(*p));
             }
-        }
+            still
+        });
         let errors = std::mem::take(&mut self.errors);
         let previous = std::mem::replace(&mut self.seen, positions.clone());
         if errors == 0 {

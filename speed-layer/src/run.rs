@@ -141,14 +141,16 @@ impl SpeedLayer {
                         pipeline.send_batches(false)?;
                     }
                 }
-                watch_stalls(
-                    policy,
-                    &mut stalls,
-                    &mut pipeline,
-                    &consumer,
-                    &topic,
-                    &mut handed,
-                )?;
+                if stalls.due() {
+                    watch_stalls(
+                        policy,
+                        &mut stalls,
+                        &mut pipeline,
+                        &consumer,
+                        &topic,
+                        &mut handed,
+                    )?;
+                }
                 if last_commit.elapsed() >= Duration::from_secs(1) {
                     last_commit = Instant::now();
                     pipeline.check()?;
