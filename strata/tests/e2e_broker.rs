@@ -94,7 +94,9 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     // written twice, nothing lost), and the layers pick up where they were.
     broker.restart();
     let down_for = outage.elapsed();
-    let inflight = gen_config(33, 60_000, now - 3_600_000, 3_600_000, false);
+    // 40 s at 3,000/s: long enough to still be producing after the layers have rejoined their
+    // groups on the restarted broker (seen taking over 20 s once).
+    let inflight = gen_config(33, 120_000, now - 3_600_000, 3_600_000, false);
     let mut gen_args = generate_args(&common, &inflight);
     gen_args.extend(["--rate".to_string(), "3000".to_string()]);
     let mut producer = Proc::spawn("generate", &gen_args, dir.path());
