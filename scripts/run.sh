@@ -5,16 +5,29 @@
 #   STRATA_HTTP        listen address (default 127.0.0.1:8080)
 #   STRATA_ADMIN_KEY   admin key (default: a random one, printed)
 #   STRATA_DEMO_EVENTS demo events to produce (default 200000)
+#   STRATA_DATA        where the broker's and Strata's data go (default .data)
+#   STRATA_BROKER_PORT the broker's client port (default 9092)
+#   STRATA_BIN         a strata binary to run instead of building one
+#
+# Stopping (Ctrl-C, or SIGINT/SIGTERM/SIGHUP to this script or its whole process group) goes in
+# order: `strata up` first (its state flushed, within its shutdown-timeout-secs), then the broker.
+# Both run in sessions of their own, so a signal to the group reaches only this script, which
+# passes one SIGTERM on to each in turn.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
 "$STRATA_ROOT/scripts/deps.sh"
-log "building (release)"
-cargo build --release --quiet -p strata
-bin="$CARGO_TARGET_DIR/release/strata"
+bin="${STRATA_BIN:-}"
+if [ -z "$bin" ]; then
+  log "building (release)"
+  cargo build --release --quiet -p strata
+  bin="$CARGO_TARGET_DIR/release/strata"
+fi
 
-data="$STRATA_ROOT/.data"
+data="${STRATA_DATA:-$STRATA_ROOT/.data}"
+port="${STRATA_BROKER_PORT:-9092}"
+export STRATA_BROKER_PORT="$port"
 http="${STRATA_HTTP:-127.0.0.1:8080}"
 key="${STRATA_ADMIN_KEY:-local-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}"
 events="${STRATA_DEMO_EVENTS:-200000}"
@@ -23,14 +36,21 @@ mkdir -p "$data"
 "$STRATA_ROOT/scripts/broker.sh" start "$data/broker"
 strata_pid=""
 stop_all() {
-  [ -n "$strata_pid" ] && kill -TERM "$strata_pid" 2>/dev/null && wait "$strata_pid" 2>/dev/null || true
+  trap '' INT TERM HUP  # one stop, in order, however many signals arrive meanwhile
+  if [ -n "$strata_pid" ] && kill -0 "$strata_pid" 2>/dev/null; then
+    log "stopping strata up (pid $strata_pid)"
+    kill -TERM "$strata_pid" 2>/dev/null || true
+    code=0
+    wait "$strata_pid" 2>/dev/null || code=$?
+    log "strata up stopped (exit $code)"
+  fi
   "$STRATA_ROOT/scripts/broker.sh" stop "$data/broker" || true
 }
 trap stop_all EXIT
-trap 'exit 0' INT TERM
+trap 'exit 0' INT TERM HUP
 
-STRATA_ADMIN_KEY="$key" "$bin" up --data-dir "$data/strata" --http "$http" --batch-every 10m \
-  >>"$data/strata.log" 2>&1 &
+STRATA_ADMIN_KEY="$key" setsid "$bin" up --data-dir "$data/strata" --http "$http" --batch-every 10m \
+  --brokers "127.0.0.1:$port" >>"$data/strata.log" 2>&1 </dev/null &
 strata_pid=$!
 for _ in $(seq 1 100); do
   curl -sf "http://$http/healthz" >/dev/null 2>&1 && break
@@ -39,7 +59,7 @@ for _ in $(seq 1 100); do
 done
 log "strata up is running (pid $strata_pid, log $data/strata.log)"
 
-"$bin" generate --count "$events" --seed "$RANDOM" --patterns --data-dir "$data/strata"
+"$bin" generate --count "$events" --seed "$RANDOM" --patterns --data-dir "$data/strata" --brokers "127.0.0.1:$port"
 sleep 2
 curl -sf -X POST -H "Authorization: Bearer $key" "http://$http/v1/admin/batch" >/dev/null &&
   log "batch recompute requested"
@@ -58,7 +78,7 @@ Strata is up. Try:
   curl http://$http/v1/devices/health
   curl http://$http/v1/devices/p-hot/health
   curl -X POST -H 'Authorization: Bearer $key' http://$http/v1/admin/batch
-More events:  $bin generate --count 100000 --rate 5000
+More events:  $bin generate --count 100000 --rate 5000 --brokers 127.0.0.1:$port
 Admin key:    $key
 Ctrl-C stops Strata and the broker (data stays in $data).
 MSG

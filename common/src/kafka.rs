@@ -35,6 +35,11 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 pub fn client_config_with(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
+    // A broker in its controlled shutdown can answer a metadata request with no brokers at
+    // all; librdkafka then forgets every broker it knew and, by default, goes back to
+    // `bootstrap.servers` only after 5 minutes without metadata: a producer or consumer that
+    // outlived a broker restart sat idle that long. 5 s (README, "Kafka").
+    c.set("metadata.recovery.rebootstrap.trigger.ms", "5000");
     for (k, v) in defaults {
         c.set(*k, *v);
     }

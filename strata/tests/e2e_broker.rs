@@ -21,11 +21,7 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     let data_dir = dir.path().join("data");
     let mut common = layer_args(&topic, &data_dir, 2000, Some(&addr));
     // This suite's own broker, not the shared one.
-    let at = common
-        .iter()
-        .position(|a| a == "--brokers")
-        .expect("--brokers");
-    common[at + 1] = broker.addr();
+    set_brokers(&mut common, &broker.addr());
     common.extend(["--admin-key".to_string(), ADMIN_KEY.to_string()]);
     let with = |cmd: &str, extra: &[&str]| -> Vec<String> {
         let mut v = vec![cmd.to_string()];

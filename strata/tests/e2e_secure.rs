@@ -171,11 +171,7 @@ fn secured_args(
     kafka: &[(&str, &str)],
 ) -> Vec<String> {
     let mut common = layer_args(topic, data_dir, 2000, None);
-    let at = common
-        .iter()
-        .position(|a| a == "--brokers")
-        .expect("--brokers");
-    common[at + 1] = brokers.to_string();
+    set_brokers(&mut common, brokers);
     for (k, v) in kafka {
         common.extend(["--kafka".to_string(), format!("{k}={v}")]);
     }

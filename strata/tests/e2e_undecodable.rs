@@ -119,12 +119,7 @@ fn undecodable_batches_stall_visibly_and_are_skipped_on_request() {
     let topic = unique_topic("e2e-undecodable");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut common = layer_args(&topic, &dir.path().join("data"), 500, None);
-    let at = common
-        .iter()
-        .position(|a| a == "--brokers")
-        .expect("--brokers")
-        + 1;
-    common[at] = brokers.clone();
+    set_brokers(&mut common, &brokers);
 
     let now = now_millis();
     let mut before = Truth::default();

@@ -58,6 +58,15 @@ pub fn layer_args(
     v
 }
 
+/// Points `common` (from [`layer_args`]) at `brokers` instead of the shared test broker.
+pub fn set_brokers(common: &mut [String], brokers: &str) {
+    let at = common
+        .iter()
+        .position(|a| a == "--brokers")
+        .expect("--brokers");
+    common[at + 1] = brokers.to_string();
+}
+
 /// `strata up` with a test's shared flags (`common`), serving on `addr` with `admin_key`.
 pub fn up_args(common: &[String], addr: &str, admin_key: &str) -> Vec<String> {
     let mut v: Vec<String> = vec!["up".into()];
@@ -957,6 +966,36 @@ impl Broker {
     /// A clean stop (SIGTERM and a controlled shutdown), as an operator restarting it would.
     pub fn stop(&mut self) {
         self.run("stop");
+        self.running = false;
+    }
+
+    /// The broker's JVM, from the pid file `scripts/broker.sh` keeps.
+    pub fn pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.dir.join("broker.pid")).expect("broker.pid");
+        text.trim().parse().expect("a pid in broker.pid")
+    }
+
+    /// Sends `sig` (`-TERM`, `-KILL`, `-STOP`, `-CONT`) to the broker's JVM itself, without
+    /// waiting for anything.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} the broker");
+    }
+
+    /// After a TERM or KILL sent with [`Broker::signal`]: waits until the JVM has exited.
+    pub fn wait_gone(&mut self, timeout: Duration) {
+        let pid = self.pid().to_string();
+        wait_for("the broker to exit", timeout, || {
+            let alive = Command::new("kill")
+                .args(["-0", &pid])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            (!alive).then_some(())
+        });
         self.running = false;
     }
 }
