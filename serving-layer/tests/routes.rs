@@ -1,4 +1,5 @@
-//! The routes in-process (`warp::test`), over a published batch version and no speed state.
+//! The routes over real HTTP on a loopback port, over a published batch version and no speed
+//! state.
 
 use std::sync::Arc;
 
@@ -65,19 +66,114 @@ fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<Serv
     Arc::new(ServingState::following(cfg))
 }
 
+/// One HTTP response as it came over the wire.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Serves `state`'s routes on a fresh loopback port and sends one HTTP/1.1 request to it over
+/// TCP (`Connection: close`); the server task ends with the test's runtime.
+async fn send(
+    state: &Arc<ServingState>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(warp::serve(routes(state.clone())).incoming(listener).run());
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    // A server that refuses a request early may close before reading all of it: what it
+    // answered is still read below.
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = conn.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The body of a `Transfer-Encoding: chunked` response.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            panic!("a chunk without its size line");
+        };
+        let size_text = String::from_utf8_lossy(&raw[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|_| panic!("a bad chunk size {size_text:?}"));
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
 async fn call(
     state: &Arc<ServingState>,
     method: &str,
     path: &str,
     auth: Option<&str>,
 ) -> (u16, Value) {
-    let mut req = warp::test::request().method(method).path(path);
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let res = req.reply(&routes(state.clone())).await;
-    let body: Value = serde_json::from_slice(res.body()).expect("every answer is JSON");
-    (res.status().as_u16(), body)
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    let res = send(state, method, path, &headers, b"").await;
+    let body: Value = serde_json::from_slice(&res.body).expect("every answer is JSON");
+    (res.status, body)
 }
 
 /// Publishes `views` as the next batch version, covering partition 0 below one block.
@@ -259,15 +355,17 @@ async fn long_urls_and_large_bodies_are_refused() {
     let long_query = format!("/v1/insights/top-items?category={}", "c".repeat(9_000));
     assert_eq!(call(&s, "GET", &long_query, None).await.0, 414);
 
-    let res = warp::test::request()
-        .method("POST")
-        .path("/v1/admin/batch")
-        .header("authorization", format!("Bearer {KEY}"))
-        .body(vec![b'x'; 100_000])
-        .reply(&routes(s.clone()))
-        .await;
-    assert_eq!(res.status().as_u16(), 413);
-    let v: Value = serde_json::from_slice(res.body()).expect("JSON");
+    let bearer = format!("Bearer {KEY}");
+    let res = send(
+        &s,
+        "POST",
+        "/v1/admin/batch",
+        &[("authorization", &bearer)],
+        &vec![b'x'; 100_000],
+    )
+    .await;
+    assert_eq!(res.status, 413);
+    let v: Value = serde_json::from_slice(&res.body).expect("JSON");
     assert_eq!(v["error"]["code"], "too_large", "{v}");
     assert!(
         batch_store::take_requests(dir.path())
@@ -304,14 +402,17 @@ async fn views_snapshot_is_for_admins_and_holds_every_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = state(dir.path());
     assert_eq!(call(&s, "GET", "/v1/admin/views", None).await.0, 401);
-    let res = warp::test::request()
-        .method("GET")
-        .path("/v1/admin/views")
-        .header("authorization", format!("Bearer {KEY}"))
-        .reply(&routes(s.clone()))
-        .await;
-    assert_eq!(res.status().as_u16(), 200);
-    let snap = strata_common::views::Snapshot::decode(res.body()).expect("postcard snapshot");
+    let bearer = format!("Bearer {KEY}");
+    let res = send(
+        &s,
+        "GET",
+        "/v1/admin/views",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    let snap = strata_common::views::Snapshot::decode(&res.body).expect("postcard snapshot");
     assert!(snap.batch_version.is_some());
     assert_eq!(snap.coverage, Offsets::from([(0, 10_000)]));
     assert_eq!(snap.entries.len(), 4, "three items and one device");
@@ -347,25 +448,15 @@ async fn openapi_lists_exactly_the_routes_and_every_one_is_served() {
             .map(|seg| if seg.starts_with('{') { "x" } else { seg })
             .collect::<Vec<_>>()
             .join("/");
-        let res = warp::test::request()
-            .method(method)
-            .path(&path)
-            .header("authorization", format!("Bearer {KEY}"))
-            .reply(&routes_of(&s))
-            .await;
-        let body = String::from_utf8_lossy(res.body()).to_string();
+        let bearer = format!("Bearer {KEY}");
+        let res = send(&s, method, &path, &[("authorization", &bearer)], b"").await;
+        let body = res.text();
         assert!(
-            !body.contains("no such route") && res.status().as_u16() != 405,
+            !body.contains("no such route") && res.status != 405,
             "{method} {path} is documented but not served: {} {body}",
-            res.status()
+            res.status
         );
     }
-}
-
-fn routes_of(
-    s: &Arc<ServingState>,
-) -> impl warp::Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
-    routes(s.clone())
 }
 
 #[tokio::test]
@@ -376,12 +467,9 @@ async fn metrics_describe_the_layers_and_the_requests() {
     for path in ["/v1/items/i1", "/v1/items/i2", "/v1/items/nope", "/no/such"] {
         call(&s, "GET", path, None).await;
     }
-    let res = warp::test::request()
-        .path("/metrics")
-        .reply(&routes(s.clone()))
-        .await;
-    assert_eq!(res.status().as_u16(), 200);
-    let text = String::from_utf8_lossy(res.body()).to_string();
+    let res = send(&s, "GET", "/metrics", &[], b"").await;
+    assert_eq!(res.status, 200);
+    let text = res.text();
     for line in [
         "strata_broker_up 1",
         "strata_batch_events 35",
@@ -474,38 +562,43 @@ async fn cors_headers_go_to_allowed_origins_only() {
     let s = state_with(dir.path(), |c| {
         c.serve.cors_origins = vec!["https://app.example.com".into()]
     });
-    let get = |origin: &'static str| {
-        warp::test::request()
-            .path("/v1/items/i2")
-            .header("origin", origin)
-    };
-    let res = get("https://app.example.com")
-        .reply(&routes(s.clone()))
-        .await;
-    assert_eq!(res.status().as_u16(), 200);
+    let res = send(
+        &s,
+        "GET",
+        "/v1/items/i2",
+        &[("origin", "https://app.example.com")],
+        b"",
+    )
+    .await;
+    assert_eq!(res.status, 200);
     assert_eq!(
-        res.headers()
-            .get("access-control-allow-origin")
-            .and_then(|v| v.to_str().ok()),
+        res.header("access-control-allow-origin"),
         Some("https://app.example.com")
     );
-    let res = get("https://evil.example.com")
-        .reply(&routes(s.clone()))
-        .await;
-    assert!(res.headers().get("access-control-allow-origin").is_none());
-    let res = warp::test::request()
-        .method("OPTIONS")
-        .path("/v1/items/i2")
-        .header("origin", "https://app.example.com")
-        .header("access-control-request-method", "GET")
-        .header("access-control-request-headers", "authorization")
-        .reply(&routes(s.clone()))
-        .await;
-    assert_eq!(res.status().as_u16(), 204);
+    let res = send(
+        &s,
+        "GET",
+        "/v1/items/i2",
+        &[("origin", "https://evil.example.com")],
+        b"",
+    )
+    .await;
+    assert!(res.header("access-control-allow-origin").is_none());
+    let res = send(
+        &s,
+        "OPTIONS",
+        "/v1/items/i2",
+        &[
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "authorization"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(res.status, 204);
     let allow = res
-        .headers()
-        .get("access-control-allow-headers")
-        .and_then(|v| v.to_str().ok())
+        .header("access-control-allow-headers")
         .unwrap_or_default();
     assert!(allow.contains("authorization"), "{allow}");
 }
@@ -646,11 +739,7 @@ async fn kept_answers_last_only_while_the_state_stands() {
         assert_eq!(status, 404);
     }
     assert_eq!(s.answers.counts(), (kept_before, computed_before));
-    let metrics = warp::test::request()
-        .path("/metrics")
-        .reply(&routes(s.clone()))
-        .await;
-    let text = String::from_utf8_lossy(metrics.body()).to_string();
+    let text = send(&s, "GET", "/metrics", &[], b"").await.text();
     assert!(
         text.contains(&format!(
             "strata_answers_total{{source=\"kept\"}} {kept_before}"
@@ -902,4 +991,28 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
         pairs.iter().any(|p| p.0 == "u65") && pairs.iter().any(|p| p.1 == "i33"),
         "the speed layer has users and items the batch never saw"
     );
+}
+
+/// The dashboard page at `/`: HTML with every panel the dashboard script fills, and only GET.
+#[tokio::test]
+async fn serves_the_dashboard_page_as_html() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let res = send(&s, "GET", "/", &[], b"").await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("content-type"), Some("text/html; charset=utf-8"));
+    let body = res.text();
+    for id in [
+        "id=\"events-per-second\"",
+        "id=\"events-chart\"",
+        "id=\"top-items\"",
+        "id=\"trending\"",
+        "id=\"fleet-status\"",
+        "id=\"freshness\"",
+        "id=\"rec-form\"",
+        "id=\"rec-results\"",
+    ] {
+        assert!(body.contains(id), "the page lacks {id}");
+    }
+    assert_ne!(send(&s, "POST", "/", &[], b"").await.status, 200);
 }
