@@ -37,19 +37,25 @@ if [ $# -gt 0 ]; then
   start_broker
   cargo test --release --workspace "$@"
 else
-  # Everything that needs no broker: every library crate's tests and the CLI's.
-  cargo test --release --workspace --exclude strata
-  cargo test --release -p strata --bins
-  for suite in "$STRATA_ROOT"/strata/tests/*.rs; do
+  # Every test binary in one build first, so that cargo compiles them side by side on every
+  # core instead of one suite at a time below. Every cargo call here selects the whole
+  # workspace, so that all of them resolve the same features and share that one build.
+  cargo test --release --workspace --no-run
+  # Everything that needs no broker: every crate's unit tests, doc tests and the integration
+  # tests that are not end-to-end suites.
+  others=()
+  for suite in "$STRATA_ROOT"/*/tests/*.rs; do
     name="$(basename "$suite" .rs)"
-    case "$name" in e2e_*) ;; *) cargo test --release -p strata --test "$name" ;; esac
+    case "$name" in e2e_*) ;; *) others+=(--test "$name") ;; esac
   done
+  cargo test --release --workspace --lib --bins "${others[@]}"
+  cargo test --release --workspace --doc
   # Then each end-to-end suite against the broker.
   start_broker
   for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do
     name="$(basename "$suite" .rs)"
     log "end-to-end suite $name"
-    cargo test --release -p strata --test "$name"
+    cargo test --release --workspace --test "$name"
   done
 fi
 [ $# -gt 0 ] || "$STRATA_ROOT/scripts/bench.sh" --smoke >/dev/null  # the benchmark harness still runs
