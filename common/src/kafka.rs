@@ -590,10 +590,25 @@ pub fn high_watermarks<C: ConsumerContext>(
     Ok(out)
 }
 
-/// Counts failed deliveries so that a flush can tell whether everything arrived.
-#[derive(Default)]
+/// Counts failed deliveries so that a flush can tell whether everything arrived; `what` names
+/// the messages in the log line of each failure.
 pub struct DeliveryTracker {
+    what: &'static str,
     failed: AtomicU64,
+}
+
+impl DeliveryTracker {
+    pub fn new(what: &'static str) -> Self {
+        DeliveryTracker {
+            what,
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Deliveries that failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
+    }
 }
 
 impl ClientContext for DeliveryTracker {
@@ -611,7 +626,7 @@ impl ProducerContext for DeliveryTracker {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
-            tracing::error!(error = %e, "dead-letter delivery failed");
+            tracing::error!(error = %e, "{} delivery failed", self.what);
             self.failed.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -729,7 +744,7 @@ impl DeadLetters {
                 ("enable.idempotence", "true"),
             ],
         )
-        .create_with_context(DeliveryTracker::default())
+        .create_with_context(DeliveryTracker::new("dead-letter"))
         .map_err(|e| Error::kafka("create dead-letter producer", e))?;
         Ok(DeadLetters {
             producer,

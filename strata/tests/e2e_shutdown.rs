@@ -429,13 +429,8 @@ fn run_sh_stops_in_order_on_a_signal_to_its_process_group() {
             "stopping took {took:?} (limit: strata's 10 s plus the broker's 30 s): {text}"
         );
         for pid in [strata_pid, broker_pid] {
-            let alive = Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
             assert!(
-                !alive,
+                !alive(pid),
                 "pid {pid} still running after scripts/run.sh exited"
             );
         }

@@ -67,6 +67,15 @@ pub fn set_brokers(common: &mut [String], brokers: &str) {
     common[at + 1] = brokers.to_string();
 }
 
+/// Whether process `pid` exists (`kill -0`).
+pub fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// `strata up` with a test's shared flags (`common`), serving on `addr` with `admin_key`.
 pub fn up_args(common: &[String], addr: &str, admin_key: &str) -> Vec<String> {
     let mut v: Vec<String> = vec!["up".into()];
@@ -987,14 +996,9 @@ impl Broker {
 
     /// After a TERM or KILL sent with [`Broker::signal`]: waits until the JVM has exited.
     pub fn wait_gone(&mut self, timeout: Duration) {
-        let pid = self.pid().to_string();
+        let pid = self.pid();
         wait_for("the broker to exit", timeout, || {
-            let alive = Command::new("kill")
-                .args(["-0", &pid])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            (!alive).then_some(())
+            (!alive(pid)).then_some(())
         });
         self.running = false;
     }
