@@ -568,21 +568,10 @@ bench_recovery() {
 
 # --- batch recompute, DuckDB beside it --------------------------------------------------------
 
-# Python with DuckDB (PyPI), once, into $STRATA_CACHE/tools/py; its interpreter in $PY.
+# Python with DuckDB (PyPI), once, into $STRATA_PY; its interpreter in $PY.
 duckdb_python() {
-  PY="$STRATA_CACHE/tools/py/bin/python"
-  "$PY" -c 'import duckdb' 2>/dev/null && return 0
-  log "installing DuckDB $DUCKDB_VERSION (PyPI) into $STRATA_CACHE/tools/py"
-  if ! python3 -m venv "$STRATA_CACHE/tools/py" >/dev/null 2>&1; then
-    log "installing python3-venv with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq python3-venv >/dev/null
-    rm -rf "$STRATA_CACHE/tools/py"
-    python3 -m venv "$STRATA_CACHE/tools/py"
-  fi
-  "$STRATA_CACHE/tools/py/bin/pip" install --quiet --disable-pip-version-check "duckdb==$DUCKDB_VERSION"
+  py_install duckdb "$DUCKDB_VERSION"
+  PY="$STRATA_PY/bin/python"
 }
 
 # Seconds the last published recompute took, from its manifest.

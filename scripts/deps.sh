@@ -2,7 +2,8 @@
 # Installs what building, testing and benchmarking Strata need and is missing: the distribution's
 # RocksDB and libclang (docs/decisions/0001-rocksdb-system-library.md), OpenSSL and zstd for
 # rdkafka's TLS, SASL and zstd support, a C/C++ toolchain, the tools the scripts call (curl, jq,
-# wrk, openssl, Chromium and Node for the dashboard test), a JDK and Maven, and the local broker:
+# wrk, openssl, Chromium and Node for the dashboard test, schemathesis for the API contract test),
+# a JDK and Maven, and the local broker:
 # Apache Kafka $KAFKA_VERSION from its Maven Central artifacts, fetched once into
 # $STRATA_CACHE/tools (docs/decisions/0007-apache-kafka.md). `--no-broker` skips the broker.
 set -euo pipefail
@@ -34,6 +35,9 @@ if [ ! -f "$STRATA_CACHE/tools/node/node_modules/playwright-core/package.json" ]
   mkdir -p "$STRATA_CACHE/tools/node"
   npm install --prefix "$STRATA_CACHE/tools/node" --no-audit --no-fund --silent playwright-core@1 >/dev/null
 fi
+
+# schemathesis (PyPI), for the API contract test (strata/tests/e2e_api.rs), once.
+py_install schemathesis "$SCHEMATHESIS_VERSION"
 
 # Apache Kafka: the broker jar and its runtime dependencies, plus the log4j binding (without it
 # the broker logs nothing), resolved by Maven from a throwaway pom. jars.txt records every jar and

@@ -40,6 +40,11 @@ pub fn client_config_with(cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> Clien
     // `bootstrap.servers` only after 5 minutes without metadata: a producer or consumer that
     // outlived a broker restart sat idle that long. 5 s (README, "Kafka").
     c.set("metadata.recovery.rebootstrap.trigger.ms", "5000");
+    // A partition whose leader went away (-1 while the only broker shut down) is looked up
+    // again only on an error or at the periodic refresh, 5 minutes by default; a stream
+    // produced through a broker restart was once still waiting after 3. Every 10 s bounds that
+    // wait, for one small metadata request per client.
+    c.set("topic.metadata.refresh.interval.ms", "10000");
     for (k, v) in defaults {
         c.set(*k, *v);
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use strata_common::batch_store;
+use strata_common::config::Config;
 use warp::http::{HeaderValue, Method, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
@@ -75,6 +76,22 @@ fn read_key(state: &ServingState) -> impl Filter<Extract = (), Error = Rejection
             }
         })
         .untuple_one()
+}
+
+/// A 405 names the methods its path does answer (`Allow`); where no route has the path at all,
+/// the answer is a 404.
+fn allow(path: &str, mut reply: warp::reply::Response) -> warp::reply::Response {
+    if reply.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return reply;
+    }
+    let methods = crate::metrics::allowed_methods(path);
+    if methods.is_empty() {
+        return ApiError::not_found("no such route").reply().into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&methods.join(", ")) {
+        reply.headers_mut().insert("allow", v);
+    }
+    reply
 }
 
 /// Adds CORS headers for allowed origins, and answers their preflight requests.
@@ -188,7 +205,9 @@ pub fn routes(
         .and(url())
         .and(st.clone())
         .and_then(|item: String, url: String, s: Arc<ServingState>| {
-            answer_now(s, url, move |s| query::item(s, &decode_segment(&item)?))
+            answer_now(s, url, move |s| {
+                query::item(s, &id_segment(s, &item, "item")?)
+            })
         });
     let top = warp::path!("top-items")
         .and(warp::get())
@@ -199,7 +218,8 @@ pub fn routes(
                 let limit = limit(p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("purchase", String::as_str);
                 let window = Window::parse(p.get("window").map_or("all", String::as_str))?;
-                insights::top_items(s, t, window, p.get("category").map(String::as_str), limit)
+                let category = id_param(s, p, "category")?;
+                insights::top_items(s, t, window, category, limit)
             })
         });
     let trending = warp::path!("trending")
@@ -212,7 +232,7 @@ pub fn routes(
                 let t = p.get("type").map_or("view", String::as_str);
                 let window = Window::parse(p.get("window").map_or("1h", String::as_str))?;
                 let baseline = Window::parse(p.get("baseline").map_or("7d", String::as_str))?;
-                let min_support = number(p, "min_support", 5, 1, 1_000_000)? as u64;
+                let min_support = number(p, "min_support", 5, 1, MAX_MIN_SUPPORT)? as u64;
                 insights::trending(s, t, window, baseline, min_support, limit)
             })
         });
@@ -228,7 +248,7 @@ pub fn routes(
                         p.get("metric").map_or("events", String::as_str),
                     )?,
                     event_type: p.get("type").cloned(),
-                    item: p.get("item").cloned(),
+                    item: id_param(s, p, "item")?.map(str::to_string),
                     gran: Gran::parse(bucket).ok_or_else(|| {
                         ApiError::bad_request(format!(
                             "bucket must be minute, hour or day; got {bucket:?}"
@@ -251,7 +271,7 @@ pub fn routes(
                 let basis = Basis::parse(b).ok_or_else(|| {
                     ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
                 })?;
-                recommend::for_item(s, &decode_segment(&item)?, basis, limit)
+                recommend::for_item(s, &id_segment(s, &item, "item")?, basis, limit)
             })
         });
     let user_recs = warp::path!("users" / String)
@@ -261,7 +281,7 @@ pub fn routes(
         .and_then(|user: String, url: String, s: Arc<ServingState>| {
             answer(s, url, Clock::Unread, move |s, p| {
                 let limit = limit(p, s.cfg.serve.max_limit)?;
-                recommend::for_user(s, &decode_segment(&user)?, limit)
+                recommend::for_user(s, &id_segment(s, &user, "user")?, limit)
             })
         });
     let fleet = warp::path!("health")
@@ -277,8 +297,8 @@ pub fn routes(
         .and(st.clone())
         .and_then(|device: String, url: String, s: Arc<ServingState>| {
             answer(s, url, Clock::Read, move |s, p| {
-                let hours = number(p, "hours", 24, 1, 168)?;
-                devices::device(s, &decode_segment(&device)?, hours)
+                let hours = number(p, "hours", 24, 1, MAX_DEVICE_HOURS)?;
+                devices::device(s, &id_segment(s, &device, "device")?, hours)
             })
         });
     let status = warp::path!("status")
@@ -333,8 +353,10 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
-    let openapi = warp::path!("openapi.json").and(warp::get()).map(|| {
-        warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+    let document = Arc::new(openapi(&state.cfg));
+    let openapi = warp::path!("openapi.json").and(warp::get()).map(move || {
+        warp::reply::with_header(document.to_string(), "content-type", "application/json")
+            .into_response()
     });
     let metrics = warp::path!("metrics")
         .and(warp::get())
@@ -402,9 +424,15 @@ pub fn routes(
     header("origin")
         .and(header("access-control-request-method"))
         .and(warp::method())
+        .and(warp::path::full())
         .and(served)
         .map(
-            move |origin: Option<String>, preflight: Option<String>, method: Method, reply| {
+            move |origin: Option<String>,
+                  preflight: Option<String>,
+                  method: Method,
+                  path: warp::path::FullPath,
+                  reply: warp::reply::Response| {
+                let reply = allow(path.as_str(), reply);
                 cors(&cors_origins, origin, preflight.is_some(), &method, reply)
             },
         )
@@ -543,6 +571,68 @@ fn number(p: &Params, name: &str, default: i64, min: i64, max: i64) -> Result<i6
             ))),
         },
     }
+}
+
+/// Largest `min_support` of trending items.
+pub const MAX_MIN_SUPPORT: i64 = 1_000_000;
+/// Most hours of one device's health.
+pub const MAX_DEVICE_HOURS: i64 = 168;
+
+/// The OpenAPI document with this server's own limits in it: `limit` up to `serve.max-limit`,
+/// identifiers up to `validation.max-id-bytes`.
+pub fn openapi(cfg: &Config) -> String {
+    let Ok(mut doc) = serde_json::from_str::<Value>(OPENAPI) else {
+        return OPENAPI.to_string();
+    };
+    let ids = ["item", "user", "device", "category"];
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for op in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in op.values_mut() {
+                let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+                    continue;
+                };
+                for param in params {
+                    let name = param["name"].as_str().unwrap_or_default().to_string();
+                    let schema = &mut param["schema"];
+                    if name == "limit" {
+                        schema["maximum"] = json!(cfg.serve.max_limit);
+                    } else if ids.contains(&name.as_str()) {
+                        schema["minLength"] = json!(1);
+                        schema["maxLength"] = json!(cfg.validation.max_id_bytes.max(1));
+                    }
+                }
+            }
+        }
+    }
+    doc.to_string()
+}
+
+/// A path segment naming an item, user or device: percent-decoded, and no longer than any
+/// identifier an event may carry (`validation.max-id-bytes`; in characters, so that a client
+/// counting characters, as JSON Schema's `maxLength` does, is never refused a shorter one).
+fn id_segment(s: &ServingState, raw: &str, what: &str) -> Result<String, ApiError> {
+    let id = decode_segment(raw)?;
+    check_id(s, &id, what)?;
+    Ok(id)
+}
+
+/// An optional identifier in the query string, checked like [`id_segment`].
+fn id_param<'a>(s: &ServingState, p: &'a Params, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match p.get(name) {
+        None => Ok(None),
+        Some(v) => check_id(s, v, name).map(|()| Some(v.as_str())),
+    }
+}
+
+fn check_id(s: &ServingState, id: &str, what: &str) -> Result<(), ApiError> {
+    let max = s.cfg.validation.max_id_bytes.max(1);
+    if id.is_empty() || id.chars().count() > max {
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to {max} characters long; got {}",
+            id.chars().count()
+        )));
+    }
+    Ok(())
 }
 
 /// Percent-decodes one path segment.

@@ -71,17 +71,31 @@ pub fn route_of(path: &str) -> Option<&'static str> {
 /// The position in [`ROUTES`] of the template a request path belongs to. Runs for every
 /// request, so it compares segment by segment without collecting them.
 fn route_index(path: &str) -> Option<usize> {
-    ROUTES.iter().position(|(_, t)| {
-        let mut want = t.trim_start_matches('/').split('/');
-        let mut got = path.trim_start_matches('/').split('/');
-        loop {
-            match (want.next(), got.next()) {
-                (None, None) => return true,
-                (Some(w), Some(g)) if w == g || (w.starts_with('{') && !g.is_empty()) => {}
-                _ => return false,
-            }
+    ROUTES.iter().position(|(_, t)| matches(t, path))
+}
+
+/// The methods some route answers on `path`, for the `Allow` header of a 405 (RFC 9110 15.5.6).
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let mut methods: Vec<&'static str> = ROUTES
+        .iter()
+        .filter(|(_, t)| matches(t, path))
+        .map(|(m, _)| *m)
+        .collect();
+    methods.sort_unstable();
+    methods.dedup();
+    methods
+}
+
+fn matches(template: &str, path: &str) -> bool {
+    let mut want = template.trim_start_matches('/').split('/');
+    let mut got = path.trim_start_matches('/').split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w == g || (w.starts_with('{') && !g.is_empty()) => {}
+            _ => return false,
         }
-    })
+    }
 }
 
 impl HttpMetrics {
@@ -391,6 +405,14 @@ mod tests {
         assert_eq!(route_of("/"), Some("/"));
         assert_eq!(route_of("/v1/items/"), None);
         assert_eq!(route_of("/nope"), None);
+    }
+
+    #[test]
+    fn allowed_methods_list_every_route_on_a_path() {
+        assert_eq!(allowed_methods("/v1/admin/batch"), ["POST"]);
+        assert_eq!(allowed_methods("/v1/admin/batch/r1"), ["GET"]);
+        assert_eq!(allowed_methods("/v1/items/i1"), ["GET"]);
+        assert!(allowed_methods("/v1/nope").is_empty());
     }
 
     #[test]

@@ -319,6 +319,54 @@ async fn bad_requests_get_json_errors() {
 }
 
 #[tokio::test]
+async fn identifiers_longer_than_any_event_may_carry_are_400() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    let max = Config::default().validation.max_id_bytes;
+    let long = "x".repeat(max + 1);
+    for path in [
+        format!("/v1/items/{long}"),
+        format!("/v1/recommendations/users/{long}"),
+        format!("/v1/devices/{long}/health"),
+        format!("/v1/insights/top-items?category={long}"),
+        format!("/v1/insights/timeseries?item={long}"),
+    ] {
+        let (status, v) = call(&s, "GET", &path, None).await;
+        assert_eq!(status, 400, "{path}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("1 to {max} characters"))),
+            "{v}"
+        );
+    }
+    // The longest allowed is looked up (and not found).
+    let (status, v) = call(&s, "GET", &format!("/v1/items/{}", "x".repeat(max)), None).await;
+    assert_eq!(status, 404, "{v}");
+}
+
+#[tokio::test]
+async fn a_405_names_the_methods_its_path_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = state(dir.path());
+    for (method, path, allow) in [
+        ("DELETE", "/v1/status", "GET"),
+        ("PUT", "/v1/items/i1", "GET"),
+        ("GET", "/v1/admin/batch", "POST"),
+        ("POST", "/v1/admin/batch/r1", "GET"),
+        ("POST", "/metrics", "GET"),
+    ] {
+        let res = send(&s, method, path, &[], b"").await;
+        assert_eq!(res.status, 405, "{method} {path}: {}", res.text());
+        assert_eq!(res.header("allow"), Some(allow), "{method} {path}");
+    }
+    // A method on a path no route has is a 404, not a 405 with nothing allowed.
+    let res = send(&s, "POST", "/no/such/route", &[], b"").await;
+    assert_eq!(res.status, 404, "{}", res.text());
+    assert_eq!(res.header("allow"), None);
+}
+
+#[tokio::test]
 async fn admin_needs_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = state(dir.path());

@@ -108,6 +108,10 @@ pub enum Command {
         /// Differences to print in full.
         #[arg(long, default_value_t = 20)]
         show: usize,
+        /// PEM certificates to trust for an `https://` URL, e.g. a private CA's (default: the
+        /// system's bundle, /etc/ssl/certs/ca-certificates.crt).
+        #[arg(long)]
+        ca_cert: Option<std::path::PathBuf>,
     },
 }
 

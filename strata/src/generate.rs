@@ -89,9 +89,25 @@ fn produce(cfg: &Config, gen_cfg: GenConfig, rate: u64) -> anyhow::Result<()> {
         }
         progress.inc(1);
     }
-    producer
-        .flush(Duration::from_secs(600))
-        .context("waiting for the broker to acknowledge every event")?;
+    // librdkafka gives up on an event after `message.timeout.ms`; until then, say every 10 s
+    // how many are still waiting for the broker.
+    let waiting = Instant::now();
+    let mut said = waiting;
+    while producer.in_flight_count() > 0 {
+        match producer.flush(Duration::from_secs(1)) {
+            Ok(()) => break,
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {}
+            Err(e) => return Err(e).context("waiting for the broker to acknowledge every event"),
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            said = Instant::now();
+            tracing::warn!(
+                in_flight = producer.in_flight_count(),
+                waited_secs = waiting.elapsed().as_secs(),
+                "events not yet acknowledged by the broker"
+            );
+        }
+    }
     let failed = producer.context().failed();
     if failed > 0 {
         anyhow::bail!(

@@ -35,6 +35,7 @@ fn main() -> std::process::ExitCode {
         url,
         wait,
         show,
+        ca_cert,
     } = &cli.command
     {
         let outcome = common.config().and_then(|cfg| {
@@ -44,6 +45,7 @@ fn main() -> std::process::ExitCode {
                     url: url.clone(),
                     wait: *wait,
                     show: *show,
+                    ca_cert: ca_cert.clone(),
                 },
             )
         });

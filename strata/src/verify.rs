@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -24,6 +26,7 @@ use strata_common::handoff::{Offset, Offsets, Partition};
 use strata_common::kafka;
 use strata_common::progress::Progress;
 use strata_common::views::{Partial, Snapshot, ViewKey, ViewSet};
+use tokio_rustls::rustls;
 
 /// How `strata verify` is asked to run.
 pub struct VerifyArgs {
@@ -34,6 +37,8 @@ pub struct VerifyArgs {
     pub wait: Option<Duration>,
     /// Differences printed in full.
     pub show: usize,
+    /// PEM certificates trusted for an `https://` URL (default: the system's bundle).
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// What a verification found.
@@ -63,12 +68,12 @@ pub fn run(cfg: &Config, args: &VerifyArgs) -> anyhow::Result<Report> {
     let key = cfg.serve.admin_key.as_deref().context(
         "verify reads the serving layer's admin route: set --admin-key or STRATA_ADMIN_KEY",
     )?;
-    let base = Url::parse(&args.url)?;
+    let base = Url::parse(&args.url, key, args.ca_cert.as_deref())?;
     if let Some(wait) = args.wait {
         wait_for_coverage(cfg, &base, wait)?;
     }
     let started = Instant::now();
-    let (status, body) = base.get("/v1/admin/views", Some(key))?;
+    let (status, body) = base.get("/v1/admin/views")?;
     if status != 200 {
         bail!(
             "the serving layer answered {status} to GET /v1/admin/views: {}",
@@ -222,7 +227,7 @@ type Skips = BTreeMap<Partition, Vec<(Offset, Offset)>>;
 
 /// The skipped ranges the serving layer's `/v1/status` reports.
 fn skipped_ranges(base: &Url) -> anyhow::Result<Skips> {
-    let (status, body) = base.get("/v1/status", None)?;
+    let (status, body) = base.get("/v1/status")?;
     if status != 200 {
         bail!(
             "the serving layer answered {status} to GET /v1/status: {}",
@@ -350,7 +355,7 @@ fn wait_for_coverage(cfg: &Config, base: &Url, wait: Duration) -> anyhow::Result
     let target = kafka::high_watermarks(&probe, &cfg.kafka.topic)?;
     let deadline = Instant::now() + wait;
     loop {
-        let (status, body) = base.get("/v1/status", None)?;
+        let (status, body) = base.get("/v1/status")?;
         let covered: Offsets = if status == 200 {
             serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -378,17 +383,28 @@ fn wait_for_coverage(cfg: &Config, base: &Url, wait: Duration) -> anyhow::Result
     }
 }
 
-/// Just enough of an HTTP/1.1 client for the serving layer's own answers.
+/// Just enough of an HTTP/1.1 client (plain, or TLS with rustls) for the serving layer's own
+/// answers. Every request carries the admin key, which the read routes accept too when the
+/// server has a read key.
 struct Url {
     host: String,
     port: u16,
+    key: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// Where Debian and Ubuntu keep the system's trusted certificates.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 impl Url {
-    fn parse(url: &str) -> anyhow::Result<Url> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("--url must start with http:// (got {url:?})"))?;
+    fn parse(url: &str, key: &str, ca_cert: Option<&Path>) -> anyhow::Result<Url> {
+        let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (rest, true)
+        } else {
+            bail!("--url must start with http:// or https:// (got {url:?})");
+        };
         let authority = rest.split('/').next().unwrap_or_default();
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) => (
@@ -396,34 +412,52 @@ impl Url {
                 p.parse()
                     .with_context(|| format!("bad port in --url {url:?}"))?,
             ),
-            None => (authority.to_string(), 80),
+            None => (authority.to_string(), if https { 443 } else { 80 }),
         };
         if host.is_empty() {
             bail!("no host in --url {url:?}");
         }
-        Ok(Url { host, port })
+        let tls = if https {
+            Some(Arc::new(tls_config(
+                ca_cert.unwrap_or(Path::new(SYSTEM_CA_BUNDLE)),
+            )?))
+        } else if ca_cert.is_some() {
+            bail!("--ca-cert is for an https:// --url (got {url:?})");
+        } else {
+            None
+        };
+        Ok(Url {
+            host,
+            port,
+            key: key.to_string(),
+            tls,
+        })
     }
 
-    fn get(&self, path: &str, bearer: Option<&str>) -> anyhow::Result<(u16, Vec<u8>)> {
+    fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
         let addr = (self.host.as_str(), self.port)
             .to_socket_addrs()
             .with_context(|| format!("resolving {}", self.host))?
             .next()
             .ok_or_else(|| anyhow!("{} has no address", self.host))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connecting to the serving layer at {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(300)))?;
-        let auth = bearer
-            .map(|k| format!("Authorization: Bearer {k}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}:{}\r\n{auth}Connection: close\r\n\r\n",
-            self.host, self.port
-        )?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .with_context(|| format!("reading the answer to GET {path}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(300)))?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}:{}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.host, self.port, self.key
+        );
+        let raw = match &self.tls {
+            None => exchange(tcp, &request),
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .with_context(|| format!("{:?} is not a TLS server name", self.host))?;
+                let conn =
+                    rustls::ClientConnection::new(config.clone(), name).context("starting TLS")?;
+                exchange(rustls::StreamOwned::new(conn, tcp), &request)
+            }
+        }
+        .with_context(|| format!("GET {path} from {}:{}", self.host, self.port))?;
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
@@ -443,6 +477,42 @@ impl Url {
         }
         Ok((status, body))
     }
+}
+
+/// Sends `request` and reads the answer until the server closes the connection. A TLS peer
+/// that closes without `close_notify` after a complete answer (`Connection: close`) is accepted.
+fn exchange(mut s: impl Read + Write, request: &str) -> anyhow::Result<Vec<u8>> {
+    s.write_all(request.as_bytes())?;
+    s.flush()?;
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => Ok(raw),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e).context("reading the answer"),
+    }
+}
+
+/// Trusts the PEM certificates in `ca`.
+fn tls_config(ca: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading trusted certificates from {}", ca.display()))?
+    {
+        let cert = cert.with_context(|| format!("a certificate in {}", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("a certificate in {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificates in {}", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -534,8 +604,18 @@ mod tests {
 
     #[test]
     fn urls_need_a_host() {
-        assert!(Url::parse("http://127.0.0.1:8080").is_ok());
-        assert!(Url::parse("127.0.0.1:8080").is_err());
-        assert!(Url::parse("http://:80").is_err());
+        let parse = |u: &str| Url::parse(u, "k", None);
+        assert!(parse("http://127.0.0.1:8080").is_ok());
+        assert!(parse("127.0.0.1:8080").is_err());
+        assert!(parse("http://:80").is_err());
+        assert!(parse("ftp://127.0.0.1:21").is_err());
+        let e = Url::parse(
+            "https://127.0.0.1:8443",
+            "k",
+            Some(Path::new("/nonexistent.pem")),
+        );
+        assert!(e.is_err_and(|e| format!("{e:#}").contains("/nonexistent.pem")));
+        let e = Url::parse("http://127.0.0.1:8080", "k", Some(Path::new("/ca.pem")));
+        assert!(e.is_err_and(|e| format!("{e:#}").contains("--ca-cert is for an https://")));
     }
 }

@@ -12,7 +12,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use strata_common::time::now_millis;
@@ -20,19 +19,6 @@ use support::*;
 
 const PASSWORD: &str = "strata-test-secret";
 const STORE_PASSWORD: &str = "keystore-secret";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Where the files [`make_pki`] made are.
 struct Pki {
@@ -45,68 +31,19 @@ struct Pki {
 /// A throwaway CA; the broker's key and certificate (for 127.0.0.1 and localhost) in a PKCS12
 /// keystore; a client certificate and key in PEM.
 fn make_pki(dir: &Path) -> Pki {
-    std::fs::create_dir_all(dir).expect("pki dir");
-    openssl(
+    make_ca(dir);
+    sign_cert(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=strata-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    std::fs::write(
-        dir.join("broker.ext"),
+        "broker",
+        "localhost",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("broker.ext");
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("client.ext");
-    for (name, cn) in [("broker", "localhost"), ("client", "strata-client")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-days",
-                "2",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.pem"),
-            ],
-        );
-    }
+    );
+    sign_cert(
+        dir,
+        "client",
+        "strata-client",
+        "extendedKeyUsage=clientAuth\n",
+    );
     openssl(
         dir,
         &[

@@ -212,14 +212,21 @@ pub fn item_counts(items: &Value) -> Vec<(String, u64)> {
 
 /// The admin key the test layers run with.
 pub const ADMIN_KEY: &str = "test-admin-key";
+/// `Authorization` with [`ADMIN_KEY`].
+pub const ADMIN_BEARER: &str = "Bearer test-admin-key";
 
 /// `strata verify` against the serving layer at `addr` (with `caught_up`, first waiting up to
 /// two minutes for it to cover the topic's end): its exit code and everything it printed.
 /// `common` must hold `--admin-key`.
 pub fn verify(common: &[String], addr: &str, caught_up: bool, extra: &[&str]) -> (i32, String) {
+    verify_url(common, &format!("http://{addr}"), caught_up, extra)
+}
+
+/// [`verify`] against any `--url` (e.g. `https://...`).
+pub fn verify_url(common: &[String], url: &str, caught_up: bool, extra: &[&str]) -> (i32, String) {
     let mut args = vec!["verify".to_string()];
     args.extend_from_slice(common);
-    args.extend(["--url".into(), format!("http://{addr}")]);
+    args.extend(["--url".into(), url.to_string()]);
     if caught_up {
         args.extend(["--wait".into(), "120s".into()]);
     }
@@ -242,6 +249,83 @@ pub fn verify_summary(out: &str) -> String {
         .filter(|l| l.starts_with("verify: "))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Runs `openssl` with `args` in `dir`; it must succeed.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (scripts/deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA in `dir`: `ca.pem` and `ca.key`.
+pub fn make_ca(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("CA dir");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=strata-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+}
+
+/// A key (`NAME.key`) and a certificate (`NAME.pem`) for `cn`, signed by [`make_ca`]'s CA in
+/// `dir`, with the X.509 extensions in `ext` (e.g. `subjectAltName=IP:127.0.0.1`).
+pub fn sign_cert(dir: &Path, name: &str, cn: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("extensions file");
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    let subject = format!("/CN={cn}");
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ],
+    );
 }
 
 /// Runs a `strata` command to completion.
@@ -304,8 +388,10 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// A GET with the admin key, which the read routes take too when a read key is set (and ignore
+/// when none is).
 pub fn get_json(addr: &str, path: &str) -> (u16, Value) {
-    let (status, body) = http(addr, "GET", path, &[]);
+    let (status, body) = http(addr, "GET", path, &[("Authorization", ADMIN_BEARER)]);
     let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"));
     (status, v)
 }
@@ -356,7 +442,12 @@ pub fn wait_speed_offsets_for(addr: &str, messages: u64, timeout: Duration) -> V
 
 fn http_status(addr: &str) -> Option<(u16, Value)> {
     TcpStream::connect(addr).ok()?;
-    let (status, body) = http(addr, "GET", "/v1/status", &[]);
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/v1/status",
+        &[("Authorization", ADMIN_BEARER)],
+    );
     Some((status, serde_json::from_str(&body).ok()?))
 }
 
