@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs the cargo-fuzz targets under fuzz/ one at a time, one libFuzzer job each.
+# Runs the libFuzzer targets under fuzz/ one at a time, one libFuzzer job each.
 #
-#   scripts/fuzz.sh [--seconds N] [TARGET...]     (default: 600 seconds; event_decode query_routes)
+#   scripts/fuzz.sh [--seconds N] [--asan] [TARGET...]   (default: 600 seconds; event_decode query_routes)
 #
-# Installs cargo-fuzz into $STRATA_CACHE/tools when missing; needs the nightly toolchain
-# (rustup toolchain install nightly). Builds into $STRATA_CACHE/fuzz-target. New inputs go to a
+# By default the targets are built with the stable toolchain: rustc's SanitizerCoverage pass
+# (`-Cpasses=sancov-module`, the same instrumentation cargo-fuzz asks for), `--cfg fuzzing`,
+# debug assertions and overflow checks, linked with libfuzzer-sys's libFuzzer; no sanitizer, so
+# a panic or an abort is what counts as a crash. `--asan` runs them through cargo-fuzz with
+# AddressSanitizer instead, which needs the nightly toolchain (cargo-fuzz is then installed
+# into $STRATA_CACHE/tools when missing). Builds into $STRATA_CACHE/fuzz-target (-asan). New inputs go to a
 # working corpus in $STRATA_CACHE/fuzz-corpus/<target>, seeded from fuzz/corpus/<target> and
 # fuzz/regressions/<target>, so the checked-in corpus stays small; logs go to
 # $STRATA_CACHE/fuzz-logs/<target>.log, crashes to fuzz/artifacts/<target>/.
@@ -12,12 +16,14 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 seconds=600
+asan=0
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) [ $# -ge 2 ] || die "--seconds needs a value"; seconds="$2"; shift 2 ;;
     --seconds=*) seconds="${1#--seconds=}"; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --asan) asan=1; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -26,15 +32,25 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=(event_decode query_routes)
 
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
-cargo +nightly --version >/dev/null 2>&1 || die "no nightly toolchain: rustup toolchain install nightly"
-export PATH="$STRATA_CACHE/tools/bin:$PATH"
-if ! command -v cargo-fuzz >/dev/null; then
-  log "installing cargo-fuzz into $STRATA_CACHE/tools (once)"
-  cargo install cargo-fuzz --locked --root "$STRATA_CACHE/tools" --quiet
-fi
-
-export CARGO_TARGET_DIR="$STRATA_CACHE/fuzz-target"
 cd "$STRATA_ROOT"
+if [ "$asan" = 1 ]; then
+  cargo +nightly --version >/dev/null 2>&1 || die "--asan needs the nightly toolchain: rustup toolchain install nightly"
+  export PATH="$STRATA_CACHE/tools/bin:$PATH"
+  if ! command -v cargo-fuzz >/dev/null; then
+    log "installing cargo-fuzz into $STRATA_CACHE/tools (once)"
+    cargo install cargo-fuzz --locked --root "$STRATA_CACHE/tools" --quiet
+  fi
+  export CARGO_TARGET_DIR="$STRATA_CACHE/fuzz-target-asan"
+else
+  # --target keeps the instrumentation off build scripts and proc macros.
+  host="$(rustc -vV | sed -n 's/^host: //p')"
+  export CARGO_TARGET_DIR="$STRATA_CACHE/fuzz-target"
+  log "building the fuzz targets (stable, SanitizerCoverage) into $CARGO_TARGET_DIR"
+  RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+-Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks" \
+    cargo build --release --manifest-path fuzz/Cargo.toml --target "$host" --bins
+fi
 mkdir -p "$STRATA_CACHE/fuzz-logs"
 failed=()
 for t in "${targets[@]}"; do
@@ -46,7 +62,13 @@ for t in "${targets[@]}"; do
   [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
   log "$t: building and fuzzing for $seconds s (log: $logf)"
   rc=0
-  cargo +nightly fuzz run "$t" "$work" "${seeds[@]}" -- -max_total_time="$seconds" >"$logf" 2>&1 || rc=$?
+  if [ "$asan" = 1 ]; then
+    cargo +nightly fuzz run "$t" "$work" "${seeds[@]}" -- -max_total_time="$seconds" >"$logf" 2>&1 || rc=$?
+  else
+    mkdir -p "fuzz/artifacts/$t"
+    "$CARGO_TARGET_DIR/$host/release/$t" -artifact_prefix="fuzz/artifacts/$t/" -max_total_time="$seconds" \
+      "$work" "${seeds[@]}" >"$logf" 2>&1 || rc=$?
+  fi
   runs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\1/p' "$logf" | tail -1)"
   secs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\2/p' "$logf" | tail -1)"
   last="$(grep -E '^#[0-9]+' "$logf" | tail -1 || true)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing, runs the unit, property and golden tests, then each
+# Runs every test: installs what is missing, runs the unit, property and golden tests, a short
+# fuzzing run of each libFuzzer target (STRATA_FUZZ_SECONDS each, default 15), then each
 # end-to-end suite (strata/tests/e2e_*.rs) against a fresh Apache Kafka broker on 127.0.0.1 started
 # by scripts/broker.sh (port STRATA_TEST_BROKER_PORT, default 19092), unless STRATA_TEST_BROKERS
 # names one to use.
@@ -50,6 +51,9 @@ else
   done
   cargo test --release --workspace --lib --bins "${others[@]}"
   cargo test --release --workspace --doc
+  # The libFuzzer targets (fuzz/, a workspace of their own): built with SanitizerCoverage on the
+  # stable toolchain and run for a short, bounded time each; a crash fails the run.
+  "$STRATA_ROOT/scripts/fuzz.sh" --seconds "${STRATA_FUZZ_SECONDS:-15}"
   # Then each end-to-end suite against the broker.
   start_broker
   for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do

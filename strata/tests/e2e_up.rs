@@ -54,8 +54,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         gen_config(11, 120_000, now - 3 * HOUR, 2 * HOUR, false),
     );
     wait_speed_offsets(&addr, truth.messages);
-    let mut checked = truth.check(&addr);
-    checked += truth.check_insights(&addr);
+    let mut checked = truth.check_all(&addr, false);
 
     // A batch run part-way through.
     std::thread::sleep(Duration::from_millis(1_500));
@@ -65,7 +64,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         covered > 0,
         "the first batch covers part of the stream: {st}"
     );
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, false);
 
     // Phase 2: 100,000 more; the answer is batch v1 plus the speed blocks past its cutoffs.
     truth.produce(&common, gen_config(12, 100_000, now - HOUR, HOUR, true));
@@ -74,14 +73,14 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         sum(&st["batch"]["cutoffs"]) < truth.messages,
         "the speed layer covers the tail: {st}"
     );
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, true);
 
     // kill -9 the whole process, restart: no answer changes.
     up.kill9();
     let mut up = Proc::spawn("up", &up_args, dir.path());
     wait_http(&addr);
     wait_speed_offsets(&addr, truth.messages);
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, true);
 
     // A second batch run changes no answer, and the speed layer drops the blocks it covers.
     std::thread::sleep(Duration::from_millis(1_500));
@@ -90,7 +89,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         sum(&st["batch"]["cutoffs"]) > covered,
         "the second batch covers more: {st}"
     );
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, true);
     let st = wait_for(
         "speed blocks to be dropped",
         Duration::from_secs(30),
@@ -104,14 +103,14 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
         },
     );
     assert_eq!(sum(&st["speed"]["offsets"]), truth.messages);
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, true);
 
     // Graceful restart: SIGTERM flushes and exits cleanly.
     up.terminate();
     let mut up = Proc::spawn("up", &up_args, dir.path());
     wait_http(&addr);
     wait_speed_offsets(&addr, truth.messages);
-    checked += truth.check(&addr);
+    checked += truth.check_all(&addr, true);
 
     // Counters: every message accepted or rejected exactly once.
     let (_, st) = get_json(&addr, "/v1/status");

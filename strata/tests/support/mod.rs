@@ -920,6 +920,17 @@ impl Truth {
         checked + 1
     }
 
+    /// [`Truth::check`] and [`Truth::check_insights`], and with `patterns` (a stream produced
+    /// with `--patterns` is in) [`Truth::check_patterns`].
+    pub fn check_all(&self, addr: &str, patterns: bool) -> usize {
+        let mut checked = self.check(addr) + self.check_insights(addr);
+        if patterns {
+            self.check_patterns(addr);
+            checked += 4;
+        }
+        checked
+    }
+
     /// Checks that the API recovers the planted patterns of `--patterns`.
     pub fn check_patterns(&self, addr: &str) {
         let (_, v) = get_json(addr, "/v1/recommendations/items/p-a?basis=purchase&limit=3");
