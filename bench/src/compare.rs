@@ -1,7 +1,10 @@
-//! `compare-batch`: checks that DuckDB's aggregates (from `bench/duckdb_views.py`) equal the
-//! batch version Strata published over the same master dataset: item totals exactly, the
-//! overall series per minute, hour and day exactly (counts per type, units, revenue), and each
-//! bucket's distinct users within four standard errors of the exact count.
+//! `compare-batch`: checks that every view DuckDB computes (`bench/duckdb_views.py`) equals the
+//! batch version Strata published over the same master dataset: item totals, device totals and
+//! each device's readings per metric and hour exactly, row by row; the overall series per
+//! minute, hour and day exactly (counts per type, units, revenue), and each bucket's distinct
+//! users, and each item's distinct users per day, within four standard errors of the exact
+//! count; the item series per granularity and the users' items and items' users per basis by
+//! digests (rows, sums, and a time-weighted sum that moves if an event lands in another bucket).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,7 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use strata_common::batch_store;
-use strata_common::views::{Gran, Partial, ViewKey, HLL_STANDARD_ERROR};
+use strata_common::views::{Basis, DeviceStats, Gran, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::Out;
 
@@ -141,7 +144,216 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             }
         }
     }
+    // Item series, per granularity, by digest.
+    for (gran, name) in [
+        (Gran::Minute, "minute"),
+        (Gran::Hour, "hour"),
+        (Gran::Day, "day"),
+    ] {
+        let (mut rows, mut sums, mut revenue, mut weighted) = (0u64, [0u64; 6], 0i128, 0i128);
+        let mut names = std::collections::BTreeSet::new();
+        for (k, p) in &views.entries {
+            if let (ViewKey::ItemSeries { gran: g, start, item }, Partial::Item(s)) = (k, p) {
+                if *g != gran {
+                    continue;
+                }
+                rows += 1;
+                names.insert(item.clone());
+                for (sum, v) in sums.iter_mut().zip([
+                    s.views,
+                    s.carts,
+                    s.purchases,
+                    s.quantity,
+                    s.ratings,
+                    s.rating_sum,
+                ]) {
+                    *sum += v;
+                }
+                revenue += s.revenue_micros;
+                weighted += i128::from(start.div_euclid(60_000))
+                    * i128::from(s.views + s.carts + s.purchases + s.ratings);
+            }
+        }
+        let d = &peer["item_series"][name];
+        let ours = (rows, sums, Some(revenue), Some(weighted), names.len() as u64);
+        let theirs = (
+            u(d, "rows"),
+            [
+                u(d, "views"),
+                u(d, "carts"),
+                u(d, "purchases"),
+                u(d, "quantity"),
+                u(d, "ratings"),
+                u(d, "rating_sum"),
+            ],
+            micros(d, "revenue_micros"),
+            micros(d, "weighted"),
+            u(d, "items"),
+        );
+        if ours != theirs {
+            differ(format!("item series per {name}: strata {ours:?} duckdb {theirs:?}"));
+        }
+    }
+
+    // Distinct users of each item per day: every row, within the sketch's error.
+    let day_users: BTreeMap<(i64, &str), f64> = views
+        .entries
+        .iter()
+        .filter_map(|(k, p)| match (k, p) {
+            (ViewKey::ItemDayUsers { day, item }, Partial::Distinct(h)) => {
+                Some(((*day, item.as_str()), h.estimate()))
+            }
+            _ => None,
+        })
+        .collect();
+    let rows = peer["item_day_users"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if rows.len() != day_users.len() {
+        differ(format!(
+            "item day users: strata {} keys, duckdb {}",
+            day_users.len(),
+            rows.len()
+        ));
+    }
+    for row in rows {
+        let (item, day) = (row["item"].as_str().unwrap_or(""), row["day"].as_i64());
+        let exact = u(row, "users") as f64;
+        match day.and_then(|d| day_users.get(&(d, item))) {
+            None => differ(format!("item {item} day {day:?}: not in strata's version")),
+            Some(est) => {
+                let err = (est - exact).abs() / exact.max(1.0);
+                worst_users = worst_users.max(err);
+                if err > 4.0 * HLL_STANDARD_ERROR {
+                    differ(format!(
+                        "item {item} day {day:?}: distinct users {est:.0}, exactly {exact}"
+                    ));
+                }
+            }
+        }
+    }
+
+    // Devices and their readings per metric and hour: every row, exactly.
+    let device_row = |s: &DeviceStats| {
+        (
+            s.last_seen,
+            s.heartbeats,
+            s.readings,
+            s.sum_micros,
+            s.min,
+            s.max,
+        )
+    };
+    let peer_row = |d: &Value, heartbeats: u64| {
+        (
+            d["last_seen"].as_i64(),
+            heartbeats,
+            u(d, "readings"),
+            micros(d, "sum_micros").unwrap_or(i128::MIN),
+            d["min"].as_f64(),
+            d["max"].as_f64(),
+        )
+    };
+    let peer_devices = peer["devices"].as_object().unwrap_or(&empty);
+    let mut devices = 0u64;
+    let mut hours: BTreeMap<(i64, &str, &str), &DeviceStats> = BTreeMap::new();
+    for (key, partial) in &views.entries {
+        match (key, partial) {
+            (ViewKey::Device(name), Partial::Device(s)) => {
+                devices += 1;
+                match peer_devices.get(name.as_str()) {
+                    None => differ(format!("device {name}: not in duckdb's answer")),
+                    Some(d) => {
+                        let (ours, theirs) = (device_row(s), peer_row(d, u(d, "heartbeats")));
+                        if ours != theirs {
+                            differ(format!("device {name}: strata {ours:?} duckdb {theirs:?}"));
+                        }
+                    }
+                }
+            }
+            (
+                ViewKey::DeviceMetricHour {
+                    start,
+                    device,
+                    metric,
+                },
+                Partial::Device(s),
+            ) => {
+                hours.insert((*start, device.as_str(), metric.as_str()), s);
+            }
+            _ => {}
+        }
+    }
+    if devices != peer_devices.len() as u64 {
+        differ(format!(
+            "devices: strata {devices} duckdb {}",
+            peer_devices.len()
+        ));
+    }
+    let rows = peer["device_metric_hour"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if rows.len() != hours.len() {
+        differ(format!(
+            "device metric hours: strata {} duckdb {}",
+            hours.len(),
+            rows.len()
+        ));
+    }
+    for row in rows {
+        let key = (
+            row["start"].as_i64().unwrap_or(i64::MIN),
+            row["device"].as_str().unwrap_or(""),
+            row["metric"].as_str().unwrap_or(""),
+        );
+        match hours.get(&key) {
+            None => differ(format!("device metric hour {key:?}: not in strata's version")),
+            Some(s) => {
+                let (ours, theirs) = (device_row(s), peer_row(row, 0));
+                if ours != theirs {
+                    differ(format!(
+                        "device metric hour {key:?}: strata {ours:?} duckdb {theirs:?}"
+                    ));
+                }
+            }
+        }
+    }
+
+    // Users' items (with the latest time) and items' users, per basis, by digest.
+    for (basis, name) in [(Basis::View, "view"), (Basis::Purchase, "purchase")] {
+        let (mut users, mut user_items, mut last_sum, mut items, mut item_users) =
+            (0u64, 0u64, 0i128, 0u64, 0u64);
+        for (k, p) in &views.entries {
+            match (k, p) {
+                (ViewKey::UserItems { basis: b, .. }, Partial::Recent(r)) if *b == basis => {
+                    users += 1;
+                    user_items += r.0.len() as u64;
+                    last_sum += r.0.values().map(|&t| i128::from(t)).sum::<i128>();
+                }
+                (ViewKey::ItemUsers { basis: b, .. }, Partial::Set(set)) if *b == basis => {
+                    items += 1;
+                    item_users += set.0.len() as u64;
+                }
+                _ => {}
+            }
+        }
+        let d = &peer["sets"][name];
+        let ours = (users, user_items, Some(last_sum), items, item_users);
+        let theirs = (
+            u(d, "users"),
+            u(d, "user_items"),
+            micros(d, "last_sum"),
+            u(d, "items"),
+            u(d, "item_users"),
+        );
+        if ours != theirs {
+            differ(format!("{name} sets: strata {ours:?} duckdb {theirs:?}"));
+        }
+    }
+
     out.num("items", items as f64);
+    out.num("devices", devices as f64);
+    out.num("device_metric_hours", hours.len() as f64);
     out.num("buckets", buckets as f64);
     out.num("events", manifest.events as f64);
     out.text("worst_distinct_users_error", &format!("{worst_users:.4}"));
