@@ -153,7 +153,15 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
         let (mut rows, mut sums, mut revenue, mut weighted) = (0u64, [0u64; 6], 0i128, 0i128);
         let mut names = std::collections::BTreeSet::new();
         for (k, p) in &views.entries {
-            if let (ViewKey::ItemSeries { gran: g, start, item }, Partial::Item(s)) = (k, p) {
+            if let (
+                ViewKey::ItemSeries {
+                    gran: g,
+                    start,
+                    item,
+                },
+                Partial::Item(s),
+            ) = (k, p)
+            {
                 if *g != gran {
                     continue;
                 }
@@ -175,7 +183,13 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             }
         }
         let d = &peer["item_series"][name];
-        let ours = (rows, sums, Some(revenue), Some(weighted), names.len() as u64);
+        let ours = (
+            rows,
+            sums,
+            Some(revenue),
+            Some(weighted),
+            names.len() as u64,
+        );
         let theirs = (
             u(d, "rows"),
             [
@@ -191,7 +205,9 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             u(d, "items"),
         );
         if ours != theirs {
-            differ(format!("item series per {name}: strata {ours:?} duckdb {theirs:?}"));
+            differ(format!(
+                "item series per {name}: strata {ours:?} duckdb {theirs:?}"
+            ));
         }
     }
 
@@ -307,7 +323,9 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             row["metric"].as_str().unwrap_or(""),
         );
         match hours.get(&key) {
-            None => differ(format!("device metric hour {key:?}: not in strata's version")),
+            None => differ(format!(
+                "device metric hour {key:?}: not in strata's version"
+            )),
             Some(s) => {
                 let (ours, theirs) = (device_row(s), peer_row(row, 0));
                 if ours != theirs {

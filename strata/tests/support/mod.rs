@@ -561,6 +561,17 @@ pub struct Truth {
     pub item_hours: BTreeMap<(String, i64), u64>,
     pub bought: BTreeMap<String, BTreeSet<String>>,
     pub item_day_users: BTreeMap<(String, i64), BTreeSet<String>>,
+    /// Every item event: time, type, item, category.
+    pub item_events: Vec<(i64, &'static str, String, Option<String>)>,
+    /// Per user, the items viewed.
+    pub viewed: BTreeMap<String, BTreeSet<String>>,
+    /// Per user, each item viewed or bought with the latest time.
+    pub latest: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Per item, the sum of its ratings.
+    pub rating_sums: BTreeMap<String, u64>,
+    /// Events of every type per minute and per day.
+    pub minutes: BTreeMap<i64, u64>,
+    pub days: BTreeMap<i64, u64>,
 }
 
 impl Truth {
@@ -590,6 +601,14 @@ impl Truth {
                 "ids are unique"
             );
             self.events += 1;
+            *self
+                .minutes
+                .entry(e.ts.div_euclid(60_000) * 60_000)
+                .or_default() += 1;
+            *self
+                .days
+                .entry(e.ts.div_euclid(DAY_MS) * DAY_MS)
+                .or_default() += 1;
             let hour = e.ts.div_euclid(HOUR_MS) * HOUR_MS;
             let h = self.hours.entry(hour).or_default();
             *h.by_type.entry(e.type_name().to_string()).or_default() += 1;
@@ -605,6 +624,26 @@ impl Truth {
                 _ => None,
             };
             if let Some(r) = item_ref {
+                self.item_events
+                    .push((e.ts, e.type_name(), r.item.clone(), r.category.clone()));
+                if let Kind::Rating { rating, .. } = &e.kind {
+                    *self.rating_sums.entry(r.item.clone()).or_default() += u64::from(*rating);
+                }
+                if matches!(e.kind, Kind::View(_) | Kind::Purchase { .. }) {
+                    let t = self
+                        .latest
+                        .entry(r.user.clone())
+                        .or_default()
+                        .entry(r.item.clone())
+                        .or_insert(e.ts);
+                    *t = (*t).max(e.ts);
+                }
+                if matches!(e.kind, Kind::View(_)) {
+                    self.viewed
+                        .entry(r.user.clone())
+                        .or_default()
+                        .insert(r.item.clone());
+                }
                 *self.item_hours.entry((r.item.clone(), hour)).or_default() += 1;
                 let day = e.ts.div_euclid(DAY_MS) * DAY_MS;
                 self.item_day_users
@@ -686,6 +725,17 @@ impl Truth {
             };
             if &got != t {
                 diffs.push(format!("item {item}: expected {t:?}, got {got:?}"));
+            }
+            let mean = self
+                .rating_sums
+                .get(item)
+                .filter(|_| t.rating > 0)
+                .map(|&sum| sum as f64 / t.rating as f64);
+            if v["rating"]["mean"].as_f64() != mean {
+                diffs.push(format!(
+                    "item {item}: rating mean {mean:?}, got {}",
+                    v["rating"]
+                ));
             }
         }
         for (device, t) in &self.devices {
@@ -904,6 +954,7 @@ impl Truth {
                 checked += 1;
             }
         }
+        checked += self.check_windows(addr);
         let (_, v) = get_json(addr, "/v1/devices/health");
         assert_eq!(
             v["devices"].as_u64(),
@@ -918,6 +969,255 @@ impl Truth {
             self.devices.len() as u64
         );
         checked + 1
+    }
+
+    /// Counts of one event type per item from `since` (event time) on, in `category` if given.
+    fn counts_since(
+        &self,
+        event_type: &str,
+        since: i64,
+        category: Option<&str>,
+    ) -> BTreeMap<&str, u64> {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (ts, t, item, cat) in &self.item_events {
+            if *t == event_type
+                && *ts >= since
+                && (category.is_none() || cat.as_deref() == category)
+            {
+                *counts.entry(item.as_str()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// GETs `path` at a moment whose minute (`1h` windows) and hour (longer ones) stay the same
+    /// through the request, and returns that moment with the answer, so that the window the
+    /// server used is known.
+    fn get_in_one_minute(addr: &str, path: &str) -> (i64, Value) {
+        loop {
+            let before = strata_common::time::now_millis();
+            let (status, v) = get_json(addr, path);
+            let after = strata_common::time::now_millis();
+            assert_eq!(status, 200, "{path}: {v}");
+            if before.div_euclid(60_000) == after.div_euclid(60_000) {
+                return (before, v);
+            }
+        }
+    }
+
+    /// The windowed and category top items, trending items, minute and day series, view-basis
+    /// co-occurrence and users' recent items and exclusions, each against naive counts of the
+    /// generated events. Windows end now and start at the first of their buckets (1h: the last 60
+    /// minute buckets; 24h and 7d: the last 24 and 168 hour buckets), as the API documents.
+    pub fn check_windows(&self, addr: &str) -> usize {
+        let mut checked = 0;
+        let start = |window: &str, now: i64| match window {
+            "1h" => now.div_euclid(60_000) * 60_000 - 59 * 60_000,
+            "24h" => now.div_euclid(HOUR_MS) * HOUR_MS - 23 * HOUR_MS,
+            "7d" => now.div_euclid(HOUR_MS) * HOUR_MS - 167 * HOUR_MS,
+            _ => i64::MIN,
+        };
+        let ranked = |counts: BTreeMap<&str, u64>| {
+            let mut rows: Vec<(String, u64)> = counts
+                .into_iter()
+                .filter(|(_, c)| *c > 0)
+                .map(|(i, c)| (i.to_string(), c))
+                .collect();
+            rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            rows.truncate(1000);
+            rows
+        };
+        let mut categories: Vec<&str> = self
+            .item_events
+            .iter()
+            .filter_map(|(_, _, _, c)| c.as_deref())
+            .collect();
+        categories.sort_unstable();
+        categories.dedup();
+        categories.truncate(2);
+        for window in ["1h", "24h", "7d", "all"] {
+            for t in ["view", "purchase"] {
+                for category in std::iter::once(None).chain(categories.iter().map(|c| Some(*c))) {
+                    let mut path =
+                        format!("/v1/insights/top-items?window={window}&type={t}&limit=1000");
+                    if let Some(c) = category {
+                        path.push_str(&format!("&category={c}"));
+                    }
+                    let (now, v) = Self::get_in_one_minute(addr, &path);
+                    let want = ranked(self.counts_since(t, start(window, now), category));
+                    let got: Vec<(String, u64)> = v["items"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|r| {
+                                    Some((r["item"].as_str()?.to_string(), r["count"].as_u64()?))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    assert_eq!(got, want, "{path}");
+                    checked += 1;
+                }
+            }
+        }
+        // Trending: the rate in the window against the rate in the rest of the baseline.
+        for (window, baseline, hours, rest) in
+            [("1h", "24h", 1.0, 23.0), ("24h", "7d", 24.0, 144.0)]
+        {
+            let path = format!(
+                "/v1/insights/trending?window={window}&baseline={baseline}&type=view&min_support=2&limit=1000"
+            );
+            let (now, v) = Self::get_in_one_minute(addr, &path);
+            let recent = self.counts_since("view", start(window, now), None);
+            let base = self.counts_since("view", start(baseline, now), None);
+            let mut want: Vec<(String, f64, u64, u64)> = recent
+                .iter()
+                .filter(|(_, &r)| r >= 2)
+                .map(|(item, &r)| {
+                    let before = base.get(item).copied().unwrap_or(r).saturating_sub(r);
+                    let score = (r as f64 / hours) / ((before as f64 + 1.0) / rest);
+                    (item.to_string(), score, r, before)
+                })
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            want.truncate(1000);
+            let got: Vec<(String, f64, u64, u64)> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some((
+                                r["item"].as_str()?.to_string(),
+                                r["score"].as_f64()?,
+                                r["recent"].as_u64()?,
+                                r["baseline"].as_u64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(got.len(), want.len(), "{path}: {v}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.0 == w.0 && g.2 == w.2 && g.3 == w.3 && (g.1 - w.1).abs() <= 1e-9 * w.1,
+                    "{path}: got {g:?}, want {w:?}"
+                );
+            }
+            checked += 1;
+        }
+        // Minute series over the last two hours of the stream, and the day series.
+        let points = |v: &Value| -> BTreeMap<i64, f64> {
+            v["points"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| {
+                            Some((
+                                strata_common::time::parse_rfc3339(p["start"].as_str()?)?,
+                                p["value"].as_f64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for (bucket, buckets, span) in [
+            ("minute", &self.minutes, 120 * 60_000),
+            ("day", &self.days, 0),
+        ] {
+            let (Some(&first), Some(&last)) = (buckets.keys().next(), buckets.keys().next_back())
+            else {
+                continue;
+            };
+            let from = first.max(last - span);
+            let (_, v) = get_json(
+                addr,
+                &format!(
+                    "/v1/insights/timeseries?metric=events&bucket={bucket}&from={}&to={}",
+                    strata_common::time::format_rfc3339(from),
+                    strata_common::time::format_rfc3339(last)
+                ),
+            );
+            let got = points(&v);
+            let step = if bucket == "minute" { 60_000 } else { DAY_MS };
+            let mut b = from;
+            while b <= last {
+                let want = buckets.get(&b).copied().unwrap_or(0) as f64;
+                assert_eq!(got.get(&b).copied(), Some(want), "{bucket} {b}: {v}");
+                checked += 1;
+                b += step;
+            }
+        }
+        // Co-occurrence by views, exactly.
+        let mut audience: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (user, items) in &self.viewed {
+            for i in items {
+                audience.entry(i).or_default().insert(user);
+            }
+        }
+        for item in ["i0", "i1", "i2"] {
+            let Some(users) = audience.get(item) else {
+                continue;
+            };
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            for u in users {
+                for other in &self.viewed[*u] {
+                    if other != item {
+                        *want.entry(other.clone()).or_default() += 1;
+                    }
+                }
+            }
+            let (status, v) = get_json(
+                addr,
+                &format!("/v1/recommendations/items/{item}?basis=view&limit=1000"),
+            );
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["users"].as_u64(),
+                Some(users.len() as u64),
+                "viewers of {item}"
+            );
+            let got: BTreeMap<String, u64> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some((
+                                r["item"].as_str()?.to_string(),
+                                r["co_occurrences"].as_u64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(got, want, "co-occurrence by views with {item}");
+            checked += 1;
+        }
+        // Users' recommendations: seeded by their 10 most recent items (views and purchases,
+        // newest first, ties by name), never an item they bought.
+        for user in self.latest.keys().take(20) {
+            let (status, v) = get_json(addr, &format!("/v1/recommendations/users/{user}?limit=50"));
+            assert_eq!(status, 200, "{v}");
+            let mut recent: Vec<(&String, i64)> =
+                self.latest[user].iter().map(|(i, &t)| (i, t)).collect();
+            recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            let want: Vec<&str> = recent.iter().take(10).map(|(i, _)| i.as_str()).collect();
+            let got: Vec<&str> = v["recent_items"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            assert_eq!(got, want, "recent items of {user}: {v}");
+            let bought = self.bought.get(user);
+            for r in v["items"].as_array().into_iter().flatten() {
+                let item = r["item"].as_str().unwrap_or_default();
+                assert!(
+                    bought.is_none_or(|b| !b.contains(item)),
+                    "{user} is recommended {item}, which they bought: {v}"
+                );
+            }
+            checked += 1;
+        }
+        checked
     }
 
     /// [`Truth::check`] and [`Truth::check_insights`], and with `patterns` (a stream produced
