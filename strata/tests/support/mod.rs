@@ -569,6 +569,8 @@ pub struct Truth {
     pub latest: BTreeMap<String, BTreeMap<String, i64>>,
     /// Per item, the sum of its ratings.
     pub rating_sums: BTreeMap<String, u64>,
+    /// Per device, metric and hour: readings, min, max, sum.
+    pub device_hours: BTreeMap<(String, String, i64), (u64, f64, f64, f64)>,
     /// Events of every type per minute and per day.
     pub minutes: BTreeMap<i64, u64>,
     pub days: BTreeMap<i64, u64>,
@@ -680,7 +682,19 @@ impl Truth {
                     d.heartbeats += 1;
                     d.last_seen = d.last_seen.max(e.ts);
                 }
-                Kind::Reading { device, value, .. } => {
+                Kind::Reading {
+                    device,
+                    metric,
+                    value,
+                } => {
+                    let w = self
+                        .device_hours
+                        .entry((device.clone(), metric.clone(), hour))
+                        .or_insert((0, *value, *value, 0.0));
+                    w.0 += 1;
+                    w.1 = w.1.min(*value);
+                    w.2 = w.2.max(*value);
+                    w.3 += *value;
                     let d = self.device(device);
                     if d.readings == 0 {
                         d.min = *value;
@@ -738,9 +752,81 @@ impl Truth {
                 ));
             }
         }
+        // The default thresholds and bounds (`serve.late-after-secs`, `silent-after-secs`,
+        // `metric-bounds`), as the tests run `strata` with them.
+        let status_at = |seen: i64, now: i64| match now - seen {
+            age if age <= 120_000 => "ok",
+            age if age <= 600_000 => "late",
+            _ => "silent",
+        };
+        let bounds = |metric: &str| match metric {
+            "temp_c" => Some((-20.0, 60.0)),
+            "humidity" => Some((0.0, 100.0)),
+            _ => None,
+        };
         for (device, t) in &self.devices {
-            let (status, v) = get_json(addr, &format!("/v1/devices/{device}/health"));
+            let before = strata_common::time::now_millis();
+            let (status, v) = get_json(addr, &format!("/v1/devices/{device}/health?hours=168"));
+            let after = strata_common::time::now_millis();
             checked += 1;
+            // The status, unless it changed while the request ran.
+            let (was, is) = (
+                status_at(t.last_seen, before),
+                status_at(t.last_seen, after),
+            );
+            if was == is && v["status"].as_str() != Some(was) {
+                diffs.push(format!(
+                    "device {device}: status {was}, got {}",
+                    v["status"]
+                ));
+            }
+            // Every hourly window of the last 168 hours, per metric.
+            let from = after.div_euclid(HOUR_MS) * HOUR_MS - 167 * HOUR_MS;
+            let mut want: Vec<(String, i64, u64, f64, f64, f64, bool)> = self
+                .device_hours
+                .range((device.clone(), String::new(), i64::MIN)..)
+                .take_while(|((d, _, _), _)| d == device)
+                .filter(|((_, _, h), _)| *h >= from)
+                .map(|((_, m, h), &(n, min, max, sum))| {
+                    let out = bounds(m).is_some_and(|(lo, hi)| min < lo || max > hi);
+                    (m.clone(), *h, n, min, max, sum / n as f64, out)
+                })
+                .collect();
+            want.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut got: Vec<(String, i64, u64, f64, f64, f64, bool)> = Vec::new();
+            for (m, ws) in v["windows"]["metrics"].as_object().into_iter().flatten() {
+                for w in ws.as_array().into_iter().flatten() {
+                    got.push((
+                        m.clone(),
+                        w["start"]
+                            .as_str()
+                            .and_then(strata_common::time::parse_rfc3339)
+                            .unwrap_or(i64::MIN),
+                        w["count"].as_u64().unwrap_or(u64::MAX),
+                        w["min"].as_f64().unwrap_or(f64::NAN),
+                        w["max"].as_f64().unwrap_or(f64::NAN),
+                        w["mean"].as_f64().unwrap_or(f64::NAN),
+                        w["out_of_range"].as_bool().unwrap_or(false),
+                    ));
+                }
+            }
+            got.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            let windows_ok = got.len() == want.len()
+                && got.iter().zip(&want).all(|(g, w)| {
+                    g.0 == w.0
+                        && g.1 == w.1
+                        && g.2 == w.2
+                        && g.3 == w.3
+                        && g.4 == w.4
+                        && (g.5 - w.5).abs() <= 1e-6 * w.5.abs().max(1.0)
+                        && g.6 == w.6
+                });
+            if !windows_ok {
+                diffs.push(format!(
+                    "device {device}: windows expected {want:?}, got {}",
+                    v["windows"]
+                ));
+            }
             if status != 200 {
                 diffs.push(format!("device {device}: status {status}: {v}"));
                 continue;
