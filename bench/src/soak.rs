@@ -158,7 +158,8 @@ pub async fn run(a: SoakArgs, out: &mut Out) -> Result<()> {
             let mut rng = Rng(0xc0ffee ^ c as u64);
             // Spread the clients' first requests over one period.
             let mut due = started + period.mul_f64(c as f64 / a.connections as f64);
-            while due < end {
+            // Requests still due when the span ends (a server that fell behind) are not sent.
+            while due < end && Instant::now() < end {
                 tokio::time::sleep_until(due.into()).await;
                 let (class, p) = path(&mut rng, &a);
                 let sent = Instant::now();
