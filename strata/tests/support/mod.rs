@@ -547,6 +547,14 @@ pub struct DeviceTruth {
     pub sum: f64,
 }
 
+/// A device, a metric and an hour's start.
+pub type DeviceHour = (String, String, i64);
+/// Readings: count, min, max, sum.
+pub type Readings = (u64, f64, f64, f64);
+/// One hourly window as the device route shows it: metric, start, count, min, max, mean,
+/// out of range.
+type WindowRow = (String, i64, u64, f64, f64, f64, bool);
+
 /// What every accepted event adds up to.
 #[derive(Default, Debug)]
 pub struct Truth {
@@ -570,7 +578,7 @@ pub struct Truth {
     /// Per item, the sum of its ratings.
     pub rating_sums: BTreeMap<String, u64>,
     /// Per device, metric and hour: readings, min, max, sum.
-    pub device_hours: BTreeMap<(String, String, i64), (u64, f64, f64, f64)>,
+    pub device_hours: BTreeMap<DeviceHour, Readings>,
     /// Events of every type per minute and per day.
     pub minutes: BTreeMap<i64, u64>,
     pub days: BTreeMap<i64, u64>,
@@ -782,7 +790,7 @@ impl Truth {
             }
             // Every hourly window of the last 168 hours, per metric.
             let from = after.div_euclid(HOUR_MS) * HOUR_MS - 167 * HOUR_MS;
-            let mut want: Vec<(String, i64, u64, f64, f64, f64, bool)> = self
+            let mut want: Vec<WindowRow> = self
                 .device_hours
                 .range((device.clone(), String::new(), i64::MIN)..)
                 .take_while(|((d, _, _), _)| d == device)
@@ -793,7 +801,7 @@ impl Truth {
                 })
                 .collect();
             want.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut got: Vec<(String, i64, u64, f64, f64, f64, bool)> = Vec::new();
+            let mut got: Vec<WindowRow> = Vec::new();
             for (m, ws) in v["windows"]["metrics"].as_object().into_iter().flatten() {
                 for w in ws.as_array().into_iter().flatten() {
                     got.push((
