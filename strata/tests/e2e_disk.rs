@@ -74,6 +74,37 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
     path
 }
 
+/// Fills the file system holding `dir` to its last byte; returns the filler's path.
+fn fill_all(dir: &Path) -> PathBuf {
+    let path = fill(dir, 0);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("filler");
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).and_then(|()| f.sync_all()).is_ok() {}
+    path
+}
+
+/// Waits for a layer to stop by itself (any way but a clean exit); returns how, with the last
+/// lines of its log.
+fn stops(p: &mut Proc) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(status) = p.exit_status() {
+            assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
+            return format!("{status}: {}", p.tail());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not stop on a full disk: {}",
+            p.name,
+            p.tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits for a layer to stop by itself, with an error that says why.
 fn stops_with(p: &mut Proc, cause: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -128,16 +159,30 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     };
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).expect("logs");
-    let writers = |round: u32, data: &Path| -> [Proc; 2] {
+    // `reserve`: the free-space check's `--min-free-mb` (0: off).
+    let writers_with = |round: u32, data: &Path, reserve: &str| -> [Proc; 2] {
+        let set = |mut v: Vec<String>| {
+            let at = v
+                .iter()
+                .position(|a| a == "--min-free-mb")
+                .expect("--min-free-mb");
+            v[at + 1] = reserve.to_string();
+            v
+        };
         [
-            Proc::spawn(&format!("speed{round}"), &with("speed", data, &[]), &logs),
+            Proc::spawn(
+                &format!("speed{round}"),
+                &set(with("speed", data, &[])),
+                &logs,
+            ),
             Proc::spawn(
                 &format!("batch{round}"),
-                &with("batch", data, &["--every", "2s"]),
+                &set(with("batch", data, &["--every", "2s"])),
                 &logs,
             ),
         ]
     };
+    let writers = |round: u32, data: &Path| writers_with(round, data, "16");
 
     let now = now_millis();
     let mut truth = Truth::default();
@@ -169,6 +214,28 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     );
     std::fs::remove_file(&filler).expect("free the space");
     let mut w = writers(2, &data_dir);
+    wait_speed_offsets(&addr, truth.messages);
+    truth.check(&addr);
+
+    // A real ENOSPC: the reserve off and the disk filled to its last byte while events arrive,
+    // so that a RocksDB or Parquet write itself fails. Each writer stops (with an error, or
+    // by an abort inside RocksDB); the stored state stays intact and a restart loses nothing.
+    for p in w.iter_mut() {
+        p.terminate();
+    }
+    let mut w = writers_with(5, &data_dir, "0");
+    wait_speed_offsets(&addr, truth.messages);
+    let filler = fill_all(&data_dir);
+    truth.produce(
+        &common,
+        gen_config(44, 10_000, now - 2 * 3_600_000, 3_600_000, false),
+    );
+    let enospc = [stops(&mut w[0]), stops(&mut w[1])];
+    serve.assert_running();
+    let (code, out) = verify(&common, &addr, false, &[]);
+    assert_eq!(code, 0, "the stored state is intact after ENOSPC:\n{out}");
+    std::fs::remove_file(&filler).expect("free the space");
+    let mut w = writers(6, &data_dir);
     wait_speed_offsets(&addr, truth.messages);
     truth.check(&addr);
 
@@ -206,6 +273,7 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     serve.assert_running();
     eprintln!("disk full: {}\n           {}", full[0], full[1]);
     eprintln!("read-only: {}\n           {}", read_only[0], read_only[1]);
+    eprintln!("ENOSPC:\n{}\n{}", enospc[0], enospc[1]);
     eprintln!("{}", verify_summary(&out));
     eprintln!(
         "e2e_disk: {} messages, {checked} answers checked after recovery, {:.1}s",
