@@ -107,6 +107,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         parts.push(f.views);
     }
     let entries = IdFold::into_entries(parts);
+    strata_common::fault::point("batch.recompute.folded");
     let manifest = batch_store::publish_sorted(
         &cfg.data_dir,
         &entries,

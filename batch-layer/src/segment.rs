@@ -63,7 +63,9 @@ pub fn write(
     columnar::write(&file, &tmp, events)?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let path = dir.join(name);
+    strata_common::fault::point("batch.segment.before_rename");
     fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    strata_common::fault::point("batch.segment.after_rename");
     File::open(&dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(&dir, e))?;

@@ -266,7 +266,9 @@ fn write_version(
         &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
     )?;
     let current = current_path(data_dir);
+    crate::fault::point("batch.publish.before_current");
     fs::rename(&tmp, &current).map_err(|e| Error::io(&current, e))?;
+    crate::fault::point("batch.publish.after_current");
     sync_dir(&root(data_dir))?;
     Ok(manifest)
 }

@@ -19,6 +19,7 @@ pub mod dedupe;
 pub mod disk;
 pub mod error;
 pub mod event;
+pub mod fault;
 pub mod generate;
 pub mod handoff;
 pub mod kafka;

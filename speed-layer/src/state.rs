@@ -382,7 +382,9 @@ impl SpeedState {
         pending.messages = 0;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
+        strata_common::fault::point("speed.flush.before_write");
         self.db.write_opt(batch, &opts).map_err(Error::Write)?;
+        strata_common::fault::point("speed.flush.after_write");
         for (p, block, k, partial) in merged {
             let slot = self
                 .hot

@@ -113,15 +113,7 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     checked += truth.check_all(&addr, true);
 
     // Counters: every message accepted or rejected exactly once.
-    let (_, st) = get_json(&addr, "/v1/status");
-    let ev = &st["speed"]["events"];
-    assert_eq!(ev["rejected"].as_u64(), Some(truth.malformed), "{st}");
-    assert_eq!(ev["duplicates"].as_u64(), Some(truth.copies), "{st}");
-    assert_eq!(
-        ev["accepted"].as_u64(),
-        Some(truth.events + truth.copies),
-        "{st}"
-    );
+    truth.check_counters(&addr);
 
     // Every malformed message is in the dead-letter topic with its reason.
     let (sources, _) = dead_letters(&format!("{topic}.dlq"), truth.malformed);

@@ -1314,6 +1314,20 @@ impl Truth {
         checked
     }
 
+    /// The speed layer's counters: every message accepted (copies included), rejected, or seen
+    /// as a duplicate exactly once.
+    pub fn check_counters(&self, addr: &str) {
+        let (_, st) = get_json(addr, "/v1/status");
+        let ev = &st["speed"]["events"];
+        assert_eq!(ev["rejected"].as_u64(), Some(self.malformed), "{st}");
+        assert_eq!(ev["duplicates"].as_u64(), Some(self.copies), "{st}");
+        assert_eq!(
+            ev["accepted"].as_u64(),
+            Some(self.events + self.copies),
+            "{st}"
+        );
+    }
+
     /// [`Truth::check`] and [`Truth::check_insights`], and with `patterns` (a stream produced
     /// with `--patterns` is in) [`Truth::check_patterns`].
     pub fn check_all(&self, addr: &str, patterns: bool) -> usize {
