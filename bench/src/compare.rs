@@ -144,55 +144,50 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             }
         }
     }
-    // Item series, per granularity, by digest.
-    for (gran, name) in [
-        (Gran::Minute, "minute"),
-        (Gran::Hour, "hour"),
-        (Gran::Day, "day"),
-    ] {
-        let (mut rows, mut sums, mut revenue, mut weighted) = (0u64, [0u64; 6], 0i128, 0i128);
-        let mut names = std::collections::BTreeSet::new();
-        for (k, p) in &views.entries {
-            if let (
-                ViewKey::ItemSeries {
-                    gran: g,
-                    start,
-                    item,
-                },
-                Partial::Item(s),
-            ) = (k, p)
-            {
-                if *g != gran {
-                    continue;
-                }
-                rows += 1;
-                names.insert(item.clone());
-                for (sum, v) in sums.iter_mut().zip([
-                    s.views,
-                    s.carts,
-                    s.purchases,
-                    s.quantity,
-                    s.ratings,
-                    s.rating_sum,
-                ]) {
-                    *sum += v;
-                }
-                revenue += s.revenue_micros;
-                weighted += i128::from(start.div_euclid(60_000))
-                    * i128::from(s.views + s.carts + s.purchases + s.ratings);
-            }
+    // Item series, per granularity, by digest: rows, sums per field, revenue, a time-weighted
+    // count, distinct items; one pass over the version.
+    #[derive(Default, Debug, PartialEq)]
+    struct Digest {
+        rows: u64,
+        sums: [u64; 6],
+        revenue: i128,
+        weighted: i128,
+        items: u64,
+    }
+    let mut digests: [Digest; 3] = Default::default();
+    let mut names: [std::collections::BTreeSet<&str>; 3] = Default::default();
+    for (k, p) in &views.entries {
+        let (ViewKey::ItemSeries { gran, start, item }, Partial::Item(s)) = (k, p) else {
+            continue;
+        };
+        let g = Gran::ALL.iter().position(|x| x == gran).unwrap_or(0);
+        let d = &mut digests[g];
+        d.rows += 1;
+        names[g].insert(item.as_str());
+        for (sum, v) in d.sums.iter_mut().zip([
+            s.views,
+            s.carts,
+            s.purchases,
+            s.quantity,
+            s.ratings,
+            s.rating_sum,
+        ]) {
+            *sum += v;
         }
+        d.revenue += s.revenue_micros;
+        d.weighted += i128::from(start.div_euclid(60_000))
+            * i128::from(s.views + s.carts + s.purchases + s.ratings);
+    }
+    for ((ours, names), name) in digests
+        .iter_mut()
+        .zip(&names)
+        .zip(["minute", "hour", "day"])
+    {
+        ours.items = names.len() as u64;
         let d = &peer["item_series"][name];
-        let ours = (
-            rows,
-            sums,
-            Some(revenue),
-            Some(weighted),
-            names.len() as u64,
-        );
-        let theirs = (
-            u(d, "rows"),
-            [
+        let theirs = Digest {
+            rows: u(d, "rows"),
+            sums: [
                 u(d, "views"),
                 u(d, "carts"),
                 u(d, "purchases"),
@@ -200,11 +195,11 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
                 u(d, "ratings"),
                 u(d, "rating_sum"),
             ],
-            micros(d, "revenue_micros"),
-            micros(d, "weighted"),
-            u(d, "items"),
-        );
-        if ours != theirs {
+            revenue: micros(d, "revenue_micros").unwrap_or(i128::MIN),
+            weighted: micros(d, "weighted").unwrap_or(i128::MIN),
+            items: u(d, "items"),
+        };
+        if *ours != theirs {
             differ(format!(
                 "item series per {name}: strata {ours:?} duckdb {theirs:?}"
             ));
@@ -337,24 +332,31 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
         }
     }
 
-    // Users' items (with the latest time) and items' users, per basis, by digest.
-    for (basis, name) in [(Basis::View, "view"), (Basis::Purchase, "purchase")] {
-        let (mut users, mut user_items, mut last_sum, mut items, mut item_users) =
-            (0u64, 0u64, 0i128, 0u64, 0u64);
-        for (k, p) in &views.entries {
-            match (k, p) {
-                (ViewKey::UserItems { basis: b, .. }, Partial::Recent(r)) if *b == basis => {
-                    users += 1;
-                    user_items += r.0.len() as u64;
-                    last_sum += r.0.values().map(|&t| i128::from(t)).sum::<i128>();
-                }
-                (ViewKey::ItemUsers { basis: b, .. }, Partial::Set(set)) if *b == basis => {
-                    items += 1;
-                    item_users += set.0.len() as u64;
-                }
-                _ => {}
+    // Users' items (with the latest time) and items' users, per basis, by digest: users,
+    // their items, the sum of the latest times, items, their users; one pass over the version.
+    let mut sets = [(0u64, 0u64, 0i128, 0u64, 0u64); 2];
+    for (k, p) in &views.entries {
+        match (k, p) {
+            (ViewKey::UserItems { basis, .. }, Partial::Recent(r)) => {
+                let d = &mut sets[basis.index()];
+                d.0 += 1;
+                d.1 += r.0.len() as u64;
+                d.2 += r.0.values().map(|&t| i128::from(t)).sum::<i128>();
             }
+            (ViewKey::ItemUsers { basis, .. }, Partial::Set(set)) => {
+                let d = &mut sets[basis.index()];
+                d.3 += 1;
+                d.4 += set.0.len() as u64;
+            }
+            _ => {}
         }
+    }
+    for basis in Basis::ALL {
+        let name = match basis {
+            Basis::View => "view",
+            Basis::Purchase => "purchase",
+        };
+        let (users, user_items, last_sum, items, item_users) = sets[basis.index()];
         let d = &peer["sets"][name];
         let ours = (users, user_items, Some(last_sum), items, item_users);
         let theirs = (

@@ -134,34 +134,7 @@ enum Cmd {
     },
     /// A steady query load for a long span at a fraction of the measured maximum, sampled every
     /// interval: latency, rate, errors and the server's resident memory.
-    Soak {
-        #[arg(long)]
-        url: String,
-        /// The serving process, for its resident memory.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Seconds of steady load.
-        #[arg(long, default_value_t = 600)]
-        secs: u64,
-        /// Seconds of the closed loop that measures the maximum first.
-        #[arg(long, default_value_t = 10)]
-        max_secs: u64,
-        /// The fraction of the maximum offered.
-        #[arg(long, default_value_t = 0.8)]
-        fraction: f64,
-        #[arg(long, default_value_t = 64)]
-        connections: usize,
-        /// Seconds per sample.
-        #[arg(long, default_value_t = 10)]
-        interval_secs: u64,
-        /// Items, users and devices the generator made (`i0..`, `u0..`, `d0..`).
-        #[arg(long)]
-        items: u64,
-        #[arg(long)]
-        users: u64,
-        #[arg(long)]
-        devices: u64,
-    },
+    Soak(soak::SoakArgs),
     /// Request a batch recompute (`POST /v1/admin/batch`) and wait until it is published.
     Batch {
         #[arg(long)]
@@ -361,32 +334,7 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
                 out,
             ))
         }
-        Cmd::Soak {
-            url,
-            pid,
-            secs,
-            max_secs,
-            fraction,
-            connections,
-            interval_secs,
-            items,
-            users,
-            devices,
-        } => runtime()?.block_on(soak::run(
-            soak::SoakArgs {
-                url,
-                pid,
-                secs,
-                max_secs,
-                fraction,
-                connections,
-                interval: Duration::from_secs(interval_secs.max(1)),
-                items,
-                users,
-                devices,
-            },
-            out,
-        )),
+        Cmd::Soak(args) => runtime()?.block_on(soak::run(args, out)),
         Cmd::Batch {
             url,
             admin_key,

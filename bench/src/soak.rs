@@ -16,16 +16,33 @@ use anyhow::{bail, Result};
 use crate::http::Client;
 use crate::Out;
 
+#[derive(clap::Args, Debug)]
 pub struct SoakArgs {
+    #[arg(long)]
     pub url: String,
+    /// The serving process, for its resident memory.
+    #[arg(long)]
     pub pid: Option<u32>,
+    /// Seconds of steady load.
+    #[arg(long, default_value_t = 600)]
     pub secs: u64,
+    /// Seconds of the closed loop that measures the maximum first.
+    #[arg(long, default_value_t = 10)]
     pub max_secs: u64,
+    /// The fraction of the maximum offered.
+    #[arg(long, default_value_t = 0.8)]
     pub fraction: f64,
+    #[arg(long, default_value_t = 64)]
     pub connections: usize,
-    pub interval: Duration,
+    /// Seconds per sample.
+    #[arg(long, default_value_t = 10)]
+    pub interval_secs: u64,
+    /// Items, users and devices the generator made (`i0..`, `u0..`, `d0..`).
+    #[arg(long)]
     pub items: u64,
+    #[arg(long)]
     pub users: u64,
+    #[arg(long)]
     pub devices: u64,
 }
 
@@ -115,6 +132,7 @@ pub async fn run(a: SoakArgs, out: &mut Out) -> Result<()> {
         bail!("--secs and --connections must be positive, --fraction within 0..1");
     }
     let a = Arc::new(a);
+    let sample = Duration::from_secs(a.interval_secs.max(1));
 
     // The maximum: every client as fast as it goes.
     let done = Arc::new(AtomicU64::new(0));
@@ -183,7 +201,7 @@ pub async fn run(a: SoakArgs, out: &mut Out) -> Result<()> {
     let mut service: [Vec<u64>; CLASSES.len()] = Default::default();
     let mut at = started;
     while at < end {
-        let next = (at + a.interval).min(end);
+        let next = (at + sample).min(end);
         tokio::time::sleep_until(next.into()).await;
         let secs = next.duration_since(at).as_secs_f64();
         at = next;
@@ -212,7 +230,7 @@ pub async fn run(a: SoakArgs, out: &mut Out) -> Result<()> {
             i.not_found,
             a.secs.saturating_sub(t)
         );
-        if secs >= a.interval.as_secs_f64() * 0.5 {
+        if secs >= sample.as_secs_f64() * 0.5 {
             p99s.push(p99);
             rss.push(m);
             rates.push(rate);

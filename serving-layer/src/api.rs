@@ -353,11 +353,11 @@ pub fn routes(
                 Err(e) => e.reply().into_response(),
             })
         });
-    let document = Arc::new(openapi(&state.cfg));
-    let openapi = warp::path!("openapi.json").and(warp::get()).map(move || {
-        warp::reply::with_header(document.to_string(), "content-type", "application/json")
-            .into_response()
-    });
+    // Built once; each answer shares its bytes.
+    let document = Bytes::from(openapi(&state.cfg));
+    let openapi = warp::path!("openapi.json")
+        .and(warp::get())
+        .map(move || json_body(document.clone()));
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(st.clone())

@@ -210,6 +210,23 @@ pub fn item_counts(items: &Value) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
+/// A time series answer's points: bucket start -> value.
+pub fn series_points(v: &Value) -> BTreeMap<i64, f64> {
+    v["points"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some((
+                        strata_common::time::parse_rfc3339(p["start"].as_str()?)?,
+                        p["value"].as_f64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The admin key the test layers run with.
 pub const ADMIN_KEY: &str = "test-admin-key";
 /// `Authorization` with [`ADMIN_KEY`].
@@ -905,28 +922,13 @@ impl Truth {
             strata_common::time::format_rfc3339(first),
             strata_common::time::format_rfc3339(last)
         );
-        let points = |v: &Value| -> BTreeMap<i64, f64> {
-            v["points"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| {
-                            Some((
-                                strata_common::time::parse_rfc3339(p["start"].as_str()?)?,
-                                p["value"].as_f64()?,
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         for t in ["view", "purchase", "heartbeat", "reading"] {
             let (status, v) = get_json(
                 addr,
                 &format!("/v1/insights/timeseries?metric=events&type={t}&bucket=hour&{range}"),
             );
             assert_eq!(status, 200, "{v}");
-            let got = points(&v);
+            let got = series_points(&v);
             for (&hour, h) in &self.hours {
                 let want = h.by_type.get(t).copied().unwrap_or(0) as f64;
                 assert_eq!(
@@ -941,7 +943,7 @@ impl Truth {
             addr,
             &format!("/v1/insights/timeseries?metric=revenue&bucket=hour&{range}"),
         );
-        let got = points(&v);
+        let got = series_points(&v);
         for (&hour, h) in &self.hours {
             let micros = got.get(&hour).map(|r| (r * 1e6).round() as i128);
             assert_eq!(micros, Some(h.revenue_micros), "revenue in hour {hour}");
@@ -951,7 +953,7 @@ impl Truth {
             addr,
             &format!("/v1/insights/timeseries?metric=events&item=i0&bucket=hour&{range}"),
         );
-        let got = points(&v);
+        let got = series_points(&v);
         for &hour in self.hours.keys() {
             let want = self
                 .item_hours
@@ -966,53 +968,13 @@ impl Truth {
             checked += 1;
         }
         // Co-occurrence by purchases, exactly.
-        let mut audience: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for (user, items) in &self.bought {
-            for i in items {
-                audience.entry(i).or_default().insert(user);
-            }
-        }
-        let mut co_checked = 0;
-        for item in ["i0", "i1", "i2", "i3", "p-a"] {
-            let Some(users) = audience.get(item) else {
-                continue;
-            };
-            co_checked += 1;
-            let mut co: BTreeMap<&str, u64> = BTreeMap::new();
-            for u in users {
-                for other in &self.bought[*u] {
-                    if other != item {
-                        *co.entry(other).or_default() += 1;
-                    }
-                }
-            }
-            let (status, v) = get_json(
-                addr,
-                &format!("/v1/recommendations/items/{item}?basis=purchase&limit=1000"),
-            );
-            assert_eq!(status, 200, "{v}");
-            assert_eq!(
-                v["users"].as_u64(),
-                Some(users.len() as u64),
-                "audience of {item}"
-            );
-            let got: BTreeMap<String, u64> = v["items"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|r| {
-                            Some((
-                                r["item"].as_str()?.to_string(),
-                                r["co_occurrences"].as_u64()?,
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let want: BTreeMap<String, u64> = co.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-            assert_eq!(got, want, "co-occurrence with {item}");
-            checked += 1;
-        }
+        let co_checked = Self::check_co_occurrence(
+            addr,
+            "purchase",
+            &self.bought,
+            &["i0", "i1", "i2", "i3", "p-a"],
+        );
+        checked += co_checked;
         assert!(
             co_checked >= 4,
             "co-occurrence checked for {co_checked} items only"
@@ -1037,7 +999,7 @@ impl Truth {
             let err = v["error_bound"]["relative_standard_error"]
                 .as_f64()
                 .expect("error bound");
-            let got = points(&v);
+            let got = series_points(&v);
             for d in days {
                 let want = self.item_day_users[&("i0".to_string(), d)].len() as f64;
                 let est = got.get(&d).copied().unwrap_or(-1.0);
@@ -1139,17 +1101,7 @@ impl Truth {
                     }
                     let (now, v) = Self::get_in_one_minute(addr, &path);
                     let want = ranked(self.counts_since(t, start(window, now), category));
-                    let got: Vec<(String, u64)> = v["items"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|r| {
-                                    Some((r["item"].as_str()?.to_string(), r["count"].as_u64()?))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    assert_eq!(got, want, "{path}");
+                    assert_eq!(item_counts(&v["items"]), want, "{path}");
                     checked += 1;
                 }
             }
@@ -1200,21 +1152,6 @@ impl Truth {
             checked += 1;
         }
         // Minute series over the last two hours of the stream, and the day series.
-        let points = |v: &Value| -> BTreeMap<i64, f64> {
-            v["points"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| {
-                            Some((
-                                strata_common::time::parse_rfc3339(p["start"].as_str()?)?,
-                                p["value"].as_f64()?,
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         for (bucket, buckets, span) in [
             ("minute", &self.minutes, 120 * 60_000),
             ("day", &self.days, 0),
@@ -1232,7 +1169,7 @@ impl Truth {
                     strata_common::time::format_rfc3339(last)
                 ),
             );
-            let got = points(&v);
+            let got = series_points(&v);
             let step = if bucket == "minute" { 60_000 } else { DAY_MS };
             let mut b = from;
             while b <= last {
@@ -1243,50 +1180,7 @@ impl Truth {
             }
         }
         // Co-occurrence by views, exactly.
-        let mut audience: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for (user, items) in &self.viewed {
-            for i in items {
-                audience.entry(i).or_default().insert(user);
-            }
-        }
-        for item in ["i0", "i1", "i2"] {
-            let Some(users) = audience.get(item) else {
-                continue;
-            };
-            let mut want: BTreeMap<String, u64> = BTreeMap::new();
-            for u in users {
-                for other in &self.viewed[*u] {
-                    if other != item {
-                        *want.entry(other.clone()).or_default() += 1;
-                    }
-                }
-            }
-            let (status, v) = get_json(
-                addr,
-                &format!("/v1/recommendations/items/{item}?basis=view&limit=1000"),
-            );
-            assert_eq!(status, 200, "{v}");
-            assert_eq!(
-                v["users"].as_u64(),
-                Some(users.len() as u64),
-                "viewers of {item}"
-            );
-            let got: BTreeMap<String, u64> = v["items"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|r| {
-                            Some((
-                                r["item"].as_str()?.to_string(),
-                                r["co_occurrences"].as_u64()?,
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            assert_eq!(got, want, "co-occurrence by views with {item}");
-            checked += 1;
-        }
+        checked += Self::check_co_occurrence(addr, "view", &self.viewed, &["i0", "i1", "i2"]);
         // Users' recommendations: seeded by their 10 most recent items (views and purchases,
         // newest first, ties by name), never an item they bought.
         for user in self.latest.keys().take(20) {
@@ -1309,6 +1203,63 @@ impl Truth {
                     "{user} is recommended {item}, which they bought: {v}"
                 );
             }
+            checked += 1;
+        }
+        checked
+    }
+
+    /// `/v1/recommendations/items/{item}?basis=BASIS` for each of `items` that has an audience
+    /// in `sets` (user -> items of that basis): its audience, and for every other item the users
+    /// it shares with it, exactly. Returns how many items were checked.
+    fn check_co_occurrence(
+        addr: &str,
+        basis: &str,
+        sets: &BTreeMap<String, BTreeSet<String>>,
+        items: &[&str],
+    ) -> usize {
+        let mut audience: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (user, its) in sets {
+            for i in its {
+                audience.entry(i).or_default().insert(user);
+            }
+        }
+        let mut checked = 0;
+        for item in items {
+            let Some(users) = audience.get(item) else {
+                continue;
+            };
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            for u in users {
+                for other in &sets[*u] {
+                    if other != item {
+                        *want.entry(other.clone()).or_default() += 1;
+                    }
+                }
+            }
+            let (status, v) = get_json(
+                addr,
+                &format!("/v1/recommendations/items/{item}?basis={basis}&limit=1000"),
+            );
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["users"].as_u64(),
+                Some(users.len() as u64),
+                "audience of {item} by {basis}"
+            );
+            let got: BTreeMap<String, u64> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| {
+                            Some((
+                                r["item"].as_str()?.to_string(),
+                                r["co_occurrences"].as_u64()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(got, want, "co-occurrence by {basis} with {item}");
             checked += 1;
         }
         checked
