@@ -12,11 +12,14 @@
 #              /v1/status, reach the end); K runs each, interleaved, medians (default 3; smoke 1);
 #              then the speed layer's ceiling without the broker (`strata-bench speed-ceiling`:
 #              the same workers fed N records from a file), on 1 worker and one per core
-#   serving    wrk, 64 connections, 2 threads, S s (default 10; smoke 2), --latency, against
-#              `strata up` loaded with the ingest topic and one batch run, and against a bare warp
-#              hello-world server (`strata-bench hello`); each query once for one URL over and
-#              over (answered from the kept answers but once a second), then spread over the
-#              1,000 top items and over every generated user (mostly computed afresh)
+#   serving    `strata up` loaded with the ingest topic and one batch run: each route alone (one
+#              request at a time, computed), then under a live stream of 2,000 events/s, wrk (64
+#              connections, 2 threads, S s, default 10; smoke 2; --latency) against a bare warp
+#              hello-world server (`strata-bench hello`) and against each read route with another
+#              key each request, over every generated item and user (uniform, and a Zipf law) or
+#              every combination of a ranking's parameters, the share of kept answers beside each;
+#              then one URL over and over (kept answers, for comparison); then a batch run: the
+#              new version's load time and the first request of each route after it (cold)
 #   freshness  then, with the same `strata up`, for each rate R of a list (default
 #              5000,20000,50000; smoke 500): R events/s for S s (default 30; smoke 3), each for a
 #              new item; 1 in K (--fresh-sample, default 250;
@@ -468,59 +471,165 @@ bench_soak() { # address pid (of the loaded `strata up`)
   fi
 }
 
+# The serving layer's answers since its start, kept and computed: "kept computed".
+answer_counts() { # base url
+  curl -sf "$1/metrics" | awk '
+    /^strata_answers_total\{source="kept"\}/ { k = $2 }
+    /^strata_answers_total\{source="computed"\}/ { c = $2 }
+    END { printf "%d %d\n", k, c }'
+}
+
+# A wrk script choosing each request as a web app's page views would: another key each request,
+# over every generated item or user, uniformly or by a Zipf law (the key of rank k asked for in
+# proportion to 1/k; the generator makes low-numbered items and users the most active), or
+# another combination of a ranking's parameters.
+spread_script() { # file kind(items|item_recs|user_recs|top_items|trending) mix(uniform|zipf) items users
+  local zipf=false
+  [ "$3" = zipf ] && zipf=true
+  cat >"$1" <<EOF
+local kind, zipf, n_items, n_users = "$2", $zipf, $4, $5
+local cdf = {}
+local function zipf_table(n)
+  local c, s = {}, 0
+  for k = 1, n do s = s + 1 / k; c[k] = s end
+  for k = 1, n do c[k] = c[k] / s end
+  return c
+end
+local function draw(n)
+  if not zipf then return math.random(0, n - 1) end
+  local c = cdf[n]
+  if not c then c = zipf_table(n); cdf[n] = c end
+  local u, lo, hi = math.random(), 1, n
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if c[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return lo - 1
+end
+local function pick(t) return t[math.random(#t)] end
+local types = {"view", "add_to_cart", "purchase", "rating"}
+local windows = {"1h", "24h", "7d", "all"}
+local categories = {"books", "electronics", "garden", "toys", "kitchen", "sports", "music",
+  "games", "beauty", "office", "pets", "travel"}
+local spans = {{"1h", "24h"}, {"1h", "7d"}, {"24h", "7d"}}
+init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end
+request = function()
+  local p
+  if kind == "items" then p = "/v1/items/i" .. draw(n_items)
+  elseif kind == "item_recs" then p = "/v1/recommendations/items/i" .. draw(n_items)
+  elseif kind == "user_recs" then p = "/v1/recommendations/users/u" .. draw(n_users)
+  elseif kind == "top_items" then
+    p = "/v1/insights/top-items?type=" .. pick(types) .. "&window=" .. pick(windows)
+      .. "&limit=" .. pick({10, 20, 50})
+    if math.random(13) <= 12 then p = p .. "&category=" .. pick(categories) end
+  else
+    local s = pick(spans)
+    p = "/v1/insights/trending?type=" .. pick(types) .. "&window=" .. s[1] .. "&baseline=" .. s[2]
+      .. "&min_support=" .. pick({1, 3, 5}) .. "&limit=" .. pick({10, 20})
+  end
+  return wrk.format(nil, p)
+end
+EOF
+}
+
+# wrk against one route of `strata up`, its figures and the share of its answers that were kept
+# (served from memory) rather than computed.
+serving_run() { # name address path [script]
+  local name="$1" addr="$2" path="$3" script="${4:-}" before after kept computed
+  before=$(answer_counts "http://$addr")
+  run_wrk "$name" "http://$addr$path" $script
+  after=$(answer_counts "http://$addr")
+  kept=$(( ${after% *} - ${before% *} )) computed=$(( ${after#* } - ${before#* } ))
+  figure "serving.$name.requests" "$wrk_requests" count
+  figure "serving.$name.rps" "$(calc "$wrk_rps")" req/s
+  figure "serving.$name.p99" "$wrk_p99" ms
+  figure "serving.$name.kept_share" "$(ratio "$kept" "$((kept + computed))")" ratio
+  figure "serving.$name.rps_vs_hello" "$(ratio "$wrk_rps" "$hello_rps")" ratio
+  figure "serving.$name.p99_vs_hello" "$(ratio "$wrk_p99" "$hello_p99")" ratio
+  figure "serving.$name.socket_errors" "$wrk_socket_errors" count
+  if [ "$wrk_non2xx" = 0 ]; then
+    check "serving.$name.answers" ok "every answer 2xx"
+  else
+    check "serving.$name.answers" fail "$wrk_non2xx non-2xx answers"
+  fi
+}
+
+# Milliseconds of the first request of each route after a batch version loads (nothing of the
+# new version computed yet), then the milliseconds the serving layer took to load it.
+serving_cold() { # address
+  local addr="$1" before version name path
+  before=$(curl -sf "http://$addr/v1/status" | jq -r '.batch.version')
+  "$BENCH" batch --url "http://$addr" --admin-key "$ADMIN_KEY" >"$work/cold-batch.txt" ||
+    { tail -n 30 "$work/up.log" >&2; die "the batch run failed"; }
+  for _ in $(seq 1 1000); do
+    version=$(curl -sf "http://$addr/v1/status" | jq -r '.batch.version')
+    [ "$version" != "$before" ] && break
+    sleep 0.01
+  done
+  [ "$version" != "$before" ] || die "batch version $before still served after the run"
+  figure serving.swap.load_ms "$(curl -sf "http://$addr/v1/status" | jq -r '.batch.load_ms')" ms
+  for spec in "items=/v1/items/i7" "item_recs=/v1/recommendations/items/i3" \
+              "user_recs=/v1/recommendations/users/u11" \
+              "top_items=/v1/insights/top-items?window=24h&type=purchase&category=toys" \
+              "trending=/v1/insights/trending?window=1h&baseline=24h&type=view"; do
+    name="${spec%%=*}" path="${spec#*=}"
+    figure "serving.cold.$name" "$(calc "$(curl -sf -o /dev/null -w '%{time_total}' "http://$addr$path" || echo nan) * 1000" 1)" ms
+  done
+}
+
 bench_serving() { # address pid (of the loaded `strata up`)
-  local addr="$1" upid="$2" hello_addr hpid
+  local addr="$1" upid="$2" hello_addr hpid spid
+  settle "$upid" "strata up"
+  note_load serving
+  # Alone, on an idle server: one URL asked three times (a new query parameter each time, so
+  # each is computed).
+  local spec name path
+  for spec in "items=/v1/items/i1" "top_items=/v1/insights/top-items?window=24h" \
+              "user_recs=/v1/recommendations/users/u1" "item_recs=/v1/recommendations/items/i1"; do
+    name="${spec%%=*}" path="${spec#*=}"
+    curl -sf -o /dev/null "http://$addr$path" || die "GET $path does not answer 200"
+    figure "serving.$name.single" "$(single_ms "http://$addr$path")" ms
+  done
+  # Everything else under a live stream of 2,000 events/s (each speed flush moves the state,
+  # so kept answers last only until the next one), the hello-world peer too.
+  local stream_secs=$(( 12 * (wrk_secs + 3) + 60 ))
+  log "serving: a live stream of 2,000 events/s for at most ${stream_secs} s"
+  spawn serving-stream "$STRATA" generate --brokers "$BROKERS" --topic "$INGEST_TOPIC" --seed 96 \
+    --count $((2000 * stream_secs)) --rate 2000
+  spid=$last_pid
+  sleep 3
   hello_addr="127.0.0.1:$(free_port)"
   spawn hello "$BENCH" hello --addr "$hello_addr"
   hpid=$last_pid
   wait_http "http://$hello_addr/" "$hpid" "$work/hello.log"
-  settle "$upid" "strata up"
-  note_load serving
   figure serving.hello.single "$(single_ms "http://$hello_addr/")" ms
   run_wrk hello "http://$hello_addr/"
   stop_pid "$hpid"
-  local hello_rps="$wrk_rps" hello_p99="$wrk_p99"
+  hello_rps="$wrk_rps" hello_p99="$wrk_p99"
   figure serving.hello.rps "$(calc "$hello_rps")" req/s
   figure serving.hello.p99 "$hello_p99" ms
   [ "$wrk_non2xx" = 0 ] || check serving.hello.answers fail "$wrk_non2xx non-2xx answers"
-  # Spread: every request another item (of the 1,000 most bought) or user (of those the
-  # generator made up: events / 40, as in common/src/generate.rs; one without a history gets
-  # the top items).
-  local users=$((events / 40)) ids
-  [ "$users" -ge 50 ] || users=50
-  [ "$users" -le 200000 ] || users=200000
-  ids=$(curl -sf "http://$addr/v1/insights/top-items?limit=1000" | jq -r '.items[].item') ||
-    die "cannot list the top items"
-  local seed='init = function() math.randomseed(os.time() + math.floor(os.clock() * 1e6)) end'
-  { echo "local ids = {"; printf '"%s",\n' $ids; echo "}"
-    echo "$seed"
-    echo 'request = function() return wrk.format(nil, "/v1/items/" .. ids[math.random(#ids)]) end'
-  } >"$work/spread-items.lua"
-  { echo "$seed"
-    echo "request = function() return wrk.format(nil, \"/v1/recommendations/users/u\" .. math.random(0, $((users - 1)))) end"
-  } >"$work/spread-users.lua"
-  local spec name path script
-  for spec in "items=/v1/items/i1" "top_items=/v1/insights/top-items?window=24h" \
-              "user_recs=/v1/recommendations/users/u1" "items_spread=/v1/items/i1@spread-items" \
-              "user_recs_spread=/v1/recommendations/users/u1@spread-users"; do
-    name="${spec%%=*}" path="${spec#*=}" script=""
-    case "$path" in *@*) script="$work/${path#*@}.lua" path="${path%%@*}" ;; esac
-    curl -sf -o /dev/null "http://$addr$path" || die "GET $path does not answer 200"
-    settle "$upid" "strata up"
-    [ -n "$script" ] || figure "serving.$name.single" "$(single_ms "http://$addr$path")" ms
-    run_wrk "$name" "http://$addr$path" $script
-    figure "serving.$name.requests" "$wrk_requests" count
-    figure "serving.$name.rps" "$(calc "$wrk_rps")" req/s
-    figure "serving.$name.p99" "$wrk_p99" ms
-    figure "serving.$name.rps_vs_hello" "$(ratio "$wrk_rps" "$hello_rps")" ratio
-    figure "serving.$name.p99_vs_hello" "$(ratio "$wrk_p99" "$hello_p99")" ratio
-    figure "serving.$name.socket_errors" "$wrk_socket_errors" count
-    if [ "$wrk_non2xx" = 0 ] && curl -sf -o /dev/null "http://$addr$path"; then
-      check "serving.$name.answers" ok "every answer 2xx"
-    else
-      check "serving.$name.answers" fail "$wrk_non2xx non-2xx answers"
-    fi
+  # Computed answers: keys spread over every generated item and user (events / 400 items and
+  # events / 40 users, as in common/src/generate.rs; a user without a history gets the top items).
+  local users=$((events / 40)) items=$((events / 400)) kind mix
+  [ "$users" -ge 50 ] || users=50; [ "$users" -le 200000 ] || users=200000
+  [ "$items" -ge 20 ] || items=20; [ "$items" -le 20000 ] || items=20000
+  for kind in items item_recs user_recs top_items trending; do
+    for mix in uniform zipf; do
+      case "$kind.$mix" in top_items.zipf|trending.zipf) continue ;; esac
+      spread_script "$work/$kind-$mix.lua" "$kind" "$mix" "$items" "$users"
+      serving_run "${kind}_$mix" "$addr" / "$work/$kind-$mix.lua"
+    done
   done
+  # Kept answers, for comparison only: one URL over and over, computed again after each speed
+  # flush and served from memory in between.
+  for spec in "items=/v1/items/i1" "top_items=/v1/insights/top-items?window=24h" \
+              "user_recs=/v1/recommendations/users/u1"; do
+    name="${spec%%=*}" path="${spec#*=}"
+    serving_run "kept_$name" "$addr" "$path"
+  done
+  stop_pid "$spid"
+  serving_cold "$addr"
 }
 
 bench_freshness() { # address pid (of the loaded `strata up`)

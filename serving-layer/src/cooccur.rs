@@ -12,6 +12,9 @@
 //! [`strata_common::views::Recent`]), so the merged audience or history is the batch's list plus
 //! the overlay's additions, and the rows equal those counted from the merged partials.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
@@ -88,7 +91,21 @@ pub struct CoIndex {
     ids: [Interner; 2],
     /// By [`Side`], then by the owner's number.
     lists: [Vec<Vec<u32>>; 2],
+    /// The items' co-occurrence counts in the version alone, counted on first use.
+    rows: Mutex<IndexRows>,
 }
+
+/// Co-occurrence counts of the version alone: per item, (other item, users holding both).
+#[derive(Default)]
+struct IndexRows {
+    pairs: usize,
+    by_item: FastMap<u32, Arc<Vec<(u32, u32)>>>,
+    /// In the order counted, the first to go when more than [`INDEX_ROW_PAIRS`] are held.
+    order: VecDeque<u32>,
+}
+
+/// Pairs of the version's co-occurrence counts held at most (8 bytes each), across items.
+pub const INDEX_ROW_PAIRS: usize = 4 << 20;
 
 impl CoIndex {
     /// Indexes the audiences and histories of `basis` in a batch version.
@@ -122,6 +139,48 @@ impl CoIndex {
     fn list(&self, side: Side, of: u32) -> &[u32] {
         let lists = &self.lists[side as usize];
         lists.get(of as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// The co-occurrence counts of item `seed` in the version alone: every other item a user of
+    /// its audience holds, with the number of such users. A version never changes, so they are
+    /// counted once and kept (up to [`INDEX_ROW_PAIRS`] pairs across items).
+    fn row(&self, seed: u32) -> Arc<Vec<(u32, u32)>> {
+        let kept = |rows: &IndexRows| rows.by_item.get(&seed).cloned();
+        if let Some(row) = kept(&self.rows.lock().unwrap_or_else(|e| e.into_inner())) {
+            return row;
+        }
+        let mut counts = vec![0u32; self.ids[Kind::Item as usize].names.len()];
+        let mut seen: Vec<u32> = Vec::new();
+        for &user in self.list(Side::Audience, seed) {
+            for &other in self.list(Side::History, user) {
+                if other == seed {
+                    continue;
+                }
+                let c = &mut counts[other as usize];
+                if *c == 0 {
+                    seen.push(other);
+                }
+                *c += 1;
+            }
+        }
+        let row: Arc<Vec<(u32, u32)>> =
+            Arc::new(seen.into_iter().map(|o| (o, counts[o as usize])).collect());
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = kept(&rows) {
+            return found;
+        }
+        while rows.pairs + row.len() > INDEX_ROW_PAIRS {
+            let Some(old) = rows.order.pop_front() else {
+                break;
+            };
+            if let Some(r) = rows.by_item.remove(&old) {
+                rows.pairs -= r.len();
+            }
+        }
+        rows.pairs += row.len();
+        rows.by_item.insert(seed, row.clone());
+        rows.order.push_back(seed);
+        row
     }
 }
 
@@ -244,24 +303,49 @@ impl Merged<'_> {
     }
 
     /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
+    ///
+    /// The batch version's counts of the item ([`CoIndex::row`], counted once per version) plus
+    /// what the layers change: histories only grow, so a user of the version's audience adds
+    /// the items the layers add to their history, and a user the layers add to the audience
+    /// adds their whole merged history. The cost grows with the item's audience in the version
+    /// (one look per member at what the layers add) and with what the layers add, not with
+    /// the histories of the version's audience.
     pub fn rows(&self, item: &str) -> Option<CoRows> {
         let seed = self.id(Kind::Item, item)?;
         let mut counts = vec![0u32; self.count(Kind::Item)];
         let mut seen: Vec<u32> = Vec::new();
-        let mut n_a = 0u64;
-        for user in self.list(Side::Audience, seed) {
-            n_a += 1;
-            for other in self.list(Side::History, user) {
-                if other == seed {
-                    continue;
-                }
-                let c = &mut counts[other as usize];
-                if *c == 0 {
-                    seen.push(other);
-                }
-                *c += 1;
+        let mut bump = |other: u32, by: u32| {
+            let c = &mut counts[other as usize];
+            if *c == 0 {
+                seen.push(other);
+            }
+            *c += by;
+        };
+        let in_index = (seed as usize) < self.index.ids[Kind::Item as usize].names.len();
+        if in_index {
+            for &(other, co) in self.index.row(seed).iter() {
+                bump(other, co);
             }
         }
+        for &user in self.index.list(Side::Audience, seed) {
+            for layer in &self.layers {
+                for &other in layer.added(Side::History, user) {
+                    if other != seed {
+                        bump(other, 1);
+                    }
+                }
+            }
+        }
+        for layer in &self.layers {
+            for &user in layer.added(Side::Audience, seed) {
+                for other in self.list(Side::History, user) {
+                    if other != seed {
+                        bump(other, 1);
+                    }
+                }
+            }
+        }
+        let n_a = self.len(Side::Audience, seed) as u64;
         if n_a == 0 {
             return None;
         }
@@ -285,5 +369,141 @@ impl Merged<'_> {
                 .then_with(|| a.item.cmp(&b.item))
         });
         Some(CoRows { users: n_a, rows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use strata_common::batch_store::Manifest;
+    use strata_common::views::{Recent, Set};
+
+    use super::*;
+
+    /// The views of some (user, item) events of one basis, keyed as the version stores them.
+    fn views(events: &[(u32, u32)]) -> BTreeMap<Vec<u8>, (ViewKey, Partial)> {
+        let basis = Basis::View;
+        let mut audiences: BTreeMap<Name, BTreeSet<Name>> = BTreeMap::new();
+        let mut histories: BTreeMap<Name, BTreeMap<Name, i64>> = BTreeMap::new();
+        for (t, &(u, i)) in events.iter().enumerate() {
+            let (user, item): (Name, Name) = (format!("u{u}").into(), format!("i{i}").into());
+            audiences
+                .entry(item.clone())
+                .or_default()
+                .insert(user.clone());
+            histories.entry(user).or_default().insert(item, t as i64);
+        }
+        let mut out = BTreeMap::new();
+        for (item, users) in audiences {
+            let key = ViewKey::ItemUsers { basis, item };
+            out.insert(key.encode(), (key, Partial::Set(Set(users))));
+        }
+        for (user, items) in histories {
+            let key = ViewKey::UserItems { basis, user };
+            out.insert(key.encode(), (key, Partial::Recent(Recent(items))));
+        }
+        out
+    }
+
+    fn layer(under: &Merged<'_>, events: &[(u32, u32)]) -> Overlay {
+        let parts = views(events);
+        Overlay::build(under, Basis::View, |prefix, f| {
+            for (enc, (k, p)) in &parts {
+                if enc.starts_with(prefix) {
+                    f(k.clone(), p.clone());
+                }
+            }
+            Ok(())
+        })
+        .expect("overlay")
+    }
+
+    /// Rows counted from the merged sets of every event, the naive way.
+    fn naive(events: &[(u32, u32)], item: u32) -> Vec<(Name, u64, u64)> {
+        let mut histories: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for &(u, i) in events {
+            histories.entry(u).or_default().insert(i);
+        }
+        let audience = |i: u32| histories.values().filter(|h| h.contains(&i)).count() as u64;
+        let n_a = audience(item);
+        let mut co: BTreeMap<u32, u64> = BTreeMap::new();
+        for h in histories.values().filter(|h| h.contains(&item)) {
+            for &other in h.iter().filter(|&&o| o != item) {
+                *co.entry(other).or_default() += 1;
+            }
+        }
+        let mut rows: Vec<(f64, Name, u64, u64)> = (co.into_iter())
+            .map(|(o, c)| {
+                let users = audience(o);
+                let score = c as f64 / (n_a as f64 * users as f64).sqrt();
+                (score, Name::from(format!("i{o}")), c, users)
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.0.total_cmp(&a.0))
+                .then_with(|| b.2.cmp(&a.2))
+                .then_with(|| a.1.cmp(&b.1))
+        });
+        rows.into_iter().map(|(_, i, c, u)| (i, c, u)).collect()
+    }
+
+    #[test]
+    fn rows_over_layers_equal_rows_of_every_event_counted_naively() {
+        let mut seed = 5u64;
+        let mut below = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % n) as u32
+        };
+        for round in 0..40 {
+            let (users, items) = (2 + below(40) as u64, 2 + below(30) as u64);
+            let mut events: Vec<(u32, u32)> = (0..(20 + below(300)))
+                .map(|_| (below(users), below(items)))
+                .collect();
+            // Users and items only the speed layer has seen, too.
+            events.extend((0..10).map(|_| (users as u32 + below(5), items as u32 + below(4))));
+            let cut = (events.len() / 2, events.len() * 3 / 4);
+            let manifest = Manifest {
+                version: 1,
+                published_at: "2026-11-25T00:00:00.000Z".into(),
+                block_size: 10_000,
+                cutoffs: Default::default(),
+                events: 0,
+                duplicates: 0,
+                keys: 0,
+                duration_ms: 0,
+            };
+            let batch = LoadedBatch::new(manifest, views(&events[..cut.0]));
+            let index = CoIndex::build(&batch, Basis::View);
+            let under = Merged {
+                index: &index,
+                layers: Vec::new(),
+            };
+            let first = layer(&under, &events[cut.0..cut.1]);
+            let under = Merged {
+                index: &index,
+                layers: vec![&first],
+            };
+            let second = layer(&under, &events[cut.1..]);
+            let merged = Merged {
+                index: &index,
+                layers: vec![&first, &second],
+            };
+            let rows = |item: u32| -> Vec<(Name, u64, u64)> {
+                (merged.rows(&format!("i{item}")).into_iter())
+                    .flat_map(|r| r.rows)
+                    .map(|r| (r.item, r.co, r.users))
+                    .collect()
+            };
+            for item in 0..(items as u32 + 4) {
+                let want = naive(&events, item);
+                assert_eq!(rows(item), want, "round {round}, item i{item}");
+                // Counted twice: the second time from the version's kept counts.
+                let again = rows(item);
+                assert_eq!(again, want, "round {round}, item i{item}, again");
+            }
+        }
     }
 }

@@ -1,14 +1,14 @@
 //! Insights: top items by window and category, trending items, time series.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
-use strata_common::views::{tag, Gran, ItemStats, Monoid, Partial, ViewKey, HLL_STANDARD_ERROR};
+use strata_common::views::{tag, Gran, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::error::ApiError;
-use crate::state::{item_total, totals_range, with_merged, Merge, ServingState, Totals};
+use crate::rankings::ItemTotals;
+use crate::state::{Merge, ServingState};
 
 /// A look-back window, in event time, ending now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,52 +67,23 @@ pub fn top_n<T>(rows: &mut Vec<T>, n: usize, cmp: impl Fn(&T, &T) -> std::cmp::O
     rows.sort_unstable_by(cmp);
 }
 
-/// Per-item totals over a window: the batch version's share (computed once per version and
-/// window start, see [`LoadedBatch::item_totals`]) and the speed layer's, merged on reading.
-pub struct ItemTotals {
-    batch: Arc<Totals>,
-    speed: Totals,
+/// Per-item totals over a window, in the state of `m` (see [`crate::rankings`]).
+pub fn item_totals(
+    state: &ServingState,
+    m: &Merge<'_>,
+    window: Window,
+    now: Millis,
+) -> Result<ItemTotals, ApiError> {
+    state.windows.totals(m, window.buckets(now))
 }
 
-impl ItemTotals {
-    /// One item's merged totals.
-    pub fn get(&self, item: &str) -> Option<ItemStats> {
-        let (b, s) = (self.batch.get(item), self.speed.get(item));
-        with_merged(b, s, ItemStats::merge, |t| t.cloned())
-    }
-
-    /// Calls `f` with every item and its merged totals.
-    pub fn for_each<'a>(&'a self, mut f: impl FnMut(&'a str, &ItemStats)) {
-        for (item, b) in self.batch.iter() {
-            with_merged(Some(b), self.speed.get(item), ItemStats::merge, |t| {
-                t.into_iter().for_each(|t| f(item, t))
-            });
-        }
-        for (item, s) in &self.speed {
-            if !self.batch.contains_key(item) {
-                f(item, s);
-            }
-        }
-    }
-}
-
-/// Per-item totals over a window.
-pub fn item_totals(m: &Merge<'_>, window: Window, now: Millis) -> Result<ItemTotals, ApiError> {
-    let key = window.buckets(now);
-    let batch = m.batch().map_or_else(Arc::default, |b| b.item_totals(key));
-    let mut speed = Totals::default();
-    let (prefix, start) = totals_range(key);
-    m.scan_speed(&prefix, Some(&start), &mut |k, p| {
-        if let Some((item, s)) = item_total(&k, &p) {
-            speed.entry(item.clone()).or_default().merge(s);
-        }
-    })?;
-    Ok(ItemTotals { batch, speed })
-}
-
-fn check_type(event_type: &str) -> Result<(), ApiError> {
-    if ["view", "add_to_cart", "purchase", "rating"].contains(&event_type) {
-        Ok(())
+/// The ranked event types, as the static names rankings are kept under.
+fn check_type(event_type: &str) -> Result<&'static str, ApiError> {
+    if let Some(t) = ["view", "add_to_cart", "purchase", "rating"]
+        .into_iter()
+        .find(|t| *t == event_type)
+    {
+        Ok(t)
     } else {
         Err(ApiError::bad_request(format!(
             "type must be one of view, add_to_cart, purchase, rating; got {event_type:?}"
@@ -128,22 +99,10 @@ pub fn top_items(
     category: Option<&str>,
     limit: usize,
 ) -> Result<Value, ApiError> {
-    check_type(event_type)?;
+    let event_type = check_type(event_type)?;
     state.with_merge(|m| {
-        let now = now_millis();
-        let totals = item_totals(m, window, now)?;
-        let mut ranked: Vec<(&str, u64)> = Vec::new();
-        totals.for_each(|item, s| {
-            if category.is_some() && s.category.as_deref() != category {
-                return;
-            }
-            if let Some(c) = s.count(event_type).filter(|&c| c > 0) {
-                ranked.push((item, c));
-            }
-        });
-        top_n(&mut ranked, limit, |a, b| {
-            b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
-        });
+        let totals = item_totals(state, m, window, now_millis())?;
+        let ranked = totals.top(event_type, category, limit);
         let items: Vec<Value> = ranked
             .iter()
             .map(|(item, count)| json!({"item": item, "count": count}))
@@ -178,7 +137,7 @@ pub fn trending(
     min_support: u64,
     limit: usize,
 ) -> Result<Value, ApiError> {
-    check_type(event_type)?;
+    let event_type = check_type(event_type)?;
     if window == Window::All || baseline == Window::All || baseline.hours() <= window.hours() {
         return Err(ApiError::bad_request(
             "trending needs a window of 1h or 24h and a longer baseline of 24h or 7d",
@@ -186,25 +145,14 @@ pub fn trending(
     }
     state.with_merge(|m| {
         let now = now_millis();
-        let recent = item_totals(m, window, now)?;
-        let base = item_totals(m, baseline, now)?;
-        let rest_hours = baseline.hours() - window.hours();
-        let mut rows: Vec<(String, f64, u64, u64)> = Vec::new();
-        recent.for_each(|item, s| {
-            let Some(r) = s.count(event_type).filter(|&r| r >= min_support) else {
-                return;
-            };
-            let b = base
-                .get(item)
-                .and_then(|s| s.count(event_type))
-                .unwrap_or(r);
-            let before = b.saturating_sub(r);
-            let score = (r as f64 / window.hours()) / ((before as f64 + 1.0) / rest_hours);
-            rows.push((item.to_string(), score, r, before));
-        });
-        top_n(&mut rows, limit, |a, b| {
-            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
-        });
+        let recent = item_totals(state, m, window, now)?;
+        let base = item_totals(state, m, baseline, now)?;
+        let hours = (window.hours(), baseline.hours() - window.hours());
+        let rows =
+            state
+                .windows
+                .trending_top(&recent, &base, event_type, min_support, hours, limit);
+        let rest_hours = hours.1;
         let items: Vec<Value> = rows
             .iter()
             .map(|(item, score, r, before)| {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod insights;
 pub mod metrics;
 pub mod query;
+pub mod rankings;
 pub mod recommend;
 pub mod server;
 pub mod state;

@@ -88,6 +88,7 @@ pub fn status(state: &ServingState) -> Result<Value, ApiError> {
                 "duplicates": b.manifest.duplicates,
                 "keys": b.manifest.keys,
                 "duration_ms": b.manifest.duration_ms,
+                "load_ms": b.load_ms,
             })),
             "speed": {
                 "block_size": speed.block_size,

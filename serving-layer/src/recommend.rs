@@ -15,7 +15,7 @@ use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 use crate::cooccur::{CoIndex, CoRows, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
-use crate::state::{Merge, PerState, ServingState};
+use crate::state::{blocks_since, Merge, PerState, ServingState};
 use strata_common::handoff::BlockRange;
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
@@ -166,31 +166,6 @@ impl CoMemo {
     }
 }
 
-/// The blocks of `now` that `before` does not hold, if `now` holds every block of `before` (each
-/// partition's range starting where it did and ending no earlier).
-fn blocks_since(before: &[BlockRange], now: &[BlockRange]) -> Option<Vec<BlockRange>> {
-    let held = |r: &BlockRange| before.iter().find(|b| b.partition == r.partition);
-    let kept_all = before.iter().all(|b| {
-        now.iter()
-            .any(|r| r.partition == b.partition && r.first == b.first && r.last >= b.last)
-    });
-    if !kept_all {
-        return None;
-    }
-    Some(
-        now.iter()
-            .filter_map(|r| match held(r) {
-                None => Some(*r),
-                Some(b) if r.last > b.last => Some(BlockRange {
-                    first: b.last + 1,
-                    ..*r
-                }),
-                Some(_) => None,
-            })
-            .collect(),
-    )
-}
-
 fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<CoRows>> {
     let layers = layers.iter().map(|l| &**l).collect();
     Merged { index, layers }.rows(item).map(Arc::new)
@@ -241,16 +216,8 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let viewed = history(m, Basis::View, user)?;
         let bought = history(m, Basis::Purchase, user)?;
         if viewed.is_empty() && bought.is_empty() {
-            let totals = item_totals(m, Window::All, 0)?;
-            let mut top: Vec<(&str, u64)> = Vec::new();
-            totals.for_each(|i, s| {
-                if s.purchases > 0 {
-                    top.push((i, s.purchases));
-                }
-            });
-            top_n(&mut top, limit, |a, b| {
-                b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
-            });
+            let totals = item_totals(state, m, Window::All, 0)?;
+            let top = totals.top("purchase", None, limit);
             let items: Vec<Value> = top
                 .iter()
                 .map(|(i, c)| json!({"item": i, "purchases": c}))

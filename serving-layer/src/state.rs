@@ -22,6 +22,8 @@ use crate::error::ApiError;
 pub struct LoadedBatch {
     pub manifest: Manifest,
     pub views: BTreeMap<Vec<u8>, (ViewKey, Partial)>,
+    /// Milliseconds from reading the version's files to holding it, ready to answer from.
+    pub load_ms: u64,
     /// Per-item totals over a window's buckets, computed once per window start: a version never
     /// changes, so the batch's share of a windowed query is the same for every request until
     /// the window moves on to the next bucket.
@@ -84,6 +86,7 @@ impl LoadedBatch {
         LoadedBatch {
             manifest,
             views,
+            load_ms: 0,
             item_totals: Mutex::new(Vec::new()),
             co_index: Default::default(),
         }
@@ -159,6 +162,8 @@ pub struct ServingState {
     pub answers: Answers,
     /// Co-occurrence rows of the items asked about, for the current state.
     pub co_rows: crate::recommend::CoMemo,
+    /// Windowed item totals and their rankings, for the states asked about.
+    pub windows: crate::rankings::TotalsMemo,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -380,6 +385,31 @@ impl Merge<'_> {
     }
 }
 
+/// The blocks of `now` that `before` does not hold, if `now` holds every block of `before` (each
+/// partition's range starting where it did and ending no earlier).
+pub fn blocks_since(before: &[BlockRange], now: &[BlockRange]) -> Option<Vec<BlockRange>> {
+    let held = |r: &BlockRange| before.iter().find(|b| b.partition == r.partition);
+    let kept_all = before.iter().all(|b| {
+        now.iter()
+            .any(|r| r.partition == b.partition && r.first == b.first && r.last >= b.last)
+    });
+    if !kept_all {
+        return None;
+    }
+    Some(
+        now.iter()
+            .filter_map(|r| match held(r) {
+                None => Some(*r),
+                Some(b) if r.last > b.last => Some(BlockRange {
+                    first: b.last + 1,
+                    ..*r
+                }),
+                Some(_) => None,
+            })
+            .collect(),
+    )
+}
+
 enum Attempt<T> {
     Done(Result<T, ApiError>),
     StaleBatch(HandoffError),
@@ -412,6 +442,7 @@ impl ServingState {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             co_rows: crate::recommend::CoMemo::new(crate::recommend::CO_MEMO_ROWS),
+            windows: crate::rankings::TotalsMemo::default(),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -479,19 +510,23 @@ impl ServingState {
         {
             return Ok(false);
         }
+        let started = std::time::Instant::now();
         let views: BTreeMap<Vec<u8>, (ViewKey, Partial)> =
             batch_store::load_views(&self.cfg.data_dir, &manifest)?
                 .entries
                 .into_iter()
                 .map(|(k, p)| (k.encode(), (k, p)))
                 .collect();
+        let mut loaded = LoadedBatch::new(manifest, views);
+        loaded.load_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
-            version = manifest.version,
-            keys = views.len(),
+            version = loaded.manifest.version,
+            keys = loaded.views.len(),
+            load_ms = loaded.load_ms,
             "loaded batch version"
         );
         if let Ok(mut b) = self.batch.write() {
-            *b = Some(Arc::new(LoadedBatch::new(manifest, views)));
+            *b = Some(Arc::new(loaded));
         }
         Ok(true)
     }
