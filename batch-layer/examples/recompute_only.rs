@@ -2,7 +2,7 @@
 //! broker: `cargo run --release -p strata-batch --example recompute_only -- DATA_DIR [RUNS]`.
 //!
 //! Like `strata batch --once --block-size 1` without the archiving step; each run publishes a
-//! version (the last 100 are kept, so their `views.bin` can be compared byte for byte).
+//! version (the last 100 are kept, so their `views.blocks` can be compared byte for byte).
 
 use std::path::PathBuf;
 

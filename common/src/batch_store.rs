@@ -2,7 +2,10 @@
 //! (reader) use.
 //!
 //! ```text
-//! <data>/batch/versions/<version>/views.bin   every view's partials (postcard)
+//! <data>/batch/versions/<version>/views.blocks every view's partials, in blocks with an index
+//!                                             (crate::version_file); versions written before it
+//!                                             hold views.bin (postcard), which only
+//!                                             `load_views` reads
 //! <data>/batch/CURRENT                        manifest of the served version (JSON)
 //! <data>/batch/requests/<run id>              on-demand recompute requests
 //! ```
@@ -12,12 +15,13 @@
 //! version served; its directory is removed by the next run.
 
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::handoff::Offsets;
+use crate::version_file::{self, VersionFile};
 use crate::views::{Partial, ViewKey, ViewSet};
 use crate::{Error, Result};
 
@@ -192,18 +196,45 @@ pub fn read_current(data_dir: &Path) -> Result<Option<Manifest>> {
     }
 }
 
-/// Loads the views of a published version.
+/// The file of a published version's views.
+pub fn views_path(data_dir: &Path, version: u64) -> PathBuf {
+    version_dir(data_dir, version).join("views.blocks")
+}
+
+/// Opens a published version's views for reading by key and range (see
+/// [`crate::version_file`]).
+pub fn open_views(data_dir: &Path, manifest: &Manifest) -> Result<VersionFile> {
+    let path = views_path(data_dir, manifest.version);
+    if !path.exists()
+        && version_dir(data_dir, manifest.version)
+            .join("views.bin")
+            .exists()
+    {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            "version written in the older single-array format: run a batch recompute \
+             (`strata batch --once` or POST /v1/admin/batch) to publish it anew",
+        ));
+    }
+    VersionFile::open(&path)
+}
+
+/// Loads every view of a published version into memory.
 pub fn load_views(data_dir: &Path, manifest: &Manifest) -> Result<ViewSet> {
-    let path = version_dir(data_dir, manifest.version).join("views.bin");
-    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-    let mut reader = BufReader::new(file);
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| Error::io(&path, e))?;
-    let entries: Vec<(ViewKey, Partial)> =
-        postcard::from_bytes(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e))?;
+    let old = version_dir(data_dir, manifest.version).join("views.bin");
     let mut views = ViewSet::default();
-    views.entries.reserve(entries.len());
-    views.entries.extend(entries);
+    if !views_path(data_dir, manifest.version).exists() && old.exists() {
+        let bytes = fs::read(&old).map_err(|e| Error::io(&old, e))?;
+        let entries: Vec<(ViewKey, Partial)> = postcard::from_bytes(&bytes)
+            .map_err(|e| Error::corrupt(old.display().to_string(), e))?;
+        views.entries.extend(entries);
+        return Ok(views);
+    }
+    let file = open_views(data_dir, manifest)?;
+    views.entries.reserve(file.len() as usize);
+    file.scan(&[], None, &mut |k, p| {
+        views.entries.insert(k, p);
+    })?;
     Ok(views)
 }
 
@@ -250,9 +281,13 @@ fn write_version(
     let dir = version_dir(data_dir, manifest.version);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
 
-    let bytes = postcard::to_stdvec(entries).map_err(|e| Error::Other(e.to_string()))?;
-    let path = dir.join("views.bin");
-    write_synced(&path, &bytes)?;
+    // The file is in the order of the keys' encodings, which the order of `ViewKey` need not be.
+    let mut encoded: Vec<(Vec<u8>, &Partial)> =
+        entries.iter().map(|(k, p)| (k.encode(), *p)).collect();
+    if encoded.windows(2).any(|w| w[0].0 >= w[1].0) {
+        encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    }
+    version_file::write(&views_path(data_dir, manifest.version), &encoded)?;
     write_synced(
         &dir.join("manifest.json"),
         &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
@@ -426,7 +461,8 @@ mod tests {
         let m1 = publish(dir.path(), &whole, manifest()).expect("publish");
         let m2 = publish_sorted(dir.path(), &chunks, manifest()).expect("publish");
         assert_eq!((m1.keys, m2.keys), (10, 10));
-        let bytes = |m: &Manifest| fs::read(version_dir(dir.path(), m.version).join("views.bin"));
+        let bytes =
+            |m: &Manifest| fs::read(version_dir(dir.path(), m.version).join("views.blocks"));
         assert_eq!(bytes(&m1).expect("read"), bytes(&m2).expect("read"));
         let swapped = vec![sorted[4..].to_vec(), sorted[..4].to_vec()];
         assert!(publish_sorted(dir.path(), &swapped, manifest()).is_err());

@@ -27,6 +27,7 @@ pub mod progress;
 pub mod speed_store;
 pub mod time;
 pub mod undecodable;
+pub mod version_file;
 pub mod views;
 
 pub use error::{Error, Result};

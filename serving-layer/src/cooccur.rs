@@ -109,19 +109,19 @@ pub const INDEX_ROW_PAIRS: usize = 4 << 20;
 
 impl CoIndex {
     /// Indexes the audiences and histories of `basis` in a batch version.
-    pub fn build(batch: &LoadedBatch, basis: Basis) -> Self {
+    pub fn build(batch: &LoadedBatch, basis: Basis) -> Result<Self, ApiError> {
         let mut ix = CoIndex::default();
         for side in SIDES {
             let (owner, member) = side.kinds();
-            for (key, p) in batch.range(&side.prefix(basis), None) {
-                let Some((name, members)) = entry(key, p) else {
-                    continue;
+            batch.scan(&side.prefix(basis), None, &mut |key, p| {
+                let Some((name, members)) = entry(&key, &p) else {
+                    return;
                 };
                 let at = ix.ids[owner as usize].id(name);
                 let ids = &mut ix.ids[member as usize];
                 let members: Vec<u32> = members.into_iter().map(|m| ids.id(m)).collect();
                 at_id(&mut ix.lists[side as usize], at).extend(members);
-            }
+            })?;
         }
         for side in SIDES {
             let owners = ix.ids[side.kinds().0 as usize].names.len();
@@ -133,7 +133,7 @@ impl CoIndex {
                 list.shrink_to_fit();
             }
         }
-        ix
+        Ok(ix)
     }
 
     fn list(&self, side: Side, of: u32) -> &[u32] {
@@ -475,8 +475,14 @@ mod tests {
                 keys: 0,
                 duration_ms: 0,
             };
-            let batch = LoadedBatch::new(manifest, views(&events[..cut.0]));
-            let index = CoIndex::build(&batch, Basis::View);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let parts = views(&events[..cut.0]);
+            let entries: Vec<(Vec<u8>, &Partial)> =
+                parts.iter().map(|(enc, (_, p))| (enc.clone(), p)).collect();
+            let file = strata_common::version_file::create(&dir.path().join("v"), &entries)
+                .expect("version file");
+            let batch = LoadedBatch::new(manifest, file);
+            let index = CoIndex::build(&batch, Basis::View).expect("index");
             let under = Merged {
                 index: &index,
                 layers: Vec::new(),

@@ -332,9 +332,10 @@ impl TotalsMemo {
                 totals
             }
             _ => {
-                let mut totals = m
-                    .batch()
-                    .map_or_else(Totals::default, |b| (*b.item_totals(key)).clone());
+                let mut totals = match m.batch() {
+                    Some(b) => (*b.item_totals(key)?).clone(),
+                    None => Totals::default(),
+                };
                 scan(&done, &mut totals)?;
                 totals
             }

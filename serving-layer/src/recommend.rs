@@ -85,7 +85,7 @@ impl CoMemo {
         item: &str,
     ) -> Result<Option<Arc<CoRows>>, ApiError> {
         let slot = basis.index();
-        let index = m.co_index(basis);
+        let index = m.co_index(basis)?;
         let Some(at) = m.state_id else {
             let layers = self.layers(m, &index, basis)?;
             return Ok(rows_of(&index, &layers, item));

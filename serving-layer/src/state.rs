@@ -11,17 +11,19 @@ use strata_common::config::Config;
 use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
+use strata_common::version_file::VersionFile;
 use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
 use crate::answers::Answers;
 use crate::cooccur::CoIndex;
 use crate::error::ApiError;
 
-/// A published batch version in memory, sorted by encoded key so that one view, or one time
+/// A published batch version, read from its file ([`VersionFile`]: the index of its blocks in
+/// memory, a block read when asked for), sorted by encoded key so that one view, or one time
 /// range of a series, is a range scan.
 pub struct LoadedBatch {
     pub manifest: Manifest,
-    pub views: BTreeMap<Vec<u8>, (ViewKey, Partial)>,
+    pub views: VersionFile,
     /// Milliseconds from reading the version's files to holding it, ready to answer from.
     pub load_ms: u64,
     /// Per-item totals over a window's buckets, computed once per window start: a version never
@@ -82,7 +84,7 @@ pub fn with_merged<V: Clone, T>(
 const TOTALS_KEPT: usize = 8;
 
 impl LoadedBatch {
-    pub fn new(manifest: Manifest, views: BTreeMap<Vec<u8>, (ViewKey, Partial)>) -> Self {
+    pub fn new(manifest: Manifest, views: VersionFile) -> Self {
         LoadedBatch {
             manifest,
             views,
@@ -93,28 +95,28 @@ impl LoadedBatch {
     }
 
     /// The version's audiences and histories of `basis` by number (see [`crate::cooccur`]).
-    pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
-        self.co_index[basis.index()]
-            .get_or_init(|| Arc::new(CoIndex::build(self, basis)))
-            .clone()
+    pub fn co_index(&self, basis: Basis) -> Result<Arc<CoIndex>, ApiError> {
+        let slot = &self.co_index[basis.index()];
+        if let Some(ix) = slot.get() {
+            return Ok(ix.clone());
+        }
+        let built = Arc::new(CoIndex::build(self, basis)?);
+        Ok(slot.get_or_init(|| built).clone())
     }
 
-    /// The entries whose encoded key starts with `prefix`, from `from` (a longer key inside the
-    /// prefix; `None`: the prefix itself) on, in key order.
-    pub fn range<'a>(
-        &'a self,
-        prefix: &'a [u8],
+    /// Calls `f` with the entries whose encoded key starts with `prefix`, from `from` (a longer
+    /// key inside the prefix; `None`: the prefix itself) on, in key order.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
         from: Option<&[u8]>,
-    ) -> impl Iterator<Item = (&'a ViewKey, &'a Partial)> + 'a {
-        let start = from.unwrap_or(prefix).to_vec();
-        self.views
-            .range(start..)
-            .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(_, (key, p))| (key, p))
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<(), ApiError> {
+        Ok(self.views.scan(prefix, from, f)?)
     }
 
     /// The version's per-item totals over the buckets `key` names.
-    pub fn item_totals(&self, key: TotalsKey) -> Arc<Totals> {
+    pub fn item_totals(&self, key: TotalsKey) -> Result<Arc<Totals>, ApiError> {
         let mut kept = self.item_totals.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(at) = kept.iter().position(|(k, _)| *k == key) {
             // Last is the most recently asked: a window whose start moves on every bucket (1h
@@ -122,21 +124,23 @@ impl LoadedBatch {
             let hit = kept.remove(at);
             let totals = hit.1.clone();
             kept.push(hit);
-            return totals;
+            return Ok(totals);
         }
+        drop(kept);
         let mut totals = Totals::default();
         let (prefix, start) = totals_range(key);
-        for (key, p) in self.range(&prefix, Some(&start)) {
-            if let Some((item, s)) = item_total(key, p) {
+        self.scan(&prefix, Some(&start), &mut |key, p| {
+            if let Some((item, s)) = item_total(&key, &p) {
                 totals.entry(item.clone()).or_default().merge(s);
             }
-        }
+        })?;
         let totals = Arc::new(totals);
+        let mut kept = self.item_totals.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= TOTALS_KEPT {
             kept.remove(0);
         }
         kept.push((key, totals.clone()));
-        totals
+        Ok(totals)
     }
 }
 
@@ -283,20 +287,26 @@ impl Merge<'_> {
         key: &ViewKey,
         f: impl FnOnce(Option<&Partial>) -> T,
     ) -> Result<T, ApiError> {
-        let batch = self
-            .batch
-            .and_then(|b| b.views.get(&key.encode()).map(|(_, p)| p));
+        let batch = match self.batch {
+            Some(b) => b.views.get(&key.encode())?,
+            None => None,
+        };
         let speed = match self.speed {
             Some((db, reads)) => reads.partial(db, &self.ranges, key)?,
             None => None,
         };
-        Ok(with_merged(batch, speed.as_ref(), Partial::merge, f))
+        Ok(with_merged(
+            batch.as_ref(),
+            speed.as_ref(),
+            Partial::merge,
+            f,
+        ))
     }
 
     /// The batch version's audiences and histories of `basis` by number (empty without one).
-    pub fn co_index(&self, basis: Basis) -> Arc<CoIndex> {
+    pub fn co_index(&self, basis: Basis) -> Result<Arc<CoIndex>, ApiError> {
         self.batch
-            .map_or_else(|| Arc::new(CoIndex::default()), |b| b.co_index(basis))
+            .map_or_else(|| Ok(Arc::new(CoIndex::default())), |b| b.co_index(basis))
     }
 
     /// The merged partials of every key whose encoding starts with `prefix` and is at or after
@@ -320,9 +330,7 @@ impl Merge<'_> {
             }
         };
         if let Some(b) = self.batch {
-            for (key, p) in b.range(prefix, from) {
-                add(key.clone(), p);
-            }
+            b.scan(prefix, from, &mut |key, p| add(key, &p))?;
         }
         self.scan_speed(prefix, from, &mut |k, p| add(k, &p))?;
         Ok(out)
@@ -511,17 +519,13 @@ impl ServingState {
             return Ok(false);
         }
         let started = std::time::Instant::now();
-        let views: BTreeMap<Vec<u8>, (ViewKey, Partial)> =
-            batch_store::load_views(&self.cfg.data_dir, &manifest)?
-                .entries
-                .into_iter()
-                .map(|(k, p)| (k.encode(), (k, p)))
-                .collect();
+        let views = batch_store::open_views(&self.cfg.data_dir, &manifest)?;
         let mut loaded = LoadedBatch::new(manifest, views);
         loaded.load_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             version = loaded.manifest.version,
             keys = loaded.views.len(),
+            index_bytes = loaded.views.index_bytes(),
             load_ms = loaded.load_ms,
             "loaded batch version"
         );
@@ -712,14 +716,18 @@ mod tests {
             keys: 0,
             duration_ms: 0,
         };
-        let batch = LoadedBatch::new(manifest, BTreeMap::new());
-        let all = batch.item_totals(None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let views = strata_common::version_file::create(&dir.path().join("v"), &[]).expect("file");
+        let batch = LoadedBatch::new(manifest, views);
+        let all = batch.item_totals(None).expect("totals");
         // A window moving on by the minute asks for a new start each time; the all-time totals,
         // asked for in between, stay kept.
         for minute in 0..(2 * TOTALS_KEPT as i64) {
-            batch.item_totals(Some((Gran::Minute, minute * 60_000)));
+            batch
+                .item_totals(Some((Gran::Minute, minute * 60_000)))
+                .expect("totals");
             assert!(
-                Arc::ptr_eq(&all, &batch.item_totals(None)),
+                Arc::ptr_eq(&all, &batch.item_totals(None).expect("totals")),
                 "minute {minute}"
             );
         }

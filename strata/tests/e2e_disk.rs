@@ -68,8 +68,12 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
         .free_bytes
         > leave + chunk.len() as u64
     {
-        f.write_all(&chunk).expect("fill");
-        f.sync_all().expect("fill");
+        // The layers write too: the disk can fill before the check above sees it.
+        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+            Err(e) => panic!("fill: {e}"),
+        }
     }
     path
 }
