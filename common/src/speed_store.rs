@@ -31,16 +31,18 @@ pub enum Cf {
     Blocks,
     Meta,
     Dedupe,
+    Journal,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 3] = [Cf::Blocks, Cf::Meta, Cf::Dedupe];
+    pub const ALL: [Cf; 4] = [Cf::Blocks, Cf::Meta, Cf::Dedupe, Cf::Journal];
 
     pub fn name(self) -> &'static str {
         match self {
             Cf::Blocks => "blocks",
             Cf::Meta => "meta",
             Cf::Dedupe => "dedupe",
+            Cf::Journal => "journal",
         }
     }
 }
@@ -66,6 +68,7 @@ impl Cf {
             Cf::Blocks => 16 * MIB,
             Cf::Dedupe => 8 * MIB,
             Cf::Meta => 2 * MIB,
+            Cf::Journal => 4 * MIB,
         }
     }
 
@@ -73,7 +76,7 @@ impl Cf {
         let mut opts = Options::default();
         opts.set_write_buffer_size(self.write_buffer_size());
         opts.set_max_write_buffer_number(2);
-        if self != Cf::Meta {
+        if self != Cf::Meta && self != Cf::Journal {
             // Most point reads ask for a key a table does not hold: a block's partial of an
             // item nobody touched in that block (recommendations read hundreds per request), an
             // event id never seen (the dedupe check of every event). A filter answers those
@@ -433,6 +436,95 @@ pub fn scan_view(
     Ok(())
 }
 
+/// The journal key of the flush that brought partition `p` to next offset `end`.
+pub fn journal_key(p: Partition, end: i64) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..4].copy_from_slice(&partition_bytes(p));
+    out[4..].copy_from_slice(&encode_i64(end));
+    out
+}
+
+/// One flush of one partition as the journal holds it: the next offset before and after it, and
+/// the deltas of the co-occurrence views (item audiences, user histories) it folded, with their
+/// blocks. Readers that hold a partition's last block as of `start` bring it to `end` from the
+/// deltas alone, without reading the block again.
+#[derive(Debug, Default, PartialEq)]
+pub struct JournalEntry {
+    pub start: i64,
+    pub end: i64,
+    pub deltas: Vec<(u64, ViewKey, Partial)>,
+}
+
+/// Whether the journal records deltas of this view key.
+pub fn journaled(key: &ViewKey) -> bool {
+    matches!(key, ViewKey::ItemUsers { .. } | ViewKey::UserItems { .. })
+}
+
+/// Encodes a journal value: `start`, then per delta its block, its encoded key and partial
+/// (each with a 4-byte length).
+pub fn encode_journal(start: i64, deltas: &[(u64, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let size: usize = deltas.iter().map(|(_, k, v)| 16 + k.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(8 + size);
+    out.extend_from_slice(&encode_i64(start));
+    for (block, k, v) in deltas {
+        out.extend_from_slice(&block.to_be_bytes());
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode_journal(key: &[u8], value: &[u8]) -> Option<JournalEntry> {
+    let end = decode_i64(key.get(4..12)?)?;
+    let start = decode_i64(value.get(..8)?)?;
+    let mut rest = &value[8..];
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (a, b) = (rest.get(..n)?, rest.get(n..)?);
+        rest = b;
+        Some(a)
+    };
+    let mut deltas = Vec::new();
+    loop {
+        let Some(block) = take(8) else { break };
+        let block = u64::from_be_bytes(block.try_into().ok()?);
+        let klen = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+        let key = ViewKey::decode(take(klen)?)?;
+        let vlen = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+        let partial = Partial::decode(take(vlen)?)?;
+        deltas.push((block, key, partial));
+    }
+    Some(JournalEntry { start, end, deltas })
+}
+
+/// Calls `f` with partition `p`'s journal entries that end after offset `after`, in offset
+/// order.
+pub fn read_journal(
+    db: &DB,
+    reads: &impl Reads,
+    p: Partition,
+    after: i64,
+    f: &mut dyn FnMut(JournalEntry),
+) -> Result<()> {
+    let handle = cf(db, Cf::Journal)?;
+    let start = journal_key(p, after.saturating_add(1));
+    let iter = db.iterator_cf_opt(
+        handle,
+        reads.read_options(),
+        IteratorMode::From(&start, Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item.map_err(|e| Error::rocks("read speed journal", e))?;
+        if !k.starts_with(&partition_bytes(p)) {
+            break;
+        }
+        f(decode_journal(&k, &v)
+            .ok_or_else(|| Error::corrupt("speed journal", "undecodable entry"))?);
+    }
+    Ok(())
+}
+
 /// A handle on the speed state for readers: the writer's own database (in one process), or a
 /// follower of another process's database that catches up on demand.
 pub struct SpeedReader {
@@ -544,6 +636,14 @@ pub trait ViewReads {
         from: Option<&[u8]>,
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()>;
+    /// See [`read_journal`].
+    fn journal(
+        &self,
+        db: &DB,
+        p: Partition,
+        after: i64,
+        f: &mut dyn FnMut(JournalEntry),
+    ) -> Result<()>;
 }
 
 impl<R: Reads> ViewReads for R {
@@ -559,6 +659,15 @@ impl<R: Reads> ViewReads for R {
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()> {
         scan_view(db, self, ranges, key_prefix, from, f)
+    }
+    fn journal(
+        &self,
+        db: &DB,
+        p: Partition,
+        after: i64,
+        f: &mut dyn FnMut(JournalEntry),
+    ) -> Result<()> {
+        read_journal(db, self, p, after, f)
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use strata_common::handoff::{block_of, Offsets, Partition};
 use strata_common::speed_store::{
-    self, block_key, block_prefix, cf, decode_i64, dedupe_key, encode_i64, meta_key, Cf,
-    PartitionMeta,
+    self, block_key, block_prefix, cf, decode_i64, dedupe_key, encode_i64, encode_journal,
+    journal_key, meta_key, Cf, PartitionMeta,
 };
 use strata_common::time::Millis;
 use strata_common::undecodable::Stall;
@@ -42,6 +42,9 @@ pub struct SpeedState {
     shard: (usize, usize),
     /// The ids this shard remembers (built from the stored ones on first use).
     filter: Option<IdFilter>,
+    /// Per partition, the next offset its last journal entry ended at (as stored), and the
+    /// newest block the journal holds entries of (older blocks' entries are removed).
+    journal: HashMap<Partition, (i64, Option<u64>)>,
 }
 
 /// The dedupe key of partition `p`'s id given as bytes.
@@ -102,6 +105,7 @@ impl SpeedState {
             read_back: 0,
             shard: (0, 1),
             filter: None,
+            journal: HashMap::new(),
         })
     }
 
@@ -133,6 +137,7 @@ impl SpeedState {
                     read_back: 0,
                     shard: (i, n),
                     filter: None,
+                    journal: HashMap::new(),
                 }
             })
             .collect()
@@ -285,7 +290,16 @@ impl SpeedState {
         let mut merged: Vec<(Partition, u64, Vec<u8>, Partial)> =
             Vec::with_capacity(pending.deltas.len());
         let mut unknown: Vec<usize> = Vec::new();
+        // The co-occurrence views' deltas, per partition, for the journal (see
+        // `speed_store::JournalEntry`).
+        let mut journal: HashMap<Partition, Vec<(u64, Vec<u8>, Vec<u8>)>> = HashMap::new();
         for ((p, block, key), partial) in pending.deltas.drain() {
+            if speed_store::journaled(&key) {
+                journal
+                    .entry(p)
+                    .or_default()
+                    .push((block, key.encode(), partial.encode()));
+            }
             let k = block_key(p, block, &key);
             // The newest two blocks of each partition are kept: a flush can span a boundary.
             let slots = self.hot.entry(p).or_default();
@@ -343,6 +357,7 @@ impl SpeedState {
         for (_, _, k, partial) in &merged {
             batch.put_cf(blocks, k, partial.encode());
         }
+        let mut journaled_to: Vec<(Partition, i64, u64)> = Vec::new();
         let mut ids: Vec<(Vec<u8>, i64)> = std::mem::take(&mut pending.remembered)
             .into_iter()
             .flat_map(|(p, ids)| {
@@ -354,8 +369,29 @@ impl SpeedState {
         for (k, expiry) in ids {
             batch.put_cf(dedupe, k, encode_i64(expiry));
         }
+        let journal_cf = cf(&self.db, Cf::Journal)?;
         for p in std::mem::take(&mut pending.touched) {
             let m = self.parts.entry(p).or_default();
+            // The journal entry of this flush: from the partition's stored next offset to the
+            // one written now. Entries of blocks before the partition's newest one go.
+            let opened = self.opened_at.get(&p).copied().unwrap_or(-1);
+            let (start, held) = self.journal.get(&p).copied().unwrap_or((opened, None));
+            if m.next_offset > start {
+                let mut deltas = journal.remove(&p).unwrap_or_default();
+                deltas.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                batch.put_cf(
+                    journal_cf,
+                    journal_key(p, m.next_offset),
+                    encode_journal(start, &deltas),
+                );
+                let newest = block_of(m.next_offset - 1, self.block_size);
+                if held.is_none_or(|b| newest > b) {
+                    let first =
+                        i64::try_from(newest.saturating_mul(self.block_size)).unwrap_or(i64::MAX);
+                    batch.delete_range_cf(journal_cf, journal_key(p, 0), journal_key(p, first + 1));
+                }
+                journaled_to.push((p, m.next_offset, newest));
+            }
             batch.put_cf(meta, meta_key::next_offset(p), encode_i64(m.next_offset));
             batch.put_cf(meta, meta_key::watermark(p), encode_i64(m.watermark));
             batch.put_cf(meta, meta_key::accepted(p), encode_i64(m.accepted as i64));
@@ -385,6 +421,9 @@ impl SpeedState {
         strata_common::fault::point("speed.flush.before_write");
         self.db.write_opt(batch, &opts).map_err(Error::Write)?;
         strata_common::fault::point("speed.flush.after_write");
+        for (p, end, newest) in journaled_to {
+            self.journal.insert(p, (end, Some(newest)));
+        }
         for (p, block, k, partial) in merged {
             let slot = self
                 .hot
@@ -564,6 +603,79 @@ mod tests {
                 (k.to_vec(), Partial::decode(&v).expect("decode"))
             })
             .collect()
+    }
+
+    #[test]
+    fn the_journal_chains_flush_to_flush_and_its_deltas_make_the_newest_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let block_size = 100;
+        let mut state = SpeedState::open(dir.path(), block_size).expect("open");
+        consume(&mut state, 0, 250, 7);
+        drop(state);
+        let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
+        consume(&mut state, 250, 420, 13);
+        let mut entries = Vec::new();
+        speed_store::read_journal(&state.db, &(), 0, -1, &mut |e| entries.push(e)).expect("read");
+        let first = entries.first().expect("entries");
+        assert!(
+            first.end > 400,
+            "entries of finished blocks are removed: {}",
+            first.end
+        );
+        assert!(
+            first.start <= 400,
+            "the newest block is covered from its start"
+        );
+        for w in entries.windows(2) {
+            assert_eq!(
+                w[1].start, w[0].end,
+                "each entry starts where the one before ended"
+            );
+        }
+        assert_eq!(entries.last().map(|e| e.end), Some(420));
+        // The newest block's audiences and histories, merged from the deltas, equal those
+        // stored; and an independent fold of its events gives the same.
+        let mut from_journal: BTreeMap<Vec<u8>, Partial> = BTreeMap::new();
+        for (block, key, delta) in entries.iter().flat_map(|e| &e.deltas) {
+            if *block == 4 {
+                match from_journal.entry(block_key(0, 4, key)) {
+                    std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(delta),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(delta.clone());
+                    }
+                }
+            }
+        }
+        let stored: BTreeMap<Vec<u8>, Partial> = stored(&state)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&block_prefix(0, 4)))
+            .filter(|(k, _)| ViewKey::decode(&k[12..]).is_some_and(|v| speed_store::journaled(&v)))
+            .collect();
+        assert!(!stored.is_empty());
+        assert_eq!(from_journal, stored);
+        let mut audiences: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for n in 400..420u64 {
+            if let Kind::View(r) = &event(n).kind {
+                audiences
+                    .entry(r.item.clone())
+                    .or_default()
+                    .insert(r.user.clone());
+            }
+        }
+        for (item, users) in &audiences {
+            let key = ViewKey::ItemUsers {
+                basis: strata_common::views::Basis::View,
+                item: item.as_str().into(),
+            };
+            match from_journal.get(&block_key(0, 4, &key)) {
+                Some(Partial::Set(s)) => {
+                    let got: std::collections::BTreeSet<String> =
+                        s.0.iter().map(|n| n.to_string()).collect();
+                    assert_eq!(&got, users, "audience of {item}");
+                }
+                other => panic!("audience of {item}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -418,9 +418,22 @@ fn run_sh_stops_in_order_on_a_signal_to_its_process_group() {
             .status()
             .expect("kill");
         assert!(status.success());
-        let code = wait_for("scripts/run.sh to exit", Duration::from_secs(60), || {
-            child.try_wait().ok().flatten()
-        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let code = loop {
+            if let Ok(Some(code)) = child.try_wait() {
+                break code;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(data.join("strata.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "scripts/run.sh ({sig}, round {round}) did not exit within 60 s: {}\nstrata.log, last lines:\n{}",
+                    output(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let took = started.elapsed();
         let text = output();
         assert!(code.success(), "scripts/run.sh exited with {code}: {text}");
