@@ -460,9 +460,12 @@ pub fn journaled(key: &ViewKey) -> bool {
     matches!(key, ViewKey::ItemUsers { .. } | ViewKey::UserItems { .. })
 }
 
+/// One delta as the journal is written: its block, encoded view key and encoded partial.
+pub type JournalDelta = (u64, Vec<u8>, Vec<u8>);
+
 /// Encodes a journal value: `start`, then per delta its block, its encoded key and partial
 /// (each with a 4-byte length).
-pub fn encode_journal(start: i64, deltas: &[(u64, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+pub fn encode_journal(start: i64, deltas: &[JournalDelta]) -> Vec<u8> {
     let size: usize = deltas.iter().map(|(_, k, v)| 16 + k.len() + v.len()).sum();
     let mut out = Vec::with_capacity(8 + size);
     out.extend_from_slice(&encode_i64(start));
@@ -486,8 +489,7 @@ fn decode_journal(key: &[u8], value: &[u8]) -> Option<JournalEntry> {
         Some(a)
     };
     let mut deltas = Vec::new();
-    loop {
-        let Some(block) = take(8) else { break };
+    while let Some(block) = take(8) {
         let block = u64::from_be_bytes(block.try_into().ok()?);
         let klen = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
         let key = ViewKey::decode(take(klen)?)?;

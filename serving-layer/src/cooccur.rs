@@ -189,7 +189,7 @@ impl CoIndex {
 /// theirs), and the audience members and history items their lists lack. A partition's blocks
 /// before the one being written never change, so their layer can be read once and kept while
 /// they stay the same; the block being written is then a layer over it, read for each state.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Overlay {
     /// By [`Kind`]: the names none of the layers under this one numbers, numbered from `first`.
     ids: [Interner; 2],
@@ -239,6 +239,25 @@ impl Overlay {
             list.dedup();
         }
         Ok(o)
+    }
+
+    /// Takes in `upper`, a layer read over this one (and what is under it), so that the two
+    /// are read as one.
+    pub fn absorb(&mut self, upper: &Overlay) {
+        for k in 0..2 {
+            debug_assert_eq!(upper.first[k], self.first[k] + self.ids[k].names.len());
+            for name in &upper.ids[k].names {
+                self.ids[k].id(name);
+            }
+        }
+        for side in 0..2 {
+            for (&owner, list) in &upper.added[side] {
+                let mine = self.added[side].entry(owner).or_default();
+                mine.extend_from_slice(list);
+                mine.sort_unstable();
+                mine.dedup();
+            }
+        }
     }
 
     fn added(&self, side: Side, of: u32) -> &[u32] {
@@ -312,6 +331,54 @@ impl Merged<'_> {
     /// the histories of the version's audience.
     pub fn rows(&self, item: &str) -> Option<CoRows> {
         let seed = self.id(Kind::Item, item)?;
+        let n_a = self.len(Side::Audience, seed) as u64;
+        if n_a == 0 {
+            return None;
+        }
+        let mut rows: Vec<CoRow> = (self.counts(seed).into_iter())
+            .filter_map(|(other, co)| {
+                let co = u64::from(co);
+                let users = (self.len(Side::Audience, other) as u64).max(1);
+                Some(CoRow {
+                    item: self.item_name(other)?.clone(),
+                    score: co as f64 / (n_a as f64 * users as f64).sqrt(),
+                    co,
+                    users,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| b.co.cmp(&a.co))
+                .then_with(|| a.item.cmp(&b.item))
+        });
+        Some(CoRows { users: n_a, rows })
+    }
+
+    /// The number of an item, if it has one.
+    pub fn item(&self, name: &str) -> Option<u32> {
+        self.id(Kind::Item, name)
+    }
+
+    /// The name of a numbered item.
+    pub fn name_of(&self, item: u32) -> Option<&Name> {
+        self.item_name(item)
+    }
+
+    /// How many items are numbered.
+    pub fn items(&self) -> usize {
+        self.count(Kind::Item)
+    }
+
+    /// The size of an item's merged audience.
+    pub fn audience(&self, item: u32) -> usize {
+        self.len(Side::Audience, item)
+    }
+
+    /// The items that co-occur with item `seed`, unordered, each with the number of users
+    /// whose history holds both.
+    pub fn counts(&self, seed: u32) -> Vec<(u32, u32)> {
         let mut counts = vec![0u32; self.count(Kind::Item)];
         let mut seen: Vec<u32> = Vec::new();
         let mut bump = |other: u32, by: u32| {
@@ -345,30 +412,9 @@ impl Merged<'_> {
                 }
             }
         }
-        let n_a = self.len(Side::Audience, seed) as u64;
-        if n_a == 0 {
-            return None;
-        }
-        let mut rows: Vec<CoRow> = seen
-            .into_iter()
-            .filter_map(|other| {
-                let co = u64::from(counts[other as usize]);
-                let users = (self.len(Side::Audience, other) as u64).max(1);
-                Some(CoRow {
-                    item: self.item_name(other)?.clone(),
-                    score: co as f64 / (n_a as f64 * users as f64).sqrt(),
-                    co,
-                    users,
-                })
-            })
-            .collect();
-        rows.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| b.co.cmp(&a.co))
-                .then_with(|| a.item.cmp(&b.item))
-        });
-        Some(CoRows { users: n_a, rows })
+        seen.into_iter()
+            .map(|other| (other, counts[other as usize]))
+            .collect()
     }
 }
 
@@ -509,6 +555,24 @@ mod tests {
                 // Counted twice: the second time from the version's kept counts.
                 let again = rows(item);
                 assert_eq!(again, want, "round {round}, item i{item}, again");
+            }
+            // The two layers taken into one count the same.
+            let mut one = first.clone();
+            one.absorb(&second);
+            let absorbed = Merged {
+                index: &index,
+                layers: vec![&one],
+            };
+            for item in 0..(items as u32 + 4) {
+                let got: Vec<(Name, u64, u64)> = (absorbed.rows(&format!("i{item}")).into_iter())
+                    .flat_map(|r| r.rows)
+                    .map(|r| (r.item, r.co, r.users))
+                    .collect();
+                assert_eq!(
+                    got,
+                    naive(&events, item),
+                    "round {round}, item i{item}, absorbed"
+                );
             }
         }
     }

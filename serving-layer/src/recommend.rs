@@ -7,6 +7,7 @@
 //! over the histories of its audience, by number ([`crate::cooccur`]).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use crate::cooccur::{CoIndex, CoRows, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{blocks_since, Merge, PerState, ServingState};
-use strata_common::handoff::BlockRange;
+use strata_common::handoff::{BlockRange, Partition};
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
     Ok(
@@ -48,10 +49,37 @@ pub struct CoMemo {
     /// Per basis: the finished blocks' layers, with the batch version and blocks they were read
     /// from.
     finished: Mutex<[Option<FinishedLayers>; 2]>,
+    /// Per basis: the last blocks' layers over the finished ones. Held while they are brought
+    /// up to a newer state, so that requests arriving together read them once.
+    open: Mutex<[Option<OpenLayers>; 2]>,
+    /// How many times the last blocks' layers were brought forward from the journal.
+    journal_steps: AtomicU64,
 }
 
+/// The last blocks read as layers over the finished blocks' ones: the blocks themselves read
+/// once, then one layer per newer state from the journal's deltas since (what the flushes in
+/// between folded), the deltas' layers taken into one every [`OPEN_INCREMENTS`].
+struct OpenLayers {
+    /// The finished blocks' layers these are over.
+    finished: Arc<Layers>,
+    open: Vec<BlockRange>,
+    /// Per partition, the next offset the layers cover.
+    covered: BTreeMap<Partition, i64>,
+    /// The finished blocks' layers, then the last blocks', then the deltas' since.
+    layers: Arc<Layers>,
+    increments: usize,
+}
+
+/// How many layers of journal deltas are read over the last blocks before they are taken
+/// into one.
+pub const OPEN_INCREMENTS: usize = 4;
+
+/// How many states the last blocks are brought forward by journal deltas before they are read
+/// again whole (the deltas' layer grows with the block).
+pub const OPEN_REFRESH: usize = 256;
+
 /// Layers over a batch version's index, lowest first.
-type Layers = Vec<Arc<Overlay>>;
+pub type Layers = Vec<Arc<Overlay>>;
 
 /// Which finished blocks layers were read from, over which batch version, and the layers.
 type FinishedLayers = ((Option<u64>, Vec<BlockRange>), Arc<Layers>);
@@ -73,7 +101,46 @@ impl CoMemo {
             max_rows,
             kept: Mutex::new(PerState::default()),
             finished: Mutex::new(Default::default()),
+            open: Mutex::new(Default::default()),
+            journal_steps: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the last blocks' layers were brought forward from the journal's deltas
+    /// (rather than read again whole).
+    pub fn journal_steps(&self) -> u64 {
+        self.journal_steps.load(Ordering::Relaxed)
+    }
+
+    /// The index of `basis` and the layers over it in the state of `m`: its merged item
+    /// audiences and user histories.
+    pub fn stack(
+        &self,
+        m: &Merge<'_>,
+        basis: Basis,
+    ) -> Result<(Arc<CoIndex>, Arc<Layers>), ApiError> {
+        let slot = basis.index();
+        let index = m.co_index(basis)?;
+        let Some(at) = m.state_id else {
+            let layers = self.layers(m, &index, basis)?;
+            return Ok((index, layers));
+        };
+        let kept = {
+            let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            kept.at(at).and_then(|k| k.layers[slot].clone())
+        };
+        let layers = match kept {
+            Some(layers) => layers,
+            None => {
+                let layers = self.layers(m, &index, basis)?;
+                let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(kept) = kept.for_state(at) {
+                    kept.layers[slot].get_or_insert(layers.clone());
+                }
+                layers
+            }
+        };
+        Ok((index, layers))
     }
 
     /// The rows of `item` in the state of `m`: kept ones, or computed (and kept); `None` if the
@@ -160,10 +227,120 @@ impl CoMemo {
             kept[slot] = Some(((version, done), chain.clone()));
             chain
         };
+        let next: BTreeMap<Partition, i64> = (m.speed_meta.speed_partitions().into_iter())
+            .filter(|(p, _)| open.iter().any(|r| r.partition == *p))
+            .map(|(p, s)| (p, s.next_offset))
+            .collect();
+        let mut kept = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = &mut kept[slot] {
+            let same = Arc::ptr_eq(&o.finished, &chain)
+                && o.open == open
+                && o.covered.keys().eq(next.keys());
+            if same && o.covered == next {
+                return Ok(o.layers.clone());
+            }
+            if same
+                && o.covered
+                    .iter()
+                    .any(|(p, c)| next.get(p).is_some_and(|n| n < c))
+            {
+                // A request of an older state than the one kept: read for it alone.
+                drop(kept);
+                let mut layers = (*chain).clone();
+                layers.push(build(&chain, &open)?);
+                return Ok(Arc::new(layers));
+            }
+            if same && o.increments < OPEN_REFRESH {
+                if let Some(deltas) = journal_since(m, &open, &o.covered, &next)? {
+                    let under = o.layers.clone();
+                    let upper = {
+                        let layers = under.iter().map(|l| &**l).collect();
+                        let under = Merged { index, layers };
+                        Overlay::build(&under, basis, |prefix, f| {
+                            for (key, partial) in &deltas {
+                                if key.encode().starts_with(prefix) {
+                                    f(key.clone(), partial.clone());
+                                }
+                            }
+                            Ok(())
+                        })?
+                    };
+                    let mut layers = (*under).clone();
+                    let first_delta = chain.len() + 1;
+                    if layers.len() - first_delta >= OPEN_INCREMENTS {
+                        let mut one = (*layers[first_delta]).clone();
+                        for l in &layers[first_delta + 1..] {
+                            one.absorb(l);
+                        }
+                        one.absorb(&upper);
+                        layers.truncate(first_delta);
+                        layers.push(Arc::new(one));
+                    } else {
+                        layers.push(Arc::new(upper));
+                    }
+                    o.layers = Arc::new(layers);
+                    o.covered = next;
+                    o.increments += 1;
+                    self.journal_steps.fetch_add(1, Ordering::Relaxed);
+                    return Ok(o.layers.clone());
+                }
+            }
+        }
         let mut layers = (*chain).clone();
         layers.push(build(&chain, &open)?);
-        Ok(Arc::new(layers))
+        let layers = Arc::new(layers);
+        kept[slot] = Some(OpenLayers {
+            finished: chain,
+            open,
+            covered: next,
+            layers: layers.clone(),
+            increments: 0,
+        });
+        Ok(layers)
     }
+}
+
+/// The co-occurrence views' deltas the journal holds for the last blocks `open` from offsets
+/// `covered` to `next`; `None` if the journal does not hold all of them (entries not chained
+/// from `covered` to `next`, e.g. written by a speed layer without a journal, or of another
+/// block).
+fn journal_since(
+    m: &Merge<'_>,
+    open: &[BlockRange],
+    covered: &BTreeMap<Partition, i64>,
+    next: &BTreeMap<Partition, i64>,
+) -> Result<Option<Vec<(ViewKey, Partial)>>, ApiError> {
+    let mut deltas = Vec::new();
+    for r in open {
+        let (Some(&from), Some(&to)) = (covered.get(&r.partition), next.get(&r.partition)) else {
+            return Ok(None);
+        };
+        if from == to {
+            continue;
+        }
+        let (mut at, mut whole) = (from, true);
+        m.speed_journal(r.partition, from, &mut |e| {
+            if !whole || e.end > to {
+                return;
+            }
+            if e.start != at {
+                whole = false;
+                return;
+            }
+            at = e.end;
+            for (block, key, partial) in e.deltas {
+                if block != r.last {
+                    whole = false;
+                    return;
+                }
+                deltas.push((key, partial));
+            }
+        })?;
+        if !whole || at != to {
+            return Ok(None);
+        }
+    }
+    Ok(Some(deltas))
 }
 
 fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<CoRows>> {
@@ -234,27 +411,57 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         let mut recent: Vec<(&Name, i64)> = latest.into_iter().collect();
         recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         recent.truncate(RECENT_ITEMS);
-        let mut scores: BTreeMap<Name, (f64, Vec<Name>)> = BTreeMap::new();
-        for (seed, _) in &recent {
-            if let Some(rows) = state.co_rows.rows(m, Basis::View, seed)? {
-                for r in &rows.rows {
-                    if bought.contains_key(&r.item) {
-                        continue;
-                    }
-                    let e = scores.entry(r.item.clone()).or_default();
-                    e.0 += r.score;
-                    e.1.push((*seed).clone());
+        // Scores summed over the seeds' rows by item number: per candidate, its score and
+        // which seeds (by position) it came from; names looked up for the chosen ones only.
+        let (index, layers) = state.co_rows.stack(m, Basis::View)?;
+        let merged = Merged {
+            index: &index,
+            layers: layers.iter().map(|l| &**l).collect(),
+        };
+        let n = merged.items();
+        let excluded: Vec<u32> = bought.keys().filter_map(|i| merged.item(i)).collect();
+        let mut score = vec![0f64; n];
+        let mut from = vec![0u16; n];
+        let mut audience = vec![u32::MAX; n];
+        let mut seen: Vec<u32> = Vec::new();
+        for (at, (seed, _)) in recent.iter().enumerate() {
+            let Some(id) = merged.item(seed) else {
+                continue;
+            };
+            let n_a = merged.audience(id) as u64;
+            if n_a == 0 {
+                continue;
+            }
+            for (other, co) in merged.counts(id) {
+                let o = other as usize;
+                if audience[o] == u32::MAX {
+                    audience[o] = merged.audience(other) as u32;
                 }
+                let users = u64::from(audience[o]).max(1);
+                if from[o] == 0 {
+                    seen.push(other);
+                }
+                score[o] += f64::from(co) / (n_a as f64 * users as f64).sqrt();
+                from[o] |= 1 << at;
             }
         }
-        let mut rows: Vec<(Name, f64, Vec<Name>)> =
-            scores.into_iter().map(|(i, (s, b))| (i, s, b)).collect();
+        seen.retain(|o| !excluded.contains(o));
+        let mut rows: Vec<(&Name, f64, u16)> = seen
+            .iter()
+            .filter_map(|&o| Some((merged.name_of(o)?, score[o as usize], from[o as usize])))
+            .collect();
         top_n(&mut rows, limit, |a, b| {
-            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0))
         });
         let items: Vec<Value> = rows
             .iter()
-            .map(|(i, s, because)| json!({"item": i, "score": s, "because": because}))
+            .map(|(i, s, from)| {
+                let because: Vec<&str> = (recent.iter().enumerate())
+                    .filter(|(at, _)| from & (1 << at) != 0)
+                    .map(|(_, (seed, _))| seed.as_str())
+                    .collect();
+                json!({"item": i, "score": s, "because": because})
+            })
             .collect();
         Ok(json!({
             "user": user,

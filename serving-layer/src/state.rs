@@ -366,6 +366,20 @@ impl Merge<'_> {
         Ok(())
     }
 
+    /// Calls `f` with partition `p`'s journal entries ending after offset `after`, in the
+    /// snapshot this merge reads (see [`strata_common::speed_store::JournalEntry`]).
+    pub fn speed_journal(
+        &self,
+        p: strata_common::handoff::Partition,
+        after: i64,
+        f: &mut dyn FnMut(strata_common::speed_store::JournalEntry),
+    ) -> Result<(), ApiError> {
+        if let Some((db, reads)) = self.speed {
+            reads.journal(db, p, after, f)?;
+        }
+        Ok(())
+    }
+
     /// The speed blocks this merge reads, split into those every partition has consumed past
     /// (never written again: their values stay as they are until a batch version covers them) and
     /// each partition's last block, which may still be written.

@@ -1015,26 +1015,51 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
             (block as i64, 20),
         ));
     }
-    for (round, blocks_now, (next_block, new_pairs)) in rounds {
+    // Within a block, the flushes' deltas go to the journal as the speed layer writes them, and
+    // the open block is brought forward from them; at a new block it is read whole.
+    let journal = speed_store::cf(&db, Cf::Journal).expect("cf");
+    let mut at: Option<(i64, i64)> = None;
+    let mut from_journal = 0;
+    for (n, (round, blocks_now, (next_block, new_pairs))) in rounds.into_iter().enumerate() {
         let from = *blocks_now.start();
         let span = blocks_now.end() - from + 1;
+        let mut added = Vec::new();
         for _ in 0..new_pairs {
             let (u, i, b) = (next(70), next(35), from + next(span));
-            pairs.push((format!("u{u}"), format!("i{i}"), b));
+            added.push((format!("u{u}"), format!("i{i}"), b));
         }
+        pairs.extend(added.iter().cloned());
         let speed: Vec<_> = pairs.iter().filter(|p| p.2 > 0).cloned().collect();
         for ((block, key), p) in pair_partials(&speed) {
             db.put_cf(blocks, block_key(0, block, &key), p.encode())
                 .expect("put");
         }
-        db.put_cf(
-            meta,
-            meta_key::next_offset(0),
-            encode_i64(next_block * block_size + 50),
-        )
-        .expect("put");
+        let offset = next_block * block_size + 50 + n as i64;
+        if let Some((prev_block, prev)) = at.filter(|(b, _)| *b == next_block) {
+            let deltas: Vec<(u64, Vec<u8>, Vec<u8>)> = pair_partials(&added)
+                .into_iter()
+                .map(|((block, key), p)| (block, key.encode(), p.encode()))
+                .collect();
+            assert!(deltas.iter().all(|d| d.0 as i64 == prev_block));
+            db.put_cf(
+                journal,
+                speed_store::journal_key(0, offset),
+                speed_store::encode_journal(prev, &deltas),
+            )
+            .expect("put");
+            from_journal += 1;
+        }
+        at = Some((next_block, offset));
+        db.put_cf(meta, meta_key::next_offset(0), encode_i64(offset))
+            .expect("put");
         assert_rows_counted(&s, &pairs, &round).await;
     }
+    assert_eq!(from_journal, 1);
+    assert_eq!(
+        s.co_rows.journal_steps(),
+        1,
+        "the open block was brought forward from the journal once"
+    );
     assert!(
         pairs.iter().any(|p| p.0 == "u65") && pairs.iter().any(|p| p.1 == "i33"),
         "the speed layer has users and items the batch never saw"

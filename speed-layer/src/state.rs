@@ -292,7 +292,7 @@ impl SpeedState {
         let mut unknown: Vec<usize> = Vec::new();
         // The co-occurrence views' deltas, per partition, for the journal (see
         // `speed_store::JournalEntry`).
-        let mut journal: HashMap<Partition, Vec<(u64, Vec<u8>, Vec<u8>)>> = HashMap::new();
+        let mut journal: HashMap<Partition, Vec<speed_store::JournalDelta>> = HashMap::new();
         for ((p, block, key), partial) in pending.deltas.drain() {
             if speed_store::journaled(&key) {
                 journal

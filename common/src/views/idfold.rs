@@ -81,7 +81,7 @@ impl Slots {
 }
 
 /// Names of one kind and their ids, from 0 in order of first sight.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Interner {
     ids: FastMap<Name, u32>,
     /// By id.
