@@ -394,11 +394,28 @@ impl Merged<'_> {
                 bump(other, co);
             }
         }
-        for &user in self.index.list(Side::Audience, seed) {
-            for layer in &self.layers {
-                for &other in layer.added(Side::History, user) {
-                    if other != seed {
-                        bump(other, 1);
+        // Per layer, whichever is fewer: the version's audience, each member looked up in
+        // what the layer adds to histories, or the histories the layer adds to, each looked up
+        // in the audience.
+        let audience = self.index.list(Side::Audience, seed);
+        for layer in &self.layers {
+            let histories = &layer.added[Side::History as usize];
+            if histories.len() < audience.len() {
+                for (user, items) in histories {
+                    if audience.binary_search(user).is_ok() {
+                        for &other in items {
+                            if other != seed {
+                                bump(other, 1);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for &user in audience {
+                    for &other in layer.added(Side::History, user) {
+                        if other != seed {
+                            bump(other, 1);
+                        }
                     }
                 }
             }

@@ -40,9 +40,9 @@ pub const CO_MEMO_ROWS: usize = 1_000_000;
 /// [`crate::state::StateId`]) and dropped as soon as a merge of a later state keeps its own, so
 /// they are exactly what computing them again would give. What the speed layer adds to the
 /// batch version's audiences and histories is read in [`Overlay`] layers: those of the blocks
-/// every partition has consumed past, kept for as long as the batch version stands (a block
-/// finished since adds a layer over them, up to [`FINISHED_LAYERS`]; then they are read again as
-/// one), and over them that of each partition's last block, kept for the state like the rows.
+/// every partition has consumed past, one layer kept for as long as the batch version stands (a
+/// block finished since is read over it and taken into it), and over it the partitions' last
+/// blocks ([`OpenLayers`]: read whole once, then brought forward from the speed journal).
 pub struct CoMemo {
     max_rows: usize,
     kept: Mutex<PerState<CoKept>>,
@@ -83,9 +83,6 @@ pub type Layers = Vec<Arc<Overlay>>;
 
 /// Which finished blocks layers were read from, over which batch version, and the layers.
 type FinishedLayers = ((Option<u64>, Vec<BlockRange>), Arc<Layers>);
-
-/// How many layers the finished blocks may be read in before they are read again as one.
-pub const FINISHED_LAYERS: usize = 8;
 
 #[derive(Default)]
 struct CoKept {
@@ -214,12 +211,14 @@ impl CoMemo {
         let chain = if read == done {
             chain
         } else {
-            let since = blocks_since(&read, &done).filter(|_| chain.len() < FINISHED_LAYERS);
+            // Blocks finished since are read over the kept layer and taken into it.
+            let since = blocks_since(&read, &done).filter(|_| chain.len() == 1);
             let chain = Arc::new(match since {
                 Some(since) => {
-                    let mut layers = (*chain).clone();
-                    layers.push(build(&chain, &since)?);
-                    layers
+                    let upper = build(&chain, &since)?;
+                    let mut one = (*chain[0]).clone();
+                    one.absorb(&upper);
+                    vec![Arc::new(one)]
                 }
                 None => vec![build(&[], &done)?],
             });

@@ -1000,14 +1000,14 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
     s.refresh_batch().expect("load the batch version");
 
     // States of the speed layer: blocks 1 and 2 consumed past and block 3 open; more in block
-    // 3; then one block after another consumed past, more than the finished blocks' layers kept
-    // before they are read again as one.
+    // 3; then one block after another consumed past, each read over the finished blocks' layer
+    // and taken into it.
     let mut pairs = batch_pairs.clone();
     let mut rounds = vec![
         ("first".to_string(), 1..=3, (3, 200)),
         ("open block written".to_string(), 3..=3, (3, 60)),
     ];
-    let last = 4 + strata_serving::recommend::FINISHED_LAYERS as u64 + 2;
+    let last = 14;
     for block in 4..=last {
         rounds.push((
             format!("block {block} open"),
