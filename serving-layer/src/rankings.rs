@@ -19,7 +19,9 @@ use strata_common::views::{FastMap, ItemStats, Monoid, Name};
 
 use crate::error::ApiError;
 use crate::insights::top_n;
-use crate::state::{blocks_since, item_total, totals_range, with_merged, Merge, Totals, TotalsKey};
+use crate::state::{
+    blocks_since, item_total, totals_range, with_merged, Merge, PerState, Totals, TotalsKey,
+};
 
 /// How many bases are kept (the least recently asked go first).
 const BASES_KEPT: usize = 8;
@@ -126,7 +128,7 @@ impl Base {
 pub struct ItemTotals {
     pub base: Arc<Base>,
     /// What each partition's last block adds, by item.
-    pub open: Totals,
+    pub open: Arc<Totals>,
 }
 
 impl ItemTotals {
@@ -142,7 +144,7 @@ impl ItemTotals {
 
     /// Calls `f` with each item the last blocks touch and its merged totals.
     pub fn for_each_open<'a>(&'a self, mut f: impl FnMut(&'a Name, &ItemStats)) {
-        for (item, s) in &self.open {
+        for (item, s) in self.open.iter() {
             with_merged(self.base.get(item), Some(s), ItemStats::merge, |t| {
                 t.into_iter().for_each(|t| f(item, t))
             });
@@ -190,6 +192,9 @@ impl ItemTotals {
 pub struct TotalsMemo {
     kept: Mutex<Vec<Arc<Base>>>,
     trending: Mutex<FastMap<TrendKey, Arc<Vec<u32>>>>,
+    /// The last blocks' totals per window, for one state: read by one request of the state
+    /// while the others wait, then shared.
+    open: Mutex<PerState<FastMap<TotalsKey, Arc<Totals>>>>,
 }
 
 /// Which trending ranking: the recent and the baseline window's bases, the event type and the
@@ -210,13 +215,41 @@ impl TotalsMemo {
     pub fn totals(&self, m: &Merge<'_>, key: TotalsKey) -> Result<ItemTotals, ApiError> {
         let (done, open_blocks) = m.speed_blocks();
         let base = self.base(m, key, done)?;
-        let mut open = Totals::default();
-        let (prefix, start) = totals_range(key);
-        m.scan_speed_in(&open_blocks, &prefix, Some(&start), &mut |k, p| {
-            if let Some((item, s)) = item_total(&k, &p) {
-                open.entry(item.clone()).or_default().merge(s);
+        let read = || -> Result<Arc<Totals>, ApiError> {
+            let mut open = Totals::default();
+            let (prefix, start) = totals_range(key);
+            m.scan_speed_in(&open_blocks, &prefix, Some(&start), &mut |k, p| {
+                if let Some((item, s)) = item_total(&k, &p) {
+                    open.entry(item.clone()).or_default().merge(s);
+                }
+            })?;
+            Ok(Arc::new(open))
+        };
+        let Some(at) = m.state_id else {
+            return Ok(ItemTotals {
+                base,
+                open: read()?,
+            });
+        };
+        let mut kept = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let open = match kept.for_state(at) {
+            Some(per_window) => match per_window.get(&key) {
+                Some(open) => open.clone(),
+                None => {
+                    let open = read()?;
+                    if per_window.len() >= RANKINGS_KEPT {
+                        per_window.clear();
+                    }
+                    per_window.insert(key, open.clone());
+                    open
+                }
+            },
+            // Kept for a later state: read for this one alone.
+            None => {
+                drop(kept);
+                read()?
             }
-        })?;
+        };
         Ok(ItemTotals { base, open })
     }
 
@@ -403,7 +436,7 @@ mod tests {
 
     fn merged(t: &ItemTotals) -> Vec<(Name, ItemStats)> {
         let mut all: Totals = t.base.totals();
-        for (item, s) in &t.open {
+        for (item, s) in t.open.iter() {
             all.entry(item.clone()).or_default().merge(s);
         }
         all.into_iter().collect()
@@ -417,7 +450,7 @@ mod tests {
             let (base, open) = totals(&mut rng, n, most);
             let t = ItemTotals {
                 base: Arc::new(Base::build(None, None, Vec::new(), base)),
-                open,
+                open: Arc::new(open),
             };
             for (event_type, category) in [("view", None), ("purchase", Some("b"))] {
                 let limit = 1 + rng.below(40) as usize;
@@ -449,17 +482,18 @@ mod tests {
                 long_base.entry(item.clone()).or_default().merge(s);
             }
             let build = |b| Arc::new(Base::build(None, None, Vec::new(), b));
+            let mut long_open = long_open;
+            for (item, s) in &recent_open {
+                long_open.entry(item.clone()).or_default().merge(s);
+            }
             let recent = ItemTotals {
                 base: build(recent_base),
-                open: recent_open,
+                open: Arc::new(recent_open),
             };
-            let mut long = ItemTotals {
+            let long = ItemTotals {
                 base: build(long_base),
-                open: long_open,
+                open: Arc::new(long_open),
             };
-            for (item, s) in &recent.open {
-                long.open.entry(item.clone()).or_default().merge(s);
-            }
             let (min_support, limit) = (1 + rng.below(5), 1 + rng.below(30) as usize);
             let hours = (1.0, 23.0);
             let long_all: FastMap<Name, ItemStats> = merged(&long).into_iter().collect();
