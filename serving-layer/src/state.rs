@@ -535,6 +535,13 @@ impl ServingState {
         let started = std::time::Instant::now();
         let views = batch_store::open_views(&self.cfg.data_dir, &manifest)?;
         let mut loaded = LoadedBatch::new(manifest, views);
+        // Recommendations read the version's audiences and histories by number: index them
+        // (by views, the basis of user recommendations and the default one of item
+        // recommendations) before the version is served, while the old one still answers, so
+        // that the first request after the swap does not pay for it.
+        if let Err(e) = loaded.co_index(Basis::View) {
+            tracing::warn!(error = %e.message, "indexing the batch version's histories failed; retried on first use");
+        }
         loaded.load_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             version = loaded.manifest.version,
