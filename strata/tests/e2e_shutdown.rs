@@ -374,7 +374,12 @@ fn run_sh_stops_in_order_on_a_signal_to_its_process_group() {
     for (round, sig) in [(1u64, "-INT"), (2, "-TERM")] {
         let out_path = dir.path().join(format!("run-{round}.out"));
         let out = std::fs::File::create(&out_path).expect("output file");
-        let mut child = Command::new("bash")
+        // As from a terminal: the signals at their default disposition, even when this test
+        // runs in the background of a non-interactive shell (which starts its children with
+        // SIGINT ignored, and a shell cannot trap a signal ignored on entry).
+        let mut child = Command::new("env")
+            .arg("--default-signal=INT,TERM,HUP")
+            .arg("bash")
             .arg(&script)
             .env("STRATA_BIN", strata_bin())
             .env("STRATA_DATA", &data)
