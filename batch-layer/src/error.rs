@@ -18,6 +18,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// See [`strata_common::Error::is_disk`].
+    pub fn is_disk(&self) -> bool {
+        match self {
+            Error::Common(e) => e.is_disk(),
+            Error::Io { source, .. } => strata_common::error::io_is_disk(source),
+            _ => false,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

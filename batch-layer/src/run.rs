@@ -162,8 +162,14 @@ impl BatchLayer {
                 } else {
                     "request"
                 };
-                if let Err(e) = self.tracked_recompute(requests, trigger) {
-                    tracing::error!(error = %e, "batch recompute failed; the previous version stays served");
+                match self.tracked_recompute(requests, trigger) {
+                    // A full or read-only data directory: the archiver cannot write either, so
+                    // the layer stops, as it does when the archiver meets it first.
+                    Err(e) if e.is_disk() => break Err(e),
+                    Err(e) => {
+                        tracing::error!(error = %e, "batch recompute failed; the previous version stays served")
+                    }
+                    Ok(_) => {}
                 }
                 next_run = every.map(|e| Instant::now() + e);
             }

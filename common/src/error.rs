@@ -35,10 +35,28 @@ pub enum Error {
     Other(String),
 }
 
+/// Whether an I/O error says the file system is full or read-only.
+pub fn io_is_disk(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The data directory is full or read-only: nothing more can be written there until space
+    /// or write access returns, so a writer stops rather than retry.
+    pub fn is_disk(&self) -> bool {
+        match self {
+            Error::Disk { .. } => true,
+            Error::Io { source, .. } => io_is_disk(source),
+            _ => false,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -116,6 +116,11 @@ pub fn open_secondary(path: &Path, scratch: &Path) -> Result<DB> {
     std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
     let mut opts = db_options();
     opts.set_max_open_files(-1);
+    // The follower writes nothing but its info log, and every catch-up logs there: on a full
+    // disk that write fails and the next one trips an assertion inside RocksDB that aborts the
+    // serving process. Only the header at open and fatal messages are logged; a catch-up that
+    // fails returns its error, which the serving layer reports itself.
+    opts.set_log_level(rocksdb::LogLevel::Fatal);
     DB::open_cf_descriptors_as_secondary(&opts, path, scratch, descriptors())
         .map_err(|e| Error::rocks("open speed state as a follower", e))
 }

@@ -57,44 +57,73 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Fills the file system holding `dir` with one file until `leave` bytes are free, as a disk
-/// filling up from outside would; returns its path.
-fn fill(dir: &Path, leave: u64) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0u8; 1 << 20];
-    while strata_common::disk::space(dir)
-        .expect("free space")
-        .free_bytes
-        > leave + chunk.len() as u64
-    {
-        // The layers write too: the disk can fill before the check above sees it.
-        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-            Err(e) => panic!("fill: {e}"),
-        }
-    }
-    path
+/// A file that fills the file system holding the data directory, as a disk filling up from
+/// outside would, and keeps it full: a process that stops releases the space it held (RocksDB
+/// preallocates the files it writes, and a file deleted while open is freed only at close), and
+/// a disk that others fill does not stay free for the layers still running.
+struct Filler {
+    dir: PathBuf,
+    path: PathBuf,
+    file: std::fs::File,
+    /// Bytes left free; 0: to the last byte.
+    leave: u64,
 }
 
-/// Fills the file system holding `dir` to its last byte; returns the filler's path.
-fn fill_all(dir: &Path) -> PathBuf {
-    let path = fill(dir, 0);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .expect("filler");
-    let chunk = vec![0u8; 4096];
-    while f.write_all(&chunk).and_then(|()| f.sync_all()).is_ok() {}
-    path
+impl Filler {
+    fn new(dir: &Path, leave: u64) -> Filler {
+        let path = dir.join("filler");
+        let file = std::fs::File::create(&path).expect("filler");
+        let mut f = Filler {
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            leave,
+        };
+        f.top_up();
+        f
+    }
+
+    /// Writes until only `leave` bytes are free (or none, at `leave` 0).
+    fn top_up(&mut self) {
+        let chunk = vec![0u8; 1 << 20];
+        while strata_common::disk::space(&self.dir)
+            .expect("free space")
+            .free_bytes
+            > self.leave + chunk.len() as u64
+        {
+            // The layers write too: the disk can fill before the check above sees it.
+            match self
+                .file
+                .write_all(&chunk)
+                .and_then(|()| self.file.sync_all())
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+        if self.leave == 0 {
+            let small = [0u8; 4096];
+            while self
+                .file
+                .write_all(&small)
+                .and_then(|()| self.file.sync_all())
+                .is_ok()
+            {}
+        }
+    }
+
+    fn remove(self) {
+        std::fs::remove_file(&self.path).expect("free the space");
+    }
 }
 
 /// Waits for a layer to stop by itself (any way but a clean exit); returns how, with the last
 /// lines of its log.
-fn stops(p: &mut Proc) -> String {
+fn stops(p: &mut Proc, disk: &mut Filler) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
+        disk.top_up();
         if let Some(status) = p.exit_status() {
             assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
             return format!("{status}: {}", p.tail());
@@ -110,9 +139,13 @@ fn stops(p: &mut Proc) -> String {
 }
 
 /// Waits for a layer to stop by itself, with an error that says why.
-fn stops_with(p: &mut Proc, cause: &str) -> String {
+fn stops_with(p: &mut Proc, cause: &str, disk: Option<&mut Filler>) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
+    let mut disk = disk;
     loop {
+        if let Some(d) = disk.as_deref_mut() {
+            d.top_up();
+        }
         if let Some(status) = p.exit_status() {
             assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
             let log = std::fs::read_to_string(&p.log).unwrap_or_default();
@@ -201,14 +234,14 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     truth.check(&addr);
 
     // The disk fills up while events arrive.
-    let filler = fill(&data_dir, 4 << 20);
+    let mut filler = Filler::new(&data_dir, 4 << 20);
     truth.produce(
         &common,
         gen_config(42, 10_000, now - 2 * 3_600_000, 3_600_000, false),
     );
     let full = [
-        stops_with(&mut w[0], "No space left on device"),
-        stops_with(&mut w[1], "No space left on device"),
+        stops_with(&mut w[0], "No space left on device", Some(&mut filler)),
+        stops_with(&mut w[1], "No space left on device", Some(&mut filler)),
     ];
     serve.assert_running();
     let (code, out) = verify(&common, &addr, false, &[]);
@@ -216,7 +249,7 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
         code, 0,
         "what was stored before the disk filled is intact:\n{out}"
     );
-    std::fs::remove_file(&filler).expect("free the space");
+    filler.remove();
     let mut w = writers(2, &data_dir);
     wait_speed_offsets(&addr, truth.messages);
     truth.check(&addr);
@@ -229,16 +262,16 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     }
     let mut w = writers_with(5, &data_dir, "0");
     wait_speed_offsets(&addr, truth.messages);
-    let filler = fill_all(&data_dir);
+    let mut filler = Filler::new(&data_dir, 0);
     truth.produce(
         &common,
         gen_config(44, 10_000, now - 2 * 3_600_000, 3_600_000, false),
     );
-    let enospc = [stops(&mut w[0]), stops(&mut w[1])];
+    let enospc = [stops(&mut w[0], &mut filler), stops(&mut w[1], &mut filler)];
     serve.assert_running();
     let (code, out) = verify(&common, &addr, false, &[]);
     assert_eq!(code, 0, "the stored state is intact after ENOSPC:\n{out}");
-    std::fs::remove_file(&filler).expect("free the space");
+    filler.remove();
     let mut w = writers(6, &data_dir);
     wait_speed_offsets(&addr, truth.messages);
     truth.check(&addr);
@@ -255,8 +288,8 @@ fn a_full_or_read_only_data_directory_stops_the_writers_and_loses_nothing() {
     );
     let mut w = writers(3, &ro_dir);
     let read_only = [
-        stops_with(&mut w[0], "Read-only file system"),
-        stops_with(&mut w[1], "Read-only file system"),
+        stops_with(&mut w[0], "Read-only file system", None),
+        stops_with(&mut w[1], "Read-only file system", None),
     ];
     serve.assert_running();
     let (code, out) = verify(&common, &addr, false, &[]);
