@@ -118,49 +118,17 @@ impl Filler {
     }
 }
 
-/// Waits for a layer to stop by itself (any way but a clean exit); returns how, with the last
-/// lines of its log.
-fn stops(p: &mut Proc, disk: &mut Filler) -> String {
+/// Waits up to 90 s for a layer to stop by itself, any way but a clean exit, keeping the disk
+/// full meanwhile when `disk` is given.
+fn wait_stopped(p: &mut Proc, mut disk: Option<&mut Filler>) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        disk.top_up();
-        if let Some(status) = p.exit_status() {
-            assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
-            return format!("{status}: {}", p.tail());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not stop on a full disk: {}",
-            p.name,
-            p.tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits for a layer to stop by itself, with an error that says why.
-fn stops_with(p: &mut Proc, cause: &str, disk: Option<&mut Filler>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut disk = disk;
     loop {
         if let Some(d) = disk.as_deref_mut() {
             d.top_up();
         }
         if let Some(status) = p.exit_status() {
             assert!(!status.success(), "{} exited cleanly: {}", p.name, p.tail());
-            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-            let line = log
-                .lines()
-                .rev()
-                .find(|l| l.starts_with("error: ") && l.contains(cause))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{} stopped without an error naming {cause:?}: {}",
-                        p.name,
-                        p.tail()
-                    )
-                });
-            return line.to_string();
+            return status;
         }
         assert!(
             Instant::now() < deadline,
@@ -170,6 +138,31 @@ fn stops_with(p: &mut Proc, cause: &str, disk: Option<&mut Filler>) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits for a layer to stop on a full disk (any way but a clean exit); returns how, with the
+/// last lines of its log.
+fn stops(p: &mut Proc, disk: &mut Filler) -> String {
+    let status = wait_stopped(p, Some(disk));
+    format!("{status}: {}", p.tail())
+}
+
+/// Waits for a layer to stop by itself, with an error that says why.
+fn stops_with(p: &mut Proc, cause: &str, disk: Option<&mut Filler>) -> String {
+    wait_stopped(p, disk);
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error: ") && l.contains(cause))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} stopped without an error naming {cause:?}: {}",
+                p.name,
+                p.tail()
+            )
+        });
+    line.to_string()
 }
 
 #[test]
