@@ -214,6 +214,8 @@ start_broker() {
 stop_broker() {
   if [ -n "$broker_dir" ]; then
     STRATA_BROKER_PORT="$broker_port" "$STRATA_ROOT/scripts/broker.sh" stop "$broker_dir" || true
+    # Its log stays with the other logs of the run; its data goes.
+    cp "$broker_dir/broker.log" "$broker_dir.log" 2>/dev/null || true
     rm -rf "$broker_dir"
     broker_dir=""
   fi

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing, runs the unit, property and golden tests, a short
 # fuzzing run of each libFuzzer target (STRATA_FUZZ_SECONDS each, default 15), then each
-# end-to-end suite (strata/tests/e2e_*.rs) against a fresh Apache Kafka broker on 127.0.0.1 started
+# end-to-end suite (strata/tests/e2e/e2e_*.rs: modules of one test binary, `e2e`) against a fresh Apache Kafka broker on 127.0.0.1 started
 # by scripts/broker.sh (port STRATA_TEST_BROKER_PORT, default 19092), unless STRATA_TEST_BROKERS
 # names one to use.
-# Extra arguments run `cargo test --release --workspace ARGS` against one broker instead
-# (e.g. `scripts/test.sh --test e2e_up`).
+# Extra arguments run `cargo test --release --workspace ARGS` against one broker instead;
+# `--test e2e_NAME [-- ARGS]` runs that one end-to-end suite (e.g. `scripts/test.sh --test e2e_up`).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
@@ -34,33 +34,43 @@ start_broker() {
 export STRATA_NODE_MODULES="${STRATA_NODE_MODULES:-$STRATA_CACHE/tools/node/node_modules}"
 
 started=$(date +%s)
-if [ $# -gt 0 ]; then
+all=1; [ $# -eq 0 ] || all=0
+if [ "$all" = 0 ]; then
   start_broker
-  cargo test --release --workspace "$@"
+  if [ "$1" = --test ] && [ $# -ge 2 ] && [ -f "$STRATA_ROOT/strata/tests/e2e/$2.rs" ]; then
+    suite="$2"
+    shift 2
+    [ "${1:-}" != -- ] || shift
+    cargo test --release --workspace --test e2e -- "$suite::" "$@"
+  else
+    cargo test --release --workspace "$@"
+  fi
 else
   # Every test binary in one build first, so that cargo compiles them side by side on every
   # core instead of one suite at a time below. Every cargo call here selects the whole
   # workspace, so that all of them resolve the same features and share that one build.
   cargo test --release --workspace --no-run
   # Everything that needs no broker: every crate's unit tests, doc tests and the integration
-  # tests that are not end-to-end suites.
+  # tests that are not end-to-end suites (those are the one test binary strata/tests/e2e/).
   others=()
   for suite in "$STRATA_ROOT"/*/tests/*.rs; do
-    name="$(basename "$suite" .rs)"
-    case "$name" in e2e_*) ;; *) others+=(--test "$name") ;; esac
+    others+=(--test "$(basename "$suite" .rs)")
   done
   cargo test --release --workspace --lib --bins "${others[@]}"
   cargo test --release --workspace --doc
   # The libFuzzer targets (fuzz/, a workspace of their own): built with SanitizerCoverage on the
   # stable toolchain and run for a short, bounded time each; a crash fails the run.
   "$STRATA_ROOT/scripts/fuzz.sh" --seconds "${STRATA_FUZZ_SECONDS:-15}"
-  # Then each end-to-end suite against the broker.
+  # Then each end-to-end suite against the broker, one at a time, by its module path. A suite
+  # file that strata/tests/e2e/main.rs does not declare would run no test: that fails here.
   start_broker
-  for suite in "$STRATA_ROOT"/strata/tests/e2e_*.rs; do
+  for suite in "$STRATA_ROOT"/strata/tests/e2e/e2e_*.rs; do
     name="$(basename "$suite" .rs)"
+    grep -qx "mod $name;" "$STRATA_ROOT/strata/tests/e2e/main.rs" ||
+      die "strata/tests/e2e/main.rs does not declare the suite $name (mod $name;)"
     log "end-to-end suite $name"
-    cargo test --release --workspace --test "$name"
+    cargo test --release --workspace --test e2e -- "$name::"
   done
 fi
-[ $# -gt 0 ] || "$STRATA_ROOT/scripts/bench.sh" --smoke >/dev/null  # the benchmark harness still runs
+[ "$all" = 0 ] || "$STRATA_ROOT/scripts/bench.sh" --smoke >/dev/null  # the benchmark harness still runs
 log "tests passed in $(( $(date +%s) - started ))s"

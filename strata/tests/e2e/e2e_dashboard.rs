@@ -5,17 +5,15 @@
 //! The screenshot goes to `$STRATA_ARTIFACTS/dashboard.png`, by default
 //! `<CARGO_TARGET_DIR or target>/artifacts/dashboard.png`.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::Value;
 use strata_common::time::now_millis;
-use support::*;
 
 const MINUTE: i64 = 60_000;
 const CHROMIUM: &str = "/usr/bin/chromium";

@@ -11,14 +11,12 @@
 //!   plain HTTP and over HTTPS (a second `strata serve` on the same data directory with a
 //!   throwaway CA's certificate), with the read key in force on both.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 const READ_KEY: &str = "test-read-key";
 

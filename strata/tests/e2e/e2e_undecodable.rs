@@ -12,19 +12,17 @@
 //! `/v1/status`, C is counted, every answer equals the ground truth without B, a batch run
 //! changes nothing, and `strata verify` agrees.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use strata_common::generate::{GenConfig, Generator};
 use strata_common::time::now_millis;
-use support::*;
 
 const PARTITIONS: i32 = 4;
 const DAMAGED: [i32; 2] = [1, 3];

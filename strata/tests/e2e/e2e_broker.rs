@@ -4,12 +4,10 @@
 //! `/readyz`; once it is back everything catches up, and every answer, and `strata verify`, agree
 //! with the ground truth.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing() {

@@ -3,12 +3,10 @@
 //! SIGKILL every fraction of a second, at least 20 times, restarting it at once. At the end every
 //! answer must equal the ground truth. `STRATA_CRASH_SEED=<n>` replays a schedule.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 /// A directory left in place unless the test reaches its end.
 struct KeptDir(std::path::PathBuf);

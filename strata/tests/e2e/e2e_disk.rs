@@ -8,15 +8,13 @@
 //! mount of it), so it needs the right to mount (root, as in CI); without it the test fails,
 //! saying so: a check that cannot run is not a check that passed.
 
-mod support;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 struct Tmpfs(PathBuf);
 

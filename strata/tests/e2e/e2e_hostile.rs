@@ -4,12 +4,10 @@
 //! deep nesting, huge payloads, non-objects, empty). Every one must reach the dead-letter topic
 //! with its reason, no layer may stop, and every valid event around them must be counted.
 
-mod support;
-
 use std::time::Instant;
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 #[test]
 fn bad_events_go_to_the_dlq_and_the_rest_count() {

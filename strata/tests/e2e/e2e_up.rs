@@ -2,12 +2,10 @@
 //! runs part-way, kill -9 and graceful restarts; every item, every device and the rankings must
 //! equal a ground truth computed from the generated events after each step.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 const HOUR: i64 = 3_600_000;
 const KEY: &str = "test-admin-key";

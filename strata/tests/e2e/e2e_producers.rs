@@ -6,18 +6,16 @@
 //! counters are exact, the speed layer's offsets reach each partition's end (past the markers
 //! that close the transactions), and so does a batch run and `strata verify`.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use strata_common::generate::Generator;
 use strata_common::time::now_millis;
-use support::*;
 
 fn producer(settings: &[(&str, &str)]) -> ThreadedProducer<DefaultProducerContext> {
     let mut c = ClientConfig::new();

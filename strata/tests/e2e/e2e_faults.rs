@@ -8,14 +8,12 @@
 //! `rejected`, `duplicates`) and, for the batch points, the next published version equal the
 //! ground truth. `strata verify` closes the run.
 
-mod support;
-
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::fault::POINTS;
 use strata_common::time::now_millis;
-use support::*;
 
 /// Waits until `p` dies at `point`: by SIGABRT, its log naming the point.
 fn dies_at(p: &mut Proc, point: &str) {

@@ -9,13 +9,11 @@
 //!   and the mechanism, instead of retrying for minutes.
 //! - `strata up` and `strata generate` over SSL with a client certificate: the answers are right.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 const PASSWORD: &str = "strata-test-secret";
 const STORE_PASSWORD: &str = "keystore-secret";

@@ -2,12 +2,10 @@
 //! (following the speed state as a RocksDB secondary) and `strata batch --once`. Restarting the
 //! speed layer alone, with kill -9, changes no answer.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use strata_common::time::now_millis;
-use support::*;
 
 #[test]
 fn separate_processes_answer_exactly_through_speed_restarts() {
