@@ -28,6 +28,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+# rustfmt and clippy, which .ci/run uses (rustup's default profile has them; the minimal one not).
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null || die "cargo $component is missing and rustup is not there to add it"
+    log "adding the $component component with rustup"
+    rustup component add "$component"
+  fi
+done
 
 # playwright-core (no browser download: the test drives Debian's /usr/bin/chromium), once.
 if [ ! -f "$STRATA_CACHE/tools/node/node_modules/playwright-core/package.json" ]; then
@@ -36,7 +44,7 @@ if [ ! -f "$STRATA_CACHE/tools/node/node_modules/playwright-core/package.json" ]
   npm install --prefix "$STRATA_CACHE/tools/node" --no-audit --no-fund --silent playwright-core@1 >/dev/null
 fi
 
-# schemathesis (PyPI), for the API contract test (strata/tests/e2e_api.rs), once.
+# schemathesis (PyPI), for the API contract test (strata/tests/e2e/e2e_api.rs), once.
 py_install schemathesis "$SCHEMATHESIS_VERSION"
 
 # Apache Kafka: the broker jar and its runtime dependencies, plus the log4j binding (without it

@@ -72,7 +72,8 @@ else
     comm -12 - <(lock_pairs Cargo.lock | cut -d' ' -f1 | sort -u) | tr '\n' ' ')"
   [ -z "$drift" ] || log "warning: fuzz/Cargo.lock pins other versions than Cargo.lock of: ${drift% }; those are built twice (copy Cargo.lock to fuzz/ and build again to align them)"
   log "building the fuzz targets (stable, SanitizerCoverage on Strata's crates) into $CARGO_TARGET_DIR"
-  RUSTC_WRAPPER="$STRATA_ROOT/scripts/sancov-rustc.sh" \
+  # (.ci/run's clippy wrapper is for the main workspace only.)
+  env -u RUSTC_WORKSPACE_WRAPPER RUSTC_WRAPPER="$STRATA_ROOT/scripts/sancov-rustc.sh" \
     cargo build --release --manifest-path fuzz/Cargo.toml --bins
   bin_dir="$CARGO_TARGET_DIR/release"
 fi

@@ -49,7 +49,7 @@ else
   # Every test binary in one build first, so that cargo compiles them side by side on every
   # core instead of one suite at a time below. Every cargo call here selects the whole
   # workspace, so that all of them resolve the same features and share that one build.
-  cargo test --release --workspace --no-run
+  cargo test --release --workspace --all-targets --no-run
   # Everything that needs no broker: every crate's unit tests, doc tests and the integration
   # tests that are not end-to-end suites (those are the one test binary strata/tests/e2e/).
   others=()
@@ -61,16 +61,49 @@ else
   # The libFuzzer targets (fuzz/, a workspace of their own): built with SanitizerCoverage on the
   # stable toolchain and run for a short, bounded time each; a crash fails the run.
   "$STRATA_ROOT/scripts/fuzz.sh" --seconds "${STRATA_FUZZ_SECONDS:-15}"
-  # Then each end-to-end suite against the broker, one at a time, by its module path. A suite
-  # file that strata/tests/e2e/main.rs does not declare would run no test: that fails here.
+  # Then the end-to-end suites, each by its module path, in two lanes side by side: the two
+  # that spend most of their time waiting on brokers of their own that they stop, kill, pause
+  # and restart (e2e_broker, e2e_shutdown: about half of the suites' time), beside all the
+  # others. STRATA_TEST_LANES=1 runs them all one after another. A suite file that
+  # strata/tests/e2e/main.rs does not declare would run no test: that fails here.
   start_broker
+  own_brokers=" e2e_broker e2e_shutdown "
+  lane_own=()
+  lane_shared=()
   for suite in "$STRATA_ROOT"/strata/tests/e2e/e2e_*.rs; do
     name="$(basename "$suite" .rs)"
     grep -qx "mod $name;" "$STRATA_ROOT/strata/tests/e2e/main.rs" ||
       die "strata/tests/e2e/main.rs does not declare the suite $name (mod $name;)"
-    log "end-to-end suite $name"
-    cargo test --release --workspace --test e2e -- "$name::"
+    case "$own_brokers" in *" $name "*) lane_own+=("$name") ;; *) lane_shared+=("$name") ;; esac
   done
+  run_suites() { # suite...
+    local name t0
+    for name in "$@"; do
+      t0=$(date +%s)
+      log "end-to-end suite $name"
+      if ! cargo test --release --workspace --test e2e -- "$name::"; then
+        log "end-to-end suite $name FAILED after $(( $(date +%s) - t0 )) s"
+        return 1
+      fi
+      log "end-to-end suite $name passed in $(( $(date +%s) - t0 )) s"
+    done
+  }
+  if [ "${STRATA_TEST_LANES:-2}" = 1 ]; then
+    run_suites "${lane_own[@]}" "${lane_shared[@]}"
+  else
+    lane_log="$(mktemp -t strata-e2e-lane.XXXXXX)"
+    log "end-to-end suites in two lanes: ${lane_own[*]} (brokers of their own; output below when done) beside ${lane_shared[*]}"
+    run_suites "${lane_own[@]}" >"$lane_log" 2>&1 &
+    lane_pid=$!
+    shared_rc=0
+    run_suites "${lane_shared[@]}" || shared_rc=$?
+    own_rc=0
+    wait "$lane_pid" || own_rc=$?
+    log "the lane of ${lane_own[*]}:"
+    cat "$lane_log"
+    rm -f "$lane_log"
+    [ "$shared_rc" = 0 ] && [ "$own_rc" = 0 ] || die "an end-to-end suite failed (see above)"
+  fi
 fi
 [ "$all" = 0 ] || "$STRATA_ROOT/scripts/bench.sh" --smoke >/dev/null  # the benchmark harness still runs
 log "tests passed in $(( $(date +%s) - started ))s"

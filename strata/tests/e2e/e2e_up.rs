@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
+use strata_common::event::{Event, Kind};
 use strata_common::time::now_millis;
 
 const HOUR: i64 = 3_600_000;
@@ -109,6 +110,55 @@ fn up_answers_equal_ground_truth_across_batches_and_restarts() {
     wait_http(&addr);
     wait_speed_offsets(&addr, truth.messages);
     checked += truth.check_all(&addr, true);
+
+    // A ladder of devices last seen 0 to 15 minutes ago, one every 15 s, and readings at and
+    // just past each metric's bounds: each status threshold (2 and 10 minutes) and each bound
+    // lies between two rungs, so moving one by 15 s or 0.01 (in the server or in the truth
+    // above) changes some device's status, window flag or the fleet's counts.
+    let now = now_millis();
+    let mut ladder: Vec<Event> = (0..=60i64)
+        .map(|k| Event {
+            id: format!("ladder-heartbeat-{k}"),
+            ts: now - k * 15_000,
+            kind: Kind::Heartbeat {
+                device: format!("ladder-{k:02}"),
+            },
+        })
+        .collect();
+    let edges = [
+        ("temp_c", -20.0),
+        ("temp_c", -20.01),
+        ("temp_c", 60.0),
+        ("temp_c", 60.01),
+        ("humidity", 0.0),
+        ("humidity", -0.01),
+        ("humidity", 100.0),
+        ("humidity", 100.01),
+    ];
+    for (i, (metric, value)) in edges.into_iter().enumerate() {
+        ladder.push(Event {
+            id: format!("ladder-reading-{i}"),
+            ts: now - 30_000,
+            kind: Kind::Reading {
+                device: format!("edge-{i}"),
+                metric: metric.to_string(),
+                value,
+            },
+        });
+    }
+    produce_events(&topic, &ladder);
+    for e in ladder {
+        truth.add_event(e);
+    }
+    wait_speed_offsets(&addr, truth.messages);
+    checked += truth.check_all(&addr, true);
+    let (_, fleet) = get_json(&addr, "/v1/devices/health");
+    for status in ["ok", "late", "silent"] {
+        assert!(
+            fleet["counts"][status].as_u64().unwrap_or(0) > 0,
+            "the ladder puts devices in every status: {fleet}"
+        );
+    }
 
     // Counters: every message accepted or rejected exactly once.
     truth.check_counters(&addr);

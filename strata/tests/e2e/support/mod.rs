@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strata_common::event::Kind;
+use strata_common::event::{Event, Kind};
 use strata_common::generate::{Class, GenConfig, Generator};
 
 pub fn brokers() -> String {
@@ -358,6 +358,24 @@ pub fn run_strata(args: &[String]) {
     );
 }
 
+/// Produces `events` (their JSON form, keyed by id) to `topic` on the test broker and waits
+/// until the broker has acknowledged every one.
+pub fn produce_events(topic: &str, events: &[Event]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for e in events {
+        let json = e.to_json();
+        p.send(BaseRecord::to(topic).key(&e.id).payload(&json))
+            .map_err(|(err, _)| err)
+            .expect("enqueue an event");
+    }
+    p.flush(Duration::from_secs(30))
+        .expect("every event acknowledged");
+}
+
 /// One HTTP/1.1 request over a fresh TCP connection; returns status and body.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -564,6 +582,16 @@ pub struct DeviceTruth {
     pub sum: f64,
 }
 
+/// A device's status at `now` by the default thresholds (`serve.late-after-secs` 120,
+/// `serve.silent-after-secs` 600), as the tests run `strata` with them, computed here.
+fn status_at(seen: i64, now: i64) -> &'static str {
+    match now - seen {
+        age if age <= 120_000 => "ok",
+        age if age <= 600_000 => "late",
+        _ => "silent",
+    }
+}
+
 /// A device, a metric and an hour's start.
 pub type DeviceHour = (String, String, i64);
 /// Readings: count, min, max, sum.
@@ -623,116 +651,138 @@ impl Truth {
                     continue;
                 }
             };
-            assert!(
-                self.seen_ids.insert(e.id.clone(), ()).is_none(),
-                "ids are unique"
-            );
-            self.events += 1;
-            *self
-                .minutes
-                .entry(e.ts.div_euclid(60_000) * 60_000)
-                .or_default() += 1;
-            *self
-                .days
-                .entry(e.ts.div_euclid(DAY_MS) * DAY_MS)
-                .or_default() += 1;
-            let hour = e.ts.div_euclid(HOUR_MS) * HOUR_MS;
-            let h = self.hours.entry(hour).or_default();
-            *h.by_type.entry(e.type_name().to_string()).or_default() += 1;
-            if let Kind::Purchase {
-                qty, price_micros, ..
-            } = &e.kind
-            {
-                h.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
+            self.take(e);
+        }
+    }
+
+    /// Adds an event the test produced itself, outside any generated stream (one message).
+    pub fn add_event(&mut self, e: Event) {
+        self.messages += 1;
+        self.take(e);
+    }
+
+    /// Counts one accepted event in every truth it belongs to.
+    fn take(&mut self, e: Event) {
+        assert!(
+            self.seen_ids.insert(e.id.clone(), ()).is_none(),
+            "ids are unique"
+        );
+        self.events += 1;
+        *self
+            .minutes
+            .entry(e.ts.div_euclid(60_000) * 60_000)
+            .or_default() += 1;
+        *self
+            .days
+            .entry(e.ts.div_euclid(DAY_MS) * DAY_MS)
+            .or_default() += 1;
+        let hour = e.ts.div_euclid(HOUR_MS) * HOUR_MS;
+        let h = self.hours.entry(hour).or_default();
+        *h.by_type.entry(e.type_name().to_string()).or_default() += 1;
+        if let Kind::Purchase {
+            qty, price_micros, ..
+        } = &e.kind
+        {
+            h.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
+        }
+        let item_ref = match &e.kind {
+            Kind::View(r) | Kind::AddToCart(r) => Some(r),
+            Kind::Purchase { item, .. } | Kind::Rating { item, .. } => Some(item),
+            _ => None,
+        };
+        if let Some(r) = item_ref {
+            self.item_events
+                .push((e.ts, e.type_name(), r.item.clone(), r.category.clone()));
+            if let Kind::Rating { rating, .. } = &e.kind {
+                *self.rating_sums.entry(r.item.clone()).or_default() += u64::from(*rating);
             }
-            let item_ref = match &e.kind {
-                Kind::View(r) | Kind::AddToCart(r) => Some(r),
-                Kind::Purchase { item, .. } | Kind::Rating { item, .. } => Some(item),
-                _ => None,
-            };
-            if let Some(r) = item_ref {
-                self.item_events
-                    .push((e.ts, e.type_name(), r.item.clone(), r.category.clone()));
-                if let Kind::Rating { rating, .. } = &e.kind {
-                    *self.rating_sums.entry(r.item.clone()).or_default() += u64::from(*rating);
-                }
-                if matches!(e.kind, Kind::View(_) | Kind::Purchase { .. }) {
-                    let t = self
-                        .latest
-                        .entry(r.user.clone())
-                        .or_default()
-                        .entry(r.item.clone())
-                        .or_insert(e.ts);
-                    *t = (*t).max(e.ts);
-                }
-                if matches!(e.kind, Kind::View(_)) {
-                    self.viewed
-                        .entry(r.user.clone())
-                        .or_default()
-                        .insert(r.item.clone());
-                }
-                *self.item_hours.entry((r.item.clone(), hour)).or_default() += 1;
-                let day = e.ts.div_euclid(DAY_MS) * DAY_MS;
-                self.item_day_users
-                    .entry((r.item.clone(), day))
+            if matches!(e.kind, Kind::View(_) | Kind::Purchase { .. }) {
+                let t = self
+                    .latest
+                    .entry(r.user.clone())
                     .or_default()
-                    .insert(r.user.clone());
-                if matches!(e.kind, Kind::Purchase { .. }) {
-                    self.bought
-                        .entry(r.user.clone())
-                        .or_default()
-                        .insert(r.item.clone());
-                }
+                    .entry(r.item.clone())
+                    .or_insert(e.ts);
+                *t = (*t).max(e.ts);
             }
-            match &e.kind {
-                Kind::View(r) => self.items.entry(r.item.clone()).or_default().view += 1,
-                Kind::AddToCart(r) => {
-                    self.items.entry(r.item.clone()).or_default().add_to_cart += 1
-                }
-                Kind::Purchase {
-                    item,
-                    qty,
-                    price_micros,
-                } => {
-                    let t = self.items.entry(item.item.clone()).or_default();
-                    t.purchase += 1;
-                    t.quantity += u64::from(*qty);
-                    t.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
-                }
-                Kind::Rating { item, .. } => {
-                    self.items.entry(item.item.clone()).or_default().rating += 1
-                }
-                Kind::Heartbeat { device } => {
-                    let d = self.device(device);
-                    d.heartbeats += 1;
-                    d.last_seen = d.last_seen.max(e.ts);
-                }
-                Kind::Reading {
-                    device,
-                    metric,
-                    value,
-                } => {
-                    let w = self
-                        .device_hours
-                        .entry((device.clone(), metric.clone(), hour))
-                        .or_insert((0, *value, *value, 0.0));
-                    w.0 += 1;
-                    w.1 = w.1.min(*value);
-                    w.2 = w.2.max(*value);
-                    w.3 += *value;
-                    let d = self.device(device);
-                    if d.readings == 0 {
-                        d.min = *value;
-                        d.max = *value;
-                    }
-                    d.readings += 1;
-                    d.min = d.min.min(*value);
-                    d.max = d.max.max(*value);
-                    d.sum += *value;
-                    d.last_seen = d.last_seen.max(e.ts);
-                }
+            if matches!(e.kind, Kind::View(_)) {
+                self.viewed
+                    .entry(r.user.clone())
+                    .or_default()
+                    .insert(r.item.clone());
+            }
+            *self.item_hours.entry((r.item.clone(), hour)).or_default() += 1;
+            let day = e.ts.div_euclid(DAY_MS) * DAY_MS;
+            self.item_day_users
+                .entry((r.item.clone(), day))
+                .or_default()
+                .insert(r.user.clone());
+            if matches!(e.kind, Kind::Purchase { .. }) {
+                self.bought
+                    .entry(r.user.clone())
+                    .or_default()
+                    .insert(r.item.clone());
             }
         }
+        match &e.kind {
+            Kind::View(r) => self.items.entry(r.item.clone()).or_default().view += 1,
+            Kind::AddToCart(r) => self.items.entry(r.item.clone()).or_default().add_to_cart += 1,
+            Kind::Purchase {
+                item,
+                qty,
+                price_micros,
+            } => {
+                let t = self.items.entry(item.item.clone()).or_default();
+                t.purchase += 1;
+                t.quantity += u64::from(*qty);
+                t.revenue_micros += i128::from(*qty) * i128::from(*price_micros);
+            }
+            Kind::Rating { item, .. } => {
+                self.items.entry(item.item.clone()).or_default().rating += 1
+            }
+            Kind::Heartbeat { device } => {
+                let d = self.device(device);
+                d.heartbeats += 1;
+                d.last_seen = d.last_seen.max(e.ts);
+            }
+            Kind::Reading {
+                device,
+                metric,
+                value,
+            } => {
+                let w = self
+                    .device_hours
+                    .entry((device.clone(), metric.clone(), hour))
+                    .or_insert((0, *value, *value, 0.0));
+                w.0 += 1;
+                w.1 = w.1.min(*value);
+                w.2 = w.2.max(*value);
+                w.3 += *value;
+                let d = self.device(device);
+                if d.readings == 0 {
+                    d.min = *value;
+                    d.max = *value;
+                }
+                d.readings += 1;
+                d.min = d.min.min(*value);
+                d.max = d.max.max(*value);
+                d.sum += *value;
+                d.last_seen = d.last_seen.max(e.ts);
+            }
+        }
+    }
+
+    /// Devices per status at `now`: ok, late, silent.
+    fn status_counts(&self, now: i64) -> [u64; 3] {
+        let mut n = [0; 3];
+        for t in self.devices.values() {
+            n[match status_at(t.last_seen, now) {
+                "ok" => 0,
+                "late" => 1,
+                _ => 2,
+            }] += 1;
+        }
+        n
     }
 
     fn device(&mut self, d: &str) -> &mut DeviceTruth {
@@ -777,13 +827,7 @@ impl Truth {
                 ));
             }
         }
-        // The default thresholds and bounds (`serve.late-after-secs`, `silent-after-secs`,
-        // `metric-bounds`), as the tests run `strata` with them.
-        let status_at = |seen: i64, now: i64| match now - seen {
-            age if age <= 120_000 => "ok",
-            age if age <= 600_000 => "late",
-            _ => "silent",
-        };
+        // The default bounds (`serve.metric-bounds`), as the tests run `strata` with them.
         let bounds = |metric: &str| match metric {
             "temp_c" => Some((-20.0, 60.0)),
             "humidity" => Some((0.0, 100.0)),
@@ -1011,19 +1055,22 @@ impl Truth {
             }
         }
         checked += self.check_windows(addr);
+        let before = strata_common::time::now_millis();
         let (_, v) = get_json(addr, "/v1/devices/health");
+        let after = strata_common::time::now_millis();
         assert_eq!(
             v["devices"].as_u64(),
             Some(self.devices.len() as u64),
             "{v}"
         );
         let c = &v["counts"];
-        assert_eq!(
-            c["ok"].as_u64().unwrap_or(0)
-                + c["late"].as_u64().unwrap_or(0)
-                + c["silent"].as_u64().unwrap_or(0),
-            self.devices.len() as u64
-        );
+        let got = ["ok", "late", "silent"].map(|k| c[k].as_u64().unwrap_or(u64::MAX));
+        assert_eq!(got.iter().sum::<u64>(), self.devices.len() as u64, "{v}");
+        // The fleet's counts per status, unless a device changed status while the request ran.
+        let want = self.status_counts(before);
+        if want == self.status_counts(after) {
+            assert_eq!(got, want, "devices per status (ok, late, silent): {v}");
+        }
         checked + 1
     }
 
