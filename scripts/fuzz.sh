@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the libFuzzer targets under fuzz/ one at a time, one libFuzzer job each.
 #
-#   scripts/fuzz.sh [--seconds N] [--all-crates | --asan] [TARGET...]
-#                   (default: 600 seconds; event_decode query_routes)
+#   scripts/fuzz.sh [--seconds N] [--fork J] [--all-crates | --asan] [TARGET...]
+#                   (default: 600 seconds; event_decode query_routes; --fork J: J libFuzzer
+#                   jobs side by side, libFuzzer's fork mode, one total; not with --asan)
 #
 # By default the targets are built with the stable toolchain: rustc's SanitizerCoverage pass
 # (`-Cpasses=sancov-module`, the same instrumentation cargo-fuzz asks for), `--cfg fuzzing`,
@@ -25,6 +26,7 @@ set -euo pipefail
 seconds=600
 asan=0
 all_crates=0
+fork=0
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,12 +34,14 @@ while [ $# -gt 0 ]; do
     --seconds=*) seconds="${1#--seconds=}"; shift ;;
     --asan) asan=1; shift ;;
     --all-crates) all_crates=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --fork) [ $# -ge 2 ] || die "--fork needs a value"; fork="$2"; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) targets+=("$1"); shift ;;
   esac
 done
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive whole number; got $seconds"
+[[ "$fork" =~ ^[0-9]+$ ]] || die "--fork must be a whole number; got $fork"
 [ ${#targets[@]} -gt 0 ] || targets=(event_decode query_routes)
 
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
@@ -92,12 +96,19 @@ for t in "${targets[@]}"; do
     cargo +nightly fuzz run "$t" "$work" "${seeds[@]}" -- -max_total_time="$seconds" >"$logf" 2>&1 || rc=$?
   else
     mkdir -p "fuzz/artifacts/$t"
-    "$bin_dir/$t" -artifact_prefix="fuzz/artifacts/$t/" -max_total_time="$seconds" \
+    fork_args=()
+    [ "$fork" -eq 0 ] || fork_args=(-fork="$fork")
+    "$bin_dir/$t" -artifact_prefix="fuzz/artifacts/$t/" -max_total_time="$seconds" "${fork_args[@]}" \
       "$work" "${seeds[@]}" >"$logf" 2>&1 || rc=$?
   fi
   runs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\1/p' "$logf" | tail -1)"
   secs="$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\2/p' "$logf" | tail -1)"
   last="$(grep -E '^#[0-9]+' "$logf" | tail -1 || true)"
+  # Fork mode prints no "Done" line: its last status line counts every job's executions.
+  if [ -z "$runs" ] && [ "$fork" -gt 0 ] && [ -n "$last" ]; then
+    runs="$(sed -n 's/^#\([0-9]*\).*/\1/p' <<<"$last")"
+    secs="$(sed -n 's/.* time: \([0-9]*\)s.*/\1/p' <<<"$last")"
+  fi
   execs="$(sed -n 's/.*exec\/s: \([0-9]*\).*/\1/p' <<<"$last")"
   cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
   if [ "$rc" -eq 0 ]; then

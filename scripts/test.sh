@@ -61,13 +61,13 @@ else
   # The libFuzzer targets (fuzz/, a workspace of their own): built with SanitizerCoverage on the
   # stable toolchain and run for a short, bounded time each; a crash fails the run.
   "$STRATA_ROOT/scripts/fuzz.sh" --seconds "${STRATA_FUZZ_SECONDS:-15}"
-  # Then the end-to-end suites, each by its module path, in two lanes side by side: the two
-  # that spend most of their time waiting on brokers of their own that they stop, kill, pause
-  # and restart (e2e_broker, e2e_shutdown: about half of the suites' time), beside all the
-  # others. STRATA_TEST_LANES=1 runs them all one after another. A suite file that
+  # Then the end-to-end suites, each by its module path, in two lanes side by side: three
+  # that spend most of their time waiting on brokers of their own that they stop, kill, pause,
+  # restart or feed by hand (e2e_broker, e2e_shutdown, e2e_undecodable: about half of the
+  # suites' time), beside all the others. STRATA_TEST_LANES=1 runs them all one after another. A suite file that
   # strata/tests/e2e/main.rs does not declare would run no test: that fails here.
   start_broker
-  own_brokers=" e2e_broker e2e_shutdown "
+  own_brokers=" e2e_broker e2e_shutdown e2e_undecodable "
   lane_own=()
   lane_shared=()
   for suite in "$STRATA_ROOT"/strata/tests/e2e/e2e_*.rs; do

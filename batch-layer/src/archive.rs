@@ -228,6 +228,7 @@ pub fn run(
                 .map(|s| s.archived.clone())
                 .unwrap_or_default();
             kafka::commit_for_lag(&consumer, &topic, &archived);
+            strata_common::fault::point("batch.archive.committed");
         }
         if last_log.elapsed() >= Duration::from_secs(5) {
             if archived_since_log > 0 {

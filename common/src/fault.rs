@@ -10,12 +10,20 @@ use std::sync::OnceLock;
 
 /// Every fault point, in the order a stream passes them.
 pub const POINTS: &[&str] = &[
+    // The speed layer's dead letters: one queued for the dead-letter topic, not yet
+    // acknowledged; then all of a flush's acknowledged, before its WriteBatch.
+    "speed.dlq.sent",
+    "speed.dlq.acknowledged",
     // The speed layer's flush: its WriteBatch of blocks, counters and offsets.
     "speed.flush.before_write",
     "speed.flush.after_write",
+    // The speed layer's offsets committed to its consumer group (for lag tools only).
+    "speed.group.committed",
     // The archiver's segment: written and fsynced under a temporary name, then renamed.
     "batch.segment.before_rename",
     "batch.segment.after_rename",
+    // The archiver's offsets committed to its consumer group (for lag tools only).
+    "batch.archive.committed",
     // The recompute: folding, then the version written, then CURRENT swapped.
     "batch.recompute.folded",
     "batch.publish.before_current",

@@ -156,6 +156,7 @@ impl SpeedLayer {
                     pipeline.check()?;
                     anchor.check()?;
                     kafka::commit_for_lag(&consumer, &topic, &shared.offsets());
+                    strata_common::fault::point("speed.group.committed");
                 }
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let secs = last_log.elapsed().as_secs_f64();

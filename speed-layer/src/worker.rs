@@ -365,6 +365,7 @@ impl<L: Letters> Worker<L> {
                     &reject.to_string(),
                     &source,
                 )?;
+                strata_common::fault::point("speed.dlq.sent");
                 let part = self.state.part(p);
                 part.rejected += 1;
                 part.next_offset = offset + 1;
@@ -410,6 +411,7 @@ impl<L: Letters> Worker<L> {
         if !self.letters.flush(&|| stop.is_cancelled())? {
             return Ok(());
         }
+        strata_common::fault::point("speed.dlq.acknowledged");
         // Stop before a write the disk cannot take: the state and offsets stay as last written.
         disk::check(&self.settings.data_dir, self.settings.min_free_mb)?;
         let touched: Vec<Partition> = self.pending.touched.iter().copied().collect();

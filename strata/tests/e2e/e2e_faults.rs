@@ -1,12 +1,13 @@
 //! Every step of the writing layers killed at least once, at a known moment: `strata speed`,
 //! `strata batch --every 1s` and `strata serve` run as separate processes over one data
-//! directory, and for each fault point (`strata_common::fault::POINTS`: the speed layer's flush
-//! before and after its WriteBatch, the archiver's segment before and after its rename, the
-//! recompute after folding, and the publish before and after CURRENT is swapped) the layer that
-//! owns it is restarted with `STRATA_FAULT=<point>` while a stream arrives. It must die there
-//! (SIGABRT, naming the point); restarted normally, every answer, the counters (`accepted`,
-//! `rejected`, `duplicates`) and, for the batch points, the next published version equal the
-//! ground truth. `strata verify` closes the run.
+//! directory, and for each fault point (`strata_common::fault::POINTS`: the speed layer's dead
+//! letters queued and acknowledged, its flush before and after its WriteBatch, its group
+//! commit; the archiver's segment before and after its rename, its group commit; the recompute
+//! after folding; the publish before and after CURRENT is swapped) the layer that owns it is
+//! restarted with `STRATA_FAULT=<point>` while a stream arrives. It must die there (SIGABRT,
+//! naming the point); restarted normally, every answer, the counters (`accepted`, `rejected`,
+//! `duplicates`) and, for the batch points, the next published version equal the ground truth.
+//! At the end every malformed message has its dead letter; `strata verify` closes the run.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
@@ -141,6 +142,14 @@ fn every_fault_point_is_killed_and_nothing_is_lost() {
     }
     let checked = truth.check(&addr) + truth.check_insights(&addr);
     truth.check_counters(&addr);
+    // Every malformed message has its dead letter, whichever step its layer died at (a letter
+    // sent again after a restart is a copy of one already there: at least once, by source).
+    let (sources, _) = dead_letters(&format!("{topic}.dlq"), truth.malformed);
+    assert_eq!(
+        sources.len() as u64,
+        truth.malformed,
+        "dead letters by source"
+    );
     let (code, out) = verify(&common, &addr, true, &[]);
     assert_eq!(code, 0, "{out}");
     eprintln!(

@@ -1229,7 +1229,15 @@ impl Truth {
         // Co-occurrence by views, exactly.
         checked += Self::check_co_occurrence(addr, "view", &self.viewed, &["i0", "i1", "i2"]);
         // Users' recommendations: seeded by their 10 most recent items (views and purchases,
-        // newest first, ties by name), never an item they bought.
+        // newest first, ties by name), never an item they bought; each candidate's score is the
+        // sum over the seeds it co-occurs with (by views) of co / sqrt(viewers(seed) *
+        // viewers(candidate)), counted here from the users' view sets.
+        let mut viewers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (user, items) in &self.viewed {
+            for i in items {
+                viewers.entry(i.as_str()).or_default().push(user.as_str());
+            }
+        }
         for user in self.latest.keys().take(20) {
             let (status, v) = get_json(addr, &format!("/v1/recommendations/users/{user}?limit=50"));
             assert_eq!(status, 200, "{v}");
@@ -1250,6 +1258,57 @@ impl Truth {
                     "{user} is recommended {item}, which they bought: {v}"
                 );
             }
+            // Per candidate: its score and the seeds it came from.
+            let mut scores: BTreeMap<&str, (f64, Vec<&str>)> = BTreeMap::new();
+            for seed in &want {
+                let Some(users) = viewers.get(seed) else {
+                    continue;
+                };
+                let mut co: BTreeMap<&str, u64> = BTreeMap::new();
+                for u in users {
+                    for other in &self.viewed[*u] {
+                        if other != seed {
+                            *co.entry(other.as_str()).or_default() += 1;
+                        }
+                    }
+                }
+                for (other, n) in co {
+                    let theirs = viewers.get(other).map_or(1, Vec::len).max(1);
+                    let e = scores.entry(other).or_default();
+                    e.0 += n as f64 / (users.len() as f64 * theirs as f64).sqrt();
+                    e.1.push(seed);
+                }
+            }
+            let mut expected: Vec<(&str, f64, Vec<&str>)> = scores
+                .into_iter()
+                .filter(|(i, _)| bought.is_none_or(|b| !b.contains(*i)))
+                .map(|(i, (score, because))| (i, score, because))
+                .collect();
+            expected.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            expected.truncate(50);
+            let got: Vec<(&str, f64, Vec<&str>)> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    (
+                        r["item"].as_str().unwrap_or_default(),
+                        r["score"].as_f64().unwrap_or(f64::NAN),
+                        r["because"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let same = got.len() == expected.len()
+                && got.iter().zip(&expected).all(|(g, w)| {
+                    g.0 == w.0 && (g.1 - w.1).abs() <= 1e-9 * w.1.abs().max(1.0) && g.2 == w.2
+                });
+            assert!(
+                same,
+                "recommendations for {user}: expected {expected:?}, got {got:?}"
+            );
             checked += 1;
         }
         checked
