@@ -22,7 +22,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use parquet::basic::Compression;
-use parquet::data_type::{ByteArray, ByteArrayType, DataType, DoubleType, Int32Type, Int64Type};
+use parquet::data_type::{
+    ByteArray, ByteArrayType, DataType, DoubleType, FixedLenByteArray, FixedLenByteArrayType,
+    Int32Type, Int64Type,
+};
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, RowGroupReader};
 use parquet::file::serialized_reader::SerializedFileReader;
@@ -30,6 +33,7 @@ use parquet::file::writer::{SerializedFileWriter, SerializedRowGroupWriter};
 use parquet::schema::parser::parse_message_type;
 use strata_common::event::{validate, Event, Kind, Rules, Wire, WireTs};
 use strata_common::handoff::Offset;
+use strata_common::views::{DeviceStats, Rollup};
 
 use crate::{Error, Result};
 
@@ -351,6 +355,137 @@ pub fn read(path: &Path, below: Offset, rules: &Rules) -> Result<Vec<(Offset, Ev
             let event = validate(wire, None, rules)
                 .map_err(|r| Error::Dataset(format!("{}: {r}", at())))?;
             out.push((offset, event));
+        }
+    }
+    Ok(out)
+}
+
+/// The Parquet form of rollup records ([`strata_common::views::Rollup`]): one row per device
+/// (and metric, for readings) and hour. Sums are exact decimals of the millionths the views add.
+const ROLLUP_SCHEMA: &str = "
+message strata_rollup {
+  required binary device (STRING);
+  optional binary metric (STRING);
+  required int64 hour (TIMESTAMP(MILLIS, true));
+  required int64 count;
+  required int64 last_seen (TIMESTAMP(MILLIS, true));
+  optional double min;
+  optional double max;
+  optional fixed_len_byte_array(16) sum (DECIMAL(38, 6));
+}";
+
+/// Writes rollup records as one Parquet file to `file`.
+pub fn write_rollups(file: &File, path: &Path, records: &[Rollup]) -> Result<()> {
+    let err = |e| parquet_err(path, "write", e);
+    let schema = Arc::new(parse_message_type(ROLLUP_SCHEMA).map_err(err)?);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("strata {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut w = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(err)?;
+    if !records.is_empty() {
+        let n = records.len();
+        let mut device = Vec::with_capacity(n);
+        let mut metric = Col::with_capacity(n);
+        let (mut hour, mut count, mut last_seen) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut min, mut max, mut sum) = (
+            Col::with_capacity(n),
+            Col::with_capacity(n),
+            Col::with_capacity(n),
+        );
+        for r in records {
+            device.push(bytes(&r.device));
+            metric.push(r.metric.as_deref().map(bytes));
+            hour.push(r.hour);
+            count.push(i64::try_from(r.events()).unwrap_or(i64::MAX));
+            last_seen.push(r.stats.last_seen.unwrap_or(r.hour));
+            min.push(r.stats.min);
+            max.push(r.stats.max);
+            sum.push(r.metric.as_ref().map(|_| {
+                FixedLenByteArray::from(r.stats.sum_micros.to_be_bytes().to_vec())
+            }));
+        }
+        let mut rg = w.next_row_group().map_err(err)?;
+        (|| {
+            write_column::<ByteArrayType>(&mut rg, &device, None)?;
+            write_column::<ByteArrayType>(&mut rg, &metric.values, Some(&metric.defs))?;
+            write_column::<Int64Type>(&mut rg, &hour, None)?;
+            write_column::<Int64Type>(&mut rg, &count, None)?;
+            write_column::<Int64Type>(&mut rg, &last_seen, None)?;
+            write_column::<DoubleType>(&mut rg, &min.values, Some(&min.defs))?;
+            write_column::<DoubleType>(&mut rg, &max.values, Some(&max.defs))?;
+            write_column::<FixedLenByteArrayType>(&mut rg, &sum.values, Some(&sum.defs))
+        })()
+        .map_err(err)?;
+        rg.close().map_err(err)?;
+    }
+    w.close().map_err(err)?;
+    Ok(())
+}
+
+/// Reads the rollup records of a file [`write_rollups`] wrote.
+pub fn read_rollups(path: &Path) -> Result<Vec<Rollup>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| parquet_err(path, "open", e))?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let index = |name: &str| schema.columns().iter().position(|c| c.name() == name);
+    let mut out = Vec::new();
+    for g in 0..reader.num_row_groups() {
+        let rg = reader
+            .get_row_group(g)
+            .map_err(|e| parquet_err(path, "row group", e))?;
+        let rows = usize::try_from(rg.metadata().num_rows()).unwrap_or(0);
+        let rg = rg.as_ref();
+        let mut devices = read_column::<ByteArrayType>(rg, index("device"), rows, path, "device")?;
+        let mut metrics = read_column::<ByteArrayType>(rg, index("metric"), rows, path, "metric")?;
+        let hours = read_column::<Int64Type>(rg, index("hour"), rows, path, "hour")?;
+        let counts = read_column::<Int64Type>(rg, index("count"), rows, path, "count")?;
+        let seen = read_column::<Int64Type>(rg, index("last_seen"), rows, path, "last_seen")?;
+        let mins = read_column::<DoubleType>(rg, index("min"), rows, path, "min")?;
+        let maxs = read_column::<DoubleType>(rg, index("max"), rows, path, "max")?;
+        let sums = read_column::<FixedLenByteArrayType>(rg, index("sum"), rows, path, "sum")?;
+        for row in 0..rows {
+            let at = || format!("{} row {}", path.display(), row + 1);
+            let device = text(take(&mut devices, row), path, "device")?
+                .ok_or_else(|| Error::Dataset(format!("{}: no device", at())))?;
+            let metric = text(take(&mut metrics, row), path, "metric")?;
+            let (Some(hour), Some(count), Some(last_seen)) = (
+                copied(&hours, row),
+                copied(&counts, row).and_then(|c| u64::try_from(c).ok()),
+                copied(&seen, row),
+            ) else {
+                return Err(Error::Dataset(format!(
+                    "{}: no hour, count or last_seen",
+                    at()
+                )));
+            };
+            let mut stats = DeviceStats {
+                last_seen: Some(last_seen),
+                ..Default::default()
+            };
+            if metric.is_some() {
+                let sum = sums
+                    .get(row)
+                    .and_then(Option::as_ref)
+                    .and_then(|b| <[u8; 16]>::try_from(b.data()).ok())
+                    .ok_or_else(|| Error::Dataset(format!("{}: no sum", at())))?;
+                stats.readings = count;
+                stats.min = copied(&mins, row);
+                stats.max = copied(&maxs, row);
+                stats.sum_micros = i128::from_be_bytes(sum);
+            } else {
+                stats.heartbeats = count;
+            }
+            out.push(Rollup {
+                device: device.into(),
+                metric: metric.map(Into::into),
+                hour,
+                stats,
+            });
         }
     }
     Ok(out)

@@ -6,12 +6,14 @@
 //! twice. A [`recompute`] takes a cutoff per partition (the last handoff-block boundary the
 //! archive has passed), replays every segment below it through the dedupe rule and the view
 //! definitions in parallel with rayon, and publishes the result as a new batch version in one
-//! atomic step. [`run`] schedules the two.
+//! atomic step. [`retention`] rolls up device events past their age and deletes the raw segments
+//! they replaced once a version computed from the rollup is published. [`run`] schedules them.
 
 pub mod archive;
 pub mod columnar;
 pub mod error;
 pub mod recompute;
+pub mod retention;
 pub mod run;
 pub mod segment;
 

@@ -8,15 +8,17 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use strata_common::batch_store::{self, Manifest};
+use strata_common::batch_store::{self, DatasetStats, Manifest};
 use strata_common::config::Config;
 use strata_common::dedupe::PartitionDeduper;
 use strata_common::disk;
 use strata_common::handoff::{cutoff_below, Offsets};
 use strata_common::progress::Progress;
-use strata_common::time::{format_rfc3339, now_millis};
-use strata_common::views::IdFold;
+use strata_common::retention::Marks;
+use strata_common::time::{format_rfc3339, now_millis, Millis};
+use strata_common::views::{Gran, IdFold};
 
+use crate::retention::{self, Size};
 use crate::segment::{self, Segment};
 use crate::Result;
 
@@ -28,6 +30,8 @@ struct PartitionFold {
     views: IdFold,
     events: u64,
     duplicates: u64,
+    /// Raw events read, per type.
+    raw_rows: std::collections::BTreeMap<String, u64>,
 }
 
 /// Recomputes every view from the archive below the current cutoffs and publishes it as a new
@@ -47,7 +51,20 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
     if !removed.is_empty() {
         tracing::info!(versions = ?removed, "removed old and unfinished batch versions");
     }
-    let segments = segment::list(&cfg.master_dir())?;
+    let master = cfg.master_dir();
+    let segments = segment::list(&master)?;
+    let generation = retention::current(&master)?;
+    // Where each partition's raw segments begin to count: below it, the rollup generation.
+    let starts: Offsets = segments
+        .keys()
+        .map(|&p| {
+            let upto = generation
+                .as_ref()
+                .and_then(|g| g.partitions.get(&p))
+                .map_or(0, |r| r.upto);
+            (p, upto)
+        })
+        .collect();
     let cutoffs: Offsets = segments
         .iter()
         .map(|(&p, segs)| {
@@ -59,21 +76,60 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .collect();
     let total: usize = segments
         .iter()
-        .map(|(p, segs)| segs.iter().filter(|s| s.start < cutoffs[p]).count())
+        .map(|(p, segs)| {
+            segs.iter()
+                .filter(|s| s.start < cutoffs[p] && s.start >= starts[p])
+                .count()
+        })
         .sum();
+    let (mut raw_size, mut replaced) = (Size::default(), Size::default());
+    for (p, segs) in &segments {
+        for s in segs {
+            let size = std::fs::metadata(&s.path).map_or(0, |m| m.len());
+            let into = if s.start < starts[p] {
+                &mut replaced
+            } else {
+                &mut raw_size
+            };
+            into.files += 1;
+            into.bytes += size;
+        }
+    }
     let progress = Mutex::new(Progress::new("recompute segments", Some(total as u64)));
 
     let folds: Vec<Result<PartitionFold>> = segments
         .par_iter()
         .map(|(p, segs)| {
             let cutoff = cutoffs[p];
-            let wanted: Vec<&Segment> = segs.iter().filter(|s| s.start < cutoff).collect();
+            let start = starts[p];
+            let wanted: Vec<&Segment> = segs
+                .iter()
+                .filter(|s| s.start < cutoff && s.start >= start)
+                .collect();
             let mut fold = PartitionFold {
                 views: IdFold::new(),
                 events: 0,
                 duplicates: 0,
+                raw_rows: Default::default(),
             };
-            let mut dedupe = PartitionDeduper::new(rule);
+            let prefix = match &generation {
+                Some(g) => retention::read_prefix(&master, g, *p, rule, &rules)?,
+                None => None,
+            };
+            let mut dedupe = match prefix {
+                Some(pr) => {
+                    fold.events += pr.events();
+                    fold.duplicates += pr.duplicates;
+                    for (_, e) in &pr.kept {
+                        fold.views.fold(e);
+                    }
+                    for r in &pr.rollups {
+                        fold.views.fold_rollup(r);
+                    }
+                    pr.dedupe
+                }
+                None => PartitionDeduper::new(rule),
+            };
             for chunk in wanted.chunks(CHUNK) {
                 let parsed: Vec<_> = chunk
                     .par_iter()
@@ -81,6 +137,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                     .collect::<Result<_>>()?;
                 for events in parsed {
                     for (_, e) in events {
+                        *fold.raw_rows.entry(e.type_name().to_string()).or_default() += 1;
                         if dedupe.admit(&e.id, e.ts) {
                             fold.views.fold(&e);
                             fold.events += 1;
@@ -99,14 +156,36 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .collect();
 
     let (mut events, mut duplicates) = (0, 0);
+    let mut raw_rows = std::collections::BTreeMap::new();
     let mut parts = Vec::with_capacity(folds.len());
     for f in folds {
         let f = f?;
         events += f.events;
         duplicates += f.duplicates;
+        for (t, n) in f.raw_rows {
+            *raw_rows.entry(t).or_default() += n;
+        }
         parts.push(f.views);
     }
-    let entries = IdFold::into_entries(parts);
+    let mut marks = generation
+        .as_ref()
+        .map(retention::Generation::marks)
+        .unwrap_or_default();
+    if cfg.retention.minute_series_days > 0 {
+        let from = Gran::Day.floor(
+            now_millis() - Millis::from(cfg.retention.minute_series_days) * 86_400_000,
+        );
+        marks = marks.union(Marks {
+            series_minute_from: Some(from),
+            item_minute_from: Some(from),
+        });
+    }
+    let mut entries = IdFold::into_entries(parts);
+    if !marks.is_empty() {
+        entries
+            .par_iter_mut()
+            .for_each(|chunk| chunk.retain(|(k, _)| marks.keeps(k)));
+    }
     strata_common::fault::point("batch.recompute.folded");
     let manifest = batch_store::publish_sorted(
         &cfg.data_dir,
@@ -120,6 +199,16 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
             duplicates,
             keys: 0,
             duration_ms: started.elapsed().as_millis() as u64,
+            retention: marks,
+            rollup_generation: generation.as_ref().map(|g| g.generation),
+            dataset: DatasetStats {
+                files: retention::dataset_files(
+                    &raw_rows,
+                    raw_size,
+                    replaced,
+                    generation.as_ref().map(|g| (g, master.as_path())),
+                ),
+            },
         },
     )?;
     if let Ok(pr) = progress.lock() {

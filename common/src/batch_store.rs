@@ -14,6 +14,7 @@
 //! `CURRENT` over the old one: one atomic step. A run that dies before the rename leaves the old
 //! version served; its directory is removed by the next run.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -21,12 +22,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::handoff::Offsets;
+use crate::retention::Marks;
 use crate::version_file::{self, VersionFile};
 use crate::views::{Partial, ViewKey, ViewSet};
 use crate::{Error, Result};
 
 /// What a published version holds and covers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u64,
     /// When the version was published (RFC 3339).
@@ -42,6 +44,36 @@ pub struct Manifest {
     pub keys: u64,
     /// Wall time the recompute took.
     pub duration_ms: u64,
+    /// Minute buckets retention left out of this version (`crate::retention`).
+    #[serde(default, skip_serializing_if = "Marks::is_empty")]
+    pub retention: Marks,
+    /// The rollup generation of the master dataset this version was computed from (`None`:
+    /// raw segments only). Raw files a generation replaced are deleted once a version of it is
+    /// published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollup_generation: Option<u64>,
+    /// What the master dataset held when this version was computed from it.
+    #[serde(default)]
+    pub dataset: DatasetStats,
+}
+
+/// Files, bytes and rows of the master dataset, by kind of file and by event type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetStats {
+    /// Per kind (`raw`: segments as archived; `kept`: events a rollup generation kept raw;
+    /// `rollup`: rolled-up records) and event type (`mixed` for the files of every type).
+    pub files: Vec<DatasetFiles>,
+}
+
+/// One row of [`DatasetStats`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetFiles {
+    pub kind: String,
+    pub event_type: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Events (raw and kept files) or records (rollups) per event type read from these files.
+    pub rows: BTreeMap<String, u64>,
 }
 
 pub fn root(data_dir: &Path) -> PathBuf {
@@ -412,6 +444,7 @@ mod tests {
             duplicates: 0,
             keys: 0,
             duration_ms: 1,
+            ..Default::default()
         }
     }
 

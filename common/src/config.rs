@@ -35,6 +35,7 @@ pub struct Config {
     pub speed: SpeedConfig,
     pub batch: BatchConfig,
     pub serve: ServeConfig,
+    pub retention: RetentionConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,6 +112,76 @@ pub struct BatchConfig {
     pub keep_versions: usize,
 }
 
+/// What the master dataset and the batch versions keep (`common/src/retention.rs`,
+/// `batch-layer/src/retention.rs`). Only device events (heartbeats, readings) can be rolled up;
+/// business events (views, carts, purchases, ratings) are always kept raw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct RetentionConfig {
+    pub heartbeat: TypeRetention,
+    pub reading: TypeRetention,
+    /// Minute buckets (series and item series) older than this many days are left out of each
+    /// batch version, and queries for them answer "beyond retention"; hours and days are kept.
+    /// 0: minute buckets are kept forever.
+    pub minute_series_days: u32,
+    /// A continuously running batch layer rolls up what has aged at most this often (then
+    /// recomputes, publishes and deletes the raw files the rollup replaced).
+    pub every_secs: u64,
+    /// Start-up warns when the topic's `retention.ms` is shorter than `batch.every-secs` plus
+    /// this: Kafka must keep everything past the newest batch version's cutoffs.
+    pub kafka_margin_secs: u64,
+}
+
+/// Retention of one device event type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct TypeRetention {
+    /// Raw events older than this many days (event time, below the newest batch version's
+    /// cutoffs) are rolled up into one record per device, metric and hour; 0 keeps them raw.
+    pub rollup_after_days: u32,
+}
+
+impl RetentionConfig {
+    /// The days after which events of `event_type` are rolled up, if they are.
+    pub fn rollup_after_days(&self, event_type: &str) -> Option<u32> {
+        let days = match event_type {
+            "heartbeat" => self.heartbeat.rollup_after_days,
+            "reading" => self.reading.rollup_after_days,
+            _ => 0,
+        };
+        (days > 0).then_some(days)
+    }
+
+    /// Whether anything is ever rolled up.
+    pub fn rolls_up(&self) -> bool {
+        self.heartbeat.rollup_after_days > 0 || self.reading.rollup_after_days > 0
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            heartbeat: TypeRetention {
+                rollup_after_days: 30,
+            },
+            reading: TypeRetention {
+                rollup_after_days: 30,
+            },
+            minute_series_days: 0,
+            every_secs: 3_600,
+            kafka_margin_secs: 3_600,
+        }
+    }
+}
+
+impl Default for TypeRetention {
+    fn default() -> Self {
+        TypeRetention {
+            rollup_after_days: 30,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ServeConfig {
@@ -163,6 +234,7 @@ impl Default for Config {
             speed: SpeedConfig::default(),
             batch: BatchConfig::default(),
             serve: ServeConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -357,6 +429,9 @@ impl Config {
                     "needs finite min <= max",
                 ));
             }
+        }
+        if self.retention.every_secs == 0 {
+            return Err(bad("retention.every-secs", "must be positive"));
         }
         self.validation.rules()?;
         Ok(())

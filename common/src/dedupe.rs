@@ -106,6 +106,33 @@ impl PartitionDeduper {
     pub fn watermark(&self) -> Millis {
         self.watermark
     }
+
+    /// The rule's state after the events admitted so far: the watermark and every id still
+    /// remembered (expired ones can never match again, so they are left out), in id order.
+    /// [`PartitionDeduper::resume`] continues from it with the same decisions.
+    pub fn encode_state(&self) -> Vec<u8> {
+        let mut ids: Vec<(&str, Millis)> = self
+            .seen
+            .iter()
+            .filter(|(_, &e)| e >= self.watermark)
+            .map(|(k, &e)| (k.as_str(), e))
+            .collect();
+        ids.sort_unstable();
+        postcard::to_stdvec(&(self.watermark, ids)).unwrap_or_default()
+    }
+
+    /// The rule continued from a state [`PartitionDeduper::encode_state`] wrote; `None` if the
+    /// bytes are not one.
+    pub fn resume(rule: Dedupe, state: &[u8]) -> Option<PartitionDeduper> {
+        let (watermark, ids): (Millis, Vec<(Name, Millis)>) = postcard::from_bytes(state).ok()?;
+        let seen: FastMap<Name, Millis> = ids.into_iter().collect();
+        Some(PartitionDeduper {
+            rule,
+            watermark,
+            sweep_at: (seen.len() * 2).max(1 << 16),
+            seen,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +140,27 @@ mod tests {
     use super::*;
 
     const H: Millis = 24 * 3600 * 1000;
+
+    #[test]
+    fn a_resumed_state_decides_as_the_whole_run_would() {
+        let rule = Dedupe::new(H);
+        let events: Vec<(String, Millis)> = (0..4_000)
+            .map(|n: i64| (format!("e{}", n % 1_300), n * 37_000 + (n % 7) * 900_000))
+            .collect();
+        let mut whole = PartitionDeduper::new(rule);
+        let expected: Vec<bool> = events.iter().map(|(id, ts)| whole.admit(id, *ts)).collect();
+        for cut in [0, 1, 999, 2_500, 4_000] {
+            let mut first = PartitionDeduper::new(rule);
+            let mut got: Vec<bool> = events[..cut]
+                .iter()
+                .map(|(id, ts)| first.admit(id, *ts))
+                .collect();
+            let mut rest = PartitionDeduper::resume(rule, &first.encode_state()).expect("state");
+            got.extend(events[cut..].iter().map(|(id, ts)| rest.admit(id, *ts)));
+            assert_eq!(got, expected, "cut at {cut}");
+        }
+        assert!(PartitionDeduper::resume(rule, b"\xff\xff").is_none());
+    }
 
     #[test]
     fn copies_within_horizon_count_once() {

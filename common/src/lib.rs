@@ -24,6 +24,7 @@ pub mod generate;
 pub mod handoff;
 pub mod kafka;
 pub mod progress;
+pub mod retention;
 pub mod speed_store;
 pub mod time;
 pub mod undecodable;

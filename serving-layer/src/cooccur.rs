@@ -537,6 +537,7 @@ mod tests {
                 duplicates: 0,
                 keys: 0,
                 duration_ms: 0,
+                ..Default::default()
             };
             let dir = tempfile::tempdir().expect("tempdir");
             let parts = views(&events[..cut.0]);

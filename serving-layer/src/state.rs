@@ -736,6 +736,7 @@ mod tests {
             duplicates: 0,
             keys: 0,
             duration_ms: 0,
+            ..Default::default()
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let views = strata_common::version_file::create(&dir.path().join("v"), &[]).expect("file");

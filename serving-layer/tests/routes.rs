@@ -60,6 +60,7 @@ fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<Serv
             duplicates: 0,
             keys: 0,
             duration_ms: 1,
+            ..Default::default()
         },
     )
     .expect("publish");
@@ -191,6 +192,7 @@ fn publish_views(cfg: &Config, views: &ViewSet, events: u64) {
             duplicates: 0,
             keys: 0,
             duration_ms: 1,
+            ..Default::default()
         },
     )
     .expect("publish");

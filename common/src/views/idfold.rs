@@ -285,6 +285,11 @@ impl IdFold {
     pub fn fold(&mut self, event: &Event) {
         contribute(event, self);
     }
+
+    /// Folds one rollup record of the master dataset.
+    pub fn fold_rollup(&mut self, r: &super::Rollup) {
+        super::contribute_rollup(r, self);
+    }
 }
 
 impl Sink for IdFold {
@@ -847,6 +852,7 @@ mod tests {
     fn series_delta_add_is_the_merge_of_its_stats() {
         let d = SeriesDelta {
             type_index: 2,
+            events: 1,
             quantity: 3,
             revenue_micros: 7,
             user: Some("u1"),

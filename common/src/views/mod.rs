@@ -197,6 +197,8 @@ pub trait Sink {
 pub struct SeriesDelta<'a> {
     /// The event's type, as an index into [`EVENT_TYPES`].
     pub type_index: usize,
+    /// Events of that type the delta stands for: 1 for an event, a rollup's count for a rollup.
+    pub events: u64,
     pub quantity: u64,
     pub revenue_micros: i128,
     /// The user of a commerce event.
@@ -207,7 +209,7 @@ impl SeriesDelta<'_> {
     /// The delta as a partial.
     pub fn to_stats(&self) -> SeriesStats {
         let mut s = SeriesStats::default();
-        s.counts[self.type_index] = 1;
+        s.counts[self.type_index] = self.events;
         s.quantity = self.quantity;
         s.revenue_micros = self.revenue_micros;
         if let Some(user) = self.user {
@@ -220,7 +222,7 @@ impl SeriesDelta<'_> {
 impl SeriesStats {
     /// Merges `delta.to_stats()` into `self`, given `hash64` of its user (if any).
     pub fn add(&mut self, delta: &SeriesDelta<'_>, user_hash: Option<u64>) {
-        self.counts[delta.type_index] += 1;
+        self.counts[delta.type_index] += delta.events;
         self.quantity += delta.quantity;
         self.revenue_micros += delta.revenue_micros;
         if let Some(h) = user_hash {
@@ -240,6 +242,7 @@ pub fn contribute(event: &Event, sink: &mut impl Sink) {
         .unwrap_or(0);
     let mut series = SeriesDelta {
         type_index,
+        events: 1,
         quantity: 0,
         revenue_micros: 0,
         user: None,
@@ -390,6 +393,102 @@ pub fn contributions(event: &Event, emit: impl FnMut(ViewKey, Partial)) {
     contribute(event, &mut Keyed(emit));
 }
 
+/// Device events of one device (and metric, for readings) in one hour, rolled up: what the
+/// retention step keeps in the master dataset instead of the raw heartbeats and readings
+/// (`batch-layer/src/retention.rs`). `stats` is the merge of what each event contributed to the
+/// device views: count, last seen, and for readings min, max and sum.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollup {
+    pub device: Name,
+    /// `Some` for readings, `None` for heartbeats.
+    pub metric: Option<Name>,
+    /// The hour's start (event time).
+    pub hour: Millis,
+    pub stats: DeviceStats,
+}
+
+impl Rollup {
+    /// The rollup of one event, if it is a device event: merged per (device, metric, hour),
+    /// these are the records retention writes.
+    pub fn of(event: &Event) -> Option<Rollup> {
+        let hour = Gran::Hour.floor(event.ts);
+        match &event.kind {
+            Kind::Heartbeat { device } => Some(Rollup {
+                device: Name::from(device.as_str()),
+                metric: None,
+                hour,
+                stats: DeviceStats {
+                    last_seen: Some(event.ts),
+                    heartbeats: 1,
+                    ..Default::default()
+                },
+            }),
+            Kind::Reading {
+                device,
+                metric,
+                value,
+            } => Some(Rollup {
+                device: Name::from(device.as_str()),
+                metric: Some(Name::from(metric.as_str())),
+                hour,
+                stats: DeviceStats {
+                    last_seen: Some(event.ts),
+                    readings: 1,
+                    min: Some(*value),
+                    max: Some(*value),
+                    sum_micros: (*value * 1e6).round() as i128,
+                    ..Default::default()
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    /// The wire type of the events rolled up.
+    pub fn type_name(&self) -> &'static str {
+        if self.metric.is_some() {
+            "reading"
+        } else {
+            "heartbeat"
+        }
+    }
+
+    /// Events the record stands for.
+    pub fn events(&self) -> u64 {
+        self.stats.heartbeats + self.stats.readings
+    }
+}
+
+/// Calls `sink` with everything a rollup contributes: what its events contributed through
+/// [`contribute`], except the minute buckets of the series view, which an hour's record cannot
+/// split (the batch layer drops those buckets below the rollup's threshold, and the API answers
+/// them as beyond retention: [`crate::retention`]).
+pub fn contribute_rollup(r: &Rollup, sink: &mut impl Sink) {
+    if let Some(metric) = &r.metric {
+        sink.device_metric_hour(r.hour, &r.device, metric, &r.stats);
+    }
+    sink.device(&r.device, &r.stats);
+    let type_index = EVENT_TYPES
+        .iter()
+        .position(|&t| t == r.type_name())
+        .unwrap_or(0);
+    let delta = SeriesDelta {
+        type_index,
+        events: r.events(),
+        quantity: 0,
+        revenue_micros: 0,
+        user: None,
+    };
+    for gran in [Gran::Hour, Gran::Day] {
+        sink.series(gran, gran.floor(r.hour), &delta);
+    }
+}
+
+/// [`contribute_rollup`] in keyed form.
+pub fn rollup_contributions(r: &Rollup, emit: impl FnMut(ViewKey, Partial)) {
+    contribute_rollup(r, &mut Keyed(emit));
+}
+
 /// The map monoid over all view keys: what a layer holds for a range of events.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ViewSet {
@@ -413,6 +512,11 @@ pub fn at_id<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
 impl ViewSet {
     pub fn fold(&mut self, event: &Event) {
         contributions(event, |k, p| self.add_owned(k, p));
+    }
+
+    /// Folds a rollup record ([`contribute_rollup`]).
+    pub fn fold_rollup(&mut self, r: &Rollup) {
+        rollup_contributions(r, |k, p| self.add_owned(k, p));
     }
 
     /// Merges one partial into the set, consuming it.
