@@ -405,9 +405,11 @@ pub fn write_rollups(file: &File, path: &Path, records: &[Rollup]) -> Result<()>
             last_seen.push(r.stats.last_seen.unwrap_or(r.hour));
             min.push(r.stats.min);
             max.push(r.stats.max);
-            sum.push(r.metric.as_ref().map(|_| {
-                FixedLenByteArray::from(r.stats.sum_micros.to_be_bytes().to_vec())
-            }));
+            sum.push(
+                r.metric
+                    .as_ref()
+                    .map(|_| FixedLenByteArray::from(r.stats.sum_micros.to_be_bytes().to_vec())),
+            );
         }
         let mut rg = w.next_row_group().map_err(err)?;
         (|| {

@@ -172,9 +172,8 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         .map(retention::Generation::marks)
         .unwrap_or_default();
     if cfg.retention.minute_series_days > 0 {
-        let from = Gran::Day.floor(
-            now_millis() - Millis::from(cfg.retention.minute_series_days) * 86_400_000,
-        );
+        let from = Gran::Day
+            .floor(now_millis() - Millis::from(cfg.retention.minute_series_days) * 86_400_000);
         marks = marks.union(Marks {
             series_minute_from: Some(from),
             item_minute_from: Some(from),

@@ -165,12 +165,8 @@ pub fn read_prefix(
     }
     let state_path = dedupe_path(&dir, p);
     let state = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let dedupe = PartitionDeduper::resume(rule, &state).ok_or_else(|| {
-        Error::Dataset(format!(
-            "{}: not a dedupe state",
-            state_path.display()
-        ))
-    })?;
+    let dedupe = PartitionDeduper::resume(rule, &state)
+        .ok_or_else(|| Error::Dataset(format!("{}: not a dedupe state", state_path.display())))?;
     Ok(Some(Prefix {
         upto: part.upto,
         kept,
@@ -232,6 +228,8 @@ struct Built {
     kept: Vec<(Offset, Event)>,
     records: Records,
     dedupe: PartitionDeduper,
+    /// Events rolled up by this generation, not by an earlier one.
+    newly: u64,
 }
 
 /// Builds a new generation over the archive below the newest batch version's cutoffs, as of
@@ -267,7 +265,8 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
         .map(|(t, &at)| (t.clone(), format_rfc3339(at)))
         .collect();
     if thresholds.is_empty() {
-        report.nothing_because = Some("no event type is rolled up (retention.*.rollup-after-days)".into());
+        report.nothing_because =
+            Some("no event type is rolled up (retention.*.rollup-after-days)".into());
         return Ok(report);
     }
     let Some(version) = batch_store::read_current(&cfg.data_dir)? else {
@@ -305,7 +304,10 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
         }
     }
     let total: u64 = work.iter().map(|(_, _, s)| s.len() as u64 + 1).sum();
-    let progress = std::sync::Mutex::new(Progress::new("retention: partitions' segments", Some(total)));
+    let progress = std::sync::Mutex::new(Progress::new(
+        "retention: partitions' segments",
+        Some(total),
+    ));
     let built: Vec<(Partition, Built)> = work
         .into_par_iter()
         .map(|(p, upto, take)| {
@@ -341,15 +343,22 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
             let mut part = PartitionRollup {
                 upto,
                 duplicates,
+                rolled: prev
+                    .as_ref()
+                    .and_then(|g| g.partitions.get(&p))
+                    .map(|r| r.rolled.clone())
+                    .unwrap_or_default(),
                 ..PartitionRollup::default()
             };
             let mut kept = Vec::with_capacity(events.len());
+            let mut newly = 0;
             for (o, e) in events {
                 let t = e.type_name();
                 let rolled = thresholds.get(t).is_some_and(|&at| e.ts < at);
                 match Rollup::of(&e).filter(|_| rolled) {
                     Some(r) => {
                         *part.rolled.entry(t.to_string()).or_default() += 1;
+                        newly += 1;
                         add_record(&mut records, r);
                     }
                     None => kept.push((o, e)),
@@ -366,6 +375,7 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
                     kept,
                     records,
                     dedupe,
+                    newly,
                 },
             ))
         })
@@ -373,16 +383,7 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
     if let Ok(pr) = progress.lock() {
         pr.finish();
     }
-    let newly_rolled: u64 = built
-        .iter()
-        .map(|(p, b)| {
-            let before = prev
-                .as_ref()
-                .and_then(|g| g.partitions.get(p))
-                .map_or(0, |r| r.rolled.values().sum::<u64>());
-            b.part.rolled.values().sum::<u64>().saturating_sub(before)
-        })
-        .sum();
+    let newly_rolled: u64 = built.iter().map(|(_, b)| b.newly).sum();
     for (p, b) in &built {
         report.partitions.insert(*p, b.part.clone());
     }
@@ -404,7 +405,8 @@ pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
         partitions: built.iter().map(|(p, b)| (*p, b.part.clone())).collect(),
     };
     let (dir, scratch) = if dry_run {
-        let d = std::env::temp_dir().join(format!("strata-retention-dry-run-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("strata-retention-dry-run-{}", std::process::id()));
         (d.clone(), Some(d))
     } else {
         remove_leftovers(&master, prev.as_ref().map(|g| g.generation))?;
@@ -477,7 +479,10 @@ fn write_partition(dir: &Path, p: Partition, b: &Built) -> Result<(Size, BTreeMa
         }
         let path = rollup_path(dir, p, t);
         write_file(&path, |f| columnar::write_rollups(f, &path, &records))?;
-        rollups.entry(t.to_string()).or_insert_with(Size::default).add(&path);
+        rollups
+            .entry(t.to_string())
+            .or_insert_with(Size::default)
+            .add(&path);
     }
     write_synced(&dedupe_path(dir, p), &b.dedupe.encode_state())?;
     Ok((kept, rollups))
@@ -515,8 +520,8 @@ fn remove_leftovers(master: &Path, live: Option<u64>) -> Result<()> {
             .strip_prefix('g')
             .and_then(|n| n.strip_suffix(".partial").or(Some(n)))
             .and_then(|n| n.parse::<u64>().ok());
-        let stale = name.ends_with(".partial")
-            || number.is_some_and(|g| live.is_none_or(|l| g > l));
+        let stale =
+            name.ends_with(".partial") || number.is_some_and(|g| live.is_none_or(|l| g > l));
         if stale || name == "CURRENT.new" {
             let path = entry.path();
             let _ = if path.is_dir() {
@@ -542,13 +547,15 @@ pub struct Purged {
 pub fn purge(cfg: &Config) -> Result<Purged> {
     let master = cfg.master_dir();
     let mut purged = Purged::default();
-    let Some(published) = batch_store::read_current(&cfg.data_dir)?.and_then(|m| m.rollup_generation)
+    let Some(published) =
+        batch_store::read_current(&cfg.data_dir)?.and_then(|m| m.rollup_generation)
     else {
         return Ok(purged);
     };
     let path = generation_dir(&master, published).join("generation.json");
     let gen: Generation = match fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Dataset(format!("{}: {e}", path.display())))?,
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| Error::Dataset(format!("{}: {e}", path.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(purged),
         Err(e) => return Err(Error::io(&path, e)),
     };
@@ -662,4 +669,286 @@ pub fn dataset_files(
         out.extend(per_type.into_values());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_common::dedupe::PartitionDeduper;
+    use strata_common::event::{ItemRef, Kind};
+    use strata_common::views::{ViewKey, ViewSet};
+
+    const DAY: Millis = 86_400_000;
+    const NOW: Millis = 1_795_600_000_000;
+
+    /// A stream over 60 days: devices' heartbeats and readings, purchases and views, with copies
+    /// (some within the dedupe horizon, some past it), offset by offset.
+    fn stream(seed: u64, n: usize, first_offset: Offset) -> Vec<(Offset, Event)> {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut out: Vec<(Offset, Event)> = Vec::new();
+        for i in 0..n {
+            let r = next();
+            let offset = first_offset + i as Offset * 2;
+            // Time runs forward with jitter of up to two days, so the watermark moves and
+            // late events arrive.
+            let ts = NOW - 60 * DAY + (i as Millis) * (60 * DAY / n as Millis)
+                - (r % (2 * DAY as u64)) as Millis;
+            if r % 10 == 0 && !out.is_empty() {
+                // A copy of a recent event (same id), sometimes of one long past.
+                let back = if r % 20 == 0 {
+                    out.len() - 1
+                } else {
+                    out.len().saturating_sub(1 + (r % 400) as usize)
+                };
+                let copy = out[back].1.clone();
+                out.push((offset, copy));
+                continue;
+            }
+            let device = format!("d{}", r % 7);
+            let user = format!("u{}", r % 11);
+            let item = ItemRef {
+                user,
+                item: format!("i{}", (r >> 8) % 13),
+                category: Some("c".into()),
+            };
+            let kind = match (r >> 4) % 5 {
+                0 => Kind::Heartbeat { device },
+                1 | 2 => Kind::Reading {
+                    device,
+                    metric: if r % 3 == 0 {
+                        "temp_c".into()
+                    } else {
+                        "humidity".into()
+                    },
+                    value: ((r >> 12) % 10_000) as f64 / 100.0 - 20.0,
+                },
+                3 => Kind::Purchase {
+                    item,
+                    qty: 1 + (r % 3) as u32,
+                    price_micros: 1_250_000,
+                },
+                _ => Kind::View(item),
+            };
+            out.push((
+                offset,
+                Event {
+                    id: format!("e{seed}-{i}"),
+                    ts,
+                    kind,
+                },
+            ));
+        }
+        out
+    }
+
+    fn write_segments(cfg: &Config, p: Partition, events: &[(Offset, Event)], per: usize) {
+        for chunk in events.chunks(per) {
+            let start = chunk[0].0;
+            let end = chunk[chunk.len() - 1].0 + 2;
+            segment::write(&cfg.master_dir(), p, start, end, chunk).expect("segment");
+        }
+    }
+
+    fn config(dir: &Path) -> Config {
+        let mut cfg = Config {
+            data_dir: dir.to_path_buf(),
+            min_free_mb: 0,
+            ..Config::default()
+        };
+        cfg.handoff.block_size = 100;
+        cfg.validation.min_ts = "2020-01-01T00:00:00Z".into();
+        cfg.retention.heartbeat.rollup_after_days = 30;
+        cfg.retention.reading.rollup_after_days = 20;
+        cfg
+    }
+
+    /// Every view over the events below `cutoffs`, folded naively in offset order.
+    fn naive(
+        streams: &BTreeMap<Partition, Vec<(Offset, Event)>>,
+        cutoffs: &BTreeMap<Partition, Offset>,
+        rule: Dedupe,
+    ) -> ViewSet {
+        let mut v = ViewSet::default();
+        for (p, events) in streams {
+            let mut d = PartitionDeduper::new(rule);
+            for (o, e) in events {
+                if *o < cutoffs[p] && d.admit(&e.id, e.ts) {
+                    v.fold(e);
+                }
+            }
+        }
+        v
+    }
+
+    fn version_entries(
+        cfg: &Config,
+    ) -> (
+        batch_store::Manifest,
+        BTreeMap<ViewKey, strata_common::views::Partial>,
+    ) {
+        let m = batch_store::read_current(&cfg.data_dir)
+            .expect("read")
+            .expect("a version");
+        let views = batch_store::load_views(&cfg.data_dir, &m).expect("load");
+        (m, views.entries.into_iter().collect())
+    }
+
+    #[test]
+    fn a_rollup_changes_no_view_but_minute_series_before_its_threshold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let rule = cfg.dedupe_rule();
+        let mut streams = BTreeMap::new();
+        for p in 0..2 {
+            let events = stream(p as u64 + 1, 3_000, 0);
+            write_segments(&cfg, p, &events, 250);
+            streams.insert(p, events);
+        }
+        let before = crate::recompute::recompute(&cfg).expect("recompute");
+        let (_, raw_views) = version_entries(&cfg);
+        let truth = naive(&streams, &before.cutoffs, rule);
+        assert_eq!(
+            raw_views,
+            truth
+                .entries
+                .clone()
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+        );
+
+        let report = roll_up(&cfg, NOW, true).expect("dry run");
+        assert!(report.generation.is_none() && report.dry_run);
+        assert!(
+            current(&cfg.master_dir()).expect("current").is_none(),
+            "a dry run writes nothing"
+        );
+        let rolled_dry: u64 = report
+            .partitions
+            .values()
+            .map(|r| r.rolled.values().sum::<u64>())
+            .sum();
+        assert!(rolled_dry > 1_000, "{report:?}");
+
+        let report = roll_up(&cfg, NOW, false).expect("roll up");
+        assert_eq!(report.generation, Some(1));
+        let rolled: u64 = report
+            .partitions
+            .values()
+            .map(|r| r.rolled.values().sum::<u64>())
+            .sum();
+        assert_eq!(rolled, rolled_dry);
+        let gen = current(&cfg.master_dir())
+            .expect("current")
+            .expect("generation");
+        assert_eq!(
+            gen.thresholds["heartbeat"],
+            Gran::Hour.floor(NOW - 30 * DAY)
+        );
+        assert_eq!(gen.thresholds["reading"], Gran::Hour.floor(NOW - 20 * DAY));
+        for (p, part) in &gen.partitions {
+            assert!(part.upto > 0 && part.upto <= before.cutoffs[p], "{part:?}");
+        }
+
+        let after = crate::recompute::recompute(&cfg).expect("recompute");
+        assert_eq!(after.events, before.events, "accepted events");
+        assert_eq!(after.duplicates, before.duplicates, "copies");
+        assert_eq!(after.cutoffs, before.cutoffs);
+        assert_eq!(after.rollup_generation, Some(1));
+        let marks = after.retention;
+        assert_eq!(
+            marks.series_minute_from,
+            Some(gen.thresholds["heartbeat"].max(gen.thresholds["reading"]))
+        );
+        let (_, rolled_views) = version_entries(&cfg);
+        let expected: BTreeMap<_, _> = raw_views
+            .iter()
+            .filter(|(k, _)| marks.keeps(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert!(
+            expected.len() < raw_views.len(),
+            "minute buckets before the threshold are left out"
+        );
+        assert_eq!(rolled_views, expected);
+
+        // Raw segments go only once a version of the generation is published; what is left
+        // still tiles one range and the next recompute is unchanged.
+        let purged = purge(&cfg).expect("purge");
+        assert!(purged.raw.files > 0);
+        let left = segment::list(&cfg.master_dir()).expect("list");
+        for (p, segs) in &left {
+            assert_eq!(segs[0].start, gen.partitions[p].upto);
+        }
+        crate::recompute::recompute(&cfg).expect("recompute");
+        let (_, again) = version_entries(&cfg);
+        assert_eq!(again, expected);
+
+        // More events, a later rollup: the second generation builds on the first.
+        for p in 0..2 {
+            let start = left[&p].last().map_or(0, |s| s.end);
+            let more = stream(p as u64 + 10, 1_000, start);
+            write_segments(&cfg, p, &more, 250);
+            streams.get_mut(&p).expect("stream").extend(more);
+        }
+        let v = crate::recompute::recompute(&cfg).expect("recompute");
+        let report = roll_up(&cfg, NOW + 5 * DAY, false).expect("roll up");
+        assert_eq!(report.generation, Some(2), "{report:?}");
+        assert!(report.replaced_generation.files > 0);
+        let v2 = crate::recompute::recompute(&cfg).expect("recompute");
+        assert_eq!(
+            (v2.events, v2.duplicates, v2.cutoffs.clone()),
+            (v.events, v.duplicates, v.cutoffs.clone())
+        );
+        let (m, views) = version_entries(&cfg);
+        let truth: BTreeMap<_, _> = naive(&streams, &m.cutoffs, rule)
+            .entries
+            .into_iter()
+            .filter(|(k, _)| m.retention.keeps(k))
+            .collect();
+        assert_eq!(views, truth);
+        purge(&cfg).expect("purge");
+        assert!(
+            !generation_dir(&cfg.master_dir(), 1).exists(),
+            "the older generation is removed"
+        );
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_rollup_are_never_read_and_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let events = stream(3, 2_000, 0);
+        write_segments(&cfg, 0, &events, 200);
+        crate::recompute::recompute(&cfg).expect("recompute");
+        let (_, raw_views) = version_entries(&cfg);
+        // A generation written but never named by CURRENT, and a partial one.
+        let master = cfg.master_dir();
+        fs::create_dir_all(generation_dir(&master, 1)).expect("mkdir");
+        fs::write(
+            generation_dir(&master, 1).join("p00000.kept.parquet"),
+            b"junk",
+        )
+        .expect("write");
+        fs::create_dir_all(generation_dir(&master, 2).with_extension("partial")).expect("mkdir");
+        crate::recompute::recompute(&cfg).expect("recompute");
+        assert_eq!(version_entries(&cfg).1, raw_views, "leftovers are not read");
+        let report = roll_up(&cfg, NOW, false).expect("roll up");
+        assert_eq!(report.generation, Some(1));
+        assert!(!generation_dir(&master, 2)
+            .with_extension("partial")
+            .exists());
+        crate::recompute::recompute(&cfg).expect("recompute");
+        let (m, views) = version_entries(&cfg);
+        let expected: BTreeMap<_, _> = raw_views
+            .into_iter()
+            .filter(|(k, _)| m.retention.keeps(k))
+            .collect();
+        assert_eq!(views, expected);
+    }
 }
