@@ -65,7 +65,21 @@ impl BatchLayer {
                 "stopped before the archive caught up".into(),
             ));
         }
+        let _lock = crate::retention::lock(&self.cfg)?;
         self.tracked_recompute(Vec::new(), "once")
+    }
+
+    /// Rolls up what has aged (`retention.*`), if anything rolls up; `true` if a new generation
+    /// was written, which the next recompute publishes. The caller holds the retention lock.
+    fn roll_up(&self) -> Result<bool> {
+        if !self.cfg.retention.rolls_up() {
+            return Ok(false);
+        }
+        let report = crate::retention::roll_up(&self.cfg, now_millis(), false)?;
+        if let Some(why) = &report.nothing_because {
+            tracing::info!(reason = %why, "retention: nothing to roll up");
+        }
+        Ok(report.generation.is_some())
     }
 
     /// Recomputes, keeping a run record for each request it serves (or one of its own) up to
@@ -128,10 +142,19 @@ impl BatchLayer {
             }
         }
         save(&runs);
+        if outcome.is_ok() {
+            // Raw segments a published rollup replaced; a failure leaves them for the next run.
+            if let Err(e) = crate::retention::purge(&self.cfg) {
+                tracing::warn!(error = %e, "retention: cannot delete the replaced raw segments");
+            }
+        }
         outcome
     }
 
     fn continuous(&self, every: Option<Duration>, shutdown: CancellationToken) -> Result<()> {
+        let _lock = crate::retention::lock(&self.cfg)?;
+        let retention_every = Duration::from_secs(self.cfg.retention.every_secs);
+        let mut next_retention = Instant::now() + retention_every;
         let archiver_stop = shutdown.child_token();
         let archiver = {
             let cfg = self.cfg.clone();
@@ -154,7 +177,17 @@ impl BatchLayer {
                 Ok(r) => r,
                 Err(e) => break Err(e.into()),
             };
-            let due = next_run.is_some_and(|t| Instant::now() >= t);
+            let mut due = next_run.is_some_and(|t| Instant::now() >= t);
+            if Instant::now() >= next_retention {
+                next_retention = Instant::now() + retention_every;
+                match self.roll_up() {
+                    Ok(written) => due |= written,
+                    Err(e) if e.is_disk() => break Err(e),
+                    Err(e) => {
+                        tracing::error!(error = %e, "retention rollup failed; the raw files stay")
+                    }
+                }
+            }
             if due || !requests.is_empty() {
                 tracing::info!(requests = ?requests, scheduled = due, "batch recompute starting");
                 let trigger = if requests.is_empty() {

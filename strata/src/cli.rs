@@ -93,6 +93,23 @@ pub enum Command {
         #[arg(long, conflicts_with = "print")]
         check: bool,
     },
+    /// Roll up heartbeats and readings past their age (`retention.*`) into hourly records,
+    /// recompute and publish a version from the rollup, then delete the raw segments it
+    /// replaced. Stop the batch layer first (it runs retention itself every
+    /// `retention.every-secs`), or use --dry-run, which changes nothing.
+    Retention {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Show what would be rolled up and deleted, with sizes, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Take this instant (RFC 3339) as now, e.g. to preview a later rollup.
+        #[arg(long)]
+        as_of: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Recompute every view from scratch (master dataset plus the Kafka tail) and diff it against
     /// what the serving layer merges. Exit status: 0 equal, 1 differences, 2 could not verify.
     Verify {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod generate;
+mod retention;
 mod verify;
 
 use std::sync::Arc;
@@ -30,6 +31,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Retention {
+        common,
+        dry_run,
+        as_of,
+        json,
+    } = &cli.command
+    {
+        return match common
+            .config()
+            .and_then(|cfg| retention::run(&cfg, *dry_run, as_of.as_deref(), *json))
+        {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     if let Command::Verify {
         common,
         url,
@@ -252,7 +271,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = Arc::new(ServingState::following(cfg));
             Ok(strata_serving::server::serve(state, shutdown).await?)
         }
-        Command::Verify { .. } => Err(anyhow::anyhow!("verify runs outside the runtime")),
+        Command::Verify { .. } | Command::Retention { .. } => {
+            Err(anyhow::anyhow!("this command runs outside the runtime"))
+        }
         Command::Config { common, check, .. } => cli::config_command(&common, check),
         Command::Generate {
             common,
