@@ -224,6 +224,45 @@ async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
     Ok(())
 }
 
+/// The topic's `retention.ms` as the broker reports it (`None`: unlimited, -1, or not found).
+pub async fn topic_retention_ms(cfg: &KafkaConfig, topic: &str) -> Result<Option<i64>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(|e| Error::kafka("create admin client", e))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs(&[rdkafka::admin::ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(|e| Error::kafka("describe the topic's configuration", e))?;
+    for r in results {
+        let Ok(resource) = r else { continue };
+        if let Some(v) = resource.get("retention.ms").and_then(|e| e.value.as_deref()) {
+            return Ok(v.parse::<i64>().ok().filter(|&ms| ms >= 0));
+        }
+    }
+    Ok(None)
+}
+
+/// The warning start-up gives when the topic keeps less than what a layer may still need to
+/// read: everything past the newest batch version's cutoffs, which may be `batch_every_secs`
+/// plus a recompute old (`margin_secs`). `None`: the retention is long enough.
+pub fn retention_warning(
+    topic: &str,
+    retention_ms: Option<i64>,
+    batch_every_secs: Option<u64>,
+    margin_secs: u64,
+) -> Option<String> {
+    let ms = retention_ms?;
+    let needed = (batch_every_secs.unwrap_or(0) + margin_secs) as i64 * 1000;
+    (ms < needed).then(|| {
+        format!(
+            "topic {topic} keeps messages for retention.ms={ms} ({:.1} h), less than batch.every-secs plus retention.kafka-margin-secs ({:.1} h): Kafka must keep every message past the newest batch version's cutoffs, or a speed layer rebuilding a partition and strata verify find them gone; raise the topic's retention.ms",
+            ms as f64 / 3.6e6,
+            needed as f64 / 3.6e6
+        )
+    })
+}
+
 fn existing_topics<C: ClientContext>(
     client: &Client<C>,
     topics: &[(&str, i32)],
@@ -794,6 +833,15 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_retention_shorter_than_the_batch_interval_is_warned_about() {
+        let w = retention_warning("events", Some(3_600_000), Some(7_200), 3_600);
+        assert!(w.is_some_and(|w| w.contains("retention.ms=3600000")));
+        assert!(retention_warning("events", Some(10_800_000), Some(7_200), 3_600).is_none());
+        assert!(retention_warning("events", None, Some(7_200), 3_600).is_none());
+        assert!(retention_warning("events", Some(1_000), None, 3_600).is_some());
+    }
 
     #[test]
     fn refused_credentials_are_kept_and_named() {

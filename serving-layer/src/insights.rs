@@ -247,6 +247,19 @@ pub fn timeseries(state: &ServingState, q: &SeriesQuery) -> Result<Value, ApiErr
         return Err(ApiError::bad_request("distinct_users does not take a type"));
     }
     state.with_merge(|m| {
+        if let Some(first) = m.retention().minute_floor(q.gran, q.item.is_some()) {
+            if from < first {
+                return Err(ApiError::new(
+                    warp::http::StatusCode::GONE,
+                    "beyond_retention",
+                    format!(
+                        "minute buckets before {} are beyond retention (rolled up into hours or past retention.minute-series-days); ask from {} on, or use bucket=hour or bucket=day",
+                        format_rfc3339(first),
+                        format_rfc3339(first)
+                    ),
+                ));
+            }
+        }
         let mut values: BTreeMap<Millis, f64> = BTreeMap::new();
         let in_range = |start: Millis| start >= from && start <= to;
         match (&q.item, q.metric) {

@@ -366,6 +366,49 @@ pub fn render(state: &ServingState) -> String {
             "View keys in the served batch version.",
             m.keys,
         );
+        if !m.dataset.files.is_empty() {
+            header(
+                &mut out,
+                "strata_master_dataset_files",
+                "gauge",
+                "Master-dataset files as the served version's recompute found them, by kind (raw segments, replaced segments awaiting deletion, events a rollup kept raw, rollup records) and event type (mixed: files of every type).",
+            );
+            for f in &m.dataset.files {
+                let _ = writeln!(
+                    out,
+                    "strata_master_dataset_files{{kind=\"{}\",type=\"{}\"}} {}",
+                    f.kind, f.event_type, f.files
+                );
+            }
+            header(
+                &mut out,
+                "strata_master_dataset_kind_bytes",
+                "gauge",
+                "Bytes of the files of strata_master_dataset_files, by the same labels.",
+            );
+            for f in &m.dataset.files {
+                let _ = writeln!(
+                    out,
+                    "strata_master_dataset_kind_bytes{{kind=\"{}\",type=\"{}\"}} {}",
+                    f.kind, f.event_type, f.bytes
+                );
+            }
+            header(
+                &mut out,
+                "strata_master_dataset_rows",
+                "gauge",
+                "Rows of those files: events per event type in raw files; in rollup files, the records and the events they stand for.",
+            );
+            for f in &m.dataset.files {
+                for (row, n) in &f.rows {
+                    let _ = writeln!(
+                        out,
+                        "strata_master_dataset_rows{{kind=\"{}\",type=\"{}\",rows=\"{row}\"}} {n}",
+                        f.kind, f.event_type
+                    );
+                }
+            }
+        }
     }
 
     gauge(

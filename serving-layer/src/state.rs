@@ -227,6 +227,13 @@ pub struct Merge<'a> {
     pub state_id: Option<StateId>,
 }
 
+impl Merge<'_> {
+    /// The minute buckets the batch version left out (`strata_common::retention`).
+    pub fn retention(&self) -> strata_common::retention::Marks {
+        self.batch.map(|b| b.manifest.retention).unwrap_or_default()
+    }
+}
+
 /// A state of what answers are computed from: the loaded batch version (if any) and the speed
 /// database's sequence number (if a speed state is read; every speed write, or a follower's
 /// catch-up that brings writes, moves it). Both only grow. Equal ids, equal answers.

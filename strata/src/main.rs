@@ -174,7 +174,21 @@ async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
         ],
     )
     .await
-    .context("creating the topics")
+    .context("creating the topics")?;
+    match kafka::topic_retention_ms(&cfg.kafka, &cfg.kafka.topic).await {
+        Ok(ms) => {
+            if let Some(w) = kafka::retention_warning(
+                &cfg.kafka.topic,
+                ms,
+                cfg.batch.every_secs,
+                cfg.retention.kafka_margin_secs,
+            ) {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the topic's retention.ms"),
+    }
+    Ok(())
 }
 
 /// Runs a blocking layer on a thread of its own; when it ends, for any reason, everything stops.
