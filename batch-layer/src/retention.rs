@@ -559,12 +559,12 @@ pub fn purge(cfg: &Config) -> Result<Purged> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(purged),
         Err(e) => return Err(Error::io(&path, e)),
     };
+    strata_common::fault::point("batch.retention.purging");
     for (p, segs) in segment::list(&master)? {
         let Some(upto) = gen.partitions.get(&p).map(|r| r.upto) else {
             continue;
         };
         for s in segs.iter().filter(|s| s.end <= upto) {
-            strata_common::fault::point("batch.retention.purging");
             let size = fs::metadata(&s.path).map_or(0, |m| m.len());
             fs::remove_file(&s.path).map_err(|e| Error::io(&s.path, e))?;
             purged.raw.files += 1;

@@ -30,6 +30,16 @@ pub const POINTS: &[&str] = &[
     "batch.publish.after_current",
 ];
 
+/// The fault points of a retention rollup (`e2e_retention` kills each): its files written and
+/// fsynced, its directory renamed but `CURRENT` not yet replaced, `CURRENT` replaced, and the
+/// deletion of the raw segments it replaced about to begin.
+pub const RETENTION_POINTS: &[&str] = &[
+    "batch.retention.written",
+    "batch.retention.before_current",
+    "batch.retention.committed",
+    "batch.retention.purging",
+];
+
 struct Armed {
     name: String,
     at: u64,

@@ -236,7 +236,10 @@ pub async fn topic_retention_ms(cfg: &KafkaConfig, topic: &str) -> Result<Option
         .map_err(|e| Error::kafka("describe the topic's configuration", e))?;
     for r in results {
         let Ok(resource) = r else { continue };
-        if let Some(v) = resource.get("retention.ms").and_then(|e| e.value.as_deref()) {
+        if let Some(v) = resource
+            .get("retention.ms")
+            .and_then(|e| e.value.as_deref())
+        {
             return Ok(v.parse::<i64>().ok().filter(|&ms| ms >= 0));
         }
     }

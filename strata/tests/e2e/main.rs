@@ -16,6 +16,7 @@ mod e2e_disk;
 mod e2e_faults;
 mod e2e_hostile;
 mod e2e_producers;
+mod e2e_retention;
 mod e2e_secure;
 mod e2e_separate;
 mod e2e_shutdown;
