@@ -10,6 +10,7 @@ mod http;
 mod kafka;
 mod keys;
 mod report;
+mod retention;
 mod soak;
 mod watch;
 
@@ -38,6 +39,19 @@ enum Cmd {
         /// When the caller started this (ns since the epoch, `date +%s%N`); default: now.
         #[arg(long)]
         started_at_ns: Option<u128>,
+    },
+    /// The master dataset's bytes and the recompute's time before and after a retention rollup,
+    /// over a dataset written directly (a share of old heartbeats and readings, the rest the
+    /// generator's recent stream).
+    Retention {
+        /// A data directory that does not exist yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Share of the events that are heartbeats and readings older than the rollup age.
+        #[arg(long, default_value_t = 0.3)]
+        old_share: f64,
     },
     /// The speed layer with the broker taken out: the same workers fed records in Kafka message
     /// form from a file (written once from the seeded generator when missing).
@@ -380,6 +394,11 @@ fn run(cli: Cli, out: &mut Out) -> Result<()> {
             Ok(())
         }
         Cmd::CountKeys { speed_dir } => keys::run(&speed_dir, out),
+        Cmd::Retention {
+            data_dir,
+            events,
+            old_share,
+        } => retention::run(&data_dir, events, old_share, out),
         Cmd::CompareBatch { data_dir, duckdb } => compare::run(&data_dir, &duckdb, out),
         Cmd::Report {
             lines,
