@@ -49,7 +49,12 @@
 #              of them malformed in every way the generator knows, read by `strata speed`: every
 #              malformed one in the DLQ, the rest counted exactly (the generator's own counts)
 #
-#   --only ingest,serving,freshness,batch,memory,recovery,hostile  run some parts only
+#   retention  (no broker) `strata-bench retention`: a master dataset of R events (default
+#              1,000,000; smoke 100,000; --retention-events) written directly, 30% of them
+#              heartbeats and readings older than the rollup age: its bytes and the recompute's
+#              time before and after a rollup and the purge (the versions' event counts equal)
+#
+#   --only ingest,serving,freshness,batch,memory,recovery,hostile,retention  run some parts only
 #   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
 #   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
 #
@@ -62,9 +67,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
-smoke=0 profile=0 only="ingest,serving,freshness,soak,batch,memory,recovery,hostile"
+smoke=0 profile=0 only="ingest,serving,freshness,soak,batch,memory,recovery,hostile,retention"
 DUCKDB_VERSION="2.0.1"
-hostile_events="" mem_events="" soak_secs="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
+hostile_events="" retention_events="" mem_events="" soak_secs="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
@@ -78,6 +83,7 @@ while [ $# -gt 0 ]; do
     --backlog) backlog="${2:?--backlog needs a value}"; shift ;;
     --memory-events) mem_events="${2:?--memory-events needs a value}"; shift ;;
     --hostile-events) hostile_events="${2:?--hostile-events needs a value}"; shift ;;
+    --retention-events) retention_events="${2:?--retention-events needs a value}"; shift ;;
     --soak-secs) soak_secs="${2:?--soak-secs needs a value}"; shift ;;
     --only) only="${2:?--only needs a value}"; shift ;;
     --out) out="${2:?--out needs a value}"; shift ;;
@@ -89,14 +95,14 @@ done
 if [ "$smoke" = 1 ]; then
   : "${runs:=1}" "${events:=20000}" "${fresh_rate:=500}" "${fresh_secs:=3}" "${fresh_sample:=50}"
   : "${wrk_secs:=2}"
-  : "${backlog:=20000}" "${mem_events:=20000}" "${hostile_events:=20000}" "${soak_secs:=30}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
+  : "${backlog:=20000}" "${mem_events:=20000}" "${hostile_events:=20000}" "${retention_events:=100000}" "${soak_secs:=30}" "${out:=$CARGO_TARGET_DIR/bench/smoke.json}"
 else
   : "${runs:=3}" "${events:=1000000}" "${fresh_rate:=5000,20000,50000}" "${fresh_secs:=30}" "${fresh_sample:=250}"
   : "${wrk_secs:=10}"
-  : "${backlog:=1000000}" "${mem_events:=4000000}" "${hostile_events:=200000}" "${soak_secs:=600}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
+  : "${backlog:=1000000}" "${mem_events:=4000000}" "${hostile_events:=200000}" "${retention_events:=1000000}" "${soak_secs:=600}" "${out:=$CARGO_TARGET_DIR/bench/results.json}"
 fi
 fresh_rates="${fresh_rate//,/ }"
-for n in "$runs" "$events" $fresh_rates "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog" "$mem_events" "$hostile_events" "$soak_secs"; do
+for n in "$runs" "$events" $fresh_rates "$fresh_secs" "$fresh_sample" "$wrk_secs" "$backlog" "$mem_events" "$hostile_events" "$retention_events" "$soak_secs"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "$n is not a positive whole number"
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -871,6 +877,26 @@ bench_memory() {
   rm -rf "$dd"
 }
 
+# --- retention -------------------------------------------------------------------------------
+
+bench_retention() {
+  local dd="$work/retention-data" k
+  note_load retention
+  log "retention: $retention_events events, 30% old heartbeats and readings, rolled up"
+  "$BENCH" retention --data-dir "$dd" --events "$retention_events" >"$work/retention.txt" ||
+    die "the retention benchmark failed"
+  for k in before.master_bytes after.master_bytes rolled_events rollup_records purged_raw_bytes; do
+    figure "retention.$k" "$(val "retention.$k" "$work/retention.txt")" count
+  done
+  for k in before.recompute_s rollup_s after.recompute_s; do
+    figure "retention.$k" "$(val "retention.$k" "$work/retention.txt")" s
+  done
+  figure retention.bytes_ratio "$(calc "$(val retention.after.master_bytes "$work/retention.txt") / $(val retention.before.master_bytes "$work/retention.txt")" 3)" ratio
+  figure retention.recompute_ratio "$(calc "$(val retention.after.recompute_s "$work/retention.txt") / $(val retention.before.recompute_s "$work/retention.txt")" 3)" ratio
+  check retention.events ok "the versions before and after count $(val retention.after.version_events "$work/retention.txt") events each"
+  rm -rf "$dd"
+}
+
 # --- the run ---------------------------------------------------------------------------------
 
 mode=full; [ "$smoke" = 1 ] && mode=smoke
@@ -897,6 +923,7 @@ if wants hostile; then
   bench_hostile
   stop_broker
 fi
+if wants retention; then bench_retention; fi
 
 "$BENCH" report --lines "$results" --out "$out" \
   --meta "mode=$mode" --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \

@@ -1,7 +1,7 @@
 //! `strata-bench retention`: the master dataset and the recompute before and after a rollup.
 //!
-//! Writes a master dataset with the archiver's segment writer (segments of
-//! `batch.segment-max-events`, four partitions, each partition in event-time order as an archiver
+//! Writes a master dataset with the archiver's segment writer (about 25 segments per partition,
+//! at most `batch.segment-max-events` events each, four partitions, each partition in event-time order as an archiver
 //! writes it): a share of the events are heartbeats and readings from before the rollup age
 //! (devices sending one heartbeat and one reading per metric a minute), the rest the seeded
 //! generator's stream of the last days (every type). Then: a recompute (timed), `retention`'s
@@ -86,7 +86,12 @@ pub fn run(data_dir: &Path, events: u64, old_share: f64, out: &mut Out) -> Resul
     let recent = events - old;
     let mut w = Writer {
         root: cfg.master_dir(),
-        per_segment: cfg.batch.segment_max_events,
+        // About 25 segments per partition, at most `batch.segment-max-events` each: an archiver
+        // running continuously writes many (its segments also close after a second).
+        per_segment: cfg
+            .batch
+            .segment_max_events
+            .min((events as usize / PARTITIONS as usize / 25).max(1_000)),
         open: vec![Vec::new(); PARTITIONS as usize],
         next: vec![0; PARTITIONS as usize],
         written: 0,
