@@ -920,6 +920,48 @@ mod tests {
     }
 
     #[test]
+    fn minute_buckets_past_their_time_to_live_are_left_out_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(dir.path());
+        let events = stream(5, 2_000, 0);
+        write_segments(&cfg, 0, &events, 200);
+        crate::recompute::recompute(&cfg).expect("recompute");
+        let (_, all) = version_entries(&cfg);
+        cfg.retention.minute_series_days = 10;
+        let m = crate::recompute::recompute(&cfg).expect("recompute");
+        let from = Gran::Day.floor(strata_common::time::now_millis() - 10 * DAY);
+        assert_eq!(m.retention.item_minute_from, Some(from));
+        assert_eq!(m.retention.series_minute_from, Some(from));
+        let (_, kept) = version_entries(&cfg);
+        let minute_start = |k: &ViewKey| match k {
+            ViewKey::Series {
+                gran: Gran::Minute,
+                start,
+            }
+            | ViewKey::ItemSeries {
+                gran: Gran::Minute,
+                start,
+                ..
+            } => Some(*start),
+            _ => None,
+        };
+        let expected: BTreeMap<_, _> = all
+            .iter()
+            .filter(|(k, _)| minute_start(k).is_none_or(|s| s >= from))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert!(
+            expected.len() < all.len(),
+            "the stream has minute buckets older than 10 days"
+        );
+        assert!(
+            kept.keys().any(|k| minute_start(k).is_some()),
+            "younger minute buckets stay"
+        );
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
     fn leftovers_of_a_killed_rollup_are_never_read_and_are_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = config(dir.path());

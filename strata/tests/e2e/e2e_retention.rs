@@ -45,6 +45,29 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Sets the topic's `retention.ms` on the broker, as an operator would.
+fn set_topic_retention_ms(topic: &str, ms: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let results = rt
+        .block_on(admin.alter_configs(
+            &[AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", ms)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        ))
+        .expect("alter the topic's configuration");
+    for r in results {
+        r.unwrap_or_else(|e| panic!("the broker refused retention.ms={ms} for {topic}: {e:?}"));
+    }
+}
+
 #[test]
 fn rollups_change_no_answer_through_kills_at_every_step() {
     let started = std::time::Instant::now();
@@ -79,10 +102,19 @@ fn rollups_change_no_answer_through_kills_at_every_step() {
         &common,
         gen_config(32, 10_000, now - 2 * 3_600_000, 2 * 3_600_000, false),
     );
+    // A topic that keeps messages for 30 minutes, shorter than the margin a batch version may lag
+    // by: a layer starting on it warns (Kafka deletes nothing here: it never deletes the active
+    // log segment, which holds the whole test).
+    set_topic_retention_ms(&topic, "1800000");
     let mut speed = Proc::spawn("speed", &with("speed", &[]), dir.path());
     let mut serve = Proc::spawn("serve", &with("serve", &[]), dir.path());
     wait_http(&addr);
     wait_speed_offsets(&addr, truth.messages);
+    let log = std::fs::read_to_string(&speed.log).unwrap_or_default();
+    assert!(
+        log.contains("retention.ms=1800000") && log.contains("raise the topic's retention.ms"),
+        "the speed layer warns of the topic's short retention: {log}"
+    );
     let mut version = 0;
     let mut batch_once = |label: &str| {
         Proc::spawn(label, &with("batch", &["--once"]), dir.path())
