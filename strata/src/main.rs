@@ -265,7 +265,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             once,
             every,
         } => {
-            let cfg = common.config()?;
+            let mut cfg = common.config()?;
+            if let Some(d) = every {
+                cfg.batch.every_secs = Some(d.as_secs().max(1));
+            }
             ensure_topics(&cfg).await?;
             on_signal(shutdown.clone(), shutdown_timeout(&cfg));
             let mode = if once {
