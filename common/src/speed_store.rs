@@ -420,23 +420,49 @@ pub fn scan_view(
             let mut start = prefix.clone();
             prefix.extend_from_slice(key_prefix);
             start.extend_from_slice(from);
-            let iter = db.iterator_cf_opt(
+            scan_prefixed(
+                db,
                 handle,
-                reads.read_options(),
-                IteratorMode::From(&start, Direction::Forward),
-            );
-            for item in iter {
-                let (k, v) = item.map_err(|e| Error::rocks("scan speed block", e))?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let key = ViewKey::decode(&k[12..])
-                    .ok_or_else(|| Error::corrupt("speed block", "undecodable view key"))?;
-                let p = Partial::decode(&v)
-                    .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
-                f(key, p);
-            }
+                reads,
+                &start,
+                &prefix,
+                "scan speed block",
+                |k, v| {
+                    let key = ViewKey::decode(&k[12..])
+                        .ok_or_else(|| Error::corrupt("speed block", "undecodable view key"))?;
+                    let p = Partial::decode(v)
+                        .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
+                    f(key, p);
+                    Ok(())
+                },
+            )?;
         }
+    }
+    Ok(())
+}
+
+/// Calls `f` with each entry of `handle` from `start` on, in key order, while its key starts
+/// with `prefix`.
+fn scan_prefixed(
+    db: &DB,
+    handle: &ColumnFamily,
+    reads: &impl Reads,
+    start: &[u8],
+    prefix: &[u8],
+    what: &'static str,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
+    let iter = db.iterator_cf_opt(
+        handle,
+        reads.read_options(),
+        IteratorMode::From(start, Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item.map_err(|e| Error::rocks(what, e))?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        f(&k, &v)?;
     }
     Ok(())
 }
@@ -516,20 +542,19 @@ pub fn read_journal(
 ) -> Result<()> {
     let handle = cf(db, Cf::Journal)?;
     let start = journal_key(p, after.saturating_add(1));
-    let iter = db.iterator_cf_opt(
+    scan_prefixed(
+        db,
         handle,
-        reads.read_options(),
-        IteratorMode::From(&start, Direction::Forward),
-    );
-    for item in iter {
-        let (k, v) = item.map_err(|e| Error::rocks("read speed journal", e))?;
-        if !k.starts_with(&partition_bytes(p)) {
-            break;
-        }
-        f(decode_journal(&k, &v)
-            .ok_or_else(|| Error::corrupt("speed journal", "undecodable entry"))?);
-    }
-    Ok(())
+        reads,
+        &start,
+        &partition_bytes(p),
+        "read speed journal",
+        |k, v| {
+            f(decode_journal(k, v)
+                .ok_or_else(|| Error::corrupt("speed journal", "undecodable entry"))?);
+            Ok(())
+        },
+    )
 }
 
 /// A handle on the speed state for readers: the writer's own database (in one process), or a
