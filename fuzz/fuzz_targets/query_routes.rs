@@ -164,6 +164,12 @@ fn fixture() -> &'static Fixture {
                 duplicates: 0,
                 keys: 0,
                 duration_ms: 1,
+                // Minute buckets left out by retention, so that the 410 answers are reached too.
+                retention: strata_common::retention::Marks {
+                    series_minute_from: Some(now - 3 * 86_400_000),
+                    item_minute_from: Some(now - 10 * 86_400_000),
+                },
+                ..Manifest::default()
             },
         )
         .expect("publish");
