@@ -235,7 +235,8 @@ struct Built {
 /// Builds a new generation over the archive below the newest batch version's cutoffs, as of
 /// `now` (event time thresholds are `now` minus each type's age, floored to the hour). With
 /// `dry_run`, the files are written to a temporary directory outside the data directory only
-/// to measure them, and nothing changes. The caller holds [`lock`].
+/// to measure them, and nothing changes. The caller holds [`lock`] (or is the batch layer whose
+/// archiver holds it).
 pub fn roll_up(cfg: &Config, now: Millis, dry_run: bool) -> Result<Report> {
     let started = Instant::now();
     let master = cfg.master_dir();
@@ -600,10 +601,12 @@ pub fn purge(cfg: &Config) -> Result<Purged> {
     Ok(purged)
 }
 
-/// The lock a process takes to roll up and purge: one at a time per data directory.
+/// The lock a process takes to roll up and purge: the archiver's (`master/.lock`), so that a
+/// rollup never runs beside a batch layer, which rolls up on its own schedule while its archiver
+/// holds the lock.
 pub fn lock(cfg: &Config) -> Result<strata_common::disk::DirLock> {
     Ok(strata_common::disk::DirLock::acquire(
-        &root(&cfg.master_dir()),
+        &cfg.master_dir(),
         "retention",
     )?)
 }

@@ -70,7 +70,8 @@ impl BatchLayer {
     }
 
     /// Rolls up what has aged (`retention.*`), if anything rolls up; `true` if a new generation
-    /// was written, which the next recompute publishes. The caller holds the retention lock.
+    /// was written, which the next recompute publishes. The archiver (or the caller) holds
+    /// `master/.lock`, retention's lock.
     fn roll_up(&self) -> Result<bool> {
         if !self.cfg.retention.rolls_up() {
             return Ok(false);
@@ -152,7 +153,7 @@ impl BatchLayer {
     }
 
     fn continuous(&self, every: Option<Duration>, shutdown: CancellationToken) -> Result<()> {
-        let _lock = crate::retention::lock(&self.cfg)?;
+        // The archiver holds `master/.lock` while this runs, which is also retention's lock.
         let retention_every = Duration::from_secs(self.cfg.retention.every_secs);
         let mut next_retention = Instant::now() + retention_every;
         let archiver_stop = shutdown.child_token();

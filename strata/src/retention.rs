@@ -55,7 +55,7 @@ pub fn run(cfg: &Config, dry_run: bool, as_of: Option<&str>, json: bool) -> anyh
     let _lock = if dry_run {
         None
     } else {
-        Some(retention::lock(cfg).context("a batch layer runs on this data directory (it rolls up every retention.every-secs itself)")?)
+        Some(retention::lock(cfg).context("a batch layer may run on this data directory (it rolls up every retention.every-secs itself)")?)
     };
     let report = retention::roll_up(cfg, now, dry_run)?;
     let mut published = None;
