@@ -184,15 +184,23 @@ fn write_column<T: DataType>(
     col.close()
 }
 
-/// Writes `events` as one Parquet file (one row group) to `file`.
-pub fn write(file: &File, path: &Path, events: &[(Offset, Event)]) -> Result<()> {
-    let err = |e| parquet_err(path, "write", e);
-    let schema = Arc::new(parse_message_type(SCHEMA).map_err(err)?);
+/// A Parquet writer of `schema` (message type text) into `file`, Snappy-compressed.
+fn writer<'a>(
+    file: &'a File,
+    schema: &str,
+) -> parquet::errors::Result<SerializedFileWriter<&'a File>> {
+    let schema = Arc::new(parse_message_type(schema)?);
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("strata {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let mut w = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(err)?;
+    SerializedFileWriter::new(file, schema, Arc::new(props))
+}
+
+/// Writes `events` as one Parquet file (one row group) to `file`.
+pub fn write(file: &File, path: &Path, events: &[(Offset, Event)]) -> Result<()> {
+    let err = |e| parquet_err(path, "write", e);
+    let mut w = writer(file, SCHEMA).map_err(err)?;
     if !events.is_empty() {
         let c = Columns::of(events);
         let mut rg = w.next_row_group().map_err(err)?;
@@ -377,12 +385,7 @@ message strata_rollup {
 /// Writes rollup records as one Parquet file to `file`.
 pub fn write_rollups(file: &File, path: &Path, records: &[Rollup]) -> Result<()> {
     let err = |e| parquet_err(path, "write", e);
-    let schema = Arc::new(parse_message_type(ROLLUP_SCHEMA).map_err(err)?);
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_created_by(format!("strata {}", env!("CARGO_PKG_VERSION")))
-        .build();
-    let mut w = SerializedFileWriter::new(file, schema, Arc::new(props)).map_err(err)?;
+    let mut w = writer(file, ROLLUP_SCHEMA).map_err(err)?;
     if !records.is_empty() {
         let n = records.len();
         let mut device = Vec::with_capacity(n);

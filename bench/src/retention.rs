@@ -26,19 +26,6 @@ use crate::Out;
 const DAY: Millis = 86_400_000;
 const PARTITIONS: u32 = 4;
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        total += if p.is_dir() {
-            dir_bytes(&p)
-        } else {
-            e.metadata().map_or(0, |m| m.len())
-        };
-    }
-    total
-}
-
 /// Appends events to per-partition segments as the archiver would.
 struct Writer {
     root: PathBuf,
@@ -161,7 +148,10 @@ pub fn run(data_dir: &Path, events: u64, old_share: f64, out: &mut Out) -> Resul
     let master = cfg.master_dir();
     out.num("retention.events", w.written as f64);
     out.num("retention.old_device_events", old as f64);
-    out.num("retention.before.master_bytes", dir_bytes(&master) as f64);
+    out.num(
+        "retention.before.master_bytes",
+        strata_common::disk::dir_bytes(&master) as f64,
+    );
     out.num(
         "retention.before.segments",
         segment::list(&master)?
@@ -210,7 +200,10 @@ pub fn run(data_dir: &Path, events: u64, old_share: f64, out: &mut Out) -> Resul
     );
     let purged = retention::purge(&cfg)?;
     out.num("retention.purged_raw_bytes", purged.raw.bytes as f64);
-    out.num("retention.after.master_bytes", dir_bytes(&master) as f64);
+    out.num(
+        "retention.after.master_bytes",
+        strata_common::disk::dir_bytes(&master) as f64,
+    );
 
     let t = Instant::now();
     let again = recompute::recompute(&cfg)?;

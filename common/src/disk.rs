@@ -197,3 +197,17 @@ mod lock_tests {
         DirLock::acquire(dir.path(), "the archiver").expect("free again");
     }
 }
+
+/// Bytes of the files under `dir`, every level down; 0 for what cannot be read.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}

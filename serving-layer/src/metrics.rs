@@ -7,9 +7,9 @@
 //! the serving layer describes all three layers, whichever processes they run in.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use strata_common::batch_store::DatasetFiles;
 use strata_common::time::{now_millis, parse_rfc3339};
 
 use crate::state::ServingState;
@@ -188,18 +188,8 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 }
 
 /// Bytes of all files under `dir` (0 if it does not exist).
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(_) => e.metadata().map_or(0, |m| m.len()),
-            Err(_) => 0,
-        })
-        .sum()
-}
+/// A gauge per master-dataset row of [`DatasetFiles`]: name, help, the value of one row.
+type Sized = (&'static str, &'static str, fn(&DatasetFiles) -> u64);
 
 /// The whole exposition.
 pub fn render(state: &ServingState) -> String {
@@ -367,31 +357,29 @@ pub fn render(state: &ServingState) -> String {
             m.keys,
         );
         if !m.dataset.files.is_empty() {
-            header(
-                &mut out,
-                "strata_master_dataset_files",
-                "gauge",
-                "Master-dataset files as the served version's recompute found them, by kind (raw segments, replaced segments awaiting deletion, events a rollup kept raw, rollup records) and event type (mixed: files of every type).",
-            );
-            for f in &m.dataset.files {
-                let _ = writeln!(
-                    out,
-                    "strata_master_dataset_files{{kind=\"{}\",type=\"{}\"}} {}",
-                    f.kind, f.event_type, f.files
-                );
-            }
-            header(
-                &mut out,
-                "strata_master_dataset_kind_bytes",
-                "gauge",
-                "Bytes of the files of strata_master_dataset_files, by the same labels.",
-            );
-            for f in &m.dataset.files {
-                let _ = writeln!(
-                    out,
-                    "strata_master_dataset_kind_bytes{{kind=\"{}\",type=\"{}\"}} {}",
-                    f.kind, f.event_type, f.bytes
-                );
+            let sizes: [Sized; 2] = [
+                (
+                    "strata_master_dataset_files",
+                    "Master-dataset files as the served version's recompute found them, by kind (raw segments, replaced segments awaiting deletion, events a rollup kept raw, rollup records) and event type (mixed: files of every type).",
+                    |f| f.files,
+                ),
+                (
+                    "strata_master_dataset_kind_bytes",
+                    "Bytes of the files of strata_master_dataset_files, by the same labels.",
+                    |f| f.bytes,
+                ),
+            ];
+            for (name, help, value) in sizes {
+                header(&mut out, name, "gauge", help);
+                for f in &m.dataset.files {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{kind=\"{}\",type=\"{}\"}} {}",
+                        f.kind,
+                        f.event_type,
+                        value(f)
+                    );
+                }
             }
             header(
                 &mut out,
@@ -415,19 +403,19 @@ pub fn render(state: &ServingState) -> String {
         &mut out,
         "strata_speed_state_bytes",
         "Size on disk of the speed layer's RocksDB state.",
-        dir_bytes(&state.cfg.speed_dir()),
+        strata_common::disk::dir_bytes(&state.cfg.speed_dir()),
     );
     gauge(
         &mut out,
         "strata_master_dataset_bytes",
         "Size on disk of the master dataset.",
-        dir_bytes(&state.cfg.master_dir()),
+        strata_common::disk::dir_bytes(&state.cfg.master_dir()),
     );
     gauge(
         &mut out,
         "strata_batch_versions_bytes",
         "Size on disk of the kept batch versions.",
-        dir_bytes(&strata_common::batch_store::root(&state.cfg.data_dir)),
+        strata_common::disk::dir_bytes(&strata_common::batch_store::root(&state.cfg.data_dir)),
     );
     state.http_metrics.render(&mut out);
     out

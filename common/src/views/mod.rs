@@ -162,6 +162,40 @@ fn item_delta(kind: &Kind) -> Option<(&ItemRef, usize, ItemStats)> {
     })
 }
 
+/// What a device event adds to its device's views: the device, the metric (readings), and the
+/// statistics of that one event.
+fn device_delta(event: &Event) -> Option<(&str, Option<&str>, DeviceStats)> {
+    let last_seen = Some(event.ts);
+    match &event.kind {
+        Kind::Heartbeat { device } => Some((
+            device,
+            None,
+            DeviceStats {
+                last_seen,
+                heartbeats: 1,
+                ..Default::default()
+            },
+        )),
+        Kind::Reading {
+            device,
+            metric,
+            value,
+        } => Some((
+            device,
+            Some(metric),
+            DeviceStats {
+                last_seen,
+                readings: 1,
+                min: Some(*value),
+                max: Some(*value),
+                sum_micros: (*value * 1e6).round() as i128,
+                ..Default::default()
+            },
+        )),
+        _ => None,
+    }
+}
+
 /// The receiving end of [`contribute`]: one method per view, each called with what one event
 /// adds to one key of that view. [`contributions`] turns every call into a (key, partial) pair;
 /// a fold may store the same deltas in another shape (the batch layer's [`IdFold`]), as long as
@@ -272,32 +306,11 @@ pub fn contribute(event: &Event, sink: &mut impl Sink) {
         }
         sink.item(item, &stats);
     }
-    match &event.kind {
-        Kind::Heartbeat { device } => sink.device(
-            device,
-            &DeviceStats {
-                last_seen: Some(ts),
-                heartbeats: 1,
-                ..Default::default()
-            },
-        ),
-        Kind::Reading {
-            device,
-            metric,
-            value,
-        } => {
-            let stats = DeviceStats {
-                last_seen: Some(ts),
-                readings: 1,
-                min: Some(*value),
-                max: Some(*value),
-                sum_micros: (*value * 1e6).round() as i128,
-                ..Default::default()
-            };
+    if let Some((device, metric, stats)) = device_delta(event) {
+        if let Some(metric) = metric {
             sink.device_metric_hour(Gran::Hour.floor(ts), device, metric, &stats);
-            sink.device(device, &stats);
         }
-        _ => {}
+        sink.device(device, &stats);
     }
     for gran in Gran::ALL {
         sink.series(gran, gran.floor(ts), &series);
@@ -411,37 +424,13 @@ impl Rollup {
     /// The rollup of one event, if it is a device event: merged per (device, metric, hour),
     /// these are the records retention writes.
     pub fn of(event: &Event) -> Option<Rollup> {
-        let hour = Gran::Hour.floor(event.ts);
-        match &event.kind {
-            Kind::Heartbeat { device } => Some(Rollup {
-                device: Name::from(device.as_str()),
-                metric: None,
-                hour,
-                stats: DeviceStats {
-                    last_seen: Some(event.ts),
-                    heartbeats: 1,
-                    ..Default::default()
-                },
-            }),
-            Kind::Reading {
-                device,
-                metric,
-                value,
-            } => Some(Rollup {
-                device: Name::from(device.as_str()),
-                metric: Some(Name::from(metric.as_str())),
-                hour,
-                stats: DeviceStats {
-                    last_seen: Some(event.ts),
-                    readings: 1,
-                    min: Some(*value),
-                    max: Some(*value),
-                    sum_micros: (*value * 1e6).round() as i128,
-                    ..Default::default()
-                },
-            }),
-            _ => None,
-        }
+        let (device, metric, stats) = device_delta(event)?;
+        Some(Rollup {
+            device: Name::from(device),
+            metric: metric.map(Name::from),
+            hour: Gran::Hour.floor(event.ts),
+            stats,
+        })
     }
 
     /// The wire type of the events rolled up.

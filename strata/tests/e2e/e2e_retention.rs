@@ -32,19 +32,6 @@ fn generation(data_dir: &Path) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&text).ok()?["generation"].as_u64()
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        total += if p.is_dir() {
-            dir_bytes(&p)
-        } else {
-            e.metadata().map_or(0, |m| m.len())
-        };
-    }
-    total
-}
-
 /// Sets the topic's `retention.ms` on the broker, as an operator would.
 fn set_topic_retention_ms(topic: &str, ms: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
@@ -134,7 +121,7 @@ fn rollups_change_no_answer_through_kills_at_every_step() {
     let checked = truth.check_all(&addr, false);
     let (before_manifest, before) = version_entries(&data_dir);
     let master = data_dir.join("master");
-    let bytes_before = dir_bytes(&master);
+    let bytes_before = strata_common::disk::dir_bytes(&master);
 
     // A dry run reports what it would roll up and changes nothing.
     let out = std::process::Command::new(strata_bin())
@@ -164,7 +151,7 @@ fn rollups_change_no_answer_through_kills_at_every_step() {
         "a dry run writes no generation"
     );
     assert_eq!(
-        dir_bytes(&master),
+        strata_common::disk::dir_bytes(&master),
         bytes_before,
         "a dry run changes nothing"
     );
@@ -252,7 +239,7 @@ fn rollups_change_no_answer_through_kills_at_every_step() {
     truth.check_all(&addr, false);
     let (code, out) = verify(&common, &addr, true, &[]);
     assert_eq!(code, 0, "verify after the rollups:\n{out}");
-    let bytes_after = dir_bytes(&master);
+    let bytes_after = strata_common::disk::dir_bytes(&master);
 
     // What the API says of what it no longer holds, and what it still does.
     let from = format_rfc3339(horizon - 3_600_000);
@@ -313,7 +300,7 @@ fn rollups_change_no_answer_through_kills_at_every_step() {
     eprintln!(
         "e2e_retention: {} messages, {checked} answers per check, master dataset {bytes_before} -> {bytes_after} bytes (then {} after the 3-day rollup), {:.1}s",
         truth.messages,
-        dir_bytes(&master),
+        strata_common::disk::dir_bytes(&master),
         started.elapsed().as_secs_f64()
     );
 }
