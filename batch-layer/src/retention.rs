@@ -76,13 +76,6 @@ pub struct PartitionRollup {
     pub duplicates: u64,
 }
 
-impl PartitionRollup {
-    /// Accepted events below `upto`.
-    pub fn events(&self) -> u64 {
-        self.kept + self.rolled.values().sum::<u64>()
-    }
-}
-
 impl Generation {
     /// The minute buckets a version computed from this generation cannot hold.
     pub fn marks(&self) -> Marks {

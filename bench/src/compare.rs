@@ -135,7 +135,7 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             if exact > 0.0 {
                 let err = (s.users.estimate() - exact).abs() / exact;
                 worst_users = worst_users.max(err);
-                if err > 4.0 * HLL_STANDARD_ERROR {
+                if !within_sketch_error(s.users.estimate(), exact) {
                     differ(format!(
                         "{name} bucket {start}: distinct users {:.0}, exactly {exact}",
                         s.users.estimate()
@@ -235,7 +235,7 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
             Some(est) => {
                 let err = (est - exact).abs() / exact.max(1.0);
                 worst_users = worst_users.max(err);
-                if err > 4.0 * HLL_STANDARD_ERROR {
+                if !within_sketch_error(*est, exact) {
                     differ(format!(
                         "item {item} day {day:?}: distinct users {est:.0}, exactly {exact}"
                     ));
@@ -386,4 +386,12 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a sketch's estimate is within four standard errors of the exact count, or one user
+/// off: at a handful of users one register collision (likely somewhere among thousands of small
+/// buckets) is already more than four relative standard errors.
+fn within_sketch_error(estimate: f64, exact: f64) -> bool {
+    let off = (estimate - exact).abs();
+    off <= 1.0 || off / exact.max(1.0) <= 4.0 * HLL_STANDARD_ERROR
 }
