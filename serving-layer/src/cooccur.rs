@@ -13,7 +13,7 @@
 //! the overlay's additions, and the rows equal those counted from the merged partials.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
@@ -91,21 +91,64 @@ pub struct CoIndex {
     ids: [Interner; 2],
     /// By [`Side`], then by the owner's number.
     lists: [Vec<Vec<u32>>; 2],
-    /// The items' co-occurrence counts in the version alone, counted on first use.
-    rows: Mutex<IndexRows>,
+    /// The items' co-occurrence counts and audience sizes in the version alone, counted on
+    /// first use.
+    memo: RowMemo,
 }
 
-/// Co-occurrence counts of the version alone: per item, (other item, users holding both).
+/// Co-occurrence counts kept for what never changes (a batch version, or a version with one
+/// layer over it): per item, (other item, users holding both), and every item's audience size.
 #[derive(Default)]
-struct IndexRows {
+struct RowMemo {
+    rows: Mutex<KeptRows>,
+    audiences: OnceLock<Arc<Vec<u32>>>,
+}
+
+/// A copy of a layer (made to take another layer into it) counts anew.
+impl Clone for RowMemo {
+    fn clone(&self) -> Self {
+        RowMemo::default()
+    }
+}
+
+#[derive(Default)]
+struct KeptRows {
     pairs: usize,
     by_item: FastMap<u32, Arc<Vec<(u32, u32)>>>,
     /// In the order counted, the first to go when more than [`INDEX_ROW_PAIRS`] are held.
     order: VecDeque<u32>,
 }
 
-/// Pairs of the version's co-occurrence counts held at most (8 bytes each), across items.
+/// Pairs of co-occurrence counts one [`RowMemo`] holds at most (8 bytes each), across items.
 pub const INDEX_ROW_PAIRS: usize = 4 << 20;
+
+impl RowMemo {
+    /// The kept row of `seed`, or `count`'s (then kept, the oldest rows going first past
+    /// [`INDEX_ROW_PAIRS`]).
+    fn row(&self, seed: u32, count: impl FnOnce() -> Vec<(u32, u32)>) -> Arc<Vec<(u32, u32)>> {
+        let kept = |rows: &KeptRows| rows.by_item.get(&seed).cloned();
+        if let Some(row) = kept(&self.rows.lock().unwrap_or_else(|e| e.into_inner())) {
+            return row;
+        }
+        let row = Arc::new(count());
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = kept(&rows) {
+            return found;
+        }
+        while rows.pairs + row.len() > INDEX_ROW_PAIRS {
+            let Some(old) = rows.order.pop_front() else {
+                break;
+            };
+            if let Some(r) = rows.by_item.remove(&old) {
+                rows.pairs -= r.len();
+            }
+        }
+        rows.pairs += row.len();
+        rows.by_item.insert(seed, row.clone());
+        rows.order.push_back(seed);
+        row
+    }
+}
 
 impl CoIndex {
     /// Indexes the audiences and histories of `basis` in a batch version.
@@ -145,42 +188,56 @@ impl CoIndex {
     /// its audience holds, with the number of such users. A version never changes, so they are
     /// counted once and kept (up to [`INDEX_ROW_PAIRS`] pairs across items).
     fn row(&self, seed: u32) -> Arc<Vec<(u32, u32)>> {
-        let kept = |rows: &IndexRows| rows.by_item.get(&seed).cloned();
-        if let Some(row) = kept(&self.rows.lock().unwrap_or_else(|e| e.into_inner())) {
-            return row;
-        }
-        let mut counts = vec![0u32; self.ids[Kind::Item as usize].names.len()];
-        let mut seen: Vec<u32> = Vec::new();
-        for &user in self.list(Side::Audience, seed) {
-            for &other in self.list(Side::History, user) {
-                if other == seed {
-                    continue;
+        self.memo.row(seed, || {
+            let mut counter = Counter::new(self.ids[Kind::Item as usize].names.len());
+            for &user in self.list(Side::Audience, seed) {
+                for &other in self.list(Side::History, user) {
+                    if other != seed {
+                        counter.bump(other, 1);
+                    }
                 }
-                let c = &mut counts[other as usize];
-                if *c == 0 {
-                    seen.push(other);
-                }
-                *c += 1;
             }
+            counter.take()
+        })
+    }
+}
+
+/// Counts by item number into a dense array, and the items counted, in the order first seen;
+/// reused from one item to the next.
+pub struct Counter {
+    counts: Vec<u32>,
+    seen: Vec<u32>,
+}
+
+impl Counter {
+    pub fn new(items: usize) -> Self {
+        Counter {
+            counts: vec![0; items],
+            seen: Vec::new(),
         }
-        let row: Arc<Vec<(u32, u32)>> =
-            Arc::new(seen.into_iter().map(|o| (o, counts[o as usize])).collect());
-        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(found) = kept(&rows) {
-            return found;
+    }
+
+    fn bump(&mut self, item: u32, by: u32) {
+        let c = &mut self.counts[item as usize];
+        if *c == 0 {
+            self.seen.push(item);
         }
-        while rows.pairs + row.len() > INDEX_ROW_PAIRS {
-            let Some(old) = rows.order.pop_front() else {
-                break;
-            };
-            if let Some(r) = rows.by_item.remove(&old) {
-                rows.pairs -= r.len();
-            }
+        *c += by;
+    }
+
+    /// The counts taken, unordered; the counter is empty again.
+    pub fn take(&mut self) -> Vec<(u32, u32)> {
+        let counts = &mut self.counts;
+        (self.seen.drain(..))
+            .map(|item| (item, std::mem::take(&mut counts[item as usize])))
+            .collect()
+    }
+
+    /// Calls `f` with each count and empties the counter.
+    pub fn drain(&mut self, mut f: impl FnMut(u32, u32)) {
+        for item in self.seen.drain(..) {
+            f(item, std::mem::take(&mut self.counts[item as usize]));
         }
-        rows.pairs += row.len();
-        rows.by_item.insert(seed, row.clone());
-        rows.order.push_back(seed);
-        row
     }
 }
 
@@ -191,6 +248,8 @@ impl CoIndex {
 /// they stay the same; the block being written is then a layer over it, read for each state.
 #[derive(Clone, Default)]
 pub struct Overlay {
+    /// Counts over the index and this layer alone, kept for when this is the lowest layer.
+    memo: RowMemo,
     /// By [`Kind`]: the names none of the layers under this one numbers, numbered from `first`.
     ids: [Interner; 2],
     first: [usize; 2],
@@ -379,59 +438,136 @@ impl Merged<'_> {
     /// The items that co-occur with item `seed`, unordered, each with the number of users
     /// whose history holds both.
     pub fn counts(&self, seed: u32) -> Vec<(u32, u32)> {
-        let mut counts = vec![0u32; self.count(Kind::Item)];
-        let mut seen: Vec<u32> = Vec::new();
-        let mut bump = |other: u32, by: u32| {
-            let c = &mut counts[other as usize];
-            if *c == 0 {
-                seen.push(other);
+        let mut counter = Counter::new(self.count(Kind::Item));
+        self.count_into(seed, &mut counter);
+        counter.take()
+    }
+
+    /// Counts into `counter` (as long as [`Merged::items`]) the items that co-occur with item
+    /// `seed`.
+    ///
+    /// With no layer, the version's row ([`CoIndex::row`]). Otherwise the row over the
+    /// version and the lowest layer, the finished blocks' (kept in that layer for as long as it
+    /// stands, [`RowMemo`]), plus what the layers over it change ([`Merged::count_upper`]).
+    pub fn count_into(&self, seed: u32, counter: &mut Counter) {
+        let Some((&lowest, upper)) = self.layers.split_first() else {
+            if self.in_index(seed) {
+                for &(other, co) in self.index.row(seed).iter() {
+                    counter.bump(other, co);
+                }
             }
-            *c += by;
+            return;
         };
-        let in_index = (seed as usize) < self.index.ids[Kind::Item as usize].names.len();
-        if in_index {
-            for &(other, co) in self.index.row(seed).iter() {
-                bump(other, co);
+        let lower = Merged {
+            index: self.index,
+            layers: vec![lowest],
+        };
+        if (seed as usize) < lower.count(Kind::Item) {
+            let row = lowest.memo.row(seed, || {
+                let mut below = Counter::new(lower.count(Kind::Item));
+                if self.in_index(seed) {
+                    for &(other, co) in self.index.row(seed).iter() {
+                        below.bump(other, co);
+                    }
+                }
+                let audience = [self.index.list(Side::Audience, seed), &[]];
+                lower.count_upper(seed, audience, &[lowest], &mut below);
+                below.take()
+            });
+            for &(other, co) in row.iter() {
+                counter.bump(other, co);
             }
         }
-        // Per layer, whichever is fewer: the version's audience, each member looked up in
-        // what the layer adds to histories, or the histories the layer adds to, each looked up
-        // in the audience.
-        let audience = self.index.list(Side::Audience, seed);
-        for layer in &self.layers {
+        let audience = [
+            self.index.list(Side::Audience, seed),
+            lowest.added(Side::Audience, seed),
+        ];
+        self.count_upper(seed, audience, upper, counter);
+    }
+
+    fn in_index(&self, item: u32) -> bool {
+        (item as usize) < self.index.ids[Kind::Item as usize].names.len()
+    }
+
+    /// What the layers `upper` add to the counts of `seed` over the layers under them, whose
+    /// audience of `seed` is the union of the sorted lists `below`. Histories only grow, so a
+    /// user of that audience adds the items the layers add to their history, and a user the
+    /// layers add to the audience adds their whole merged history. Per layer, whichever is
+    /// fewer is walked: the audience, each member looked up in what the layer adds to
+    /// histories, or the histories the layer adds to, each looked up in the audience.
+    fn count_upper(
+        &self,
+        seed: u32,
+        below: [&[u32]; 2],
+        upper: &[&Overlay],
+        counter: &mut Counter,
+    ) {
+        let below_len = below[0].len() + below[1].len();
+        for layer in upper {
             let histories = &layer.added[Side::History as usize];
-            if histories.len() < audience.len() {
+            if histories.len() < below_len {
                 for (user, items) in histories {
-                    if audience.binary_search(user).is_ok() {
+                    if below.iter().any(|l| l.binary_search(user).is_ok()) {
                         for &other in items {
                             if other != seed {
-                                bump(other, 1);
+                                counter.bump(other, 1);
                             }
                         }
                     }
                 }
             } else {
-                for &user in audience {
+                for &user in below.iter().flat_map(|l| l.iter()) {
                     for &other in layer.added(Side::History, user) {
                         if other != seed {
-                            bump(other, 1);
+                            counter.bump(other, 1);
                         }
                     }
                 }
             }
         }
-        for layer in &self.layers {
+        for layer in upper {
             for &user in layer.added(Side::Audience, seed) {
                 for other in self.list(Side::History, user) {
                     if other != seed {
-                        bump(other, 1);
+                        counter.bump(other, 1);
                     }
                 }
             }
         }
-        seen.into_iter()
-            .map(|other| (other, counts[other as usize]))
-            .collect()
+    }
+
+    /// Every numbered item's merged audience size, by number: the version's and the lowest
+    /// layer's counted once for as long as they stand, the other layers' additions over them.
+    pub fn audiences(&self) -> Vec<u32> {
+        let lens = |m: &Merged<'_>| -> Arc<Vec<u32>> {
+            Arc::new(
+                (0..m.count(Kind::Item) as u32)
+                    .map(|i| m.len(Side::Audience, i) as u32)
+                    .collect(),
+            )
+        };
+        let (below, upper) = match self.layers.split_first() {
+            None => (
+                self.index.memo.audiences.get_or_init(|| lens(self)),
+                &[][..],
+            ),
+            Some((&lowest, upper)) => {
+                let lower = Merged {
+                    index: self.index,
+                    layers: vec![lowest],
+                };
+                (lowest.memo.audiences.get_or_init(|| lens(&lower)), upper)
+            }
+        };
+        let mut all = Vec::with_capacity(self.count(Kind::Item));
+        all.extend_from_slice(below);
+        all.resize(self.count(Kind::Item), 0);
+        for layer in upper {
+            for (&item, users) in &layer.added[Side::Audience as usize] {
+                all[item as usize] += users.len() as u32;
+            }
+        }
+        all
     }
 }
 
@@ -567,6 +703,20 @@ mod tests {
                     .map(|r| (r.item, r.co, r.users))
                     .collect()
             };
+            // Audience sizes by number, against a count of the users who saw each item.
+            let audiences = merged.audiences();
+            for item in 0..(items as u32 + 4) {
+                let users: BTreeSet<u32> = (events.iter())
+                    .filter(|&&(_, i)| i == item)
+                    .map(|&(u, _)| u)
+                    .collect();
+                let got = (merged.item(&format!("i{item}"))).map_or(0, |n| audiences[n as usize]);
+                assert_eq!(
+                    got as usize,
+                    users.len(),
+                    "round {round}, audience of i{item}"
+                );
+            }
             for item in 0..(items as u32 + 4) {
                 let want = naive(&events, item);
                 assert_eq!(rows(item), want, "round {round}, item i{item}");

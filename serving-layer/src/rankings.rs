@@ -19,9 +19,7 @@ use strata_common::views::{FastMap, ItemStats, Monoid, Name};
 
 use crate::error::ApiError;
 use crate::insights::top_n;
-use crate::state::{
-    blocks_since, item_total, totals_range, with_merged, Merge, PerState, Totals, TotalsKey,
-};
+use crate::state::{blocks_since, item_total, totals_range, Merge, PerState, Totals, TotalsKey};
 
 /// How many bases are kept (the least recently asked go first).
 const BASES_KEPT: usize = 8;
@@ -124,30 +122,58 @@ impl Base {
     }
 }
 
+/// What each partition's last block adds to a base, read once per state and window: the
+/// items touched, with their merged totals (the base's and the last blocks'), and by base
+/// number whether an item is touched.
+#[derive(Default)]
+pub struct Open {
+    merged: Totals,
+    touched: Vec<bool>,
+}
+
+impl Open {
+    /// `adds` (the last blocks' totals) over `base`.
+    fn over(base: &Base, adds: Totals) -> Self {
+        let mut touched = vec![false; base.len()];
+        let merged = (adds.into_iter())
+            .map(|(item, s)| {
+                let merged = match base.number(&item) {
+                    Some(n) => {
+                        touched[n as usize] = true;
+                        let mut m = base.stats(n).clone();
+                        m.merge(&s);
+                        m
+                    }
+                    None => s,
+                };
+                (item, merged)
+            })
+            .collect();
+        Open { merged, touched }
+    }
+
+    /// Whether the last blocks touch an item.
+    pub fn touches(&self, item: &str) -> bool {
+        self.merged.contains_key(item)
+    }
+}
+
 /// Per-item totals over a window in one merge: the base and the last blocks' share.
 pub struct ItemTotals {
     pub base: Arc<Base>,
-    /// What each partition's last block adds, by item.
-    pub open: Arc<Totals>,
+    pub open: Arc<Open>,
 }
 
 impl ItemTotals {
     /// One item's merged totals.
-    pub fn get(&self, item: &str) -> Option<ItemStats> {
-        with_merged(
-            self.base.get(item),
-            self.open.get(item),
-            ItemStats::merge,
-            |t| t.cloned(),
-        )
+    pub fn get(&self, item: &str) -> Option<&ItemStats> {
+        self.open.merged.get(item).or_else(|| self.base.get(item))
     }
 
     /// Calls `f` with each item the last blocks touch and its merged totals.
-    pub fn for_each_open<'a>(&'a self, mut f: impl FnMut(&'a Name, &ItemStats)) {
-        for (item, s) in self.open.iter() {
-            with_merged(self.base.get(item), Some(s), ItemStats::merge, |t| {
-                t.into_iter().for_each(|t| f(item, t))
-            });
+    pub fn for_each_open<'a>(&'a self, mut f: impl FnMut(&'a Name, &'a ItemStats)) {
+        for (item, s) in self.open.merged.iter() {
+            f(item, s);
         }
     }
 
@@ -183,7 +209,9 @@ impl ItemTotals {
     /// The items of `ranking` (of the base) that the last blocks do not touch, in its order:
     /// their merged totals are the base's.
     pub fn untouched<'a>(&'a self, ranking: &'a [u32]) -> impl Iterator<Item = u32> + 'a {
-        (ranking.iter().copied()).filter(move |&n| !self.open.contains_key(self.base.name(n)))
+        let touched = &self.open.touched;
+        (ranking.iter().copied())
+            .filter(move |&n| !touched.get(n as usize).copied().unwrap_or(false))
     }
 }
 
@@ -194,7 +222,7 @@ pub struct TotalsMemo {
     trending: Mutex<FastMap<TrendKey, Arc<Vec<u32>>>>,
     /// The last blocks' totals per window, for one state: read by one request of the state
     /// while the others wait, then shared.
-    open: Mutex<PerState<FastMap<TotalsKey, Arc<Totals>>>>,
+    open: Mutex<PerState<FastMap<TotalsKey, Arc<Open>>>>,
 }
 
 /// Which trending ranking: the recent and the baseline window's bases, the event type and the
@@ -215,7 +243,7 @@ impl TotalsMemo {
     pub fn totals(&self, m: &Merge<'_>, key: TotalsKey) -> Result<ItemTotals, ApiError> {
         let (done, open_blocks) = m.speed_blocks();
         let base = self.base(m, key, done)?;
-        let read = || -> Result<Arc<Totals>, ApiError> {
+        let read = || -> Result<Arc<Open>, ApiError> {
             let mut open = Totals::default();
             let (prefix, start) = totals_range(key);
             m.scan_speed_in(&open_blocks, &prefix, Some(&start), &mut |k, p| {
@@ -223,13 +251,11 @@ impl TotalsMemo {
                     open.entry(item.clone()).or_default().merge(s);
                 }
             })?;
-            Ok(Arc::new(open))
+            Ok(Arc::new(Open::over(&base, open)))
         };
         let Some(at) = m.state_id else {
-            return Ok(ItemTotals {
-                base,
-                open: read()?,
-            });
+            let open = read()?;
+            return Ok(ItemTotals { base, open });
         };
         let mut kept = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let open = match kept.for_state(at) {
@@ -301,25 +327,29 @@ impl TotalsMemo {
         hours: (f64, f64),
         limit: usize,
     ) -> Vec<(Name, f64, u64, u64)> {
-        let count = |s: Option<ItemStats>| s.and_then(|s| s.count(event_type));
+        let count = |s: Option<&ItemStats>| s.and_then(|s| s.count(event_type));
         let mut rows: Vec<(Name, f64, u64, u64)> = Vec::new();
-        let mut add = |item: &Name| {
-            let Some(r) = count(recent.get(item)).filter(|&r| r >= min_support) else {
+        let mut add = |item: &Name, r: Option<&ItemStats>, b: Option<&ItemStats>| {
+            let Some(r) = count(r).filter(|&r| r >= min_support) else {
                 return;
             };
-            let (before, score) =
-                trend(r, count(baseline.get(item)).unwrap_or(r), hours.0, hours.1);
+            let (before, score) = trend(r, count(b).unwrap_or(r), hours.0, hours.1);
             rows.push((item.clone(), score, r, before));
         };
-        let touched: std::collections::BTreeSet<&Name> =
-            (recent.open.keys()).chain(baseline.open.keys()).collect();
-        touched.into_iter().for_each(&mut add);
+        // The items the last blocks touch in either window, each once.
+        recent.for_each_open(|item, r| add(item, Some(r), baseline.get(item)));
+        baseline.for_each_open(|item, b| {
+            if !recent.open.touches(item) {
+                add(item, recent.get(item), Some(b));
+            }
+        });
         let order = self.trending(recent, baseline, event_type, min_support, hours);
         let untouched = (recent.untouched(&order))
-            .filter(|&n| !baseline.open.contains_key(recent.base.name(n)))
+            .filter(|&n| !baseline.open.touches(recent.base.name(n)))
             .take(limit);
         for n in untouched {
-            add(recent.base.name(n));
+            let item = recent.base.name(n);
+            add(item, recent.get(item), baseline.get(item));
         }
         top_n(&mut rows, limit, |a, b| {
             b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
@@ -434,12 +464,15 @@ mod tests {
         (base, open)
     }
 
-    fn merged(t: &ItemTotals) -> Vec<(Name, ItemStats)> {
-        let mut all: Totals = t.base.totals();
-        for (item, s) in t.open.iter() {
+    /// The totals of `base` with `open`'s added, and the same merged naively, item by item.
+    fn over(base: Totals, open: Totals) -> (ItemTotals, Vec<(Name, ItemStats)>) {
+        let mut all = base.clone();
+        for (item, s) in open.iter() {
             all.entry(item.clone()).or_default().merge(s);
         }
-        all.into_iter().collect()
+        let base = Arc::new(Base::build(None, None, Vec::new(), base));
+        let open = Arc::new(Open::over(&base, open));
+        (ItemTotals { base, open }, all.into_iter().collect())
     }
 
     #[test]
@@ -448,15 +481,12 @@ mod tests {
         for round in 0..200 {
             let (n, most) = (1 + rng.below(300), 1 + rng.below(50));
             let (base, open) = totals(&mut rng, n, most);
-            let t = ItemTotals {
-                base: Arc::new(Base::build(None, None, Vec::new(), base)),
-                open: Arc::new(open),
-            };
+            let (t, all) = over(base, open);
             for (event_type, category) in [("view", None), ("purchase", Some("b"))] {
                 let limit = 1 + rng.below(40) as usize;
-                let mut want: Vec<(Name, u64)> = (merged(&t).into_iter())
+                let mut want: Vec<(Name, u64)> = (all.iter())
                     .filter(|(_, s)| category.is_none() || s.category.as_deref() == category)
-                    .map(|(i, s)| (i, s.count(event_type).unwrap_or(0)))
+                    .map(|(i, s)| (i.clone(), s.count(event_type).unwrap_or(0)))
                     .filter(|(_, c)| *c > 0)
                     .collect();
                 want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -481,23 +511,16 @@ mod tests {
             for (item, s) in &recent_base {
                 long_base.entry(item.clone()).or_default().merge(s);
             }
-            let build = |b| Arc::new(Base::build(None, None, Vec::new(), b));
             let mut long_open = long_open;
             for (item, s) in &recent_open {
                 long_open.entry(item.clone()).or_default().merge(s);
             }
-            let recent = ItemTotals {
-                base: build(recent_base),
-                open: Arc::new(recent_open),
-            };
-            let long = ItemTotals {
-                base: build(long_base),
-                open: Arc::new(long_open),
-            };
+            let (recent, recent_all) = over(recent_base, recent_open);
+            let (long, long_all) = over(long_base, long_open);
             let (min_support, limit) = (1 + rng.below(5), 1 + rng.below(30) as usize);
             let hours = (1.0, 23.0);
-            let long_all: FastMap<Name, ItemStats> = merged(&long).into_iter().collect();
-            let mut want: Vec<(Name, f64, u64, u64)> = (merged(&recent).into_iter())
+            let long_all: FastMap<Name, ItemStats> = long_all.into_iter().collect();
+            let mut want: Vec<(Name, f64, u64, u64)> = (recent_all.into_iter())
                 .filter(|(_, s)| s.views >= min_support)
                 .map(|(i, s)| {
                     let b = long_all.get(&i).map_or(s.views, |l| l.views);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
-use crate::cooccur::{CoIndex, CoRows, Merged, Overlay};
+use crate::cooccur::{CoIndex, CoRows, Counter, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{blocks_since, Merge, PerState, ServingState};
@@ -90,6 +90,16 @@ struct CoKept {
     by_item: FastMap<(Basis, Name), Option<Arc<CoRows>>>,
     /// Per basis: the finished blocks' layers and the last blocks' layer over them.
     layers: [Option<Arc<Layers>>; 2],
+    /// Per basis: every item's merged audience size.
+    audiences: [Option<Arc<Vec<u32>>>; 2],
+}
+
+/// A basis's merged audiences and histories in one state: the index, the layers over it, and
+/// every item's audience size by number.
+pub struct Stack {
+    pub index: Arc<CoIndex>,
+    pub layers: Arc<Layers>,
+    pub audiences: Arc<Vec<u32>>,
 }
 
 impl CoMemo {
@@ -109,35 +119,56 @@ impl CoMemo {
         self.journal_steps.load(Ordering::Relaxed)
     }
 
-    /// The index of `basis` and the layers over it in the state of `m`: its merged item
-    /// audiences and user histories.
-    pub fn stack(
-        &self,
-        m: &Merge<'_>,
-        basis: Basis,
-    ) -> Result<(Arc<CoIndex>, Arc<Layers>), ApiError> {
+    /// The index of `basis` and the layers over it in the state of `m` (its merged item
+    /// audiences and user histories), and every item's merged audience size by number.
+    pub fn stack(&self, m: &Merge<'_>, basis: Basis) -> Result<Stack, ApiError> {
         let slot = basis.index();
         let index = m.co_index(basis)?;
+        let audiences = |layers: &Layers| {
+            let layers = layers.iter().map(|l| &**l).collect();
+            Arc::new(
+                Merged {
+                    index: &index,
+                    layers,
+                }
+                .audiences(),
+            )
+        };
         let Some(at) = m.state_id else {
             let layers = self.layers(m, &index, basis)?;
-            return Ok((index, layers));
+            let audiences = audiences(&layers);
+            return Ok(Stack {
+                index,
+                layers,
+                audiences,
+            });
         };
         let kept = {
             let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            kept.at(at).and_then(|k| k.layers[slot].clone())
+            kept.at(at)
+                .and_then(|k| Some((k.layers[slot].clone()?, k.audiences[slot].clone())))
         };
-        let layers = match kept {
-            Some(layers) => layers,
-            None => {
-                let layers = self.layers(m, &index, basis)?;
+        let (layers, audiences) = match kept {
+            Some((layers, Some(audiences))) => (layers, audiences),
+            kept => {
+                let layers = match kept {
+                    Some((layers, _)) => layers,
+                    None => self.layers(m, &index, basis)?,
+                };
+                let audiences = audiences(&layers);
                 let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(kept) = kept.for_state(at) {
                     kept.layers[slot].get_or_insert(layers.clone());
+                    kept.audiences[slot].get_or_insert(audiences.clone());
                 }
-                layers
+                (layers, audiences)
             }
         };
-        Ok((index, layers))
+        Ok(Stack {
+            index,
+            layers,
+            audiences,
+        })
     }
 
     /// The rows of `item` in the state of `m`: kept ones, or computed (and kept); `None` if the
@@ -412,37 +443,36 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         recent.truncate(RECENT_ITEMS);
         // Scores summed over the seeds' rows by item number: per candidate, its score and
         // which seeds (by position) it came from; names looked up for the chosen ones only.
-        let (index, layers) = state.co_rows.stack(m, Basis::View)?;
+        let stack = state.co_rows.stack(m, Basis::View)?;
         let merged = Merged {
-            index: &index,
-            layers: layers.iter().map(|l| &**l).collect(),
+            index: &stack.index,
+            layers: stack.layers.iter().map(|l| &**l).collect(),
         };
         let n = merged.items();
+        let audience = &stack.audiences;
         let excluded: Vec<u32> = bought.keys().filter_map(|i| merged.item(i)).collect();
         let mut score = vec![0f64; n];
         let mut from = vec![0u16; n];
-        let mut audience = vec![u32::MAX; n];
         let mut seen: Vec<u32> = Vec::new();
+        let mut counter = Counter::new(n);
         for (at, (seed, _)) in recent.iter().enumerate() {
             let Some(id) = merged.item(seed) else {
                 continue;
             };
-            let n_a = merged.audience(id) as u64;
+            let n_a = u64::from(audience[id as usize]);
             if n_a == 0 {
                 continue;
             }
-            for (other, co) in merged.counts(id) {
+            merged.count_into(id, &mut counter);
+            counter.drain(|other, co| {
                 let o = other as usize;
-                if audience[o] == u32::MAX {
-                    audience[o] = merged.audience(other) as u32;
-                }
                 let users = u64::from(audience[o]).max(1);
                 if from[o] == 0 {
                     seen.push(other);
                 }
                 score[o] += f64::from(co) / (n_a as f64 * users as f64).sqrt();
                 from[o] |= 1 << at;
-            }
+            });
         }
         seen.retain(|o| !excluded.contains(o));
         let mut rows: Vec<(&Name, f64, u16)> = seen
