@@ -19,7 +19,9 @@
 #              key each request, over every generated item and user (uniform, and a Zipf law) or
 #              every combination of a ranking's parameters, the share of kept answers beside each;
 #              then one URL over and over (kept answers, for comparison); then a batch run: the
-#              new version's load time and the first request of each route after it (cold)
+#              new version's load time and the first request of each route after it (cold);
+#              then `strata serve` alone on the same data directory: its load time, its memory
+#              once loaded and its peak after each route's spread keys (the serving layer's RSS)
 #   freshness  then, with the same `strata up`, for each rate R of a list (default
 #              5000,20000,50000; smoke 500): R events/s for S s (default 30; smoke 3), each for a
 #              new item; 1 in K (--fresh-sample, default 250;
@@ -638,6 +640,33 @@ bench_serving() { # address pid (of the loaded `strata up`)
   done
   stop_pid "$spid"
   serving_cold "$addr"
+  serving_alone "$users" "$items"
+}
+
+# The serving layer as a process of its own (`strata serve` following the loaded `strata up`'s
+# data directory, as a separate serving host would): its memory at start, after the newest
+# version loads, and its peak (VmHWM) after each spread route has been asked for wrk's span
+# (uniform keys; the stream has stopped, so each key's answer is computed once and then kept).
+serving_alone() { # users items
+  local users="$1" items="$2" kind rss
+  start_serve serve-alone "$INGEST_TOPIC" "$work/up-data"
+  for _ in $(seq 1 600); do
+    curl -sf "http://$serve_addr/v1/status" | grep -q '"batch":{' && break
+    sleep 0.1
+  done
+  curl -sf "http://$serve_addr/v1/status" | grep -q '"batch":{' ||
+    die "strata serve did not load the batch version"
+  figure serving.alone.load_ms "$(curl -sf "http://$serve_addr/v1/status" | jq -r '.batch.load_ms')" ms
+  rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$serve_pid/status")
+  figure serving.alone.loaded_rss "$(calc "${rss:-nan} / 1024" 1)" MiB
+  for kind in items item_recs user_recs top_items trending; do
+    spread_script "$work/alone-$kind.lua" "$kind" uniform "$items" "$users"
+    run_wrk "alone_$kind" "http://$serve_addr/" "$work/alone-$kind.lua"
+    figure "serving.alone.${kind}.rps" "$(calc "$wrk_rps")" req/s
+  done
+  rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$serve_pid/status")
+  figure serving.alone.peak_rss "$(calc "${rss:-nan} / 1024" 1)" MiB
+  stop_pid "$serve_pid"
 }
 
 bench_freshness() { # address pid (of the loaded `strata up`)

@@ -165,6 +165,19 @@ fn shutdown_timeout(cfg: &Config) -> std::time::Duration {
     std::time::Duration::from_secs(cfg.shutdown_timeout_secs)
 }
 
+/// Listens for signals, then makes sure the topics exist: a signal while the broker is slow to
+/// answer stops the process cleanly (`false`) instead of killing it by the default action.
+async fn start(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    on_signal(shutdown.clone(), shutdown_timeout(cfg));
+    tokio::select! {
+        r = ensure_topics(cfg) => r.map(|()| true),
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up, before consuming anything");
+            Ok(false)
+        }
+    }
+}
+
 async fn ensure_topics(cfg: &Config) -> anyhow::Result<()> {
     kafka::ensure_topics(
         &cfg.kafka,
@@ -235,8 +248,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.batch.every_secs = Some(d.as_secs().max(1));
             }
             let batch_every = cfg.batch.every_secs.map(std::time::Duration::from_secs);
-            ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
+            if !start(&cfg, &shutdown).await? {
+                return Ok(());
+            }
             let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
             let state = Arc::new(ServingState::shared(cfg.clone(), speed.reader()));
             let speed_thread = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
@@ -254,8 +268,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Speed { common } => {
             let cfg = common.config()?;
-            ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
+            if !start(&cfg, &shutdown).await? {
+                return Ok(());
+            }
             let speed = SpeedLayer::open(cfg).context("opening the speed layer")?;
             let t = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
             tokio::task::spawn_blocking(move || join(t, "speed")).await?
@@ -269,8 +284,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(d) = every {
                 cfg.batch.every_secs = Some(d.as_secs().max(1));
             }
-            ensure_topics(&cfg).await?;
-            on_signal(shutdown.clone(), shutdown_timeout(&cfg));
+            if !start(&cfg, &shutdown).await? {
+                return Ok(());
+            }
             let mode = if once {
                 RunMode::Once
             } else {

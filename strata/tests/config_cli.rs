@@ -208,3 +208,62 @@ fn unknown_keys_stop_start_up_naming_the_key() {
     assert!(stderr.contains("serve.max-limitt"), "{stderr}");
     assert!(!data_dir.exists(), "nothing was created");
 }
+
+/// SIGTERM while a layer is still waiting for the broker at start-up (nothing listens on its
+/// address) stops it cleanly, exit 0, instead of the signal's default action killing it.
+#[cfg(unix)]
+#[test]
+fn a_signal_during_start_up_stops_cleanly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let brokers = format!("127.0.0.1:{port}");
+    for layer in ["batch", "speed", "up"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let mut args = vec![
+            layer,
+            "--brokers",
+            &brokers,
+            "--topic",
+            "start-up",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 temp path"),
+        ];
+        if layer == "up" {
+            args.extend(["--http", "127.0.0.1:0"]);
+        }
+        let mut child = strata(&args, &[("RUST_LOG", "info")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start strata");
+        // Long enough for the runtime to be up and the first topic request to be refused.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "strata {layer} ended before the signal"
+        );
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("strata {layer} still running 20 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = text(&child.wait_with_output().expect("stderr").stderr);
+        assert_eq!(status.code(), Some(0), "strata {layer}: {status}; {stderr}");
+        assert!(
+            stderr.contains("stopped during start-up"),
+            "strata {layer}: {stderr}"
+        );
+    }
+}
