@@ -331,9 +331,52 @@ fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 }
 
 /// Client-level errors (a broker down, all brokers down): logged as warnings, since librdkafka
-/// keeps retrying on its own and the layer carries on once the broker is back.
+/// keeps retrying on its own and the layer carries on once the broker is back. librdkafka
+/// reports an unreachable broker many times a second; each kind of error is logged at most once
+/// per [`ERROR_LOG_EVERY`], with the number of its reports left out since.
 fn forward_error(error: &rdkafka::error::KafkaError, reason: &str) {
-    tracing::warn!(target: "librdkafka", error = %error, "kafka client: {reason}");
+    let kind = error.to_string();
+    if let Some(left_out) = ERROR_LOG.admit(&kind, std::time::Instant::now()) {
+        tracing::warn!(target: "librdkafka", error = %error, left_out, "kafka client: {reason}");
+    }
+}
+
+/// How often one kind of client error is logged while it repeats.
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
+
+static ERROR_LOG: ErrorLog = ErrorLog::new();
+
+/// When each kind of error was last logged, and how many of its reports were left out since.
+struct ErrorLog(std::sync::Mutex<Vec<(String, std::time::Instant, u64)>>);
+
+impl ErrorLog {
+    const fn new() -> Self {
+        ErrorLog(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// `Some(reports left out since the last line)` if a report of `kind` at `now` is to be
+    /// logged; `None` if it is left out.
+    fn admit(&self, kind: &str, now: std::time::Instant) -> Option<u64> {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.iter_mut().find(|(k, _, _)| k == kind) {
+            Some((_, at, left_out)) if now.duration_since(*at) < ERROR_LOG_EVERY => {
+                *left_out += 1;
+                None
+            }
+            Some((_, at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                // A handful of kinds in practice; bounded all the same.
+                if seen.len() >= 64 {
+                    seen.clear();
+                }
+                seen.push((kind.to_string(), now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl ResumeContext {
@@ -836,6 +879,21 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeating_client_error_is_logged_once_per_period_with_the_reports_left_out() {
+        let log = ErrorLog::new();
+        let t0 = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(log.admit("all brokers down", t0), Some(0));
+        assert_eq!(log.admit("all brokers down", t0 + ms(50)), None);
+        assert_eq!(log.admit("all brokers down", t0 + ms(100)), None);
+        // Another kind is not held back by the first.
+        assert_eq!(log.admit("transport failure", t0 + ms(100)), Some(0));
+        let later = t0 + ERROR_LOG_EVERY + ms(1);
+        assert_eq!(log.admit("all brokers down", later), Some(2));
+        assert_eq!(log.admit("all brokers down", later + ms(1)), None);
+    }
 
     #[test]
     fn a_topic_retention_shorter_than_the_batch_interval_is_warned_about() {
