@@ -21,10 +21,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audience_file::{self, Audiences};
 use crate::handoff::Offsets;
 use crate::retention::Marks;
 use crate::version_file::{self, VersionFile};
-use crate::views::{Partial, ViewKey, ViewSet};
+use crate::views::{Basis, Partial, ViewKey, ViewSet};
 use crate::{Error, Result};
 
 /// What a published version holds and covers.
@@ -251,6 +252,12 @@ pub fn open_views(data_dir: &Path, manifest: &Manifest) -> Result<VersionFile> {
     VersionFile::open(&path)
 }
 
+/// A published version's item audiences of `basis` by number ([`crate::audience_file`]);
+/// `None` for a version published before these files were written.
+pub fn read_audiences(data_dir: &Path, version: u64, basis: Basis) -> Result<Option<Audiences>> {
+    audience_file::read(&version_dir(data_dir, version).join(audience_file::file_name(basis)))
+}
+
 /// Loads every view of a published version into memory.
 pub fn load_views(data_dir: &Path, manifest: &Manifest) -> Result<ViewSet> {
     let old = version_dir(data_dir, manifest.version).join("views.bin");
@@ -320,6 +327,11 @@ fn write_version(
         encoded.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     }
     version_file::write(&views_path(data_dir, manifest.version), &encoded)?;
+    // The serving layer's co-occurrence index, numbered here once (crate::audience_file).
+    for basis in Basis::ALL {
+        let audiences = Audiences::of(entries.iter().copied(), basis);
+        audience_file::write(&dir.join(audience_file::file_name(basis)), &audiences)?;
+    }
     write_synced(
         &dir.join("manifest.json"),
         &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,

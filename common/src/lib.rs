@@ -13,6 +13,7 @@
 //! offsets the caller stores itself, topic creation, the dead-letter producer), [`generate`] the
 //! seeded demo and load generator, [`config`] the typed configuration.
 
+pub mod audience_file;
 pub mod batch_store;
 pub mod config;
 pub mod dedupe;

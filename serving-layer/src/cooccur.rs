@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use strata_common::audience_file::Audiences;
 use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
@@ -177,6 +178,36 @@ impl CoIndex {
             }
         }
         Ok(ix)
+    }
+
+    /// The index from the audiences the batch layer numbered when it published the version
+    /// ([`strata_common::audience_file`]): each user's history is the items whose audience
+    /// holds them, the same pairs as the history view's.
+    pub fn from_audiences(a: Audiences) -> Self {
+        let mut histories: Vec<Vec<u32>> = vec![Vec::new(); a.users.len()];
+        let mut sizes = vec![0u32; a.users.len()];
+        for &u in &a.members {
+            sizes[u as usize] += 1;
+        }
+        for (h, &n) in histories.iter_mut().zip(&sizes) {
+            h.reserve_exact(n as usize);
+        }
+        let audiences: Vec<Vec<u32>> = (0..a.items.len())
+            .map(|item| {
+                let members = a.of_item(item);
+                for &u in members {
+                    // Items in ascending number: each history comes out sorted.
+                    histories[u as usize].push(item as u32);
+                }
+                members.to_vec()
+            })
+            .collect();
+        let mut ix = CoIndex::default();
+        ix.ids[Kind::Item as usize] = Interner::from_names(a.items);
+        ix.ids[Kind::User as usize] = Interner::from_names(a.users);
+        ix.lists[Side::Audience as usize] = audiences;
+        ix.lists[Side::History as usize] = histories;
+        ix
     }
 
     fn list(&self, side: Side, of: u32) -> &[u32] {
@@ -682,65 +713,74 @@ mod tests {
             let file = strata_common::version_file::create(&dir.path().join("v"), &entries)
                 .expect("version file");
             let batch = LoadedBatch::new(manifest, file);
-            let index = CoIndex::build(&batch, Basis::View).expect("index");
-            let under = Merged {
-                index: &index,
-                layers: Vec::new(),
-            };
-            let first = layer(&under, &events[cut.0..cut.1]);
-            let under = Merged {
-                index: &index,
-                layers: vec![&first],
-            };
-            let second = layer(&under, &events[cut.1..]);
-            let merged = Merged {
-                index: &index,
-                layers: vec![&first, &second],
-            };
-            let rows = |item: u32| -> Vec<(Name, u64, u64)> {
-                (merged.rows(&format!("i{item}")).into_iter())
-                    .flat_map(|r| r.rows)
-                    .map(|r| (r.item, r.co, r.users))
-                    .collect()
-            };
-            // Audience sizes by number, against a count of the users who saw each item.
-            let audiences = merged.audiences();
-            for item in 0..(items as u32 + 4) {
-                let users: BTreeSet<u32> = (events.iter())
-                    .filter(|&&(_, i)| i == item)
-                    .map(|&(u, _)| u)
-                    .collect();
-                let got = (merged.item(&format!("i{item}"))).map_or(0, |n| audiences[n as usize]);
-                assert_eq!(
-                    got as usize,
-                    users.len(),
-                    "round {round}, audience of i{item}"
-                );
-            }
-            for item in 0..(items as u32 + 4) {
-                let want = naive(&events, item);
-                assert_eq!(rows(item), want, "round {round}, item i{item}");
-                // Counted twice: the second time from the version's kept counts.
-                let again = rows(item);
-                assert_eq!(again, want, "round {round}, item i{item}, again");
-            }
-            // The two layers taken into one count the same.
-            let mut one = first.clone();
-            one.absorb(&second);
-            let absorbed = Merged {
-                index: &index,
-                layers: vec![&one],
-            };
-            for item in 0..(items as u32 + 4) {
-                let got: Vec<(Name, u64, u64)> = (absorbed.rows(&format!("i{item}")).into_iter())
-                    .flat_map(|r| r.rows)
-                    .map(|r| (r.item, r.co, r.users))
-                    .collect();
-                assert_eq!(
-                    got,
-                    naive(&events, item),
-                    "round {round}, item i{item}, absorbed"
-                );
+            let scanned = CoIndex::build(&batch, Basis::View).expect("index");
+            // The same index from the audiences numbered at publish.
+            let numbered = CoIndex::from_audiences(Audiences::of(
+                parts.iter().map(|(_, (k, p))| (k, p)),
+                Basis::View,
+            ));
+            for (how, index) in [("scanned", &scanned), ("numbered", &numbered)] {
+                let under = Merged {
+                    index,
+                    layers: Vec::new(),
+                };
+                let first = layer(&under, &events[cut.0..cut.1]);
+                let under = Merged {
+                    index,
+                    layers: vec![&first],
+                };
+                let second = layer(&under, &events[cut.1..]);
+                let merged = Merged {
+                    index,
+                    layers: vec![&first, &second],
+                };
+                let rows = |item: u32| -> Vec<(Name, u64, u64)> {
+                    (merged.rows(&format!("i{item}")).into_iter())
+                        .flat_map(|r| r.rows)
+                        .map(|r| (r.item, r.co, r.users))
+                        .collect()
+                };
+                // Audience sizes by number, against a count of the users who saw each item.
+                let audiences = merged.audiences();
+                for item in 0..(items as u32 + 4) {
+                    let users: BTreeSet<u32> = (events.iter())
+                        .filter(|&&(_, i)| i == item)
+                        .map(|&(u, _)| u)
+                        .collect();
+                    let got =
+                        (merged.item(&format!("i{item}"))).map_or(0, |n| audiences[n as usize]);
+                    assert_eq!(
+                        got as usize,
+                        users.len(),
+                        "{how}, round {round}, audience of i{item}"
+                    );
+                }
+                for item in 0..(items as u32 + 4) {
+                    let want = naive(&events, item);
+                    assert_eq!(rows(item), want, "{how}, round {round}, item i{item}");
+                    // Counted twice: the second time from the version's kept counts.
+                    let again = rows(item);
+                    assert_eq!(again, want, "{how}, round {round}, item i{item}, again");
+                }
+                // The two layers taken into one count the same.
+                let mut one = first.clone();
+                one.absorb(&second);
+                let absorbed = Merged {
+                    index,
+                    layers: vec![&one],
+                };
+                for item in 0..(items as u32 + 4) {
+                    let got: Vec<(Name, u64, u64)> =
+                        (absorbed.rows(&format!("i{item}")).into_iter())
+                            .flat_map(|r| r.rows)
+                            .map(|r| (r.item, r.co, r.users))
+                            .collect();
+                    assert_eq!(
+                        got,
+                        naive(&events, item),
+                        "{how}, round {round}, item i{item}, absorbed"
+                    );
+                }
             }
         }
     }

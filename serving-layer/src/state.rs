@@ -24,6 +24,9 @@ use crate::error::ApiError;
 pub struct LoadedBatch {
     pub manifest: Manifest,
     pub views: VersionFile,
+    /// The data directory it was published in, where the files beside its views are read from
+    /// (`None`: its views alone).
+    pub data_dir: Option<std::path::PathBuf>,
     /// Milliseconds from reading the version's files to holding it, ready to answer from.
     pub load_ms: u64,
     /// Per-item totals over a window's buckets, computed once per window start: a version never
@@ -88,6 +91,7 @@ impl LoadedBatch {
         LoadedBatch {
             manifest,
             views,
+            data_dir: None,
             load_ms: 0,
             item_totals: Mutex::new(Vec::new()),
             co_index: Default::default(),
@@ -100,7 +104,18 @@ impl LoadedBatch {
         if let Some(ix) = slot.get() {
             return Ok(ix.clone());
         }
-        let built = Arc::new(CoIndex::build(self, basis)?);
+        let numbered = match &self.data_dir {
+            Some(dir) => batch_store::read_audiences(dir, self.manifest.version, basis)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the version's numbered audiences cannot be read; indexing its views instead");
+                    None
+                }),
+            None => None,
+        };
+        let built = Arc::new(match numbered {
+            Some(a) => CoIndex::from_audiences(a),
+            None => CoIndex::build(self, basis)?,
+        });
         Ok(slot.get_or_init(|| built).clone())
     }
 
@@ -542,12 +557,15 @@ impl ServingState {
         let started = std::time::Instant::now();
         let views = batch_store::open_views(&self.cfg.data_dir, &manifest)?;
         let mut loaded = LoadedBatch::new(manifest, views);
-        // Recommendations read the version's audiences and histories by number: index them
-        // (by views, the basis of user recommendations and the default one of item
-        // recommendations) before the version is served, while the old one still answers, so
-        // that the first request after the swap does not pay for it.
-        if let Err(e) = loaded.co_index(Basis::View) {
-            tracing::warn!(error = %e.message, "indexing the batch version's histories failed; retried on first use");
+        loaded.data_dir = Some(self.cfg.data_dir.clone());
+        // Recommendations read the version's audiences and histories by number: read them
+        // (numbered by the batch layer at publish; indexed from the views for a version
+        // published before that) before the version is served, while the old one still
+        // answers, so that the first request after the swap does not pay for it.
+        for basis in Basis::ALL {
+            if let Err(e) = loaded.co_index(basis) {
+                tracing::warn!(error = %e.message, "indexing the batch version's histories failed; retried on first use");
+            }
         }
         loaded.load_ms = started.elapsed().as_millis() as u64;
         tracing::info!(

@@ -93,6 +93,20 @@ pub struct Interner {
 }
 
 impl Interner {
+    /// `names` numbered by their places.
+    pub fn from_names(names: Vec<Name>) -> Self {
+        let mut ids = FastMap::default();
+        ids.reserve(names.len());
+        for (n, name) in names.iter().enumerate() {
+            ids.insert(name.clone(), n as u32);
+        }
+        Interner {
+            ids,
+            names,
+            last: None,
+        }
+    }
+
     /// The id of `name`, if it has one.
     pub fn get(&self, name: &str) -> Option<u32> {
         self.ids.get(name).copied()
