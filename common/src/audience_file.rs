@@ -76,6 +76,25 @@ impl Audiences {
         a
     }
 
+    /// Each user's history by number: the items whose audience holds them, ascending (the same
+    /// pairs as the history view's).
+    pub fn histories(&self) -> Vec<Vec<u32>> {
+        let mut sizes = vec![0u32; self.users.len()];
+        for &u in &self.members {
+            sizes[u as usize] += 1;
+        }
+        let mut histories: Vec<Vec<u32>> = sizes
+            .iter()
+            .map(|&n| Vec::with_capacity(n as usize))
+            .collect();
+        for item in 0..self.items.len() {
+            for &u in self.of_item(item) {
+                histories[u as usize].push(item as u32);
+            }
+        }
+        histories
+    }
+
     /// The user numbers of item `item`'s audience, ascending.
     pub fn of_item(&self, item: usize) -> &[u32] {
         let start = if item == 0 { 0 } else { self.ends[item - 1] } as usize;
@@ -149,6 +168,226 @@ impl Audiences {
             members,
         })
     }
+}
+
+/// Item `seed`'s co-occurrence row: every other item a user of its `audience` holds (through
+/// `history`), with the number of such users, in the order first met. `counts` is scratch of one
+/// zero per item, left zeroed.
+pub fn count_row<'h>(
+    seed: u32,
+    audience: &[u32],
+    history: impl Fn(u32) -> &'h [u32],
+    counts: &mut [u32],
+) -> Vec<(u32, u32)> {
+    let mut seen: Vec<u32> = Vec::new();
+    for &user in audience {
+        for &other in history(user) {
+            if other != seed {
+                let c = &mut counts[other as usize];
+                if *c == 0 {
+                    seen.push(other);
+                }
+                *c += 1;
+            }
+        }
+    }
+    (seen.into_iter())
+        .map(|o| (o, std::mem::take(&mut counts[o as usize])))
+        .collect()
+}
+
+/// What counting an item's row costs: one step per history item of each audience member.
+fn row_cost(a: &Audiences, histories: &[Vec<u32>], item: usize) -> u64 {
+    (a.of_item(item).iter())
+        .map(|&u| histories[u as usize].len() as u64)
+        .sum()
+}
+
+/// Rows costing fewer steps than this are counted by the serving layer when asked (well under
+/// a millisecond); those costing more are counted at publish and read from the rows file.
+pub const ROW_COST_MIN: u64 = 50_000;
+
+/// At most this many bytes of rows per basis and version, the costliest first.
+pub const ROWS_BYTES_MAX: u64 = 256 << 20;
+
+/// The file name of `basis`'s precounted rows in a version directory.
+pub fn rows_file_name(basis: Basis) -> &'static str {
+    match basis {
+        Basis::View => "rows.view",
+        Basis::Purchase => "rows.purchase",
+    }
+}
+
+/// The rows of the items costliest to count (at least [`ROW_COST_MIN`] steps, costliest first,
+/// up to [`ROWS_BYTES_MAX`] of them), counted in parallel: (item, row).
+pub fn heavy_rows(a: &Audiences, histories: &[Vec<u32>]) -> Vec<(u32, Vec<(u32, u32)>)> {
+    rows_costing(a, histories, ROW_COST_MIN, ROWS_BYTES_MAX)
+}
+
+/// [`heavy_rows`] with the bounds given.
+pub fn rows_costing(
+    a: &Audiences,
+    histories: &[Vec<u32>],
+    min_cost: u64,
+    max_bytes: u64,
+) -> Vec<(u32, Vec<(u32, u32)>)> {
+    use rayon::prelude::*;
+    let mut heavy: Vec<(u64, u32)> = (0..a.items.len())
+        .map(|i| (row_cost(a, histories, i), i as u32))
+        .filter(|&(cost, _)| cost >= min_cost.max(1))
+        .collect();
+    heavy.sort_unstable_by(|x, y| y.cmp(x));
+    // A row has at most one entry per other item and per step.
+    let mut bytes = 0u64;
+    heavy.retain(|&(cost, _)| {
+        bytes += 8 * cost.min(a.items.len() as u64);
+        bytes <= max_bytes
+    });
+    let n = a.items.len();
+    heavy
+        .par_iter()
+        .map_init(
+            || vec![0u32; n],
+            |counts, &(_, item)| {
+                let row = count_row(
+                    item,
+                    a.of_item(item as usize),
+                    |u| &histories[u as usize],
+                    counts,
+                );
+                (item, row)
+            },
+        )
+        .collect()
+}
+
+/// Writes the rows of some of `items` items ([`heavy_rows`]) to `path` and syncs it:
+/// magic "STRAROW1" | items u32 | per item: start u64, entries u32, held u32 (1 if its row is
+/// here) | entries (other item u32, users u32) | the byte count of everything before u64.
+pub fn write_rows(path: &Path, items: usize, rows: &[(u32, Vec<(u32, u32)>)]) -> Result<()> {
+    let mut table = vec![(0u64, 0u32, 0u32); items];
+    let entries: usize = rows.iter().map(|(_, r)| r.len()).sum();
+    let mut body = Vec::with_capacity(entries * 8);
+    for (item, row) in rows {
+        let slot = table
+            .get_mut(*item as usize)
+            .ok_or_else(|| Error::Other(format!("row of item {item} past {items} items")))?;
+        *slot = ((body.len() / 8) as u64, row.len() as u32, 1);
+        for &(o, c) in row {
+            body.extend_from_slice(&o.to_le_bytes());
+            body.extend_from_slice(&c.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(12 + items * 16 + body.len() + 8);
+    out.extend_from_slice(ROWS_MAGIC);
+    out.extend_from_slice(&(items as u32).to_le_bytes());
+    for (start, len, held) in &table {
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&held.to_le_bytes());
+    }
+    out.extend_from_slice(&body);
+    let len = out.len() as u64;
+    out.extend_from_slice(&len.to_le_bytes());
+    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(&out).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+const ROWS_MAGIC: &[u8; 8] = b"STRAROW1";
+
+/// A version's precounted rows of one basis, read by item from its file when asked (the table
+/// of where each row lies is held; the rows stay on disk).
+pub struct RowFile {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    /// Per item: the first entry, the entries, whether its row is in the file.
+    table: Vec<(u64, u32, bool)>,
+    body_at: u64,
+}
+
+impl RowFile {
+    /// Opens the rows at `path`; `None` if there is no such file.
+    pub fn open(path: &Path) -> Result<Option<RowFile>> {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let corrupt = |d: &str| Error::corrupt(path.display().to_string(), d);
+        let mut head = [0u8; 12];
+        read_at(&file, &mut head, 0).map_err(|e| Error::io(path, e))?;
+        if &head[..8] != ROWS_MAGIC {
+            return Err(corrupt("not a rows file"));
+        }
+        let items = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+        let mut raw = vec![0u8; items * 16];
+        read_at(&file, &mut raw, 12).map_err(|e| Error::io(path, e))?;
+        let table: Vec<(u64, u32, bool)> = raw
+            .chunks_exact(16)
+            .map(|c| (le64(&c[0..8]), le32(&c[8..12]), le32(&c[12..16]) == 1))
+            .collect();
+        let body_at = 12 + items as u64 * 16;
+        let entries: u64 = table.iter().map(|&(_, l, _)| u64::from(l)).sum();
+        if size != body_at + entries * 8 + 8 {
+            return Err(corrupt("truncated or damaged (length check)"));
+        }
+        let in_body = table
+            .iter()
+            .all(|&(s, l, _)| s.checked_add(u64::from(l)).is_some_and(|e| e <= entries));
+        if !in_body {
+            return Err(corrupt("a row past the end"));
+        }
+        Ok(Some(RowFile {
+            file,
+            path: path.to_path_buf(),
+            table,
+            body_at,
+        }))
+    }
+
+    /// How many rows the file holds.
+    pub fn rows(&self) -> usize {
+        self.table.iter().filter(|t| t.2).count()
+    }
+
+    /// Item `item`'s row, if the file holds it.
+    pub fn row(&self, item: u32) -> Option<Result<Vec<(u32, u32)>>> {
+        let &(start, len, held) = self.table.get(item as usize)?;
+        if !held {
+            return None;
+        }
+        let mut raw = vec![0u8; len as usize * 8];
+        if let Err(e) = read_at(&self.file, &mut raw, self.body_at + start * 8) {
+            return Some(Err(Error::io(&self.path, e)));
+        }
+        Some(Ok(raw
+            .chunks_exact(8)
+            .map(|c| (le32(&c[0..4]), le32(&c[4..8])))
+            .collect()))
+    }
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(not(unix))]
+fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(buf)
 }
 
 struct Reader<'a> {
@@ -253,8 +492,65 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(file_name(Basis::View));
         write(&path, &a).expect("write");
-        assert_eq!(read(&path).expect("read"), Some(a));
+        assert_eq!(read(&path).expect("read").as_ref(), Some(&a));
         assert_eq!(read(&dir.path().join("absent")).expect("read"), None);
+
+        // Rows counted at publish equal rows counted naively from the names.
+        let histories = a.histories();
+        let rows = rows_costing(&a, &histories, 0, u64::MAX);
+        let row_path = dir.path().join(rows_file_name(Basis::View));
+        write_rows(&row_path, a.items.len(), &rows).expect("write rows");
+        let file = RowFile::open(&row_path)
+            .expect("open rows")
+            .expect("rows file");
+        let by_name = |row: Vec<(u32, u32)>| -> BTreeSet<(&str, u32)> {
+            row.into_iter()
+                .map(|(o, c)| (a.items[o as usize].as_str(), c))
+                .collect()
+        };
+        let naive = |item: &str| -> BTreeSet<(&str, u32)> {
+            let audience = |i: &str| -> BTreeSet<&str> {
+                entries
+                    .iter()
+                    .filter_map(|(k, p)| match (k, p) {
+                        (
+                            ViewKey::ItemUsers {
+                                basis: Basis::View,
+                                item,
+                            },
+                            Partial::Set(s),
+                        ) if item.as_str() == i => {
+                            Some(s.0.iter().map(|u| u.as_str()).collect::<Vec<_>>())
+                        }
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect()
+            };
+            let mine = audience(item);
+            ["i1", "i2", "i3"]
+                .into_iter()
+                .filter(|&o| o != item)
+                .map(|o| (o, audience(o).intersection(&mine).count() as u32))
+                .filter(|&(_, c)| c > 0)
+                .collect()
+        };
+        for (n, item) in ["i1", "i2", "i3"].into_iter().enumerate() {
+            let got = file.row(n as u32).map(|r| by_name(r.expect("row")));
+            if naive(item).is_empty() {
+                assert!(got.is_none_or(|g| g.is_empty()), "{item}");
+            } else {
+                assert_eq!(got, Some(naive(item)), "{item}");
+            }
+        }
+        assert_eq!(file.rows(), 2, "rows of the items with a cost");
+        let mut bytes = std::fs::read(&row_path).expect("bytes");
+        bytes.pop();
+        std::fs::write(&row_path, &bytes).expect("damage");
+        assert!(
+            RowFile::open(&row_path).is_err(),
+            "a damaged rows file is refused"
+        );
 
         // Damage is reported, not read as other numbers.
         let mut bytes = std::fs::read(&path).expect("bytes");

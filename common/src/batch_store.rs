@@ -258,6 +258,17 @@ pub fn read_audiences(data_dir: &Path, version: u64, basis: Basis) -> Result<Opt
     audience_file::read(&version_dir(data_dir, version).join(audience_file::file_name(basis)))
 }
 
+/// A published version's precounted rows of `basis` ([`crate::audience_file::RowFile`]).
+pub fn open_rows(
+    data_dir: &Path,
+    version: u64,
+    basis: Basis,
+) -> Result<Option<audience_file::RowFile>> {
+    audience_file::RowFile::open(
+        &version_dir(data_dir, version).join(audience_file::rows_file_name(basis)),
+    )
+}
+
 /// Loads every view of a published version into memory.
 pub fn load_views(data_dir: &Path, manifest: &Manifest) -> Result<ViewSet> {
     let old = version_dir(data_dir, manifest.version).join("views.bin");
@@ -328,9 +339,24 @@ fn write_version(
     }
     version_file::write(&views_path(data_dir, manifest.version), &encoded)?;
     // The serving layer's co-occurrence index, numbered here once (crate::audience_file).
+    // And the rows of the items costliest to count: read, not counted, when asked.
     for basis in Basis::ALL {
+        let started = std::time::Instant::now();
         let audiences = Audiences::of(entries.iter().copied(), basis);
         audience_file::write(&dir.join(audience_file::file_name(basis)), &audiences)?;
+        let histories = audiences.histories();
+        let rows = audience_file::heavy_rows(&audiences, &histories);
+        let path = dir.join(audience_file::rows_file_name(basis));
+        audience_file::write_rows(&path, audiences.items.len(), &rows)?;
+        tracing::info!(
+            ?basis,
+            items = audiences.items.len(),
+            users = audiences.users.len(),
+            rows = rows.len(),
+            row_entries = rows.iter().map(|(_, r)| r.len()).sum::<usize>(),
+            ms = started.elapsed().as_millis() as u64,
+            "numbered the audiences and counted the costliest rows"
+        );
     }
     write_synced(
         &dir.join("manifest.json"),

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use strata_common::audience_file::Audiences;
+use strata_common::audience_file::{count_row, Audiences, RowFile};
 use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
@@ -95,6 +95,10 @@ pub struct CoIndex {
     /// The items' co-occurrence counts and audience sizes in the version alone, counted on
     /// first use.
     memo: RowMemo,
+    /// The rows the batch layer counted at publish (the costliest items'), read when first
+    /// asked instead of counted; only with the numbering they were counted in (the version's
+    /// audiences file).
+    rows: Option<RowFile>,
 }
 
 /// Co-occurrence counts kept for what never changes (a batch version, or a version with one
@@ -183,30 +187,15 @@ impl CoIndex {
     /// The index from the audiences the batch layer numbered when it published the version
     /// ([`strata_common::audience_file`]): each user's history is the items whose audience
     /// holds them, the same pairs as the history view's.
-    pub fn from_audiences(a: Audiences) -> Self {
-        let mut histories: Vec<Vec<u32>> = vec![Vec::new(); a.users.len()];
-        let mut sizes = vec![0u32; a.users.len()];
-        for &u in &a.members {
-            sizes[u as usize] += 1;
-        }
-        for (h, &n) in histories.iter_mut().zip(&sizes) {
-            h.reserve_exact(n as usize);
-        }
-        let audiences: Vec<Vec<u32>> = (0..a.items.len())
-            .map(|item| {
-                let members = a.of_item(item);
-                for &u in members {
-                    // Items in ascending number: each history comes out sorted.
-                    histories[u as usize].push(item as u32);
-                }
-                members.to_vec()
-            })
-            .collect();
+    pub fn from_audiences(a: Audiences, rows: Option<RowFile>) -> Self {
+        let histories = a.histories();
+        let audiences: Vec<Vec<u32>> = (0..a.items.len()).map(|i| a.of_item(i).to_vec()).collect();
         let mut ix = CoIndex::default();
         ix.ids[Kind::Item as usize] = Interner::from_names(a.items);
         ix.ids[Kind::User as usize] = Interner::from_names(a.users);
         ix.lists[Side::Audience as usize] = audiences;
         ix.lists[Side::History as usize] = histories;
+        ix.rows = rows;
         ix
     }
 
@@ -220,15 +209,21 @@ impl CoIndex {
     /// counted once and kept (up to [`INDEX_ROW_PAIRS`] pairs across items).
     fn row(&self, seed: u32) -> Arc<Vec<(u32, u32)>> {
         self.memo.row(seed, || {
-            let mut counter = Counter::new(self.ids[Kind::Item as usize].names.len());
-            for &user in self.list(Side::Audience, seed) {
-                for &other in self.list(Side::History, user) {
-                    if other != seed {
-                        counter.bump(other, 1);
+            if let Some(read) = self.rows.as_ref().and_then(|f| f.row(seed)) {
+                match read {
+                    Ok(row) => return row,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a precounted row cannot be read; counting it")
                     }
                 }
             }
-            counter.take()
+            let mut counts = vec![0u32; self.ids[Kind::Item as usize].names.len()];
+            count_row(
+                seed,
+                self.list(Side::Audience, seed),
+                |user| self.list(Side::History, user),
+                &mut counts,
+            )
         })
     }
 }
@@ -715,11 +710,29 @@ mod tests {
             let batch = LoadedBatch::new(manifest, file);
             let scanned = CoIndex::build(&batch, Basis::View).expect("index");
             // The same index from the audiences numbered at publish.
-            let numbered = CoIndex::from_audiences(Audiences::of(
-                parts.iter().map(|(_, (k, p))| (k, p)),
-                Basis::View,
-            ));
-            for (how, index) in [("scanned", &scanned), ("numbered", &numbered)] {
+            let numbered = CoIndex::from_audiences(
+                Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View),
+                None,
+            );
+            // And with every row counted at publish, read from the rows file.
+            let audiences = Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View);
+            let rows = strata_common::audience_file::rows_costing(
+                &audiences,
+                &audiences.histories(),
+                0,
+                u64::MAX,
+            );
+            let row_path = dir.path().join("rows");
+            strata_common::audience_file::write_rows(&row_path, audiences.items.len(), &rows)
+                .expect("rows file");
+            let file = RowFile::open(&row_path).expect("open").expect("rows file");
+            assert_eq!(file.rows(), rows.len());
+            let precounted = CoIndex::from_audiences(audiences, Some(file));
+            for (how, index) in [
+                ("scanned", &scanned),
+                ("numbered", &numbered),
+                ("precounted", &precounted),
+            ] {
                 let under = Merged {
                     index,
                     layers: Vec::new(),

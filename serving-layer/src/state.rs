@@ -112,9 +112,16 @@ impl LoadedBatch {
                 }),
             None => None,
         };
-        let built = Arc::new(match numbered {
-            Some(a) => CoIndex::from_audiences(a),
-            None => CoIndex::build(self, basis)?,
+        let rows = |dir: &std::path::Path| {
+            batch_store::open_rows(dir, self.manifest.version, basis).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the version's precounted rows cannot be read; counting rows when asked");
+                None
+            })
+        };
+        let built = Arc::new(match (numbered, &self.data_dir) {
+            (Some(a), Some(dir)) => CoIndex::from_audiences(a, rows(dir)),
+            (Some(a), None) => CoIndex::from_audiences(a, None),
+            (None, _) => CoIndex::build(self, basis)?,
         });
         Ok(slot.get_or_init(|| built).clone())
     }
