@@ -406,7 +406,8 @@ impl Merged<'_> {
         self.index.list(side, of).len() + layers
     }
 
-    /// Co-occurrence rows for one item, best first; `None` if its audience is empty.
+    /// Co-occurrence rows for one item, best first, the `keep` best of them; `None` if its
+    /// audience is empty.
     ///
     /// The batch version's counts of the item ([`CoIndex::row`], counted once per version) plus
     /// what the layers change: histories only grow, so a user of the version's audience adds
@@ -414,30 +415,42 @@ impl Merged<'_> {
     /// adds their whole merged history. The cost grows with the item's audience in the version
     /// (one look per member at what the layers add) and with what the layers add, not with
     /// the histories of the version's audience.
-    pub fn rows(&self, item: &str) -> Option<CoRows> {
+    pub fn rows(&self, item: &str, keep: usize) -> Option<CoRows> {
         let seed = self.id(Kind::Item, item)?;
         let n_a = self.len(Side::Audience, seed) as u64;
         if n_a == 0 {
             return None;
         }
-        let mut rows: Vec<CoRow> = (self.counts(seed).into_iter())
-            .filter_map(|(other, co)| {
+        // By number first; names for the `keep` best only.
+        let mut rows: Vec<(u32, f64, u64, u64)> = (self.counts(seed).into_iter())
+            .map(|(other, co)| {
                 let co = u64::from(co);
                 let users = (self.len(Side::Audience, other) as u64).max(1);
+                let score = co as f64 / (n_a as f64 * users as f64).sqrt();
+                (other, score, co, users)
+            })
+            .collect();
+        let name = |n: u32| self.item_name(n);
+        let best = |a: &(u32, f64, u64, u64), b: &(u32, f64, u64, u64)| {
+            (b.1.total_cmp(&a.1))
+                .then_with(|| b.2.cmp(&a.2))
+                .then_with(|| name(a.0).cmp(&name(b.0)))
+        };
+        if rows.len() > keep && keep > 0 {
+            rows.select_nth_unstable_by(keep - 1, best);
+        }
+        rows.truncate(keep);
+        rows.sort_unstable_by(best);
+        let rows = (rows.into_iter())
+            .filter_map(|(other, score, co, users)| {
                 Some(CoRow {
                     item: self.item_name(other)?.clone(),
-                    score: co as f64 / (n_a as f64 * users as f64).sqrt(),
+                    score,
                     co,
                     users,
                 })
             })
             .collect();
-        rows.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| b.co.cmp(&a.co))
-                .then_with(|| a.item.cmp(&b.item))
-        });
         Some(CoRows { users: n_a, rows })
     }
 
@@ -748,7 +761,7 @@ mod tests {
                     layers: vec![&first, &second],
                 };
                 let rows = |item: u32| -> Vec<(Name, u64, u64)> {
-                    (merged.rows(&format!("i{item}")).into_iter())
+                    (merged.rows(&format!("i{item}"), usize::MAX).into_iter())
                         .flat_map(|r| r.rows)
                         .map(|r| (r.item, r.co, r.users))
                         .collect()
@@ -771,6 +784,17 @@ mod tests {
                 for item in 0..(items as u32 + 4) {
                     let want = naive(&events, item);
                     assert_eq!(rows(item), want, "{how}, round {round}, item i{item}");
+                    // The best few alone are the first few of all.
+                    let few: Vec<(Name, u64, u64)> = (merged.rows(&format!("i{item}"), 3))
+                        .into_iter()
+                        .flat_map(|r| r.rows)
+                        .map(|r| (r.item, r.co, r.users))
+                        .collect();
+                    assert_eq!(
+                        few,
+                        want[..want.len().min(3)],
+                        "{how}, round {round}, i{item}, 3 best"
+                    );
                     // Counted twice: the second time from the version's kept counts.
                     let again = rows(item);
                     assert_eq!(again, want, "{how}, round {round}, item i{item}, again");
@@ -784,7 +808,7 @@ mod tests {
                 };
                 for item in 0..(items as u32 + 4) {
                     let got: Vec<(Name, u64, u64)> =
-                        (absorbed.rows(&format!("i{item}")).into_iter())
+                        (absorbed.rows(&format!("i{item}"), usize::MAX).into_iter())
                             .flat_map(|r| r.rows)
                             .map(|r| (r.item, r.co, r.users))
                             .collect();

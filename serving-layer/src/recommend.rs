@@ -171,19 +171,21 @@ impl CoMemo {
         })
     }
 
-    /// The rows of `item` in the state of `m`: kept ones, or computed (and kept); `None` if the
-    /// item has no audience.
+    /// The `keep` best rows of `item` in the state of `m` (`keep` the most a request may ask
+    /// for: the same for every call): kept ones, or computed (and kept); `None` if the item has
+    /// no audience.
     pub fn rows(
         &self,
         m: &Merge<'_>,
         basis: Basis,
         item: &str,
+        keep: usize,
     ) -> Result<Option<Arc<CoRows>>, ApiError> {
         let slot = basis.index();
         let index = m.co_index(basis)?;
         let Some(at) = m.state_id else {
             let layers = self.layers(m, &index, basis)?;
-            return Ok(rows_of(&index, &layers, item));
+            return Ok(rows_of(&index, &layers, item, keep));
         };
         let key = (basis, Name::from(item));
         let kept_layers = {
@@ -198,7 +200,7 @@ impl CoMemo {
             Some(layers) => layers,
             None => self.layers(m, &index, basis)?,
         };
-        let rows = rows_of(&index, &layers, item);
+        let rows = rows_of(&index, &layers, item, keep);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let Some(kept) = kept.for_state(at) else {
             return Ok(rows);
@@ -373,9 +375,9 @@ fn journal_since(
     Ok(Some(deltas))
 }
 
-fn rows_of(index: &CoIndex, layers: &Layers, item: &str) -> Option<Arc<CoRows>> {
+fn rows_of(index: &CoIndex, layers: &Layers, item: &str, keep: usize) -> Option<Arc<CoRows>> {
     let layers = layers.iter().map(|l| &**l).collect();
-    Merged { index, layers }.rows(item).map(Arc::new)
+    Merged { index, layers }.rows(item, keep).map(Arc::new)
 }
 
 /// Items that co-occur with `item`.
@@ -386,7 +388,7 @@ pub fn for_item(
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(rows) = state.co_rows.rows(m, basis, item)? else {
+        let Some(rows) = state.co_rows.rows(m, basis, item, state.cfg.serve.max_limit)? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
