@@ -209,6 +209,10 @@ pub struct ServeConfig {
     /// version, same speed writes; same second for answers that read the clock), 64 MiB at
     /// most; 0 computes every answer afresh.
     pub answer_cache: usize,
+    /// MiB of co-occurrence counts kept once counted: an eighth for each of the four row memos
+    /// (per basis, the batch version's and the finished speed blocks'), half for item
+    /// recommendations' ranked rows per state. 0 keeps none (each is counted when asked).
+    pub memo_mb: usize,
     /// Expected range of each reading metric; device windows outside it are flagged.
     pub metric_bounds: BTreeMap<String, MetricBounds>,
 }
@@ -301,6 +305,7 @@ impl Default for ServeConfig {
             silent_after_secs: 600,
             max_limit: 1_000,
             answer_cache: 10_000,
+            memo_mb: 96,
             metric_bounds: BTreeMap::from([
                 (
                     "temp_c".to_string(),

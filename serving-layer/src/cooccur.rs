@@ -103,24 +103,36 @@ pub struct CoIndex {
 
 /// Co-occurrence counts kept for what never changes (a batch version, or a version with one
 /// layer over it): per item, (other item, users holding both), and every item's audience size.
-#[derive(Default)]
 struct RowMemo {
     rows: Mutex<KeptRows>,
     audiences: OnceLock<Arc<Vec<u32>>>,
+    /// The most pairs kept.
+    limit: usize,
+}
+
+impl Default for RowMemo {
+    fn default() -> Self {
+        RowMemo::holding(INDEX_ROW_PAIRS)
+    }
 }
 
 /// A copy of a layer (made to take another layer into it) counts anew.
 impl Clone for RowMemo {
     fn clone(&self) -> Self {
-        RowMemo::default()
+        RowMemo::holding(self.limit)
     }
+}
+
+/// How many pairs a row memo keeps in `mb` MiB (8 bytes a pair).
+pub fn memo_pairs(mb: usize) -> usize {
+    (mb << 20) / 8
 }
 
 #[derive(Default)]
 struct KeptRows {
     pairs: usize,
     by_item: FastMap<u32, Arc<Vec<(u32, u32)>>>,
-    /// In the order counted, the first to go when more than [`INDEX_ROW_PAIRS`] are held.
+    /// In the order counted, the first to go when more than the memo's limit are held.
     order: VecDeque<u32>,
 }
 
@@ -128,8 +140,16 @@ struct KeptRows {
 pub const INDEX_ROW_PAIRS: usize = 4 << 20;
 
 impl RowMemo {
+    fn holding(limit: usize) -> Self {
+        RowMemo {
+            rows: Mutex::default(),
+            audiences: OnceLock::new(),
+            limit,
+        }
+    }
+
     /// The kept row of `seed`, or `count`'s (then kept, the oldest rows going first past
-    /// [`INDEX_ROW_PAIRS`]).
+    /// the memo's limit; a row longer than that is not kept).
     fn row(&self, seed: u32, count: impl FnOnce() -> Vec<(u32, u32)>) -> Arc<Vec<(u32, u32)>> {
         let kept = |rows: &KeptRows| rows.by_item.get(&seed).cloned();
         if let Some(row) = kept(&self.rows.lock().unwrap_or_else(|e| e.into_inner())) {
@@ -140,7 +160,10 @@ impl RowMemo {
         if let Some(found) = kept(&rows) {
             return found;
         }
-        while rows.pairs + row.len() > INDEX_ROW_PAIRS {
+        if row.len() > self.limit {
+            return row;
+        }
+        while rows.pairs + row.len() > self.limit {
             let Some(old) = rows.order.pop_front() else {
                 break;
             };
@@ -187,6 +210,13 @@ impl CoIndex {
     /// The index from the audiences the batch layer numbered when it published the version
     /// ([`strata_common::audience_file`]): each user's history is the items whose audience
     /// holds them, the same pairs as the history view's.
+    /// This index with its row memo keeping at most `pairs` pairs (the layers over it keep as
+    /// many each).
+    pub fn keeping(mut self, pairs: usize) -> Self {
+        self.memo = RowMemo::holding(pairs);
+        self
+    }
+
     pub fn from_audiences(a: Audiences, rows: Option<RowFile>) -> Self {
         let histories = a.histories();
         let audiences: Vec<Vec<u32>> = (0..a.items.len()).map(|i| a.of_item(i).to_vec()).collect();
@@ -206,7 +236,7 @@ impl CoIndex {
 
     /// The co-occurrence counts of item `seed` in the version alone: every other item a user of
     /// its audience holds, with the number of such users. A version never changes, so they are
-    /// counted once and kept (up to [`INDEX_ROW_PAIRS`] pairs across items).
+    /// counted once and kept (up to the memo's limit of pairs across items).
     fn row(&self, seed: u32) -> Arc<Vec<(u32, u32)>> {
         self.memo.row(seed, || {
             if let Some(read) = self.rows.as_ref().and_then(|f| f.row(seed)) {
@@ -293,6 +323,7 @@ impl Overlay {
     ) -> Result<Self, ApiError> {
         let mut o = Overlay {
             first: [under.count(Kind::Item), under.count(Kind::User)],
+            memo: RowMemo::holding(under.index.memo.limit),
             ..Overlay::default()
         };
         for side in SIDES {
@@ -741,10 +772,19 @@ mod tests {
             let file = RowFile::open(&row_path).expect("open").expect("rows file");
             assert_eq!(file.rows(), rows.len());
             let precounted = CoIndex::from_audiences(audiences, Some(file));
+            // And keeping no row at all (`serve.memo-mb = 0`), or only a few pairs.
+            let unkept = CoIndex::build(&batch, Basis::View)
+                .expect("index")
+                .keeping(0);
+            let few = CoIndex::build(&batch, Basis::View)
+                .expect("index")
+                .keeping(5);
             for (how, index) in [
                 ("scanned", &scanned),
                 ("numbered", &numbered),
                 ("precounted", &precounted),
+                ("unkept", &unkept),
+                ("few kept", &few),
             ] {
                 let under = Merged {
                     index,
@@ -797,6 +837,8 @@ mod tests {
                     );
                     // Counted twice: the second time from the version's kept counts.
                     let again = rows(item);
+                    let held = index.memo.rows.lock().map_or(0, |r| r.pairs);
+                    assert!(held <= index.memo.limit, "{how}: {held} pairs kept");
                     assert_eq!(again, want, "{how}, round {round}, item i{item}, again");
                 }
                 // The two layers taken into one count the same.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
-use crate::cooccur::{CoIndex, CoRows, Counter, Merged, Overlay};
+use crate::cooccur::{CoIndex, CoRow, CoRows, Counter, Merged, Overlay};
 use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{blocks_since, Merge, PerState, ServingState};
@@ -31,8 +31,10 @@ fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64
     )
 }
 
-/// Co-occurrence rows kept at most (about 48 bytes each), across items.
-pub const CO_MEMO_ROWS: usize = 1_000_000;
+/// How many ranked rows fit in `mb` MiB (each row's item name and figures).
+pub fn memo_rows(mb: usize) -> usize {
+    (mb << 20) / std::mem::size_of::<CoRow>()
+}
 
 /// Co-occurrence rows of the items asked about, for one state: a user's recommendations read
 /// the rows of their recent items, and popular items are among many users' recent ones. Rows

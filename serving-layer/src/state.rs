@@ -27,6 +27,8 @@ pub struct LoadedBatch {
     /// The data directory it was published in, where the files beside its views are read from
     /// (`None`: its views alone).
     pub data_dir: Option<std::path::PathBuf>,
+    /// The most pairs each row memo over this version keeps (`serve.memo-mb`).
+    pub memo_pairs: usize,
     /// Milliseconds from reading the version's files to holding it, ready to answer from.
     pub load_ms: u64,
     /// Per-item totals over a window's buckets, computed once per window start: a version never
@@ -92,6 +94,7 @@ impl LoadedBatch {
             manifest,
             views,
             data_dir: None,
+            memo_pairs: crate::cooccur::INDEX_ROW_PAIRS,
             load_ms: 0,
             item_totals: Mutex::new(Vec::new()),
             co_index: Default::default(),
@@ -118,11 +121,14 @@ impl LoadedBatch {
                 None
             })
         };
-        let built = Arc::new(match (numbered, &self.data_dir) {
-            (Some(a), Some(dir)) => CoIndex::from_audiences(a, rows(dir)),
-            (Some(a), None) => CoIndex::from_audiences(a, None),
-            (None, _) => CoIndex::build(self, basis)?,
-        });
+        let built = Arc::new(
+            match (numbered, &self.data_dir) {
+                (Some(a), Some(dir)) => CoIndex::from_audiences(a, rows(dir)),
+                (Some(a), None) => CoIndex::from_audiences(a, None),
+                (None, _) => CoIndex::build(self, basis)?,
+            }
+            .keeping(self.memo_pairs),
+        );
         Ok(slot.get_or_init(|| built).clone())
     }
 
@@ -480,6 +486,7 @@ impl ServingState {
     }
 
     fn build(cfg: Config, speed: Option<Arc<SpeedReader>>, follower: bool) -> Self {
+        let memo_rows = crate::recommend::memo_rows(cfg.serve.memo_mb / 2);
         let s = ServingState {
             answers: Answers::new(cfg.serve.answer_cache),
             cfg,
@@ -492,7 +499,7 @@ impl ServingState {
             heavy: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
-            co_rows: crate::recommend::CoMemo::new(crate::recommend::CO_MEMO_ROWS),
+            co_rows: crate::recommend::CoMemo::new(memo_rows),
             windows: crate::rankings::TotalsMemo::default(),
         };
         if let Err(e) = s.refresh_batch() {
@@ -565,6 +572,7 @@ impl ServingState {
         let views = batch_store::open_views(&self.cfg.data_dir, &manifest)?;
         let mut loaded = LoadedBatch::new(manifest, views);
         loaded.data_dir = Some(self.cfg.data_dir.clone());
+        loaded.memo_pairs = crate::cooccur::memo_pairs(self.cfg.serve.memo_mb / 8);
         // Recommendations read the version's audiences and histories by number: read them
         // (numbered by the batch layer at publish; indexed from the views for a version
         // published before that) before the version is served, while the old one still
