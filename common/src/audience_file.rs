@@ -18,7 +18,7 @@
 //!   the byte count of everything before: u64
 //! ```
 
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -147,10 +147,7 @@ impl Audiences {
             .map(|_| r.u64())
             .collect::<std::result::Result<Vec<u64>, _>>()?;
         let raw = r.take(n_members.checked_mul(4).ok_or("too many members")?)?;
-        let members: Vec<u32> = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let members: Vec<u32> = raw.chunks_exact(4).map(le32).collect();
         let before = r.at as u64;
         if r.u64()? != before || r.at != bytes.len() {
             return Err("truncated or damaged (length check)".into());
@@ -289,9 +286,7 @@ pub fn write_rows(path: &Path, items: usize, rows: &[(u32, Vec<(u32, u32)>)]) ->
     out.extend_from_slice(&body);
     let len = out.len() as u64;
     out.extend_from_slice(&len.to_le_bytes());
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    file.write_all(&out).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
+    crate::disk::write_synced(path, &out)
 }
 
 const ROWS_MAGIC: &[u8; 8] = b"STRAROW1";
@@ -317,13 +312,15 @@ impl RowFile {
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let corrupt = |d: &str| Error::corrupt(path.display().to_string(), d);
         let mut head = [0u8; 12];
-        read_at(&file, &mut head, 0).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io(path, e))?;
         if &head[..8] != ROWS_MAGIC {
             return Err(corrupt("not a rows file"));
         }
         let items = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
         let mut raw = vec![0u8; items * 16];
-        read_at(&file, &mut raw, 12).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut raw, 12)
+            .map_err(|e| Error::io(path, e))?;
         let table: Vec<(u64, u32, bool)> = raw
             .chunks_exact(16)
             .map(|c| (le64(&c[0..8]), le32(&c[8..12]), le32(&c[12..16]) == 1))
@@ -359,7 +356,7 @@ impl RowFile {
             return None;
         }
         let mut raw = vec![0u8; len as usize * 8];
-        if let Err(e) = read_at(&self.file, &mut raw, self.body_at + start * 8) {
+        if let Err(e) = self.file.read_exact_at(&mut raw, self.body_at + start * 8) {
             return Some(Err(Error::io(&self.path, e)));
         }
         Some(Ok(raw
@@ -375,19 +372,6 @@ fn le32(b: &[u8]) -> u32 {
 
 fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
-#[cfg(unix)]
-fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
-}
-
-#[cfg(not(unix))]
-fn read_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = file.try_clone()?;
-    f.seek(SeekFrom::Start(at))?;
-    f.read_exact(buf)
 }
 
 struct Reader<'a> {
@@ -422,10 +406,7 @@ impl<'a> Reader<'a> {
 
 /// Writes `audiences` to `path` and syncs it.
 pub fn write(path: &Path, audiences: &Audiences) -> Result<()> {
-    let bytes = audiences.encode()?;
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    file.write_all(&bytes).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
+    crate::disk::write_synced(path, &audiences.encode()?)
 }
 
 /// Reads the audiences at `path`; `None` if there is no such file (a version published before

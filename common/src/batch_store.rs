@@ -16,12 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::audience_file::{self, Audiences};
+use crate::disk;
 use crate::handoff::Offsets;
 use crate::retention::Marks;
 use crate::version_file::{self, VersionFile};
@@ -358,7 +358,7 @@ fn write_version(
             "numbered the audiences and counted the costliest rows"
         );
     }
-    write_synced(
+    disk::write_synced(
         &dir.join("manifest.json"),
         &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
     )?;
@@ -366,7 +366,7 @@ fn write_version(
     sync_dir(&versions_dir(data_dir))?;
 
     let tmp = root(data_dir).join("CURRENT.tmp");
-    write_synced(
+    disk::write_synced(
         &tmp,
         &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?,
     )?;
@@ -376,16 +376,6 @@ fn write_version(
     crate::fault::point("batch.publish.after_current");
     sync_dir(&root(data_dir))?;
     Ok(manifest)
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::new(file);
-    w.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
 }
 
 fn version_dirs(data_dir: &Path) -> Result<Vec<u64>> {

@@ -55,6 +55,18 @@ pub fn check(path: &Path, min_free_mb: u64) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to a new file at `path` and syncs it to disk before returning.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    w.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
