@@ -207,9 +207,6 @@ impl CoIndex {
         Ok(ix)
     }
 
-    /// The index from the audiences the batch layer numbered when it published the version
-    /// ([`strata_common::audience_file`]): each user's history is the items whose audience
-    /// holds them, the same pairs as the history view's.
     /// This index with its row memo keeping at most `pairs` pairs (the layers over it keep as
     /// many each).
     pub fn keeping(mut self, pairs: usize) -> Self {
@@ -217,6 +214,9 @@ impl CoIndex {
         self
     }
 
+    /// The index from the audiences the batch layer numbered when it published the version
+    /// ([`strata_common::audience_file`]), with the rows it counted then: each user's history
+    /// is the items whose audience holds them, the same pairs as the history view's.
     pub fn from_audiences(a: Audiences, rows: Option<RowFile>) -> Self {
         let histories = a.histories();
         let audiences: Vec<Vec<u32>> = (0..a.items.len()).map(|i| a.of_item(i).to_vec()).collect();

@@ -107,28 +107,25 @@ impl LoadedBatch {
         if let Some(ix) = slot.get() {
             return Ok(ix.clone());
         }
-        let numbered = match &self.data_dir {
-            Some(dir) => batch_store::read_audiences(dir, self.manifest.version, basis)
+        // Numbered at publish (with the rows counted then), or indexed from the views for a
+        // version published before those files were written.
+        let numbered = self.data_dir.as_deref().and_then(|dir| {
+            let audiences = batch_store::read_audiences(dir, self.manifest.version, basis)
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "the version's numbered audiences cannot be read; indexing its views instead");
                     None
-                }),
-            None => None,
-        };
-        let rows = |dir: &std::path::Path| {
-            batch_store::open_rows(dir, self.manifest.version, basis).unwrap_or_else(|e| {
+                })?;
+            let rows = batch_store::open_rows(dir, self.manifest.version, basis).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the version's precounted rows cannot be read; counting rows when asked");
                 None
-            })
+            });
+            Some(CoIndex::from_audiences(audiences, rows))
+        });
+        let built = match numbered {
+            Some(ix) => ix,
+            None => CoIndex::build(self, basis)?,
         };
-        let built = Arc::new(
-            match (numbered, &self.data_dir) {
-                (Some(a), Some(dir)) => CoIndex::from_audiences(a, rows(dir)),
-                (Some(a), None) => CoIndex::from_audiences(a, None),
-                (None, _) => CoIndex::build(self, basis)?,
-            }
-            .keeping(self.memo_pairs),
-        );
+        let built = Arc::new(built.keeping(self.memo_pairs));
         Ok(slot.get_or_init(|| built).clone())
     }
 

@@ -2,7 +2,7 @@
 //! `--config` file < `STRATA__SECTION__KEY` variables < flags. Needs no broker.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `strata` binary with no `STRATA_…` variables inherited from the test's environment.
@@ -25,6 +25,22 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config file");
     path.to_str().expect("utf-8 temp path").to_string()
+}
+
+/// The child's exit status once it exits, or `None` (and the child killed) after `within`.
+fn exit_within(child: &mut std::process::Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for strata") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -190,17 +206,8 @@ fn unknown_keys_stop_start_up_naming_the_key() {
     .stderr(Stdio::piped())
     .spawn()
     .expect("start strata serve");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for strata serve") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("strata serve started despite an unknown key");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(30)) else {
+        panic!("strata serve started despite an unknown key");
     };
     let out = child.wait_with_output().expect("stderr");
     let stderr = text(&out.stderr);
@@ -248,16 +255,8 @@ fn a_signal_during_start_up_stops_cleanly() {
         let pid = child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("strata {layer} still running 20 s after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = exit_within(&mut child, Duration::from_secs(20)) else {
+            panic!("strata {layer} still running 20 s after SIGTERM");
         };
         let stderr = text(&child.wait_with_output().expect("stderr").stderr);
         assert_eq!(status.code(), Some(0), "strata {layer}: {status}; {stderr}");
