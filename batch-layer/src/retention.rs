@@ -923,9 +923,13 @@ mod tests {
         write_segments(&cfg, 0, &events, 200);
         crate::recompute::recompute(&cfg).expect("recompute");
         let (_, all) = version_entries(&cfg);
-        cfg.retention.minute_series_days = 10;
+        // The time to live counts back from the clock, the stream from NOW: 10 days past NOW,
+        // whatever the date the test runs on.
+        let now = strata_common::time::now_millis();
+        let days = (now - NOW).max(0) / DAY + 10;
+        cfg.retention.minute_series_days = days as _;
         let m = crate::recompute::recompute(&cfg).expect("recompute");
-        let from = Gran::Day.floor(strata_common::time::now_millis() - 10 * DAY);
+        let from = Gran::Day.floor(now - days * DAY);
         assert_eq!(m.retention.item_minute_from, Some(from));
         assert_eq!(m.retention.series_minute_from, Some(from));
         let (_, kept) = version_entries(&cfg);
@@ -948,7 +952,7 @@ mod tests {
             .collect();
         assert!(
             expected.len() < all.len(),
-            "the stream has minute buckets older than 10 days"
+            "the stream has minute buckets older than the time to live"
         );
         assert!(
             kept.keys().any(|k| minute_start(k).is_some()),
