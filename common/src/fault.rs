@@ -14,7 +14,9 @@ pub const POINTS: &[&str] = &[
     // acknowledged; then all of a flush's acknowledged, before its WriteBatch.
     "speed.dlq.sent",
     "speed.dlq.acknowledged",
-    // The speed layer's flush: its WriteBatch of blocks, counters and offsets.
+    // The speed layer's flush: the blocks it finishes ingested as a file, then its WriteBatch
+    // of journal entries, dedupe ids, counters and offsets.
+    "speed.flush.ingested",
     "speed.flush.before_write",
     "speed.flush.after_write",
     // The speed layer's offsets committed to its consumer group (for lag tools only).

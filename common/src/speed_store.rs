@@ -2,25 +2,35 @@
 //! layer (reader) use.
 //!
 //! Column families ([`Cf`]):
-//! - `blocks`: `partition u32 BE | block u64 BE | view key` -> [`Partial`], always written whole
-//!   (stored partial merged with the flush's delta), so replaying a write is harmless;
+//! - `blocks`: `partition u32 BE | block u64 BE | view key` -> [`Partial`], for the *finished*
+//!   blocks of each partition (those its next offset has passed the end of). A block is written
+//!   there once, whole, as an SST file ingested when the speed layer's next offset leaves it, so
+//!   its keys never go through a memtable or a compaction;
+//! - `journal`: `partition u32 BE | next offset u64 BE` -> the deltas of one flush of one
+//!   partition (every view's, with their blocks) and the offset the flush started from. The
+//!   partition's *live* block, the one its next offset lies in, is the merge of the deltas the
+//!   journal holds for it: readers build it from there and bring it forward flush by flush
+//!   ([`LiveBlock`]). Entries whose blocks are all finished are removed;
 //! - `meta`: per partition the next offset to consume, the dedupe watermark and the first live
-//!   block; and the block size the state was built with;
+//!   block; the block size the state was built with and its layout ([`LAYOUT`]);
 //! - `dedupe`: `partition u32 BE | event id` -> expiry (the dedupe rule's memory).
 //!
-//! The speed layer writes all three in one `WriteBatch` per flush, so its state and its offsets
-//! never disagree, whatever moment it is killed at.
+//! The speed layer writes the journal, the dedupe ids and the meta family in one `WriteBatch`
+//! per flush, so its state and its offsets never disagree, whatever moment it is killed at. A
+//! block's SST file is ingested before the write that moves the offset past its end: killed in
+//! between, the block is still live by the stored offset (readers take it from the journal and
+//! pass over its keys in `blocks`), and the restarted layer ingests the same keys again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
     ReadOptions, DB,
 };
 
-use crate::handoff::{BlockRange, Offset, Partition, SpeedPartition};
+use crate::handoff::{block_of, BlockRange, Offset, Partition, SpeedPartition};
 use crate::time::Millis;
 use crate::views::{Partial, ViewKey};
 use crate::{Error, Result};
@@ -64,11 +74,13 @@ impl Cf {
     /// hold the latest versions until they are flushed.
     fn write_buffer_size(self) -> usize {
         const MIB: usize = 1 << 20;
+        // `blocks` takes no writes but the range deletions of covered blocks (its keys arrive as
+        // ingested files); the journal takes every flush's deltas.
         match self {
-            Cf::Blocks => 16 * MIB,
+            Cf::Blocks => 2 * MIB,
             Cf::Dedupe => 8 * MIB,
             Cf::Meta => 2 * MIB,
-            Cf::Journal => 4 * MIB,
+            Cf::Journal => 16 * MIB,
         }
     }
 
@@ -76,6 +88,11 @@ impl Cf {
         let mut opts = Options::default();
         opts.set_write_buffer_size(self.write_buffer_size());
         opts.set_max_write_buffer_number(2);
+        if self == Cf::Journal {
+            // Entries live about as long as a block does: most are deleted before a compaction
+            // reaches them, so compressing them at each memtable flush is work thrown away.
+            opts.set_compression_type(rocksdb::DBCompressionType::None);
+        }
         if self != Cf::Meta && self != Cf::Journal {
             // Most point reads ask for a key a table does not hold: a block's partial of an
             // item nobody touched in that block (recommendations read hundreds per request), an
@@ -94,6 +111,12 @@ impl Cf {
         }
         opts
     }
+}
+
+/// The options finished blocks' SST files are built with: those of the `blocks` family (its
+/// Bloom filter, its compression).
+pub fn block_file_options() -> Options {
+    Cf::Blocks.options()
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
@@ -145,6 +168,12 @@ pub fn block_key(p: Partition, block: u64, key: &ViewKey) -> Vec<u8> {
     out
 }
 
+/// The key every finished block's file holds besides its view keys, with an empty value: a
+/// reader that finds it knows the file is there (see [`SpeedReader::with_view`]).
+pub fn block_marker(p: Partition, block: u64) -> Vec<u8> {
+    block_prefix(p, block)
+}
+
 /// The prefix of every key of one block.
 pub fn block_prefix(p: Partition, block: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + 24);
@@ -167,6 +196,9 @@ pub mod meta_key {
     use super::*;
 
     pub const BLOCK_SIZE: &[u8] = b"block-size";
+    /// The layout the state is written in ([`LAYOUT`](super::LAYOUT)); absent in states
+    /// written before finished blocks were ingested (every block's keys in `blocks`).
+    pub const LAYOUT: &[u8] = b"layout";
     /// Wall-clock time (epoch ms) of the last flush.
     pub const FLUSHED_AT: &[u8] = b"flushed-at";
 
@@ -186,6 +218,11 @@ pub mod meta_key {
 
     pub fn first_live_block(p: Partition) -> Vec<u8> {
         tagged(b'd', p)
+    }
+
+    /// The newest block of the partition written to `blocks`.
+    pub fn written_block(p: Partition) -> Vec<u8> {
+        tagged(b'f', p)
     }
 
     pub fn accepted(p: Partition) -> Vec<u8> {
@@ -236,6 +273,8 @@ pub struct PartitionMeta {
     pub next_offset: Offset,
     pub watermark: Millis,
     pub first_live_block: u64,
+    /// The newest block written to `blocks` (its file ingested), if any.
+    pub written_block: Option<u64>,
     /// Messages accepted as events (copies included), rejected, and skipped as copies.
     pub accepted: u64,
     pub rejected: u64,
@@ -262,6 +301,7 @@ impl Default for PartitionMeta {
             next_offset: 0,
             watermark: crate::dedupe::START_WATERMARK,
             first_live_block: 0,
+            written_block: None,
             accepted: 0,
             rejected: 0,
             duplicates: 0,
@@ -271,11 +311,18 @@ impl Default for PartitionMeta {
     }
 }
 
+/// The layout this code writes: finished blocks in `blocks`, each partition's live block in the
+/// journal. A state without a layout mark keeps every block's keys in `blocks` (the speed layer
+/// moves it to this layout when it opens it; readers read it as it is).
+pub const LAYOUT: u64 = 2;
+
 /// Everything in the meta family.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpeedMeta {
     /// The block size the state was built with; `None` for a new store.
     pub block_size: Option<u64>,
+    /// The state's layout mark (`None`: written before [`LAYOUT`]).
+    pub layout: Option<u64>,
     /// Wall-clock time (epoch ms) of the speed layer's last write.
     pub flushed_at: Option<Millis>,
     pub partitions: BTreeMap<Partition, PartitionMeta>,
@@ -336,6 +383,10 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
         flushed_at: reads
             .get_cf_bytes(db, Cf::Meta, meta_key::FLUSHED_AT)?
             .and_then(|v| decode_i64(&v)),
+        layout: reads
+            .get_cf_bytes(db, Cf::Meta, meta_key::LAYOUT)?
+            .and_then(|v| decode_i64(&v))
+            .map(|v| v as u64),
         ..SpeedMeta::default()
     };
     let handle = cf(db, Cf::Meta)?;
@@ -367,6 +418,7 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
             b'a' => m.accepted = v as u64,
             b'r' => m.rejected = v as u64,
             b'u' => m.duplicates = v as u64,
+            b'f' => m.written_block = Some(v as u64),
             _ => {}
         }
     }
@@ -428,6 +480,9 @@ pub fn scan_view(
                 &prefix,
                 "scan speed block",
                 |k, v| {
+                    if k.len() == 12 {
+                        return Ok(()); // a block's marker
+                    }
                     let key = ViewKey::decode(&k[12..])
                         .ok_or_else(|| Error::corrupt("speed block", "undecodable view key"))?;
                     let p = Partial::decode(v)
@@ -476,9 +531,8 @@ pub fn journal_key(p: Partition, end: i64) -> [u8; 12] {
 }
 
 /// One flush of one partition as the journal holds it: the next offset before and after it, and
-/// the deltas of the co-occurrence views (item audiences, user histories) it folded, with their
-/// blocks. Readers that hold a partition's last block as of `start` bring it to `end` from the
-/// deltas alone, without reading the block again.
+/// the deltas of every view it folded, with their blocks. Readers that hold a partition's live
+/// block as of `start` bring it to `end` from the deltas alone.
 #[derive(Debug, Default, PartialEq)]
 pub struct JournalEntry {
     pub start: i64,
@@ -486,8 +540,8 @@ pub struct JournalEntry {
     pub deltas: Vec<(u64, ViewKey, Partial)>,
 }
 
-/// Whether the journal records deltas of this view key.
-pub fn journaled(key: &ViewKey) -> bool {
+/// Whether a view key is one of the co-occurrence views (item audiences, user histories).
+pub fn co_occurrence(key: &ViewKey) -> bool {
     matches!(key, ViewKey::ItemUsers { .. } | ViewKey::UserItems { .. })
 }
 
@@ -510,11 +564,18 @@ pub fn encode_journal(start: i64, deltas: &[JournalDelta]) -> Vec<u8> {
     out
 }
 
-fn decode_journal(key: &[u8], value: &[u8]) -> Option<JournalEntry> {
+/// A journal entry's offsets and its deltas as stored: (block, encoded key, encoded partial).
+struct RawEntry<'a> {
+    start: i64,
+    end: i64,
+    deltas: Vec<(u64, &'a [u8], &'a [u8])>,
+}
+
+fn decode_raw<'a>(key: &[u8], value: &'a [u8]) -> Option<RawEntry<'a>> {
     let end = decode_i64(key.get(4..12)?)?;
     let start = decode_i64(value.get(..8)?)?;
     let mut rest = &value[8..];
-    let mut take = |n: usize| -> Option<&[u8]> {
+    let mut take = |n: usize| -> Option<&'a [u8]> {
         let (a, b) = (rest.get(..n)?, rest.get(n..)?);
         rest = b;
         Some(a)
@@ -523,12 +584,37 @@ fn decode_journal(key: &[u8], value: &[u8]) -> Option<JournalEntry> {
     while let Some(block) = take(8) {
         let block = u64::from_be_bytes(block.try_into().ok()?);
         let klen = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
-        let key = ViewKey::decode(take(klen)?)?;
+        let key = take(klen)?;
         let vlen = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
-        let partial = Partial::decode(take(vlen)?)?;
-        deltas.push((block, key, partial));
+        deltas.push((block, key, take(vlen)?));
     }
-    Some(JournalEntry { start, end, deltas })
+    Some(RawEntry { start, end, deltas })
+}
+
+/// Calls `f` with partition `p`'s journal entries that end after offset `after`, as stored, in
+/// offset order.
+fn read_journal_raw(
+    db: &DB,
+    reads: &impl Reads,
+    p: Partition,
+    after: i64,
+    f: &mut dyn FnMut(RawEntry<'_>) -> Result<()>,
+) -> Result<()> {
+    let handle = cf(db, Cf::Journal)?;
+    let start = journal_key(p, after.saturating_add(1));
+    scan_prefixed(
+        db,
+        handle,
+        reads,
+        &start,
+        &partition_bytes(p),
+        "read speed journal",
+        |k, v| f(decode_raw(k, v).ok_or_else(|| corrupt_journal("undecodable entry"))?),
+    )
+}
+
+fn corrupt_journal(what: impl Into<String>) -> Error {
+    Error::corrupt("speed journal", what.into())
 }
 
 /// Calls `f` with partition `p`'s journal entries that end after offset `after`, in offset
@@ -540,21 +626,254 @@ pub fn read_journal(
     after: i64,
     f: &mut dyn FnMut(JournalEntry),
 ) -> Result<()> {
-    let handle = cf(db, Cf::Journal)?;
-    let start = journal_key(p, after.saturating_add(1));
-    scan_prefixed(
-        db,
-        handle,
-        reads,
-        &start,
-        &partition_bytes(p),
-        "read speed journal",
-        |k, v| {
-            f(decode_journal(k, v)
-                .ok_or_else(|| Error::corrupt("speed journal", "undecodable entry"))?);
+    read_journal_raw(db, reads, p, after, &mut |e| {
+        let mut deltas = Vec::with_capacity(e.deltas.len());
+        for (block, k, v) in e.deltas {
+            let key = ViewKey::decode(k).ok_or_else(|| corrupt_journal("undecodable view key"))?;
+            let partial =
+                Partial::decode(v).ok_or_else(|| corrupt_journal("undecodable partial"))?;
+            deltas.push((block, key, partial));
+        }
+        f(JournalEntry {
+            start: e.start,
+            end: e.end,
+            deltas,
+        });
+        Ok(())
+    })
+}
+
+/// Layers a live block is held in before they are merged into one.
+const LIVE_LAYERS: usize = 8;
+
+/// The partials of one partition's live block, the one its next offset lies in: not in the
+/// `blocks` family, but the merge of the deltas the journal holds for it, up to `through`.
+/// Held in layers (one per bringing forward, merged into one past [`LIVE_LAYERS`]), so that
+/// bringing it forward adds a layer instead of copying what readers still hold.
+#[derive(Clone, Debug, Default)]
+pub struct LiveBlock {
+    pub block: u64,
+    /// The partition's next offset the block is folded up to.
+    pub through: Offset,
+    layers: Vec<Arc<BTreeMap<Vec<u8>, Partial>>>,
+}
+
+impl LiveBlock {
+    /// The merged partial of one encoded view key.
+    pub fn get(&self, key: &[u8]) -> Option<Partial> {
+        let mut acc: Option<Partial> = None;
+        for l in &self.layers {
+            if let Some(p) = l.get(key) {
+                match &mut acc {
+                    Some(a) => a.merge(p),
+                    None => acc = Some(p.clone()),
+                }
+            }
+        }
+        acc
+    }
+
+    /// Calls `f` with each layer's partials whose encoded key starts with `prefix` and is at or
+    /// after `start` (a key may come once per layer).
+    pub fn scan(&self, start: &[u8], prefix: &[u8], f: &mut dyn FnMut(&[u8], &Partial)) {
+        for l in &self.layers {
+            for (k, p) in
+                l.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+            {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                f(k, p);
+            }
+        }
+    }
+
+    /// Every key's merged partial, in key order.
+    pub fn merged(&self) -> BTreeMap<Vec<u8>, Partial> {
+        let mut out = BTreeMap::new();
+        for l in &self.layers {
+            merge_into(&mut out, l.iter().map(|(k, p)| (k.clone(), p.clone())));
+        }
+        out
+    }
+
+    fn push(&mut self, layer: BTreeMap<Vec<u8>, Partial>) {
+        if layer.is_empty() {
+            return;
+        }
+        self.layers.push(Arc::new(layer));
+        if self.layers.len() > LIVE_LAYERS {
+            self.layers = vec![Arc::new(self.merged())];
+        }
+    }
+}
+
+fn merge_into(
+    out: &mut BTreeMap<Vec<u8>, Partial>,
+    items: impl IntoIterator<Item = (Vec<u8>, Partial)>,
+) {
+    for (k, p) in items {
+        match out.entry(k) {
+            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().absorb(p),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(p);
+            }
+        }
+    }
+}
+
+/// Folds the deltas of `block` from `entries` into one layer.
+fn layer_of(
+    block: u64,
+    deltas: &[(u64, &[u8], &[u8])],
+    layer: &mut BTreeMap<Vec<u8>, Partial>,
+) -> Result<()> {
+    for &(b, k, v) in deltas {
+        if b != block {
+            continue;
+        }
+        let p = Partial::decode(v).ok_or_else(|| corrupt_journal("undecodable partial"))?;
+        merge_into(layer, [(k.to_vec(), p)]);
+    }
+    Ok(())
+}
+
+/// Partition `p`'s live block `block` as folded up to next offset `next`, read from the journal:
+/// from `held` on (the same block as of an earlier offset) when the journal chains from there,
+/// else from the block's start.
+pub fn read_live(
+    db: &DB,
+    reads: &impl Reads,
+    p: Partition,
+    block: u64,
+    block_size: u64,
+    next: Offset,
+    held: Option<&LiveBlock>,
+) -> Result<LiveBlock> {
+    if let Some(h) = held.filter(|h| h.block == block && h.through <= next) {
+        if h.through == next {
+            return Ok(h.clone());
+        }
+        let (mut at, mut whole, mut layer) = (h.through, true, BTreeMap::new());
+        read_journal_raw(db, reads, p, h.through, &mut |e| {
+            if whole && e.end <= next {
+                whole = e.start == at;
+                at = e.end;
+                layer_of(block, &e.deltas, &mut layer)?;
+            }
             Ok(())
-        },
-    )
+        })?;
+        if whole && at == next {
+            let mut out = h.clone();
+            out.through = next;
+            out.push(layer);
+            return Ok(out);
+        }
+    }
+    // Every entry ending past the block's first offset may hold deltas of it.
+    let first = i64::try_from(block.saturating_mul(block_size)).unwrap_or(i64::MAX);
+    let (mut reached, mut layer) = (None, BTreeMap::new());
+    read_journal_raw(db, reads, p, first, &mut |e| {
+        if e.end <= next {
+            if reached.is_none() && e.start > first {
+                return Err(corrupt_journal(format!(
+                    "partition {p}: the journal begins at offset {} inside block {block} (from {first})",
+                    e.start
+                )));
+            }
+            reached = Some(e.end);
+            layer_of(block, &e.deltas, &mut layer)?;
+        }
+        Ok(())
+    })?;
+    if next > first && reached != Some(next) {
+        return Err(corrupt_journal(format!(
+            "partition {p}: the journal reaches offset {reached:?}, not the next offset {next}"
+        )));
+    }
+    let mut out = LiveBlock {
+        block,
+        through: next,
+        layers: Vec::new(),
+    };
+    out.push(layer);
+    Ok(out)
+}
+
+/// The live block of each partition of `meta` that has one (a next offset inside a block), read
+/// from the journal; `held` are live blocks read before, brought forward when they still apply.
+/// Empty for a state without the layout mark, whose blocks are all in `blocks`.
+pub fn live_blocks(
+    db: &DB,
+    reads: &impl Reads,
+    meta: &SpeedMeta,
+    held: &BTreeMap<Partition, Arc<LiveBlock>>,
+) -> Result<BTreeMap<Partition, Arc<LiveBlock>>> {
+    let mut out = BTreeMap::new();
+    let Some(block_size) = meta.block_size.filter(|_| meta.layout == Some(LAYOUT)) else {
+        return Ok(out);
+    };
+    for (&p, m) in &meta.partitions {
+        let next = m.next_offset;
+        if next <= 0 || (next as u64).is_multiple_of(block_size) {
+            continue;
+        }
+        let block = block_of(next, block_size);
+        let live = match held.get(&p) {
+            Some(h) if h.block == block && h.through == next => h.clone(),
+            // Below the first live block nothing is folded: a batch version covers it.
+            _ if block < m.first_live_block => Arc::new(LiveBlock {
+                block,
+                through: next,
+                layers: Vec::new(),
+            }),
+            h => Arc::new(read_live(
+                db,
+                reads,
+                p,
+                block,
+                block_size,
+                next,
+                h.map(|h| &**h),
+            )?),
+        };
+        out.insert(p, live);
+    }
+    Ok(out)
+}
+
+/// What [`for_each_partial`] calls: partition, block, encoded view key, partial.
+pub type EachPartial<'a> = dyn FnMut(Partition, u64, &[u8], &Partial) + 'a;
+
+/// Calls `f` with every partial the state holds: the finished blocks' from `blocks`, the live
+/// blocks' from the journal (for counting keys and for tests; not for queries).
+pub fn for_each_partial(db: &DB, f: &mut EachPartial<'_>) -> Result<()> {
+    let meta = read_meta(db, &())?;
+    let live = live_blocks(db, &(), &meta, &BTreeMap::new())?;
+    let handle = cf(db, Cf::Blocks)?;
+    for item in db.iterator_cf(handle, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| Error::rocks("scan speed blocks", e))?;
+        if k.len() == 12 {
+            continue; // a block's marker
+        }
+        let (Some(p), Some(block)) = (k.get(..4), k.get(4..12)) else {
+            return Err(Error::corrupt("speed block", "short key"));
+        };
+        let p = u32::from_be_bytes(p.try_into().unwrap_or_default()) as Partition;
+        let block = u64::from_be_bytes(block.try_into().unwrap_or_default());
+        if live.get(&p).is_some_and(|l| l.block <= block) {
+            continue;
+        }
+        let partial = Partial::decode(&v)
+            .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
+        f(p, block, &k[12..], &partial);
+    }
+    for (&p, l) in &live {
+        for (k, partial) in l.merged() {
+            f(p, l.block, &k, &partial);
+        }
+    }
+    Ok(())
 }
 
 /// A handle on the speed state for readers: the writer's own database (in one process), or a
@@ -570,6 +889,10 @@ pub struct SpeedReader {
     /// costs no scan of the meta family (whose memtable holds every flush's overwritten
     /// versions until it is flushed, and a scan steps over all of them).
     meta: RwLock<Option<(u64, Arc<SpeedMeta>)>>,
+    /// The live blocks read last, brought forward by later reads (see [`live_blocks`]).
+    live: Mutex<BTreeMap<Partition, Arc<LiveBlock>>>,
+    /// The sequence number whose finished blocks were last found in `blocks`.
+    checked: Mutex<Option<u64>>,
 }
 
 impl SpeedReader {
@@ -580,6 +903,8 @@ impl SpeedReader {
             follower: false,
             gate: RwLock::new(()),
             meta: RwLock::new(None),
+            live: Mutex::default(),
+            checked: Mutex::default(),
         }
     }
 
@@ -590,6 +915,8 @@ impl SpeedReader {
             follower: true,
             gate: RwLock::new(()),
             meta: RwLock::new(None),
+            live: Mutex::default(),
+            checked: Mutex::default(),
         })
     }
 
@@ -616,22 +943,79 @@ impl SpeedReader {
         &self,
         f: impl FnOnce(&DB, &dyn ViewReads, Arc<SpeedMeta>, Option<u64>) -> Result<T>,
     ) -> Result<T> {
-        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        if self.follower {
-            // Nothing moves while the gate is held: only catching up writes to a follower.
-            let seq = self.db.latest_sequence_number();
-            let meta = self.meta_at(Some(seq), || read_meta(&self.db, &()))?;
-            f(&self.db, &(), meta, Some(seq))
-        } else {
-            // The snapshot's sequence number lies between the two readings; when they agree,
-            // it is that number.
-            let before = self.db.latest_sequence_number();
-            let snap = self.db.snapshot();
-            let after = self.db.latest_sequence_number();
-            let seq = (before == after).then_some(before);
-            let meta = self.meta_at(seq, || read_meta(&self.db, &snap))?;
-            f(&self.db, &snap, meta, seq)
+        let mut tries = 0;
+        loop {
+            let g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            if self.follower {
+                // Nothing moves while the gate is held: only catching up writes to a follower.
+                let seq = self.db.latest_sequence_number();
+                let meta = self.meta_at(Some(seq), || read_meta(&self.db, &()))?;
+                if let Some(view) = self.view(&(), &meta, Some(seq))? {
+                    return f(&self.db, &view, meta, Some(seq));
+                }
+            } else {
+                // The snapshot's sequence number lies between the two readings; when they
+                // agree, it is that number.
+                let before = self.db.latest_sequence_number();
+                let snap = self.db.snapshot();
+                let after = self.db.latest_sequence_number();
+                let seq = (before == after).then_some(before);
+                let meta = self.meta_at(seq, || read_meta(&self.db, &snap))?;
+                if let Some(view) = self.view(&snap, &meta, seq)? {
+                    return f(&self.db, &view, meta, seq);
+                }
+            }
+            // A catch-up reads the writer's MANIFEST before its log: one that came between the
+            // writer's ingesting a finished block and its write moving the offsets past that
+            // block sees the write without the file. The next catch-up brings the file.
+            drop(g);
+            tries += 1;
+            if tries > 500 || !self.follower {
+                return Err(Error::corrupt(
+                    "speed state",
+                    "a finished block's file is missing from `blocks`",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            self.catch_up()?;
         }
+    }
+
+    /// The reads of one consistent view: its live blocks brought forward from the ones held
+    /// (one reader at a time brings them forward; the others wait and take its result).
+    /// `None` when a finished block the meta family names is not in `blocks` yet.
+    fn view<'r, R: Reads>(
+        &self,
+        reads: &'r R,
+        meta: &SpeedMeta,
+        seq: Option<u64>,
+    ) -> Result<Option<View<'r, R>>> {
+        if seq.is_none() || *self.checked.lock().unwrap_or_else(|e| e.into_inner()) != seq {
+            for (&p, m) in &meta.partitions {
+                let Some(block) = m.written_block.filter(|&b| b >= m.first_live_block) else {
+                    continue;
+                };
+                if reads
+                    .get_cf_bytes(&self.db, Cf::Blocks, &block_marker(p, block))?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+            *self.checked.lock().unwrap_or_else(|e| e.into_inner()) = seq;
+        }
+        let mut held = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = live_blocks(&self.db, reads, meta, &held)?;
+        for (p, l) in &live {
+            // Never replaced by an earlier state's (a slow reader of an older snapshot).
+            let newer = held
+                .get(p)
+                .is_none_or(|h| (l.block, l.through) > (h.block, h.through));
+            if newer {
+                held.insert(*p, l.clone());
+            }
+        }
+        Ok(Some(View { reads, live }))
     }
 
     /// The meta family at sequence number `seq` (unknown: `None`), read only when the cached
@@ -676,6 +1060,94 @@ pub trait ViewReads {
         after: i64,
         f: &mut dyn FnMut(JournalEntry),
     ) -> Result<()>;
+}
+
+/// The reads of one consistent view of a state: its finished blocks from `blocks`, each
+/// partition's live block from the journal (held in memory, see [`LiveBlock`]).
+pub struct View<'r, R> {
+    reads: &'r R,
+    live: BTreeMap<Partition, Arc<LiveBlock>>,
+}
+
+impl<R: Reads> View<'_, R> {
+    /// The ranges without the live blocks, which `blocks` does not hold (or holds keys of that
+    /// are not yet theirs: a block ingested by a speed layer killed before its offsets moved).
+    fn finished(&self, ranges: &[BlockRange]) -> Vec<BlockRange> {
+        ranges
+            .iter()
+            .filter_map(|r| match self.live.get(&r.partition) {
+                Some(l) if l.block <= r.last => (l.block > r.first).then_some(BlockRange {
+                    last: l.block - 1,
+                    ..*r
+                }),
+                _ => Some(*r),
+            })
+            .collect()
+    }
+
+    fn live_in<'a>(&'a self, ranges: &'a [BlockRange]) -> impl Iterator<Item = &'a LiveBlock> + 'a {
+        ranges.iter().filter_map(|r| {
+            self.live
+                .get(&r.partition)
+                .filter(|l| l.block >= r.first && l.block <= r.last)
+                .map(|l| &**l)
+        })
+    }
+}
+
+impl<R: Reads> ViewReads for View<'_, R> {
+    fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>> {
+        let mut acc = read_partial(db, self.reads, &self.finished(ranges), key)?;
+        let mut encoded = None;
+        for l in self.live_in(ranges) {
+            let k = encoded.get_or_insert_with(|| key.encode());
+            if let Some(p) = l.get(k) {
+                match &mut acc {
+                    Some(a) => a.merge(&p),
+                    None => acc = Some(p),
+                }
+            }
+        }
+        Ok(acc)
+    }
+    fn scan(
+        &self,
+        db: &DB,
+        ranges: &[BlockRange],
+        key_prefix: &[u8],
+        from: Option<&[u8]>,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<()> {
+        scan_view(
+            db,
+            self.reads,
+            &self.finished(ranges),
+            key_prefix,
+            from,
+            &mut *f,
+        )?;
+        let start = from.filter(|s| *s > key_prefix).unwrap_or(key_prefix);
+        let mut bad = false;
+        for l in self.live_in(ranges) {
+            l.scan(start, key_prefix, &mut |k, p| match ViewKey::decode(k) {
+                Some(key) => f(key, p.clone()),
+                None => bad = true,
+            });
+        }
+        if bad {
+            return Err(corrupt_journal("undecodable view key"));
+        }
+        Ok(())
+    }
+    fn journal(
+        &self,
+        db: &DB,
+        p: Partition,
+        after: i64,
+        f: &mut dyn FnMut(JournalEntry),
+    ) -> Result<()> {
+        read_journal(db, self.reads, p, after, f)
+    }
 }
 
 impl<R: Reads> ViewReads for R {
@@ -744,6 +1216,33 @@ mod tests {
         follower.catch_up().expect("catch up");
         assert_eq!(next_offset_seen(&follower), Some(30));
         assert_eq!(next_offset_seen(&shared), Some(30));
+    }
+
+    #[test]
+    fn a_view_is_refused_while_a_finished_block_named_by_the_meta_is_not_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(open_primary(dir.path()).expect("open"));
+        let meta = cf(&db, Cf::Meta).expect("cf");
+        for (k, v) in [
+            (meta_key::BLOCK_SIZE.to_vec(), 100),
+            (meta_key::LAYOUT.to_vec(), LAYOUT as i64),
+            (meta_key::next_offset(0), 200),
+            (meta_key::written_block(0), 1),
+        ] {
+            db.put_cf(meta, k, encode_i64(v)).expect("put");
+        }
+        let reader = SpeedReader::shared(db.clone());
+        let err = reader.with_view(|_, _, _, _| Ok(())).expect_err("refused");
+        assert!(err.to_string().contains("missing"), "{err}");
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let follower = SpeedReader::follow(dir.path(), scratch.path()).expect("follow");
+        assert!(follower.with_view(|_, _, _, _| Ok(())).is_err());
+        // With the block's marker there, both read.
+        db.put_cf(cf(&db, Cf::Blocks).expect("cf"), block_marker(0, 1), [])
+            .expect("put");
+        reader.with_view(|_, _, _, _| Ok(())).expect("view");
+        follower.catch_up().expect("catch up");
+        follower.with_view(|_, _, _, _| Ok(())).expect("view");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use crate::insights::{item_totals, top_n, Window};
 use crate::state::{blocks_since, Merge, PerState, ServingState};
 use strata_common::handoff::{BlockRange, Partition};
+use strata_common::speed_store;
 
 fn history(m: &Merge<'_>, basis: Basis, user: &str) -> Result<BTreeMap<Name, i64>, ApiError> {
     Ok(
@@ -362,7 +363,11 @@ fn journal_since(
                 return;
             }
             at = e.end;
+            // The journal holds every view's deltas; the layers are of the co-occurrence views.
             for (block, key, partial) in e.deltas {
+                if !speed_store::co_occurrence(&key) {
+                    continue;
+                }
                 if block != r.last {
                     whole = false;
                     return;
