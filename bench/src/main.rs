@@ -464,6 +464,10 @@ async fn hello(addr: &str) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc rather than glibc's malloc: see the workspace manifest.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let mut out = Out::default();

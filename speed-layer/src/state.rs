@@ -391,20 +391,34 @@ impl SpeedState {
         Ok(())
     }
 
-    /// Writes finished blocks into `blocks` as one SST file, ingested: their keys go through no
-    /// memtable and, not overlapping any other block's, no compaction.
+    /// Writes finished blocks into `blocks` as SST files, one per partition, ingested together:
+    /// their keys go through no memtable and, since a file holds blocks of one partition later
+    /// than any block before them, overlap no other file, which keeps them on the last level,
+    /// out of every compaction.
     fn ingest(&self, mut finished: Vec<(Partition, u64, FastMap<ViewKey, Partial>)>) -> Result<()> {
         if finished.is_empty() {
             return Ok(());
         }
-        finished.sort_unstable_by_key(|(p, block, _)| (*p as u32, *block));
+        finished.sort_unstable_by_key(|(p, block, _)| (*p, *block));
         let opts = speed_store::block_file_options();
-        let mut writer = SstFileWriter::create(&opts);
-        let file = self.path.join(format!("finished-{}.sst", self.shard.0));
-        writer
-            .open(&file)
-            .map_err(rocks("open a finished block's file"))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut open: Option<(Partition, SstFileWriter)> = None;
         for (p, block, values) in finished {
+            if open.as_ref().is_none_or(|(q, _)| *q != p) {
+                if let Some((_, mut w)) = open.take() {
+                    w.finish()
+                        .map_err(rocks("finish a finished block's file"))?;
+                }
+                let file = self.path.join(format!("finished-p{p}.sst"));
+                let w = SstFileWriter::create(&opts);
+                w.open(&file)
+                    .map_err(rocks("open a finished block's file"))?;
+                files.push(file);
+                open = Some((p, w));
+            }
+            let Some((_, writer)) = open.as_mut() else {
+                continue;
+            };
             let mut entries: Vec<(Vec<u8>, Partial)> =
                 values.into_iter().map(|(k, v)| (k.encode(), v)).collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -421,15 +435,18 @@ impl SpeedState {
                     .map_err(rocks("write a finished block"))?;
             }
         }
-        writer
-            .finish()
-            .map_err(rocks("finish a finished block's file"))?;
+        if let Some((_, mut w)) = open.take() {
+            w.finish()
+                .map_err(rocks("finish a finished block's file"))?;
+        }
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);
         self.db
-            .ingest_external_file_cf_opts(cf(&self.db, Cf::Blocks)?, &ingest, vec![&file])
+            .ingest_external_file_cf_opts(cf(&self.db, Cf::Blocks)?, &ingest, files.clone())
             .map_err(rocks("ingest finished blocks"))?;
-        let _ = std::fs::remove_file(&file);
+        for file in files {
+            let _ = std::fs::remove_file(file);
+        }
         strata_common::fault::point("speed.flush.ingested");
         Ok(())
     }
