@@ -1150,31 +1150,6 @@ impl<R: Reads> ViewReads for View<'_, R> {
     }
 }
 
-impl<R: Reads> ViewReads for R {
-    fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>> {
-        read_partial(db, self, ranges, key)
-    }
-    fn scan(
-        &self,
-        db: &DB,
-        ranges: &[BlockRange],
-        key_prefix: &[u8],
-        from: Option<&[u8]>,
-        f: &mut dyn FnMut(ViewKey, Partial),
-    ) -> Result<()> {
-        scan_view(db, self, ranges, key_prefix, from, f)
-    }
-    fn journal(
-        &self,
-        db: &DB,
-        p: Partition,
-        after: i64,
-        f: &mut dyn FnMut(JournalEntry),
-    ) -> Result<()> {
-        read_journal(db, self, p, after, f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -684,14 +684,10 @@ mod tests {
                 continue;
             }
             contributions(&event(offset), |key: ViewKey, partial| {
-                match expected.entry(block_key(0, block, &key)) {
-                    std::collections::hash_map::Entry::Occupied(mut o) => {
-                        o.get_mut().merge(&partial)
-                    }
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(partial);
-                    }
-                }
+                expected
+                    .entry(block_key(0, block, &key))
+                    .or_insert_with(|| Partial::identity(&key))
+                    .merge(&partial)
             });
         }
         expected
@@ -730,12 +726,10 @@ mod tests {
         let mut from_journal: BTreeMap<Vec<u8>, Partial> = BTreeMap::new();
         for (block, key, delta) in entries.iter().flat_map(|e| &e.deltas) {
             if *block == 4 {
-                match from_journal.entry(block_key(0, 4, key)) {
-                    std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(delta),
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(delta.clone());
-                    }
-                }
+                from_journal
+                    .entry(block_key(0, 4, key))
+                    .or_insert_with(|| Partial::identity(key))
+                    .merge(delta);
             }
         }
         let want: BTreeMap<Vec<u8>, Partial> = expected(420, block_size, 4).into_iter().collect();
@@ -896,27 +890,17 @@ mod tests {
                         &ranges,
                         &[ViewKey::tag_of_items()],
                         None,
-                        &mut |k, p| match scanned.entry(k) {
-                            std::collections::btree_map::Entry::Occupied(mut o) => {
-                                o.get_mut().merge(&p)
-                            }
-                            std::collections::btree_map::Entry::Vacant(v) => {
-                                v.insert(p);
-                            }
+                        &mut |k, p| {
+                            let id = Partial::identity(&k);
+                            scanned.entry(k).or_insert(id).merge(&p)
                         },
                     )?;
                     let mut naive: BTreeMap<ViewKey, Partial> = BTreeMap::new();
                     for (k, v) in &want {
                         let key = ViewKey::decode(&k[12..]).expect("key");
                         if matches!(key, ViewKey::Item(_)) {
-                            match naive.entry(key) {
-                                std::collections::btree_map::Entry::Occupied(mut o) => {
-                                    o.get_mut().merge(v)
-                                }
-                                std::collections::btree_map::Entry::Vacant(e) => {
-                                    e.insert(v.clone());
-                                }
-                            }
+                            let id = Partial::identity(&key);
+                            naive.entry(key).or_insert(id).merge(v);
                         }
                     }
                     assert_eq!(scanned, naive, "item totals at {to}");
