@@ -275,7 +275,7 @@ impl Default for SpeedConfig {
     fn default() -> Self {
         SpeedConfig {
             flush_interval_ms: 100,
-            flush_max_events: 50_000,
+            flush_max_events: 20_000,
             workers: 0,
         }
     }
