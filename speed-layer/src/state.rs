@@ -45,6 +45,9 @@ pub struct SpeedState {
     /// Per partition, the next offset its last journal entry ended at (as stored), and the
     /// newest block the journal holds entries of (older blocks' entries are removed).
     journal: HashMap<Partition, (i64, Option<u64>)>,
+    /// A flush failed after folding its deltas into `hot`: what is held in memory is ahead of
+    /// what is stored, so no later flush may write (a restart resumes from what is stored).
+    failed: bool,
 }
 
 /// The dedupe key of partition `p`'s id given as bytes.
@@ -118,6 +121,7 @@ impl SpeedState {
             shard: (0, 1),
             filter: None,
             journal: HashMap::new(),
+            failed: false,
         })
     }
 
@@ -154,6 +158,7 @@ impl SpeedState {
                     shard: (i, n),
                     filter: None,
                     journal: HashMap::new(),
+                    failed: false,
                 }
             })
             .collect()
@@ -282,6 +287,13 @@ impl SpeedState {
         if pending.is_empty() {
             return Ok(());
         }
+        if self.failed {
+            return Err(Error::Common(strata_common::Error::Other(
+                "an earlier write of the speed state failed; restart to resume from what is stored"
+                    .into(),
+            )));
+        }
+        self.failed = true;
         let dedupe = cf(&self.db, Cf::Dedupe)?;
         let meta = cf(&self.db, Cf::Meta)?;
         let journal_cf = cf(&self.db, Cf::Journal)?;
@@ -388,6 +400,7 @@ impl SpeedState {
         for (p, end, newest) in journaled_to {
             self.journal.insert(p, (end, Some(newest)));
         }
+        self.failed = false;
         Ok(())
     }
 
@@ -927,6 +940,43 @@ mod tests {
                 follower.catch_up().expect("catch up");
                 check(&follower, offset + 1);
             }
+        }
+    }
+
+    #[test]
+    fn after_a_failed_write_no_flush_writes_until_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let block_size = 100;
+        let mut state = SpeedState::open(dir.path(), block_size).expect("open");
+        consume(&mut state, 0, 90, 10);
+        // Block 0's file cannot be written (a directory stands where it goes): the flush that
+        // finishes block 0 fails after folding its deltas into memory.
+        std::fs::create_dir(dir.path().join("finished-p0.sst")).expect("mkdir");
+        let mut pending = Pending::default();
+        for offset in 90..120u64 {
+            pending.fold(0, block_of(offset as i64, block_size), &event(offset));
+            state.part(0).next_offset = offset as i64 + 1;
+            pending.touched.insert(0);
+            pending.messages += 1;
+        }
+        assert!(state.flush(&mut pending).is_err());
+        std::fs::remove_dir(dir.path().join("finished-p0.sst")).expect("rmdir");
+        pending.fold(0, 1, &event(120));
+        state.part(0).next_offset = 121;
+        pending.touched.insert(0);
+        pending.messages += 1;
+        let err = state.flush(&mut pending).expect_err("refused");
+        assert!(err.to_string().contains("restart"), "{err}");
+        drop(state);
+        // Restarted from what is stored (offset 90), the same offsets give the fold from scratch.
+        let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
+        assert_eq!(state.part(0).next_offset, 90);
+        consume(&mut state, 90, 150, 10);
+        let got = stored(&state);
+        let want = expected(150, block_size, 0);
+        assert_eq!(got.len(), want.len());
+        for (k, v) in &want {
+            assert_eq!(got.get(k), Some(v), "key {k:?}");
         }
     }
 
