@@ -126,6 +126,7 @@ impl Pipeline {
                 settings: settings.clone(),
                 shared: shared.clone(),
                 stop: stop.clone(),
+                anchor: disk::Anchor::take(&settings.data_dir).ok(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("speed-{i}"))
@@ -255,6 +256,9 @@ struct Worker<L> {
     settings: Settings,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// The data directory's identity at start: a write that fails because the directory was
+    /// removed, moved or replaced under the layer says so (not the file it could not open).
+    anchor: Option<disk::Anchor>,
 }
 
 impl<L: Letters> Worker<L> {
@@ -415,7 +419,12 @@ impl<L: Letters> Worker<L> {
         // Stop before a write the disk cannot take: the state and offsets stay as last written.
         disk::check(&self.settings.data_dir, self.settings.min_free_mb)?;
         let touched: Vec<Partition> = self.pending.touched.iter().copied().collect();
-        self.state.flush(&mut self.pending)?;
+        if let Err(e) = self.state.flush(&mut self.pending) {
+            if let Some(Err(gone)) = self.anchor.as_ref().map(disk::Anchor::check) {
+                return Err(gone.into());
+            }
+            return Err(e);
+        }
         if let Ok(mut f) = self.shared.flushed.lock() {
             for p in touched {
                 f.insert(p, self.state.part(p).clone());

@@ -117,7 +117,16 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         &common,
         gen_config(32, 20_000, now - 3_600_000, 3_600_000, false),
     );
-    wait_speed_offsets(&addr, truth.messages);
+    // A wait that times out here says what each layer was doing (a stall or a crash).
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_speed_offsets(&addr, truth.messages)
+    }));
+    if let Err(e) = waited {
+        for p in &procs {
+            eprintln!("--- {} (last lines)\n{}", p.name, p.tail());
+        }
+        std::panic::resume_unwind(e);
+    }
     wait_for("ready again", Duration::from_secs(60), || {
         (get_json(&addr, "/readyz").0 == 200).then_some(())
     });
