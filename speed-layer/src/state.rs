@@ -677,6 +677,18 @@ mod tests {
         out
     }
 
+    /// Asserts that the state holds exactly a fold from scratch of offsets `0..to` of partition
+    /// 0, key by key; returns what it holds.
+    fn assert_folded(state: &SpeedState, to: u64, block_size: u64) -> BTreeMap<Vec<u8>, Partial> {
+        let got = stored(state);
+        let want = expected(to, block_size, 0);
+        assert_eq!(got.len(), want.len());
+        for (k, v) in &want {
+            assert_eq!(got.get(k), Some(v), "key {k:?}");
+        }
+        got
+    }
+
     /// The keys `blocks` holds, as stored (finished blocks only, or leftovers).
     fn in_blocks(state: &SpeedState) -> Vec<Vec<u8>> {
         let blocks = cf(&state.db, Cf::Blocks).expect("cf");
@@ -787,12 +799,7 @@ mod tests {
         let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
         consume(&mut state, 420, 650, 50);
 
-        let want = expected(650, block_size, 0);
-        let got = stored(&state);
-        assert_eq!(got.len(), want.len());
-        for (k, v) in &want {
-            assert_eq!(got.get(k), Some(v), "key {k:?}");
-        }
+        let got = assert_folded(&state, 650, block_size);
         // Only finished blocks are in `blocks`; the live one (6) is in the journal alone.
         let blocks = in_blocks(&state);
         assert!(blocks.iter().any(|k| k.starts_with(&block_prefix(0, 5))));
@@ -848,12 +855,7 @@ mod tests {
         // Restarted, the layer finishes block 1 again: its keys are written anew.
         let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
         consume(&mut state, 150, 230, 10);
-        let got = stored(&state);
-        let all = expected(230, block_size, 0);
-        assert_eq!(got.len(), all.len());
-        for (k, v) in &all {
-            assert_eq!(got.get(k), Some(v), "key {k:?}");
-        }
+        assert_folded(&state, 230, block_size);
     }
 
     #[test]
@@ -972,12 +974,7 @@ mod tests {
         let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
         assert_eq!(state.part(0).next_offset, 90);
         consume(&mut state, 90, 150, 10);
-        let got = stored(&state);
-        let want = expected(150, block_size, 0);
-        assert_eq!(got.len(), want.len());
-        for (k, v) in &want {
-            assert_eq!(got.get(k), Some(v), "key {k:?}");
-        }
+        assert_folded(&state, 150, block_size);
     }
 
     #[test]
@@ -998,20 +995,13 @@ mod tests {
                 .expect("put");
         }
         let mut state = SpeedState::open(dir.path(), block_size).expect("open");
-        let got = stored(&state);
-        let want = expected(150, block_size, 0);
-        assert_eq!(got.len(), want.len());
+        assert_folded(&state, 150, block_size);
         assert!(!in_blocks(&state)
             .iter()
             .any(|k| k.starts_with(&block_prefix(0, 1))));
         // Folding goes on in the moved live block.
         consume(&mut state, 150, 260, 10);
-        let got = stored(&state);
-        let want = expected(260, block_size, 0);
-        assert_eq!(got.len(), want.len());
-        for (k, v) in &want {
-            assert_eq!(got.get(k), Some(v), "key {k:?}");
-        }
+        assert_folded(&state, 260, block_size);
     }
 
     #[test]
