@@ -15,6 +15,7 @@
 
 pub mod audience_file;
 pub mod batch_store;
+pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod disk;

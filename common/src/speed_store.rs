@@ -326,6 +326,9 @@ pub struct SpeedMeta {
     /// Wall-clock time (epoch ms) of the speed layer's last write.
     pub flushed_at: Option<Millis>,
     pub partitions: BTreeMap<Partition, PartitionMeta>,
+    /// In a serving layer's mirror of several speed instances, where each partition came from
+    /// (JSON of [`crate::cluster::Sources`]); `None` in a speed layer's own state.
+    pub sources: Option<Vec<u8>>,
 }
 
 impl SpeedMeta {
@@ -387,6 +390,7 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
             .get_cf_bytes(db, Cf::Meta, meta_key::LAYOUT)?
             .and_then(|v| decode_i64(&v))
             .map(|v| v as u64),
+        sources: reads.get_cf_bytes(db, Cf::Meta, crate::cluster::SOURCES_KEY)?,
         ..SpeedMeta::default()
     };
     let handle = cf(db, Cf::Meta)?;

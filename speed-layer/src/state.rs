@@ -1084,4 +1084,98 @@ mod tests {
         assert!(!got.is_empty());
         assert!(got.keys().all(|k| k.starts_with(&block_prefix(0, 2))));
     }
+
+    /// A serving layer's mirror pulled from one instance, then from another that rebuilt the
+    /// partition with other flush sizes, holds exactly a fold from scratch after every pull;
+    /// an instance behind the mirror sends nothing; a batch cutoff drops the blocks below it.
+    #[test]
+    fn a_mirror_pulled_from_instances_in_turn_equals_a_fold_from_scratch() {
+        use strata_common::cluster::{self, Have};
+        let block_size = 100;
+        let (da, dbb, dm) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let mut a = SpeedState::open(da.path(), block_size).expect("open a");
+        let mut b = SpeedState::open(dbb.path(), block_size).expect("open b");
+        let mirror = Arc::new(speed_store::open_primary(dm.path()).expect("mirror"));
+        let reader = speed_store::SpeedReader::shared(mirror.clone());
+        // One pull: what the mirror holds, the instance's answer, written; the partitions sent.
+        let pull = |from: &SpeedState, cutoff: i64| -> usize {
+            let meta = speed_store::read_meta(&mirror, &()).expect("meta");
+            let m = meta.partitions.get(&0);
+            let next = m.map_or(0, |m| m.next_offset);
+            let kept = m.map_or(0, |m| m.first_live_block);
+            let have = BTreeMap::from([(0, Have { next, cutoff })]);
+            let body = cluster::sync_response(&from.db, "i", &[0], &have).expect("answer");
+            let answer = cluster::decode_sync(&body).expect("decode");
+            for part in &answer.parts {
+                cluster::write_part(&mirror, block_size, part, kept).expect("write");
+            }
+            answer.parts.len()
+        };
+        let check = |to: u64, first: u64| {
+            let mut got: BTreeMap<Vec<u8>, Partial> = BTreeMap::new();
+            speed_store::for_each_partial(&mirror, &mut |p, block, k, partial| {
+                let mut key = block_prefix(p, block);
+                key.extend_from_slice(k);
+                assert!(got.insert(key, partial.clone()).is_none(), "a key twice");
+            })
+            .expect("read the mirror");
+            let want = expected(to, block_size, first);
+            assert_eq!(got.len(), want.len(), "keys at {to}");
+            for (k, v) in &want {
+                assert_eq!(got.get(k), Some(v), "key {k:?} at {to}");
+            }
+            // Through a reader, as the serving layer reads it: one item over every block.
+            let key = ViewKey::Item("i2".into());
+            let mut naive: Option<Partial> = None;
+            for (k, v) in &want {
+                if k[12..] == key.encode()[..] {
+                    match &mut naive {
+                        Some(n) => n.merge(v),
+                        None => naive = Some(v.clone()),
+                    }
+                }
+            }
+            let ranges = [strata_common::handoff::BlockRange {
+                partition: 0,
+                first,
+                last: block_of(to as i64 - 1, block_size),
+            }];
+            let read = reader
+                .with_view(|db, reads, meta, _| {
+                    assert_eq!(meta.partitions[&0].next_offset, to as i64);
+                    reads.partial(db, &ranges, &key)
+                })
+                .expect("view");
+            assert_eq!(read, naive, "{key:?} at {to}");
+        };
+        consume(&mut a, 0, 150, 7);
+        assert_eq!(pull(&a, 0), 1);
+        check(150, 0);
+        // The same live block, its journal following the mirror's.
+        consume(&mut a, 150, 180, 11);
+        assert_eq!(pull(&a, 0), 1);
+        check(180, 0);
+        // The partition moved: b rebuilt it from the start with other flush sizes. Its journal
+        // does not chain at the mirror's offset inside the same live block.
+        consume(&mut b, 0, 195, 13);
+        assert_eq!(pull(&b, 0), 1);
+        check(195, 0);
+        consume(&mut b, 195, 230, 13);
+        assert_eq!(pull(&b, 0), 1);
+        check(230, 0);
+        // a, behind the mirror now, has nothing to give.
+        assert_eq!(pull(&a, 0), 0);
+        check(230, 0);
+        // A batch version cut at 200: blocks 0 and 1 leave the mirror.
+        consume(&mut b, 230, 400, 50);
+        assert_eq!(pull(&b, 200), 1);
+        check(400, 2);
+        consume(&mut b, 400, 455, 9);
+        assert_eq!(pull(&b, 200), 1);
+        check(455, 2);
+    }
 }
