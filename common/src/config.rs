@@ -87,6 +87,12 @@ pub struct SpeedConfig {
     /// Worker threads that decode, validate, dedupe, fold and write, each owning the partitions
     /// `p % workers` (their state and offsets in writes of its own); 0: one per core.
     pub workers: usize,
+    /// Listen address of this instance's endpoint for serving layers that mirror several speed
+    /// instances of one consumer group (`serve.speed = "cluster"`); unset: none, and the
+    /// instance is not announced in `<topic>.members`.
+    pub http: Option<String>,
+    /// The URL serving layers reach that endpoint at; unset: `http://` and `speed.http`.
+    pub advertise: Option<String>,
 }
 
 impl SpeedConfig {
@@ -215,6 +221,19 @@ pub struct ServeConfig {
     pub memo_mb: usize,
     /// Expected range of each reading metric; device windows outside it are flagged.
     pub metric_bounds: BTreeMap<String, MetricBounds>,
+    /// Where `strata serve` reads the speed tail: `local`, the speed layer's state under the
+    /// data directory; `cluster`, a mirror pulled from the speed instances announced in
+    /// `<topic>.members` (each with `speed.http` set).
+    pub speed: SpeedSource,
+}
+
+/// Where the serving layer reads the speed tail (`serve.speed`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpeedSource {
+    #[default]
+    Local,
+    Cluster,
 }
 
 /// The expected range of one reading metric.
@@ -277,6 +296,8 @@ impl Default for SpeedConfig {
             flush_interval_ms: 100,
             flush_max_events: 20_000,
             workers: 0,
+            http: None,
+            advertise: None,
         }
     }
 }
@@ -306,6 +327,7 @@ impl Default for ServeConfig {
             max_limit: 1_000,
             answer_cache: 10_000,
             memo_mb: 96,
+            speed: SpeedSource::Local,
             metric_bounds: BTreeMap::from([
                 (
                     "temp_c".to_string(),
@@ -368,6 +390,22 @@ impl Config {
         }
         if self.batch.every_secs == Some(0) {
             return Err(bad("batch.every-secs", "must be positive"));
+        }
+        if let Some(http) = &self.speed.http {
+            if http.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(
+                    "speed.http",
+                    format!("{http:?} is not an address such as 127.0.0.1:7070"),
+                ));
+            }
+        }
+        if let Some(url) = &self.speed.advertise {
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(bad(
+                    "speed.advertise",
+                    format!("{url:?} is not a URL such as http://10.0.0.5:7070"),
+                ));
+            }
         }
         if self.serve.http.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
@@ -453,6 +491,14 @@ impl Config {
 
     pub fn dlq_topic(&self) -> String {
         format!("{}.dlq", self.kafka.topic)
+    }
+
+    /// The URL this speed instance announces: `speed.advertise`, or `http://` and `speed.http`.
+    pub fn speed_url(&self) -> Option<String> {
+        self.speed
+            .advertise
+            .clone()
+            .or_else(|| self.speed.http.as_ref().map(|h| format!("http://{h}")))
     }
 
     pub fn speed_dir(&self) -> PathBuf {

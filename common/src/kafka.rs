@@ -154,10 +154,20 @@ impl ProducerContext for AuthWatch {
 /// Creates the topics that do not exist yet; existing topics are used as they are. Retries while
 /// the broker is unreachable, for up to two minutes; stops at once if it refuses the credentials.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+    ensure_topics_with(cfg, topics, false).await
+}
+
+/// [`ensure_topics`] for compacted topics (`cleanup.policy=compact`: the newest record of each
+/// key is kept), such as the members topic of a speed cluster.
+pub async fn ensure_compacted_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+    ensure_topics_with(cfg, topics, true).await
+}
+
+async fn ensure_topics_with(cfg: &KafkaConfig, topics: &[(&str, i32)], compact: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
-        match try_ensure_topics(cfg, topics).await {
+        match try_ensure_topics(cfg, topics, compact).await {
             Ok(()) => return Ok(()),
             Err(e) if is_auth_failure(&e) => return Err(e),
             Err(e) if started.elapsed() < Duration::from_secs(120) => {
@@ -170,12 +180,15 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
     }
 }
 
-async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)], compact: bool) -> Result<()> {
     // The metadata goes through a client whose events are polled (the admin client's are not),
     // so that librdkafka's report of refused credentials is seen; asked for in short tries, for
     // 10 s in all, so that such a report ends the wait at once.
-    let probe: ThreadedProducer<AuthWatch> = client_config(cfg)
-        .create_with_context(AuthWatch::default())
+    // A producer's metadata request for a missing topic creates it with the broker's defaults
+    // (`num.partitions`) unless told not to; the topics are created below, as asked.
+    let probe: ThreadedProducer<AuthWatch> =
+        client_config_with(cfg, &[("allow.auto.create.topics", "false")])
+            .create_with_context(AuthWatch::default())
         .map_err(|e| Error::kafka("create a client", e))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let existing = loop {
@@ -196,7 +209,17 @@ async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .filter(|(name, _)| !existing.contains(&name.to_string()))
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .map(|(name, partitions)| {
+            let t = NewTopic::new(name, *partitions, TopicReplication::Fixed(1));
+            if compact {
+                // Small segments, so that the log is compacted within minutes.
+                t.set("cleanup.policy", "compact")
+                    .set("segment.ms", "600000")
+                    .set("min.cleanable.dirty.ratio", "0.1")
+            } else {
+                t
+            }
+        })
         .collect();
     if new.is_empty() {
         return Ok(());

@@ -10,12 +10,14 @@
 
 pub mod answers;
 pub mod api;
+pub mod cluster;
 pub mod cooccur;
 pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod insights;
 pub mod metrics;
+pub mod peer;
 pub mod query;
 pub mod rankings;
 pub mod recommend;

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use rocksdb::DB;
 use serde::Serialize;
 use strata_common::batch_store::{self, Manifest};
-use strata_common::config::Config;
-use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets};
+use strata_common::config::{Config, SpeedSource};
+use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::version_file::VersionFile;
@@ -213,6 +213,10 @@ pub struct AsOf {
     pub speed: SpeedAsOf,
     /// Per partition, the offset below which every accepted event is in the answer.
     pub coverage: Offsets,
+    /// With `serve.speed = "cluster"`: where each partition's speed tail came from, and which
+    /// partitions the answer may lack newer events of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterAsOf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -673,6 +677,16 @@ impl ServingState {
         Ok(())
     }
 
+    /// `as_of.cluster` when the speed tail is mirrored from a cluster.
+    fn cluster_as_of(
+        &self,
+        sources: Option<&[u8]>,
+        known: impl Iterator<Item = Partition>,
+    ) -> Option<crate::cluster::ClusterAsOf> {
+        (self.cfg.serve.speed == SpeedSource::Cluster)
+            .then(|| crate::cluster::ClusterAsOf::new(sources, known))
+    }
+
     /// Runs `f` on one consistent merge of the newest batch version and the speed state.
     pub fn with_merge<T>(
         &self,
@@ -715,6 +729,7 @@ impl ServingState {
                 as_of: AsOf {
                     batch: batch_as_of,
                     speed: SpeedAsOf::new(BTreeMap::new(), None),
+                    cluster: self.cluster_as_of(None, cutoffs.keys().copied()),
                     coverage: cutoffs,
                 },
                 state_id: Some(StateId {
@@ -744,6 +759,10 @@ impl ServingState {
                         meta.flushed_at,
                     ),
                     coverage: coverage(&cutoffs, &speed),
+                    cluster: self.cluster_as_of(
+                        meta.sources.as_deref(),
+                        cutoffs.keys().chain(speed.keys()).copied(),
+                    ),
                 },
                 speed_meta: meta,
                 state_id: seq.map(|seq| StateId {

@@ -18,10 +18,15 @@ use crate::state::SpeedState;
 use crate::worker::{Input, Pipeline, Record, Settings};
 use crate::Result;
 
+/// The partitions the consumer group has assigned to this instance, as of the last rebalance
+/// (refreshed every 100 ms); what it offers serving layers that mirror it.
+pub type Held = std::sync::Arc<std::sync::Mutex<Vec<Partition>>>;
+
 /// A speed layer bound to its state directory.
 pub struct SpeedLayer {
     cfg: Config,
     state: SpeedState,
+    held: Held,
 }
 
 impl SpeedLayer {
@@ -30,7 +35,21 @@ impl SpeedLayer {
         cfg.validation.rules()?;
         disk::check(&cfg.data_dir, cfg.min_free_mb)?;
         let state = SpeedState::open(&cfg.speed_dir(), cfg.handoff.block_size)?;
-        Ok(SpeedLayer { cfg, state })
+        Ok(SpeedLayer {
+            cfg,
+            state,
+            held: Held::default(),
+        })
+    }
+
+    /// The layer's database, for the endpoint serving layers pull from in the same process.
+    pub fn db(&self) -> std::sync::Arc<rocksdb::DB> {
+        self.state.db()
+    }
+
+    /// The partitions assigned to this instance now.
+    pub fn held(&self) -> Held {
+        self.held.clone()
     }
 
     /// A reader of this layer's state for a serving layer in the same process.
@@ -54,7 +73,7 @@ impl SpeedLayer {
     /// Consumes until `shutdown` is cancelled, then lets the workers write their state and
     /// returns. Blocking: run it on a thread of its own.
     pub fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let SpeedLayer { cfg, state } = self;
+        let SpeedLayer { cfg, state, held } = self;
         let db = state.db();
         let positions = Box::new(move |p| -> strata_common::Result<Option<i64>> {
             let v = db
@@ -87,6 +106,7 @@ impl SpeedLayer {
         let anchor = disk::Anchor::take(&cfg.data_dir)?;
 
         let mut last_position_check = Instant::now();
+        let mut last_held = Instant::now();
         let mut last_commit = Instant::now();
         let mut last_log = Instant::now();
         let mut consumed_since_log = 0u64;
@@ -139,6 +159,13 @@ impl SpeedLayer {
                             payload: msg.payload().unwrap_or(&[]).to_vec(),
                         })?;
                         pipeline.send_batches(false)?;
+                    }
+                }
+                if last_held.elapsed() >= Duration::from_millis(100) {
+                    last_held = Instant::now();
+                    let (now_held, _) = consumer.context().assignment();
+                    if let Ok(mut h) = held.lock() {
+                        *h = now_held;
                     }
                 }
                 if stalls.due() {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use strata_batch::{BatchLayer, RunMode};
-use strata_common::config::Config;
+use strata_common::config::{Config, SpeedSource};
 use strata_common::kafka;
 use strata_serving::ServingState;
 use strata_speed::SpeedLayer;
@@ -251,6 +251,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(d) = batch_every {
                 cfg.batch.every_secs = Some(d.as_secs().max(1));
             }
+            if cfg.serve.speed == SpeedSource::Cluster {
+                anyhow::bail!(
+                    "invalid configuration: serve.speed: \"cluster\" is for `strata serve`; `strata up` serves its own speed layer"
+                );
+            }
             let batch_every = cfg.batch.every_secs.map(std::time::Duration::from_secs);
             if !start(&cfg, &shutdown).await? {
                 return Ok(());
@@ -275,9 +280,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !start(&cfg, &shutdown).await? {
                 return Ok(());
             }
-            let speed = SpeedLayer::open(cfg).context("opening the speed layer")?;
+            let speed = SpeedLayer::open(cfg.clone()).context("opening the speed layer")?;
+            let endpoint = match cfg.speed_url() {
+                Some(url) => {
+                    let members = strata_common::cluster::members_topic(&cfg.kafka.topic);
+                    kafka::ensure_compacted_topics(&cfg.kafka, &[(&members, 1)])
+                        .await
+                        .context("creating the members topic")?;
+                    let peer = Arc::new(strata_serving::peer::Peer {
+                        id: url,
+                        db: speed.db(),
+                        held: speed.held(),
+                    });
+                    Some(tokio::spawn(strata_serving::peer::run(
+                        cfg.clone(),
+                        peer,
+                        shutdown.clone(),
+                    )))
+                }
+                None => None,
+            };
             let t = spawn_layer("speed", shutdown.clone(), move |s| Ok(speed.run(s)?))?;
-            tokio::task::spawn_blocking(move || join(t, "speed")).await?
+            let ran = tokio::task::spawn_blocking(move || join(t, "speed")).await?;
+            shutdown.cancel();
+            if let Some(endpoint) = endpoint {
+                endpoint.await?.context("the speed endpoint")?;
+            }
+            ran
         }
         Command::Batch {
             common,
@@ -305,8 +334,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { common } => {
             let cfg = common.config()?;
             on_signal(shutdown.clone(), shutdown_timeout(&cfg));
-            let state = Arc::new(ServingState::following(cfg));
-            Ok(strata_serving::server::serve(state, shutdown).await?)
+            if cfg.serve.speed == SpeedSource::Local {
+                let state = Arc::new(ServingState::following(cfg));
+                return Ok(strata_serving::server::serve(state, shutdown).await?);
+            }
+            let members = strata_common::cluster::members_topic(&cfg.kafka.topic);
+            let topics = [(members.as_str(), 1)];
+            tokio::select! {
+                r = kafka::ensure_compacted_topics(&cfg.kafka, &topics) => r.context("creating the members topic")?,
+                () = shutdown.cancelled() => return Ok(()),
+            }
+            let (mirror, path) =
+                strata_serving::cluster::open_mirror(&cfg).context("opening the speed mirror")?;
+            let reader = strata_common::speed_store::SpeedReader::shared(mirror.clone());
+            let state = Arc::new(ServingState::shared(cfg, reader));
+            let sync = strata_serving::cluster::ClusterSync::new(state.clone(), mirror);
+            let stop = shutdown.clone();
+            let pulling = tokio::task::spawn_blocking(move || sync.run(stop));
+            let served = strata_serving::server::serve(state, shutdown.clone()).await;
+            shutdown.cancel();
+            pulling.await?;
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(error = %e, path = %path.display(), "cannot remove the speed mirror");
+            }
+            Ok(served?)
         }
         Command::Verify { .. } | Command::Retention { .. } => {
             Err(anyhow::anyhow!("this command runs outside the runtime"))
