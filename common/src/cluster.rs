@@ -154,6 +154,9 @@ fn part_meta_keys(p: Partition) -> [Vec<u8>; 8] {
     ]
 }
 
+/// A key and value as RocksDB hands them out.
+type RawKv = (Box<[u8]>, Box<[u8]>);
+
 /// What a speed instance answers a mirror holding `have`: for each partition in `held`, what
 /// the mirror lacks, read from one snapshot of the instance's state `db`.
 pub fn sync_response(
@@ -203,7 +206,7 @@ pub fn sync_response(
         // its offset inside the same block, else all of them.
         let live = block_of(r, bs);
         let first = i64::try_from(live.saturating_mul(bs)).unwrap_or(i64::MAX);
-        let mut journal: Vec<(Box<[u8]>, Box<[u8]>)> = Vec::new();
+        let mut journal: Vec<RawKv> = Vec::new();
         let mut reset = true;
         if r % bs as i64 != 0 && live >= fl {
             let after = if block_of(h.next, bs) == live && h.next > first {
@@ -211,7 +214,7 @@ pub fn sync_response(
             } else {
                 first
             };
-            let scan = |after: i64| -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+            let scan = |after: i64| -> Result<Vec<RawKv>> {
                 let start = journal_key(p, after.saturating_add(1));
                 let end = journal_key(p, r.saturating_add(1));
                 let mut opts = rocksdb::ReadOptions::default();

@@ -163,7 +163,11 @@ pub async fn ensure_compacted_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) 
     ensure_topics_with(cfg, topics, true).await
 }
 
-async fn ensure_topics_with(cfg: &KafkaConfig, topics: &[(&str, i32)], compact: bool) -> Result<()> {
+async fn ensure_topics_with(
+    cfg: &KafkaConfig,
+    topics: &[(&str, i32)],
+    compact: bool,
+) -> Result<()> {
     let started = std::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
@@ -189,7 +193,7 @@ async fn try_ensure_topics(cfg: &KafkaConfig, topics: &[(&str, i32)], compact: b
     let probe: ThreadedProducer<AuthWatch> =
         client_config_with(cfg, &[("allow.auto.create.topics", "false")])
             .create_with_context(AuthWatch::default())
-        .map_err(|e| Error::kafka("create a client", e))?;
+            .map_err(|e| Error::kafka("create a client", e))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let existing = loop {
         match existing_topics(probe.client(), topics) {

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset as KafkaOffset, TopicPartitionList};
 use rocksdb::DB;
-use strata_common::cluster::{
-    self, Have, InstanceHeader, Member, Source, SourceState, Sources,
-};
+use strata_common::cluster::{self, Have, InstanceHeader, Member, Source, SourceState, Sources};
 use strata_common::config::Config;
 use strata_common::handoff::{Offset, Partition};
 use strata_common::speed_store::{self, encode_i64, meta_key, Cf};
@@ -82,8 +80,7 @@ pub fn open_mirror(cfg: &Config) -> strata_common::Result<(Arc<DB>, PathBuf)> {
     }
     let path = dir.join(format!("speed-mirror-{}", std::process::id()));
     if path.exists() {
-        std::fs::remove_dir_all(&path)
-            .map_err(|e| strata_common::Error::io(&path, e))?;
+        std::fs::remove_dir_all(&path).map_err(|e| strata_common::Error::io(&path, e))?;
     }
     Ok((Arc::new(speed_store::open_primary(&path)?), path))
 }
@@ -165,7 +162,10 @@ impl ClusterSync {
                     }
                 }
                 Some(Ok(member)) => {
-                    let known = self.members.get(&id).is_some_and(|t| t.member.url == member.url);
+                    let known = self
+                        .members
+                        .get(&id)
+                        .is_some_and(|t| t.member.url == member.url);
                     if known {
                         if let Some(t) = self.members.get_mut(&id) {
                             t.member = member;
@@ -183,7 +183,9 @@ impl ClusterSync {
                         );
                     }
                 }
-                Some(Err(e)) => tracing::warn!(instance = %id, error = %e, "unreadable members record"),
+                Some(Err(e)) => {
+                    tracing::warn!(instance = %id, error = %e, "unreadable members record")
+                }
             }
         }
     }
@@ -216,15 +218,16 @@ impl ClusterSync {
                 continue;
             }
             let path = format!("/v1/speed/sync?have={}", cluster::encode_have(&have));
-            let outcome = http_get(&t.member.url, &path, PULL_TIMEOUT).and_then(|(status, body)| {
-                if status != 200 {
-                    return Err(format!(
-                        "answered {status}: {}",
-                        String::from_utf8_lossy(&body[..body.len().min(200)])
-                    ));
-                }
-                Ok(body)
-            });
+            let outcome =
+                http_get(&t.member.url, &path, PULL_TIMEOUT).and_then(|(status, body)| {
+                    if status != 200 {
+                        return Err(format!(
+                            "answered {status}: {}",
+                            String::from_utf8_lossy(&body[..body.len().min(200)])
+                        ));
+                    }
+                    Ok(body)
+                });
             let body = match outcome {
                 Ok(b) => b,
                 Err(e) => {
@@ -263,7 +266,12 @@ impl ClusterSync {
                 if !answer.instance.held.contains(&p) || part.header.next <= h.next {
                     continue;
                 }
-                cluster::write_part(&self.mirror, block_size, part, kept.get(&p).copied().unwrap_or(0))?;
+                cluster::write_part(
+                    &self.mirror,
+                    block_size,
+                    part,
+                    kept.get(&p).copied().unwrap_or(0),
+                )?;
                 h.next = part.header.next;
                 kept.insert(p, part.header.first_live_block);
                 if self.pulled_from.insert(p, id.clone()).as_ref() != Some(&id) {
@@ -274,7 +282,11 @@ impl ClusterSync {
                 self.flushed_at = answer.instance.flushed_at;
                 if let Some(at) = self.flushed_at {
                     self.mirror
-                        .put_cf(speed_store::cf(&self.mirror, Cf::Meta)?, meta_key::FLUSHED_AT, encode_i64(at))
+                        .put_cf(
+                            speed_store::cf(&self.mirror, Cf::Meta)?,
+                            meta_key::FLUSHED_AT,
+                            encode_i64(at),
+                        )
                         .map_err(|e| strata_common::Error::rocks("write the speed mirror", e))?;
                 }
             }
@@ -303,7 +315,9 @@ impl ClusterSync {
                 .iter()
                 .filter_map(|(id, t)| {
                     let a = t.answer.as_ref()?;
-                    a.held.contains(&p).then(|| (a.next.get(&p).copied().unwrap_or(0), id))
+                    a.held
+                        .contains(&p)
+                        .then(|| (a.next.get(&p).copied().unwrap_or(0), id))
                 })
                 .max();
             let (state, instance, instance_offset): (SourceState, Option<String>, Option<Offset>) =
@@ -355,7 +369,10 @@ impl ClusterSync {
 /// A consumer of the members topic from its beginning (no group: nothing is committed).
 fn members_consumer(cfg: &Config, topic: &str) -> strata_common::Result<BaseConsumer> {
     let consumer: BaseConsumer = strata_common::kafka::client_config(&cfg.kafka)
-        .set("group.id", format!("strata-serve-members-{}", std::process::id()))
+        .set(
+            "group.id",
+            format!("strata-serve-members-{}", std::process::id()),
+        )
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| strata_common::Error::kafka("create the members consumer", e))?;
@@ -371,7 +388,9 @@ fn members_consumer(cfg: &Config, topic: &str) -> strata_common::Result<BaseCons
         }
     }
     if tpl.count() == 0 {
-        return Err(strata_common::Error::Other(format!("topic {topic} not found")));
+        return Err(strata_common::Error::Other(format!(
+            "topic {topic} not found"
+        )));
     }
     consumer
         .assign(&tpl)
@@ -392,12 +411,18 @@ pub fn http_get(url: &str, path: &str, timeout: Duration) -> Result<(u16, Vec<u8
         .next()
         .ok_or_else(|| format!("{host}: no address"))?;
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{host}: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("{host}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{host}: {e}"))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("{host}: {e}"))?;
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("{host}: {e}"))?;
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

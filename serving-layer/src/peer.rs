@@ -67,8 +67,8 @@ pub fn routes(
 async fn answer(peer: &Arc<Peer>, raw: &str) -> std::result::Result<Vec<u8>, ApiError> {
     let q: SyncQuery = serde_urlencoded::from_str(raw)
         .map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
-    let have = cluster::decode_have(&q.have)
-        .map_err(|e| ApiError::bad_request(format!("have: {e}")))?;
+    let have =
+        cluster::decode_have(&q.have).map_err(|e| ApiError::bad_request(format!("have: {e}")))?;
     let peer = peer.clone();
     tokio::task::spawn_blocking(move || {
         cluster::sync_response(&peer.db, &peer.id, &peer.held(), &have)

@@ -8,7 +8,9 @@ use rocksdb::DB;
 use serde::Serialize;
 use strata_common::batch_store::{self, Manifest};
 use strata_common::config::{Config, SpeedSource};
-use strata_common::handoff::{coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition};
+use strata_common::handoff::{
+    coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition,
+};
 use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::version_file::VersionFile;

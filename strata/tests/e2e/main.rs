@@ -10,6 +10,7 @@ mod support;
 
 mod e2e_api;
 mod e2e_broker;
+mod e2e_cluster;
 mod e2e_crash;
 mod e2e_dashboard;
 mod e2e_disk;
