@@ -93,6 +93,10 @@ pub struct SpeedConfig {
     pub http: Option<String>,
     /// The URL serving layers reach that endpoint at; unset: `http://` and `speed.http`.
     pub advertise: Option<String>,
+    /// Where published batch versions are read from, to drop the speed blocks they cover: the
+    /// archiver's data directory (on shared storage) for an instance on another host; unset:
+    /// the data directory.
+    pub batch_dir: Option<PathBuf>,
 }
 
 impl SpeedConfig {
@@ -298,6 +302,7 @@ impl Default for SpeedConfig {
             workers: 0,
             http: None,
             advertise: None,
+            batch_dir: None,
         }
     }
 }

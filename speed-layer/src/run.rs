@@ -66,6 +66,11 @@ impl SpeedLayer {
             flush_every: Duration::from_millis(cfg.speed.flush_interval_ms),
             flush_max: cfg.speed.flush_max_events,
             data_dir: cfg.data_dir.clone(),
+            batch_dir: cfg
+                .speed
+                .batch_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.clone()),
             min_free_mb: cfg.min_free_mb,
         })
     }

@@ -60,8 +60,10 @@ pub struct Settings {
     pub rule: Dedupe,
     pub flush_every: Duration,
     pub flush_max: usize,
-    /// Checked before every write (`min-free-mb`), and where batch versions are read from.
+    /// Checked before every write (`min-free-mb`).
     pub data_dir: std::path::PathBuf,
+    /// Where published batch versions are read from, to drop the blocks they cover.
+    pub batch_dir: std::path::PathBuf,
     pub min_free_mb: u64,
 }
 
@@ -434,7 +436,7 @@ impl<L: Letters> Worker<L> {
     }
 
     fn drop_covered(&mut self) -> Result<()> {
-        let Some(manifest) = batch_store::read_current(&self.settings.data_dir)? else {
+        let Some(manifest) = batch_store::read_current(&self.settings.batch_dir)? else {
             return Ok(());
         };
         let dropped = self

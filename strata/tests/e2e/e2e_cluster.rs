@@ -49,6 +49,7 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
     let topic = unique_topic("e2e-cluster");
     let arch = dir.path().join("arch");
     let mut common = layer_args(&topic, &arch, 2000, None);
+    let arch_dir = arch.to_str().expect("utf-8 path");
     common.extend(["--admin-key".to_string(), ADMIN_KEY.to_string()]);
     // A crashed instance leaves the group after 6 s instead of 45.
     let group_env = [
@@ -67,6 +68,8 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
         ));
         let mut env = group_env.to_vec();
         env.push(("STRATA__SPEED__HTTP", &http));
+        // The archiver's directory stands for the shared storage batch versions are read from.
+        env.push(("STRATA__SPEED__BATCH_DIR", arch_dir));
         let p = Proc::spawn_env(&format!("speed{n}"), &args, &env, dir.path());
         (p, format!("http://{http}"))
     };
@@ -122,6 +125,18 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
             (v["batch"]["version"].as_u64() == Some(1)).then_some(())
         });
         truth.check(addr);
+    }
+    // Each instance drops the blocks the version covers, reading it from the shared directory.
+    for (p, _) in &instances_up {
+        wait_for(
+            &format!("{} to drop the blocks batch version 1 covers", p.name),
+            Duration::from_secs(30),
+            || {
+                let log = std::fs::read_to_string(&p.log).ok()?;
+                log.contains("dropped speed blocks covered by the batch version")
+                    .then_some(())
+            },
+        );
     }
 
     // kill -9 one instance while a stream is being produced.
