@@ -14,7 +14,7 @@
 //! - Where each partition came from, and what an answer lacks, is written in the mirror's meta
 //!   ([`Sources`]), so every answer reads it in the same view as the partials.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rocksdb::{WriteBatch, DB};
 use serde::{Deserialize, Serialize};
@@ -402,15 +402,46 @@ pub struct Source {
 /// Every partition's [`Source`], written in the mirror's meta.
 pub type Sources = BTreeMap<Partition, Source>;
 
-/// The mirror's meta key holding the JSON of its [`Sources`].
-pub const SOURCES_KEY: &[u8] = b"cluster-sources";
-
 /// Writes `sources` into the mirror's meta (moving its sequence, so kept answers are dropped).
 pub fn write_sources(db: &DB, sources: &Sources) -> Result<()> {
     let v =
         serde_json::to_vec(sources).map_err(|e| Error::Other(format!("encode sources: {e}")))?;
-    db.put_cf(cf(db, Cf::Meta)?, SOURCES_KEY, v)
+    db.put_cf(cf(db, Cf::Meta)?, meta_key::SOURCES, v)
         .map_err(|e| Error::rocks("write the speed mirror", e))
+}
+
+/// What `as_of.cluster` says in a serving layer that mirrors a speed cluster.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterAsOf {
+    /// Some partition's speed tail is not current: see `lacking`.
+    pub partial: bool,
+    /// The partitions whose newest events may be missing from the answer (their source is
+    /// rebuilding, unreachable or unassigned); each is still exact up to its `coverage` offset.
+    pub lacking: Vec<Partition>,
+    pub partitions: Sources,
+}
+
+impl ClusterAsOf {
+    /// From the sources the mirror holds (`None` before the first pull: every partition of
+    /// `known` lacks).
+    pub fn new(sources: Option<&[u8]>, known: impl Iterator<Item = Partition>) -> Self {
+        let partitions: Sources = sources
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        let mut lacking: BTreeSet<Partition> = partitions
+            .iter()
+            .filter(|(_, s)| s.state != SourceState::Current)
+            .map(|(&p, _)| p)
+            .collect();
+        if sources.is_none() {
+            lacking.extend(known);
+        }
+        ClusterAsOf {
+            partial: !lacking.is_empty() || sources.is_none(),
+            lacking: lacking.into_iter().collect(),
+            partitions,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -201,6 +201,9 @@ pub mod meta_key {
     pub const LAYOUT: &[u8] = b"layout";
     /// Wall-clock time (epoch ms) of the last flush.
     pub const FLUSHED_AT: &[u8] = b"flushed-at";
+    /// In a serving layer's mirror of several speed instances: the JSON of where each partition
+    /// came from (`crate::cluster::Sources`).
+    pub const SOURCES: &[u8] = b"cluster-sources";
 
     fn tagged(tag: u8, p: Partition) -> Vec<u8> {
         let mut out = vec![tag];
@@ -327,7 +330,7 @@ pub struct SpeedMeta {
     pub flushed_at: Option<Millis>,
     pub partitions: BTreeMap<Partition, PartitionMeta>,
     /// In a serving layer's mirror of several speed instances, where each partition came from
-    /// (JSON of [`crate::cluster::Sources`]); `None` in a speed layer's own state.
+    /// (JSON of `cluster::Sources`); `None` in a speed layer's own state.
     pub sources: Option<Vec<u8>>,
 }
 
@@ -390,7 +393,7 @@ pub fn read_meta(db: &DB, reads: &impl Reads) -> Result<SpeedMeta> {
             .get_cf_bytes(db, Cf::Meta, meta_key::LAYOUT)?
             .and_then(|v| decode_i64(&v))
             .map(|v| v as u64),
-        sources: reads.get_cf_bytes(db, Cf::Meta, crate::cluster::SOURCES_KEY)?,
+        sources: reads.get_cf_bytes(db, Cf::Meta, meta_key::SOURCES)?,
         ..SpeedMeta::default()
     };
     let handle = cf(db, Cf::Meta)?;

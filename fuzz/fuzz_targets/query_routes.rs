@@ -24,6 +24,7 @@ use strata_common::handoff::Offsets;
 use strata_common::time::{format_rfc3339, now_millis};
 use strata_common::views::ViewSet;
 use strata_serving::api::routes;
+use strata_serving::app::App;
 use strata_serving::ServingState;
 
 const KEY: &str = "fuzz-admin-key";
@@ -71,7 +72,7 @@ const OTHER_METHODS: [&str; 5] = ["PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"];
 struct Fixture {
     _dir: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
-    state: Arc<ServingState>,
+    state: Arc<App>,
 }
 
 fn events(now: i64) -> Vec<String> {
@@ -173,7 +174,7 @@ fn fixture() -> &'static Fixture {
             },
         )
         .expect("publish");
-        let state = Arc::new(ServingState::following(cfg));
+        let state = Arc::new(App::new(Arc::new(ServingState::following(cfg))));
         // As if the background probe had reached the broker: /readyz answers 200, not 503.
         state.broker_probed(Ok(Offsets::from([(0, 10_000)])));
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -15,6 +15,7 @@ use warp::{Filter, Rejection, Reply};
 use strata_common::views::{Basis, Gran};
 
 use crate::answers::Answer;
+use crate::app::App;
 use crate::error::ApiError;
 use crate::insights::{self, Window};
 use crate::state::ServingState;
@@ -189,9 +190,7 @@ fn url() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
 /// Routes are grouped by their leading path segments, most asked first, so a request is compared
 /// with a few prefixes rather than with every route before its own. Query parameters are parsed
 /// only when an answer is computed: a kept answer is found by the URL alone.
-pub fn routes(
-    state: Arc<ServingState>,
-) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+pub fn routes(state: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let observer = state.clone();
     let cors_origins = Arc::new(state.cfg.serve.cors_origins.clone());
     let guard = read_key(&state);
@@ -204,7 +203,7 @@ pub fn routes(
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|item: String, url: String, s: Arc<ServingState>| {
+        .and_then(|item: String, url: String, s: Arc<App>| {
             answer_now(s, url, move |s| {
                 query::item(s, &id_segment(s, &item, "item")?)
             })
@@ -213,34 +212,34 @@ pub fn routes(
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|url: String, s: Arc<ServingState>| {
+        .and_then(|url: String, s: Arc<App>| {
             answer(s, url, Clock::Read, |s, p| {
                 let limit = limit(p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("purchase", String::as_str);
                 let window = Window::parse(p.get("window").map_or("all", String::as_str))?;
                 let category = id_param(s, p, "category")?;
-                insights::top_items(s, t, window, category, limit)
+                insights::top_items(s, &s.windows, t, window, category, limit)
             })
         });
     let trending = warp::path!("trending")
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|url: String, s: Arc<ServingState>| {
+        .and_then(|url: String, s: Arc<App>| {
             answer(s, url, Clock::Read, |s, p| {
                 let limit = limit(p, s.cfg.serve.max_limit)?;
                 let t = p.get("type").map_or("view", String::as_str);
                 let window = Window::parse(p.get("window").map_or("1h", String::as_str))?;
                 let baseline = Window::parse(p.get("baseline").map_or("7d", String::as_str))?;
                 let min_support = number(p, "min_support", 5, 1, MAX_MIN_SUPPORT)? as u64;
-                insights::trending(s, t, window, baseline, min_support, limit)
+                insights::trending(s, &s.windows, t, window, baseline, min_support, limit)
             })
         });
     let timeseries = warp::path!("timeseries")
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|url: String, s: Arc<ServingState>| {
+        .and_then(|url: String, s: Arc<App>| {
             answer(s, url, Clock::Read, |s, p| {
                 let bucket = p.get("bucket").map_or("hour", String::as_str);
                 let q = insights::SeriesQuery {
@@ -264,38 +263,42 @@ pub fn routes(
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|item: String, url: String, s: Arc<ServingState>| {
+        .and_then(|item: String, url: String, s: Arc<App>| {
             answer(s, url, Clock::Unread, move |s, p| {
                 let limit = limit(p, s.cfg.serve.max_limit)?;
                 let b = p.get("basis").map_or("purchase", String::as_str);
                 let basis = Basis::parse(b).ok_or_else(|| {
                     ApiError::bad_request(format!("basis must be purchase or view; got {b:?}"))
                 })?;
-                recommend::for_item(s, &id_segment(s, &item, "item")?, basis, limit)
+                recommend::for_item(s, &s.co_rows, &id_segment(s, &item, "item")?, basis, limit)
             })
         });
     let user_recs = warp::path!("users" / String)
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|user: String, url: String, s: Arc<ServingState>| {
+        .and_then(|user: String, url: String, s: Arc<App>| {
             answer(s, url, Clock::Unread, move |s, p| {
                 let limit = limit(p, s.cfg.serve.max_limit)?;
-                recommend::for_user(s, &id_segment(s, &user, "user")?, limit)
+                recommend::for_user(
+                    s,
+                    &s.co_rows,
+                    &s.windows,
+                    &id_segment(s, &user, "user")?,
+                    limit,
+                )
             })
         });
     let fleet = warp::path!("health")
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|url: String, s: Arc<ServingState>| {
-            answer(s, url, Clock::Read, |s, _| devices::fleet(s))
-        });
+        .and_then(|url: String, s: Arc<App>| answer(s, url, Clock::Read, |s, _| devices::fleet(s)));
     let device = warp::path!(String / "health")
         .and(warp::get())
         .and(url())
         .and(st.clone())
-        .and_then(|device: String, url: String, s: Arc<ServingState>| {
+        .and_then(|device: String, url: String, s: Arc<App>| {
             answer(s, url, Clock::Read, move |s, p| {
                 let hours = number(p, "hours", 24, 1, MAX_DEVICE_HOURS)?;
                 devices::device(s, &id_segment(s, &device, "device")?, hours)
@@ -304,12 +307,12 @@ pub fn routes(
     let status = warp::path!("status")
         .and(warp::get())
         .and(st.clone())
-        .map(|s: Arc<ServingState>| render(query::status(&s)));
+        .map(|s: Arc<App>| render(query::status(&s)));
     let admin_batch = warp::path!("batch")
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
-        .map(|auth: Option<String>, s: Arc<ServingState>| {
+        .map(|auth: Option<String>, s: Arc<App>| {
             let r = authorize(&s, auth.as_deref()).and_then(|()| {
                 let id = batch_store::request_run(&s.cfg.data_dir)?;
                 Ok(json!({"run_id": id, "status": "requested"}))
@@ -324,7 +327,7 @@ pub fn routes(
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
-        .map(|id: String, auth: Option<String>, s: Arc<ServingState>| {
+        .map(|id: String, auth: Option<String>, s: Arc<App>| {
             let r = authorize(&s, auth.as_deref()).and_then(|()| {
                 match batch_store::read_run(&s.cfg.data_dir, &id)? {
                     Some(run) => serde_json::to_value(run).map_err(ApiError::internal),
@@ -337,7 +340,7 @@ pub fn routes(
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
         .and(st.clone())
-        .and_then(|auth: Option<String>, s: Arc<ServingState>| async move {
+        .and_then(|auth: Option<String>, s: Arc<App>| async move {
             let r = match authorize(&s, auth.as_deref()) {
                 Ok(()) => tokio::task::spawn_blocking(move || query::snapshot(&s))
                     .await
@@ -361,10 +364,12 @@ pub fn routes(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(st.clone())
-        .and_then(|s: Arc<ServingState>| async move {
-            let text = tokio::task::spawn_blocking(move || crate::metrics::render(&s))
-                .await
-                .unwrap_or_default();
+        .and_then(|s: Arc<App>| async move {
+            let text = tokio::task::spawn_blocking(move || {
+                crate::metrics::render(&s, &s.answers, &s.http_metrics)
+            })
+            .await
+            .unwrap_or_default();
             Ok::<_, Infallible>(
                 warp::reply::with_header(
                     text,
@@ -380,7 +385,7 @@ pub fn routes(
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(st)
-        .map(|s: Arc<ServingState>| match s.ready() {
+        .map(|s: Arc<App>| match s.ready() {
             Ok(()) => warp::reply::json(&json!({"status": "ready"})).into_response(),
             Err(why) => ApiError::unavailable(why).reply().into_response(),
         });
@@ -467,10 +472,10 @@ impl Clock {
 /// [`crate::answers`]); otherwise runs the query off the async threads, taking its turn among
 /// the heavy queries, and keeps what it renders.
 async fn answer(
-    state: Arc<ServingState>,
+    state: Arc<App>,
     url: String,
     clock: Clock,
-    f: impl FnOnce(&ServingState, &Params) -> Result<Value, ApiError> + Send + 'static,
+    f: impl FnOnce(&App, &Params) -> Result<Value, ApiError> + Send + 'static,
 ) -> Result<warp::reply::Response, Infallible> {
     if let Some(kept) = state.answers.get(state.state_id(), &url, clock.second()) {
         return Ok(json_body(kept));
@@ -494,9 +499,9 @@ async fn answer(
 /// Runs a point lookup (a handful of key reads: microseconds) on the async thread itself:
 /// handing it to the blocking pool costs more in thread switches than the query.
 async fn answer_now(
-    state: Arc<ServingState>,
+    state: Arc<App>,
     url: String,
-    f: impl FnOnce(&ServingState) -> Result<Value, ApiError>,
+    f: impl FnOnce(&App) -> Result<Value, ApiError>,
 ) -> Result<warp::reply::Response, Infallible> {
     if let Some(kept) = state.answers.get(state.state_id(), &url, None) {
         return Ok(json_body(kept));
@@ -509,10 +514,10 @@ async fn answer_now(
 /// Computes and renders an answer from the URL's query parameters, and keeps it if neither the
 /// state nor (for an answer that reads the clock) the second moved meanwhile.
 fn compute(
-    state: &ServingState,
+    state: &App,
     url: &str,
     clock: Clock,
-    f: impl FnOnce(&ServingState, &Params) -> Result<Value, ApiError>,
+    f: impl FnOnce(&App, &Params) -> Result<Value, ApiError>,
 ) -> Result<Bytes, ApiError> {
     let (tag, second) = (state.state_id(), clock.second());
     let params = params(url)?;

@@ -16,51 +16,15 @@ use rdkafka::{Message, Offset as KafkaOffset, TopicPartitionList};
 use rocksdb::DB;
 use strata_common::cluster::{self, Have, InstanceHeader, Member, Source, SourceState, Sources};
 use strata_common::config::Config;
-use strata_common::handoff::{Offset, Partition};
+use strata_common::handoff::{Offset, Offsets, Partition};
 use strata_common::speed_store::{self, encode_i64, meta_key, Cf};
 use strata_common::time::{format_rfc3339, now_millis};
 use tokio_util::sync::CancellationToken;
-
-use crate::state::ServingState;
 
 /// How often the mirror asks every instance for what it lacks.
 const PULL_EVERY: Duration = Duration::from_millis(100);
 /// How long one instance's answer may take.
 const PULL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What `as_of.cluster` says in a serving layer that mirrors a speed cluster.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ClusterAsOf {
-    /// Some partition's speed tail is not current: see `lacking`.
-    pub partial: bool,
-    /// The partitions whose newest events may be missing from the answer (their source is
-    /// rebuilding, unreachable or unassigned); each is still exact up to its `coverage` offset.
-    pub lacking: Vec<Partition>,
-    pub partitions: Sources,
-}
-
-impl ClusterAsOf {
-    /// From the sources the mirror holds (`None` before the first pull: every partition of
-    /// `known` lacks).
-    pub fn new(sources: Option<&[u8]>, known: impl Iterator<Item = Partition>) -> Self {
-        let partitions: Sources = sources
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .unwrap_or_default();
-        let mut lacking: BTreeSet<Partition> = partitions
-            .iter()
-            .filter(|(_, s)| s.state != SourceState::Current)
-            .map(|(&p, _)| p)
-            .collect();
-        if sources.is_none() {
-            lacking.extend(known);
-        }
-        ClusterAsOf {
-            partial: !lacking.is_empty() || sources.is_none(),
-            lacking: lacking.into_iter().collect(),
-            partitions,
-        }
-    }
-}
 
 /// Opens a new, empty mirror under `<data-dir>/serve/speed-mirror-<pid>`, removing the mirrors
 /// of serving processes that are gone.
@@ -94,9 +58,18 @@ struct Tracked {
     next_try: Instant,
 }
 
+/// What the mirror needs from the serving layer it feeds, read before every pull.
+pub struct Inputs {
+    /// The loaded batch version's cutoffs: blocks below them are not pulled.
+    pub cutoffs: Box<dyn Fn() -> Offsets + Send>,
+    /// The topic's partitions (with their high watermarks) as the broker last reported them.
+    pub partitions: Box<dyn Fn() -> Option<Offsets> + Send>,
+}
+
 /// The loop that keeps the mirror: reads the members topic, pulls from every member, writes.
 pub struct ClusterSync {
-    state: Arc<ServingState>,
+    cfg: Config,
+    inputs: Inputs,
     mirror: Arc<DB>,
     members: BTreeMap<String, Tracked>,
     /// The instance each partition was last pulled from.
@@ -108,9 +81,10 @@ pub struct ClusterSync {
 }
 
 impl ClusterSync {
-    pub fn new(state: Arc<ServingState>, mirror: Arc<DB>) -> Self {
+    pub fn new(cfg: Config, inputs: Inputs, mirror: Arc<DB>) -> Self {
         ClusterSync {
-            state,
+            cfg,
+            inputs,
             mirror,
             members: BTreeMap::new(),
             pulled_from: BTreeMap::new(),
@@ -122,13 +96,13 @@ impl ClusterSync {
 
     /// Runs until `shutdown`. Blocking: run it on a thread of its own.
     pub fn run(mut self, shutdown: CancellationToken) {
-        let topic = cluster::members_topic(&self.state.cfg.kafka.topic);
+        let topic = cluster::members_topic(&self.cfg.kafka.topic);
         let mut consumer: Option<BaseConsumer> = None;
         tracing::info!(members = %topic, "mirroring the speed instances announced in the members topic");
         while !shutdown.is_cancelled() {
             let started = Instant::now();
             if consumer.is_none() {
-                match members_consumer(&self.state.cfg, &topic) {
+                match members_consumer(&self.cfg, &topic) {
                     Ok(c) => consumer = Some(c),
                     Err(e) => tracing::warn!(error = %e, "cannot read the members topic yet"),
                 }
@@ -193,11 +167,7 @@ impl ClusterSync {
     /// Pulls from every member that is due, then writes where each partition stands.
     fn pull_all(&mut self) -> strata_common::Result<()> {
         let meta = speed_store::read_meta(&self.mirror, &())?;
-        let cutoffs = self
-            .state
-            .batch()
-            .map(|b| b.manifest.cutoffs.clone())
-            .unwrap_or_default();
+        let cutoffs = (self.inputs.cutoffs)();
         let mut have: BTreeMap<Partition, Have> = BTreeMap::new();
         let mut kept: BTreeMap<Partition, u64> = BTreeMap::new();
         for (&p, &cutoff) in &cutoffs {
@@ -207,7 +177,7 @@ impl ClusterSync {
             have.entry(p).or_default().next = m.next_offset;
             kept.insert(p, m.first_live_block);
         }
-        let block_size = self.state.cfg.handoff.block_size;
+        let block_size = self.cfg.handoff.block_size;
         let now = Instant::now();
         let ids: Vec<String> = self.members.keys().cloned().collect();
         for id in ids {
@@ -303,7 +273,7 @@ impl ClusterSync {
     /// Where each partition stands: the topic's partitions, the mirror's and the members'.
     fn sources(&mut self, have: &BTreeMap<Partition, Have>) -> Sources {
         let mut partitions: BTreeSet<Partition> = have.keys().copied().collect();
-        partitions.extend(self.state.high_watermarks().unwrap_or_default().keys());
+        partitions.extend((self.inputs.partitions)().unwrap_or_default().keys());
         for t in self.members.values() {
             partitions.extend(t.answer.iter().flat_map(|a| a.held.iter()));
         }

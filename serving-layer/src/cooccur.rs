@@ -19,7 +19,7 @@ use strata_common::audience_file::{count_row, Audiences, RowFile};
 use strata_common::views::{at_id, Basis, FastMap, Interner, Name, Partial, ViewKey};
 
 use crate::error::ApiError;
-use crate::state::LoadedBatch;
+use strata_common::version_file::VersionFile;
 
 /// One item that co-occurs with another.
 pub struct CoRow {
@@ -179,12 +179,12 @@ impl RowMemo {
 }
 
 impl CoIndex {
-    /// Indexes the audiences and histories of `basis` in a batch version.
-    pub fn build(batch: &LoadedBatch, basis: Basis) -> Result<Self, ApiError> {
+    /// Indexes the audiences and histories of `basis` in a batch version's views.
+    pub fn build(views: &VersionFile, basis: Basis) -> Result<Self, ApiError> {
         let mut ix = CoIndex::default();
         for side in SIDES {
             let (owner, member) = side.kinds();
-            batch.scan(&side.prefix(basis), None, &mut |key, p| {
+            views.scan(&side.prefix(basis), None, &mut |key, p| {
                 let Some((name, members)) = entry(&key, &p) else {
                     return;
                 };
@@ -645,7 +645,6 @@ impl Merged<'_> {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use strata_common::batch_store::Manifest;
     use strata_common::views::{Recent, Set};
 
     use super::*;
@@ -734,25 +733,13 @@ mod tests {
             // Users and items only the speed layer has seen, too.
             events.extend((0..10).map(|_| (users as u32 + below(5), items as u32 + below(4))));
             let cut = (events.len() / 2, events.len() * 3 / 4);
-            let manifest = Manifest {
-                version: 1,
-                published_at: "2026-11-25T00:00:00.000Z".into(),
-                block_size: 10_000,
-                cutoffs: Default::default(),
-                events: 0,
-                duplicates: 0,
-                keys: 0,
-                duration_ms: 0,
-                ..Default::default()
-            };
             let dir = tempfile::tempdir().expect("tempdir");
             let parts = views(&events[..cut.0]);
             let entries: Vec<(Vec<u8>, &Partial)> =
                 parts.iter().map(|(enc, (_, p))| (enc.clone(), p)).collect();
-            let file = strata_common::version_file::create(&dir.path().join("v"), &entries)
+            let version = strata_common::version_file::create(&dir.path().join("v"), &entries)
                 .expect("version file");
-            let batch = LoadedBatch::new(manifest, file);
-            let scanned = CoIndex::build(&batch, Basis::View).expect("index");
+            let scanned = CoIndex::build(&version, Basis::View).expect("index");
             // The same index from the audiences numbered at publish.
             let numbered = CoIndex::from_audiences(
                 Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View),
@@ -773,10 +760,10 @@ mod tests {
             assert_eq!(file.rows(), rows.len());
             let precounted = CoIndex::from_audiences(audiences, Some(file));
             // And keeping no row at all (`serve.memo-mb = 0`), or only a few pairs.
-            let unkept = CoIndex::build(&batch, Basis::View)
+            let unkept = CoIndex::build(&version, Basis::View)
                 .expect("index")
                 .keeping(0);
-            let few = CoIndex::build(&batch, Basis::View)
+            let few = CoIndex::build(&version, Basis::View)
                 .expect("index")
                 .keeping(5);
             for (how, index) in [

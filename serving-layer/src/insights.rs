@@ -7,7 +7,7 @@ use strata_common::time::{format_rfc3339, now_millis, parse_rfc3339, Millis};
 use strata_common::views::{tag, Gran, Partial, ViewKey, HLL_STANDARD_ERROR};
 
 use crate::error::ApiError;
-use crate::rankings::ItemTotals;
+use crate::rankings::{ItemTotals, TotalsMemo};
 use crate::state::{Merge, ServingState};
 
 /// A look-back window, in event time, ending now.
@@ -53,28 +53,14 @@ impl Window {
     }
 }
 
-/// Keeps the first `n` of `rows` in the order `cmp` gives (a total order), sorted: a selection,
-/// then a sort of the `n` kept, instead of sorting every row.
-pub fn top_n<T>(rows: &mut Vec<T>, n: usize, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
-    if rows.len() > n {
-        if n == 0 {
-            rows.clear();
-            return;
-        }
-        rows.select_nth_unstable_by(n - 1, &cmp);
-        rows.truncate(n);
-    }
-    rows.sort_unstable_by(cmp);
-}
-
 /// Per-item totals over a window, in the state of `m` (see [`crate::rankings`]).
 pub fn item_totals(
-    state: &ServingState,
+    windows: &TotalsMemo,
     m: &Merge<'_>,
     window: Window,
     now: Millis,
 ) -> Result<ItemTotals, ApiError> {
-    state.windows.totals(m, window.buckets(now))
+    windows.totals(m, window.buckets(now))
 }
 
 /// The ranked event types, as the static names rankings are kept under.
@@ -94,6 +80,7 @@ fn check_type(event_type: &str) -> Result<&'static str, ApiError> {
 /// The items with the most events of one type in a window, optionally in one category.
 pub fn top_items(
     state: &ServingState,
+    windows: &TotalsMemo,
     event_type: &str,
     window: Window,
     category: Option<&str>,
@@ -101,7 +88,7 @@ pub fn top_items(
 ) -> Result<Value, ApiError> {
     let event_type = check_type(event_type)?;
     state.with_merge(|m| {
-        let totals = item_totals(state, m, window, now_millis())?;
+        let totals = item_totals(windows, m, window, now_millis())?;
         let ranked = totals.top(event_type, category, limit);
         let items: Vec<Value> = ranked
             .iter()
@@ -131,6 +118,7 @@ fn window_name(w: Window) -> &'static str {
 /// without the recent one, plus one event (so an item new in the recent window has a finite score).
 pub fn trending(
     state: &ServingState,
+    windows: &TotalsMemo,
     event_type: &str,
     window: Window,
     baseline: Window,
@@ -145,13 +133,10 @@ pub fn trending(
     }
     state.with_merge(|m| {
         let now = now_millis();
-        let recent = item_totals(state, m, window, now)?;
-        let base = item_totals(state, m, baseline, now)?;
+        let recent = item_totals(windows, m, window, now)?;
+        let base = item_totals(windows, m, baseline, now)?;
         let hours = (window.hours(), baseline.hours() - window.hours());
-        let rows =
-            state
-                .windows
-                .trending_top(&recent, &base, event_type, min_support, hours, limit);
+        let rows = windows.trending_top(&recent, &base, event_type, min_support, hours, limit);
         let rest_hours = hours.1;
         let items: Vec<Value> = rows
             .iter()
@@ -336,25 +321,4 @@ pub fn timeseries(state: &ServingState, q: &SeriesQuery) -> Result<Value, ApiErr
         }
         Ok(answer)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_n_equals_a_full_sort_cut_short() {
-        let rows: Vec<(u64, String)> = (0..500u64)
-            .map(|i| ((i * 7919) % 13, format!("i{}", (i * 31) % 97)))
-            .collect();
-        let cmp = |a: &(u64, String), b: &(u64, String)| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1));
-        for n in [0, 1, 5, 13, 499, 500, 800] {
-            let mut sorted = rows.clone();
-            sorted.sort_by(cmp);
-            sorted.truncate(n);
-            let mut kept = rows.clone();
-            top_n(&mut kept, n, cmp);
-            assert_eq!(kept, sorted, "n = {n}");
-        }
-    }
 }

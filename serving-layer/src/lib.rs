@@ -1,15 +1,24 @@
 //! Strata's serving layer: an HTTP API that answers from the newest batch version merged with
 //! exactly the speed layer's blocks past that version's cutoffs.
 //!
-//! [`state`] holds the loaded batch version (reloaded when a newer one is published) and a
-//! reader of the speed layer's RocksDB state (the same database in one process, a follower of it
-//! across processes). [`query`] merges the two for each question through the view definitions of
-//! `strata-common`; every answer carries `as_of`, the batch version and speed offsets it used.
-//! [`api`] maps routes to queries and errors to JSON, [`server`] runs it over TCP; [`answers`]
-//! keeps rendered answers for as long as the state they were computed from stands.
+//! Its modules depend on each other in one direction, from where the partials come from to the
+//! routes:
+//!
+//! 1. **Sources.** The batch version's views and its co-occurrence index ([`cooccur`]); the speed
+//!    tail, from the speed layer's RocksDB (the same database in one process, a follower across
+//!    processes) or from a mirror of several speed instances ([`cluster`]; [`peer`] is the
+//!    instances' side).
+//! 2. **The merge.** [`state`] holds the loaded batch version and the speed reader and hands each
+//!    query one consistent merge of both, with `as_of`: what it covers.
+//! 3. **The queries.** [`query`], [`insights`], [`rankings`], [`recommend`], [`devices`] read a
+//!    merge through the view definitions of `strata-common`; what they keep between requests
+//!    ([`answers`], row and window memos) is handed to them, not held by the state.
+//! 4. **The routes.** [`app`] holds the state and what the queries keep; [`api`] maps routes to
+//!    queries and errors to JSON, [`metrics`] renders `/metrics`, [`server`] runs it over TCP.
 
 pub mod answers;
 pub mod api;
+pub mod app;
 pub mod cluster;
 pub mod cooccur;
 pub mod dashboard;

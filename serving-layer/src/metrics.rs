@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use strata_common::batch_store::DatasetFiles;
 use strata_common::time::{now_millis, parse_rfc3339};
 
+use crate::answers::Answers;
 use crate::state::ServingState;
 
 /// Every route: method and path template. Metrics label requests with the template; the OpenAPI
@@ -192,7 +193,7 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 type Sized = (&'static str, &'static str, fn(&DatasetFiles) -> u64);
 
 /// The whole exposition.
-pub fn render(state: &ServingState) -> String {
+pub fn render(state: &ServingState, answers: &Answers, http_metrics: &HttpMetrics) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let now = now_millis();
 
@@ -204,7 +205,7 @@ pub fn render(state: &ServingState) -> String {
         u8::from(broker.reachable),
     );
 
-    let (kept, computed) = state.answers.counts();
+    let (kept, computed) = answers.counts();
     header(
         &mut out,
         "strata_answers_total",
@@ -417,7 +418,7 @@ pub fn render(state: &ServingState) -> String {
         "Size on disk of the kept batch versions.",
         strata_common::disk::dir_bytes(&strata_common::batch_store::root(&state.cfg.data_dir)),
     );
-    state.http_metrics.render(&mut out);
+    http_metrics.render(&mut out);
     out
 }
 

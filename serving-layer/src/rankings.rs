@@ -18,7 +18,6 @@ use strata_common::handoff::BlockRange;
 use strata_common::views::{FastMap, ItemStats, Monoid, Name};
 
 use crate::error::ApiError;
-use crate::insights::top_n;
 use crate::state::{blocks_since, item_total, totals_range, Merge, PerState, Totals, TotalsKey};
 
 /// How many bases are kept (the least recently asked go first).
@@ -423,9 +422,39 @@ impl TotalsMemo {
     }
 }
 
+/// Keeps the first `n` of `rows` in the order `cmp` gives (a total order), sorted: a selection,
+/// then a sort of the `n` kept, instead of sorting every row.
+pub fn top_n<T>(rows: &mut Vec<T>, n: usize, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
+    if rows.len() > n {
+        if n == 0 {
+            rows.clear();
+            return;
+        }
+        rows.select_nth_unstable_by(n - 1, &cmp);
+        rows.truncate(n);
+    }
+    rows.sort_unstable_by(cmp);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_n_equals_a_full_sort_cut_short() {
+        let rows: Vec<(u64, String)> = (0..500u64)
+            .map(|i| ((i * 7919) % 13, format!("i{}", (i * 31) % 97)))
+            .collect();
+        let cmp = |a: &(u64, String), b: &(u64, String)| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1));
+        for n in [0, 1, 5, 13, 499, 500, 800] {
+            let mut sorted = rows.clone();
+            sorted.sort_by(cmp);
+            sorted.truncate(n);
+            let mut kept = rows.clone();
+            top_n(&mut kept, n, cmp);
+            assert_eq!(kept, sorted, "n = {n}");
+        }
+    }
 
     /// splitmix64, for reproducible random totals.
     struct Rng(u64);

@@ -15,7 +15,8 @@ use strata_common::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 use crate::cooccur::{CoIndex, CoRow, CoRows, Counter, Merged, Overlay};
 use crate::error::ApiError;
-use crate::insights::{item_totals, top_n, Window};
+use crate::insights::{item_totals, Window};
+use crate::rankings::{top_n, TotalsMemo};
 use crate::state::{blocks_since, Merge, PerState, ServingState};
 use strata_common::handoff::{BlockRange, Partition};
 use strata_common::speed_store;
@@ -390,12 +391,13 @@ fn rows_of(index: &CoIndex, layers: &Layers, item: &str, keep: usize) -> Option<
 /// Items that co-occur with `item`.
 pub fn for_item(
     state: &ServingState,
+    co_rows: &CoMemo,
     item: &str,
     basis: Basis,
     limit: usize,
 ) -> Result<Value, ApiError> {
     state.with_merge(|m| {
-        let Some(rows) = state.co_rows.rows(m, basis, item, state.cfg.serve.max_limit)? else {
+        let Some(rows) = co_rows.rows(m, basis, item, state.cfg.serve.max_limit)? else {
             return Err(ApiError::not_found(format!(
                 "no {} history for item {item:?}",
                 basis_name(basis)
@@ -427,12 +429,18 @@ pub const RECENT_ITEMS: usize = 10;
 
 /// Items that co-occur (by views) with the user's most recent items, without what the user
 /// already bought. A user with no history gets the all-time top purchased items, marked as such.
-pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value, ApiError> {
+pub fn for_user(
+    state: &ServingState,
+    co_rows: &CoMemo,
+    windows: &TotalsMemo,
+    user: &str,
+    limit: usize,
+) -> Result<Value, ApiError> {
     state.with_merge(|m| {
         let viewed = history(m, Basis::View, user)?;
         let bought = history(m, Basis::Purchase, user)?;
         if viewed.is_empty() && bought.is_empty() {
-            let totals = item_totals(state, m, Window::All, 0)?;
+            let totals = item_totals(windows, m, Window::All, 0)?;
             let top = totals.top("purchase", None, limit);
             let items: Vec<Value> = top
                 .iter()
@@ -452,7 +460,7 @@ pub fn for_user(state: &ServingState, user: &str, limit: usize) -> Result<Value,
         recent.truncate(RECENT_ITEMS);
         // Scores summed over the seeds' rows by item number: per candidate, its score and
         // which seeds (by position) it came from; names looked up for the chosen ones only.
-        let stack = state.co_rows.stack(m, Basis::View)?;
+        let stack = co_rows.stack(m, Basis::View)?;
         let merged = Merged {
             index: &stack.index,
             layers: stack.layers.iter().map(|l| &**l).collect(),

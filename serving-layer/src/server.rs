@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::routes;
+use crate::app::App;
 use crate::state::ServingState;
 use crate::{Error, Result};
 
@@ -36,7 +37,7 @@ pub async fn serve(state: Arc<ServingState>, shutdown: CancellationToken) -> Res
     match tls {
         None => {
             let stop = shutdown.clone();
-            warp::serve(routes(state))
+            warp::serve(routes(Arc::new(App::new(state))))
                 .incoming(listener)
                 .graceful(async move { stop.cancelled().await })
                 .run()
@@ -88,7 +89,7 @@ async fn serve_tls(
     state: Arc<ServingState>,
     shutdown: CancellationToken,
 ) {
-    let service = warp::service(routes(state));
+    let service = warp::service(routes(Arc::new(App::new(state))));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {

@@ -16,7 +16,6 @@ use strata_common::time::Millis;
 use strata_common::version_file::VersionFile;
 use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
 
-use crate::answers::Answers;
 use crate::cooccur::CoIndex;
 use crate::error::ApiError;
 
@@ -125,7 +124,7 @@ impl LoadedBatch {
         });
         let built = match numbered {
             Some(ix) => ix,
-            None => CoIndex::build(self, basis)?,
+            None => CoIndex::build(&self.views, basis)?,
         };
         let built = Arc::new(built.keeping(self.memo_pairs));
         Ok(slot.get_or_init(|| built).clone())
@@ -183,18 +182,6 @@ pub struct ServingState {
     high_watermarks: RwLock<Option<Offsets>>,
     /// What the last probes of the broker found.
     broker: RwLock<BrokerHealth>,
-    /// Request counts and latencies per route.
-    pub http_metrics: crate::metrics::HttpMetrics,
-    /// Queries that scan or fan out (everything but point lookups) run on the blocking pool,
-    /// as many at once as there are cores: more would only take turns on the same cores while
-    /// each holds its working set, and the extra threads evict each other's caches.
-    pub heavy: tokio::sync::Semaphore,
-    /// Rendered answers of the current state.
-    pub answers: Answers,
-    /// Co-occurrence rows of the items asked about, for the current state.
-    pub co_rows: crate::recommend::CoMemo,
-    /// Windowed item totals and their rankings, for the states asked about.
-    pub windows: crate::rankings::TotalsMemo,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -218,7 +205,7 @@ pub struct AsOf {
     /// With `serve.speed = "cluster"`: where each partition's speed tail came from, and which
     /// partitions the answer may lack newer events of.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<crate::cluster::ClusterAsOf>,
+    pub cluster: Option<strata_common::cluster::ClusterAsOf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -489,21 +476,13 @@ impl ServingState {
     }
 
     fn build(cfg: Config, speed: Option<Arc<SpeedReader>>, follower: bool) -> Self {
-        let memo_rows = crate::recommend::memo_rows(cfg.serve.memo_mb / 2);
         let s = ServingState {
-            answers: Answers::new(cfg.serve.answer_cache),
             cfg,
             batch: RwLock::new(None),
             speed: RwLock::new(speed),
             follower,
             high_watermarks: RwLock::new(None),
             broker: RwLock::new(BrokerHealth::default()),
-            http_metrics: crate::metrics::HttpMetrics::default(),
-            heavy: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
-            co_rows: crate::recommend::CoMemo::new(memo_rows),
-            windows: crate::rankings::TotalsMemo::default(),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -684,9 +663,9 @@ impl ServingState {
         &self,
         sources: Option<&[u8]>,
         known: impl Iterator<Item = Partition>,
-    ) -> Option<crate::cluster::ClusterAsOf> {
+    ) -> Option<strata_common::cluster::ClusterAsOf> {
         (self.cfg.serve.speed == SpeedSource::Cluster)
-            .then(|| crate::cluster::ClusterAsOf::new(sources, known))
+            .then(|| strata_common::cluster::ClusterAsOf::new(sources, known))
     }
 
     /// Runs `f` on one consistent merge of the newest batch version and the speed state.

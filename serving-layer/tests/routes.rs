@@ -9,15 +9,21 @@ use strata_common::config::Config;
 use strata_common::handoff::Offsets;
 use strata_common::views::{DeviceStats, ItemStats, Partial, ViewKey, ViewSet};
 use strata_serving::api::routes;
+use strata_serving::app::App;
 use strata_serving::ServingState;
+
+/// The routes' view of a serving state: the state and what the queries keep.
+fn app(state: ServingState) -> Arc<App> {
+    Arc::new(App::new(Arc::new(state)))
+}
 
 const KEY: &str = "route-test-key";
 
-fn state(dir: &std::path::Path) -> Arc<ServingState> {
+fn state(dir: &std::path::Path) -> Arc<App> {
     state_with(dir, |_| {})
 }
 
-fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<ServingState> {
+fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<App> {
     let mut views = ViewSet::default();
     for (item, purchases) in [("i1", 5), ("i2", 9), ("i3", 0)] {
         views.add(
@@ -64,7 +70,7 @@ fn state_with(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> Arc<Serv
         },
     )
     .expect("publish");
-    Arc::new(ServingState::following(cfg))
+    app(ServingState::following(cfg))
 }
 
 /// One HTTP response as it came over the wire.
@@ -90,7 +96,7 @@ impl Reply {
 /// Serves `state`'s routes on a fresh loopback port and sends one HTTP/1.1 request to it over
 /// TCP (`Connection: close`); the server task ends with the test's runtime.
 async fn send(
-    state: &Arc<ServingState>,
+    state: &Arc<App>,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -165,12 +171,7 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     }
 }
 
-async fn call(
-    state: &Arc<ServingState>,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-) -> (u16, Value) {
+async fn call(state: &Arc<App>, method: &str, path: &str, auth: Option<&str>) -> (u16, Value) {
     let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
     let res = send(state, method, path, &headers, b"").await;
     let body: Value = serde_json::from_slice(&res.body).expect("every answer is JSON");
@@ -695,7 +696,7 @@ async fn windowed_top_items_merge_batch_and_speed_buckets_inside_the_window() {
         db.put_cf(blocks, block_key(0, 1, &key), bought(purchases).encode())
             .expect("put");
     }
-    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db)));
+    let s = app(ServingState::shared(cfg, SpeedReader::shared(db)));
     s.refresh_batch().expect("load the batch version");
 
     for _ in 0..2 {
@@ -750,7 +751,7 @@ async fn kept_answers_last_only_while_the_state_stands() {
     publish(5);
     let db = speed_past_the_batch(&cfg);
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    let s = Arc::new(ServingState::shared(
+    let s = app(ServingState::shared(
         cfg.clone(),
         SpeedReader::shared(db.clone()),
     ));
@@ -848,7 +849,7 @@ async fn recommendations_follow_speed_writes_with_rows_kept_per_state() {
     publish_views(&cfg, &views, 7);
     let db = speed_past_the_batch(&cfg);
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
-    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    let s = app(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
     s.refresh_batch().expect("load the batch version");
 
     let recs = |v: &Value| -> BTreeMap<String, f64> {
@@ -911,7 +912,7 @@ fn pair_partials(
 
 /// Asks for every item's co-occurrence rows and checks them against a count over `pairs`
 /// (audiences and histories are unions).
-async fn assert_rows_counted(s: &Arc<ServingState>, pairs: &[(String, String, u64)], round: &str) {
+async fn assert_rows_counted(s: &Arc<App>, pairs: &[(String, String, u64)], round: &str) {
     use std::collections::{BTreeMap, BTreeSet};
     let mut audiences: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let mut histories: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -998,7 +999,7 @@ async fn co_occurrence_rows_equal_a_count_over_the_merged_histories() {
     let meta = speed_store::cf(&db, Cf::Meta).expect("cf");
     let blocks = speed_store::cf(&db, Cf::Blocks).expect("cf");
     let block_size = cfg.handoff.block_size as i64;
-    let s = Arc::new(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
+    let s = app(ServingState::shared(cfg, SpeedReader::shared(db.clone())));
     s.refresh_batch().expect("load the batch version");
 
     // States of the speed layer: blocks 1 and 2 consumed past and block 3 open; more in block

@@ -348,7 +348,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 strata_serving::cluster::open_mirror(&cfg).context("opening the speed mirror")?;
             let reader = strata_common::speed_store::SpeedReader::shared(mirror.clone());
             let state = Arc::new(ServingState::shared(cfg, reader));
-            let sync = strata_serving::cluster::ClusterSync::new(state.clone(), mirror);
+            let inputs = {
+                let (a, b) = (state.clone(), state.clone());
+                strata_serving::cluster::Inputs {
+                    cutoffs: Box::new(move || {
+                        a.batch()
+                            .map(|v| v.manifest.cutoffs.clone())
+                            .unwrap_or_default()
+                    }),
+                    partitions: Box::new(move || b.high_watermarks()),
+                }
+            };
+            let sync = strata_serving::cluster::ClusterSync::new(state.cfg.clone(), inputs, mirror);
             let stop = shutdown.clone();
             let pulling = tokio::task::spawn_blocking(move || sync.run(stop));
             let served = strata_serving::server::serve(state, shutdown.clone()).await;
