@@ -32,6 +32,10 @@ struct PartitionFold {
     duplicates: u64,
     /// Raw events read, per type.
     raw_rows: std::collections::BTreeMap<String, u64>,
+    /// The partition, and the dedupe rule's state at its cutoff, published with the version.
+    dedupe_state: (strata_common::handoff::Partition, Vec<u8>),
+    /// Microseconds spent encoding that state.
+    dedupe_state_us: u64,
 }
 
 /// Recomputes every view from the archive below the current cutoffs and publishes it as a new
@@ -111,6 +115,8 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                 events: 0,
                 duplicates: 0,
                 raw_rows: Default::default(),
+                dedupe_state: (*p, Vec::new()),
+                dedupe_state_us: 0,
             };
             let prefix = match &generation {
                 Some(g) => retention::read_prefix(&master, g, *p, rule, &rules)?,
@@ -151,6 +157,9 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                     on_progress(pr.done(), total as u64);
                 }
             }
+            let encoding = Instant::now();
+            fold.dedupe_state.1 = dedupe.encode_state();
+            fold.dedupe_state_us = encoding.elapsed().as_micros() as u64;
             Ok(fold)
         })
         .collect();
@@ -158,8 +167,12 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let (mut events, mut duplicates) = (0, 0);
     let mut raw_rows = std::collections::BTreeMap::new();
     let mut parts = Vec::with_capacity(folds.len());
+    let mut dedupe_states = std::collections::BTreeMap::new();
+    let mut dedupe_state_us = 0;
     for f in folds {
         let f = f?;
+        dedupe_state_us += f.dedupe_state_us;
+        dedupe_states.insert(f.dedupe_state.0, f.dedupe_state.1);
         events += f.events;
         duplicates += f.duplicates;
         for (t, n) in f.raw_rows {
@@ -185,6 +198,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
             .par_iter_mut()
             .for_each(|chunk| chunk.retain(|(k, _)| marks.keeps(k)));
     }
+    let dedupe_state_bytes: usize = dedupe_states.values().map(Vec::len).sum();
     strata_common::fault::point("batch.recompute.folded");
     let manifest = batch_store::publish_sorted(
         &cfg.data_dir,
@@ -209,6 +223,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                 ),
             },
         },
+        &dedupe_states,
     )?;
     if let Ok(pr) = progress.lock() {
         pr.finish();
@@ -225,6 +240,8 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         cutoffs = ?manifest.cutoffs,
         ms = manifest.duration_ms,
         with_publish_ms,
+        dedupe_state_ms = dedupe_state_us / 1000,
+        dedupe_state_bytes,
         "published batch version"
     );
     Ok(manifest)

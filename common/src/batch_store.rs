@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audience_file::{self, Audiences};
 use crate::disk;
-use crate::handoff::Offsets;
+use crate::handoff::{Offsets, Partition};
 use crate::retention::Marks;
 use crate::version_file::{self, VersionFile};
 use crate::views::{Basis, Partial, ViewKey, ViewSet};
@@ -299,15 +299,21 @@ fn sync_dir(path: &Path) -> Result<()> {
 pub fn publish(data_dir: &Path, views: &ViewSet, manifest: Manifest) -> Result<Manifest> {
     let mut entries: Vec<(&ViewKey, &Partial)> = views.entries.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    write_version(data_dir, &entries, manifest)
+    write_version(data_dir, &entries, manifest, &BTreeMap::new())
 }
 
 /// [`publish`] of entries already in key order: the concatenation of `chunks`, whose keys must
 /// be strictly increasing (checked: anything else is an error and nothing is published).
+///
+/// `dedupe` holds, per partition, the dedupe rule's state at the version's cutoff
+/// ([`crate::dedupe::PartitionDeduper::encode_state`]), written beside the views: a speed layer
+/// that takes a partition over without state of its own starts from there
+/// ([`read_dedupe_state`]).
 pub fn publish_sorted(
     data_dir: &Path,
     chunks: &[Vec<(ViewKey, Partial)>],
     manifest: Manifest,
+    dedupe: &BTreeMap<Partition, Vec<u8>>,
 ) -> Result<Manifest> {
     let entries: Vec<(&ViewKey, &Partial)> = chunks.iter().flatten().map(|(k, p)| (k, p)).collect();
     if let Some(w) = entries.windows(2).find(|w| w[0].0 >= w[1].0) {
@@ -316,7 +322,23 @@ pub fn publish_sorted(
             w[0].0, w[1].0
         )));
     }
-    write_version(data_dir, &entries, manifest)
+    write_version(data_dir, &entries, manifest, dedupe)
+}
+
+/// The file of a version holding the dedupe rule's state of partition `p` at its cutoff.
+pub fn dedupe_state_path(data_dir: &Path, version: u64, p: Partition) -> PathBuf {
+    version_dir(data_dir, version).join(format!("dedupe.p{p}"))
+}
+
+/// The dedupe rule's state of partition `p` at the cutoff of `version` (`None`: the version has
+/// none, e.g. one published before these files were written).
+pub fn read_dedupe_state(data_dir: &Path, version: u64, p: Partition) -> Result<Option<Vec<u8>>> {
+    let path = dedupe_state_path(data_dir, version, p);
+    match fs::read(&path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
 }
 
 /// Writes `entries` (in key order) as the next version and publishes it.
@@ -324,6 +346,7 @@ fn write_version(
     data_dir: &Path,
     entries: &[(&ViewKey, &Partial)],
     mut manifest: Manifest,
+    dedupe: &BTreeMap<Partition, Vec<u8>>,
 ) -> Result<Manifest> {
     let previous = read_current(data_dir)?.map_or(0, |m| m.version);
     manifest.version = previous.max(highest_version_dir(data_dir)?) + 1;
@@ -357,6 +380,9 @@ fn write_version(
             ms = started.elapsed().as_millis() as u64,
             "numbered the audiences and counted the costliest rows"
         );
+    }
+    for (&p, state) in dedupe {
+        disk::write_synced(&dedupe_state_path(data_dir, manifest.version, p), state)?;
     }
     disk::write_synced(
         &dir.join("manifest.json"),
@@ -520,13 +546,14 @@ mod tests {
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let chunks = vec![sorted[..4].to_vec(), sorted[4..].to_vec()];
         let m1 = publish(dir.path(), &whole, manifest()).expect("publish");
-        let m2 = publish_sorted(dir.path(), &chunks, manifest()).expect("publish");
+        let m2 =
+            publish_sorted(dir.path(), &chunks, manifest(), &BTreeMap::new()).expect("publish");
         assert_eq!((m1.keys, m2.keys), (10, 10));
         let bytes =
             |m: &Manifest| fs::read(version_dir(dir.path(), m.version).join("views.blocks"));
         assert_eq!(bytes(&m1).expect("read"), bytes(&m2).expect("read"));
         let swapped = vec![sorted[4..].to_vec(), sorted[..4].to_vec()];
-        assert!(publish_sorted(dir.path(), &swapped, manifest()).is_err());
+        assert!(publish_sorted(dir.path(), &swapped, manifest(), &BTreeMap::new()).is_err());
         assert_eq!(read_current(dir.path()).expect("read"), Some(m2));
     }
 

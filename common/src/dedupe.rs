@@ -124,7 +124,7 @@ impl PartitionDeduper {
     /// The rule continued from a state [`PartitionDeduper::encode_state`] wrote; `None` if the
     /// bytes are not one.
     pub fn resume(rule: Dedupe, state: &[u8]) -> Option<PartitionDeduper> {
-        let (watermark, ids): (Millis, Vec<(Name, Millis)>) = postcard::from_bytes(state).ok()?;
+        let (watermark, ids) = decode_state(state)?;
         let seen: FastMap<Name, Millis> = ids.into_iter().collect();
         Some(PartitionDeduper {
             rule,
@@ -133,6 +133,12 @@ impl PartitionDeduper {
             seen,
         })
     }
+}
+
+/// The watermark and the remembered ids (with their expiries) of a state
+/// [`PartitionDeduper::encode_state`] wrote; `None` if the bytes are not one.
+pub fn decode_state(state: &[u8]) -> Option<(Millis, Vec<(Name, Millis)>)> {
+    postcard::from_bytes(state).ok()
 }
 
 #[cfg(test)]

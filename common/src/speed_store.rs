@@ -1083,7 +1083,8 @@ impl<R: Reads> View<'_, R> {
         ranges
             .iter()
             .filter_map(|r| match self.live.get(&r.partition) {
-                Some(l) if l.block <= r.last => (l.block > r.first).then_some(BlockRange {
+                // Lazily: a live block 0 has no block before it.
+                Some(l) if l.block <= r.last => (l.block > r.first).then(|| BlockRange {
                     last: l.block - 1,
                     ..*r
                 }),

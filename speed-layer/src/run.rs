@@ -2,6 +2,8 @@
 //! worker that owns its partition ([`crate::worker`]).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -15,7 +17,7 @@ use strata_common::undecodable::{self, Change, Skipped, StallWatch};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::SpeedState;
-use crate::worker::{Input, Pipeline, Record, Settings};
+use crate::worker::{seed_of, Input, Pipeline, Record, Seed, Settings};
 use crate::Result;
 
 /// The partitions the consumer group has assigned to this instance, as of the last rebalance
@@ -80,12 +82,45 @@ impl SpeedLayer {
     pub fn run(self, shutdown: CancellationToken) -> Result<()> {
         let SpeedLayer { cfg, state, held } = self;
         let db = state.db();
-        let positions = Box::new(move |p| -> strata_common::Result<Option<i64>> {
-            let v = db
-                .get_cf(speed_store::cf(&db, Cf::Meta)?, meta_key::next_offset(p))
-                .map_err(|e| strata_common::Error::rocks("read speed offsets", e))?;
-            Ok(v.and_then(|b| speed_store::decode_i64(&b)))
-        });
+        // A partition the layer holds no state of starts at the newest batch version's cutoff
+        // when the version has the dedupe rule's state there (the worker is sent it before the
+        // partition's first record), else at the start of what Kafka holds.
+        let seeds: Arc<Mutex<BTreeMap<Partition, Seed>>> = Arc::default();
+        let seeding = Arc::new(AtomicBool::new(false));
+        let (batch_dir, block_size) = (
+            cfg.speed
+                .batch_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.clone()),
+            cfg.handoff.block_size,
+        );
+        let positions = {
+            let (seeds, seeding) = (seeds.clone(), seeding.clone());
+            Box::new(move |p| -> strata_common::Result<Option<i64>> {
+                let v = db
+                    .get_cf(speed_store::cf(&db, Cf::Meta)?, meta_key::next_offset(p))
+                    .map_err(|e| strata_common::Error::rocks("read speed offsets", e))?;
+                if let Some(at) = v.and_then(|b| speed_store::decode_i64(&b)) {
+                    return Ok(Some(at));
+                }
+                match seed_of(&batch_dir, p, block_size) {
+                    Ok(Some(seed)) => {
+                        let at = seed.cutoff;
+                        if let Ok(mut s) = seeds.lock() {
+                            s.insert(p, seed);
+                            seeding.store(true, Ordering::Release);
+                            return Ok(Some(at));
+                        }
+                        Ok(None)
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "cannot read the batch version's dedupe state; reading the partition from Kafka's start");
+                        Ok(None)
+                    }
+                }
+            })
+        };
         let group = cfg.consumer_group("speed");
         let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
         let topic = cfg.kafka.topic.clone();
@@ -125,7 +160,17 @@ impl SpeedLayer {
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
-                match consumer.poll(Duration::from_millis(20)) {
+                let polled = consumer.poll(Duration::from_millis(20));
+                // Partitions assigned during that poll start at their seeds, if any, before
+                // any record of theirs reaches a worker.
+                if seeding.swap(false, Ordering::AcqRel) {
+                    let taken = seeds.lock().map(|mut s| std::mem::take(&mut *s));
+                    for (p, seed) in taken.unwrap_or_default() {
+                        handed.insert(p, seed.cutoff);
+                        pipeline.control(p, Input::Seed(p, seed))?;
+                    }
+                }
+                match polled {
                     None => {
                         // Nothing more fetched: what waits in the batches goes to the workers.
                         pipeline.send_batches(true)?;

@@ -367,6 +367,11 @@ impl SpeedState {
             }
             batch.put_cf(meta, meta_key::next_offset(p), encode_i64(m.next_offset));
             batch.put_cf(meta, meta_key::watermark(p), encode_i64(m.watermark));
+            batch.put_cf(
+                meta,
+                meta_key::first_live_block(p),
+                encode_i64(m.first_live_block as i64),
+            );
             batch.put_cf(meta, meta_key::accepted(p), encode_i64(m.accepted as i64));
             batch.put_cf(meta, meta_key::rejected(p), encode_i64(m.rejected as i64));
             batch.put_cf(

@@ -50,6 +50,41 @@ pub enum Input {
     Stall(Partition, Option<Stall>),
     /// The consumer passed over undecodable records (`kafka.undecodable = "skip"`).
     Skip(Partition, Skipped),
+    /// A partition this layer holds no state of starts at a batch version's cutoff, with the
+    /// dedupe rule's state there (sent before its first record).
+    Seed(Partition, Seed),
+}
+
+/// Where a partition taken over without state starts: a published batch version's cutoff, and
+/// the dedupe rule's state at it (`batch_store::read_dedupe_state`).
+#[derive(Clone, Debug)]
+pub struct Seed {
+    pub version: u64,
+    pub cutoff: i64,
+    pub state: Vec<u8>,
+}
+
+/// The seed of partition `p` from the newest batch version under `batch_dir`, if it has one
+/// (a cutoff past the start and the dedupe state there) and cuts blocks of `block_size`.
+pub fn seed_of(
+    batch_dir: &std::path::Path,
+    p: Partition,
+    block_size: u64,
+) -> strata_common::Result<Option<Seed>> {
+    let Some(m) = batch_store::read_current(batch_dir)? else {
+        return Ok(None);
+    };
+    let cutoff = m.cutoffs.get(&p).copied().unwrap_or(0);
+    if cutoff <= 0 || m.block_size != block_size {
+        return Ok(None);
+    }
+    Ok(
+        batch_store::read_dedupe_state(batch_dir, m.version, p)?.map(|state| Seed {
+            version: m.version,
+            cutoff,
+            state,
+        }),
+    )
 }
 
 /// What every worker needs to know.
@@ -323,6 +358,7 @@ impl<L: Letters> Worker<L> {
                 }
             }
             Input::Stall(p, stall) => self.state.set_stall(p, stall)?,
+            Input::Seed(p, seed) => self.seed(p, seed)?,
             Input::Skip(p, skipped) => {
                 let topic = &self.settings.topic;
                 let detail = format!(
@@ -353,6 +389,43 @@ impl<L: Letters> Worker<L> {
                 self.state.set_stall(p, None)?;
             }
         }
+        Ok(())
+    }
+
+    /// Starts partition `p` at a batch version's cutoff with the dedupe rule's state there,
+    /// unless the layer already holds state of it.
+    fn seed(&mut self, p: Partition, seed: Seed) -> Result<()> {
+        if self.state.part(p).next_offset > 0 {
+            return Ok(());
+        }
+        let Some((watermark, ids)) = strata_common::dedupe::decode_state(&seed.state) else {
+            return Err(strata_common::Error::corrupt(
+                "batch version",
+                format!(
+                    "the dedupe state of partition {p} in version {}",
+                    seed.version
+                ),
+            )
+            .into());
+        };
+        let remembered = ids.len();
+        for (id, expiry) in ids {
+            self.state
+                .remember(&mut self.pending, p, id.to_string(), expiry)?;
+        }
+        let block_size = self.state.block_size();
+        let part = self.state.part(p);
+        part.next_offset = seed.cutoff;
+        part.watermark = watermark;
+        part.first_live_block = part.first_live_block.max(block_of(seed.cutoff, block_size));
+        self.pending.touched.insert(p);
+        tracing::info!(
+            partition = p,
+            version = seed.version,
+            cutoff = seed.cutoff,
+            remembered,
+            "partition taken over at the batch version's cutoff, with the dedupe memory there"
+        );
         Ok(())
     }
 

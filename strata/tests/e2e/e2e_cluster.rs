@@ -5,13 +5,57 @@
 //! until the group moves them, and stay exact at their stated coverage (`strata verify`); then
 //! every answer equals the ground truth again. A new instance joins later and takes partitions.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::*;
+use strata_common::generate::{Class, Generated, Generator};
 use strata_common::time::now_millis;
+
+/// Produces generated messages as they are (key and payload).
+fn produce_raw(topic: &str, messages: &[Generated]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for g in messages {
+        p.send(BaseRecord::to(topic).key(&g.key).payload(&g.payload))
+            .map_err(|(err, _)| err)
+            .expect("enqueue a message");
+    }
+    p.flush(Duration::from_secs(30))
+        .expect("every message acknowledged");
+}
+
+/// Deletes every record of each partition below its offset in `below` (Kafka's DeleteRecords).
+fn delete_below(topic: &str, below: &BTreeMap<i32, i64>) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (&p, &o) in below {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(o))
+            .expect("partition");
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let done = rt
+        .block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+        .expect("delete records");
+    for e in done.elements() {
+        assert!(
+            e.error().is_ok(),
+            "delete records of {topic}/{}: {:?}",
+            e.partition(),
+            e.error()
+        );
+    }
+}
 
 /// Waits until the serving layer at `addr` covers `messages` messages and lacks nothing.
 fn wait_covered(addr: &str, messages: u64, what: &str) -> Value {
@@ -139,6 +183,33 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
         );
     }
 
+    // Copies of events below the cutoffs, produced again as they were (same key, same
+    // partition): duplicates by the dedupe rule, which an instance taking a partition over
+    // must know from the version's dedupe state. Then Kafka drops every record below the
+    // cutoffs, so that a partition taken over can only start there.
+    let copies: Vec<Generated> = Generator::new(gen_config(
+        31,
+        30_000,
+        now - 2 * 3_600_000,
+        3_600_000,
+        false,
+    ))
+    .filter(|g| matches!(g.class, Class::Event(_)))
+    .take(3_000)
+    .collect();
+    produce_raw(&topic, &copies);
+    truth.messages += copies.len() as u64;
+    truth.copies += copies.len() as u64;
+    for addr in [&a, &b] {
+        wait_covered(addr, truth.messages, "the copies");
+        truth.check(addr);
+    }
+    let (_, st) = get_json(&a, "/v1/status");
+    let cutoffs: BTreeMap<i32, i64> =
+        serde_json::from_value(st["batch"]["cutoffs"].clone()).expect("cutoffs");
+    assert!(cutoffs.values().all(|&c| c > 0), "{st}");
+    delete_below(&topic, &cutoffs);
+
     // kill -9 one instance while a stream is being produced.
     let stream = gen_config(32, 20_000, now - 3_600_000, 1_800_000, false);
     let mut gen_args = generate_args(&common, &stream);
@@ -171,12 +242,22 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
     assert!(out.contains(" 0 differences"), "{out}");
     eprintln!("{}", verify_summary(&out));
     producing.wait_success(Duration::from_secs(120));
-    // The group moves the killed instance's partitions; the new holders rebuild them from Kafka.
+    // The group moves the killed instance's partitions; the new holders start them at the
+    // version's cutoffs, with its dedupe memory.
     for addr in [&a, &b] {
         let st = wait_covered(addr, truth.messages, "after the kill");
         assert!(!instances(&st).contains(&killed_url), "{st}");
         truth.check(addr);
     }
+    let taken_over = |p: &Proc| {
+        std::fs::read_to_string(&p.log)
+            .unwrap_or_default()
+            .contains("partition taken over at the batch version's cutoff")
+    };
+    assert!(
+        instances_up.iter().any(|(p, _)| taken_over(p)),
+        "a surviving instance took a partition over at the cutoff"
+    );
 
     // A new instance joins and takes partitions over.
     instances_up.push(speed(3));
