@@ -56,7 +56,7 @@
 #              heartbeats and readings older than the rollup age: its bytes and the recompute's
 #              time before and after a rollup and the purge (the versions' event counts equal)
 #
-#   --only ingest,serving,freshness,batch,memory,recovery,hostile,retention  run some parts only
+#   --only ingest,serving,freshness,batch,memory,recovery,cluster,hostile,retention  run some parts only
 #   --profile  one more, unmeasured, speed ingest run under `perf record` (report next to --out)
 #   --out      results file (default $CARGO_TARGET_DIR/bench/results.json; smoke: smoke.json)
 #
@@ -69,7 +69,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$STRATA_ROOT"
 
-smoke=0 profile=0 only="ingest,serving,freshness,soak,batch,memory,recovery,hostile,retention"
+smoke=0 profile=0 only="ingest,serving,freshness,soak,batch,memory,recovery,cluster,hostile,retention"
 DUCKDB_VERSION="2.0.1"
 hostile_events="" retention_events="" mem_events="" soak_secs="" runs="" events="" fresh_rate="" fresh_secs="" fresh_sample="" wrk_secs="" backlog="" out=""
 while [ $# -gt 0 ]; do
@@ -718,6 +718,59 @@ freshness_at() { # address pid rate
 
 # --- recovery --------------------------------------------------------------------------------
 
+# Two speed instances in one consumer group and serving layers mirroring them (decision record
+# 0013): the time from start to a serving layer covering a backlog of $backlog events (consumed
+# by the instances and pulled into its mirror), then the time a second serving layer, started
+# with an empty mirror, takes to pull that whole tail from the instances at rest (its start
+# included), and that its answers equal a recomputation from scratch (strata verify).
+bench_cluster() {
+  local topic="bench-cluster" d="$work/cluster" t0 total secs pids_here=() a b port
+  local key="bench-cluster-admin-key"
+  produce "$topic" "$backlog" 3
+  "$BENCH" end-offsets --brokers "$BROKERS" --topic "$topic" >"$work/cluster-ends.txt"
+  total=$(val total "$work/cluster-ends.txt")
+  note_load cluster
+  t0=$(now_ns)
+  for n in 1 2; do
+    port=$(free_port)
+    spawn "cluster-speed$n" STRATA__SPEED__HTTP="127.0.0.1:$port" \
+      "$STRATA" speed --brokers "$BROKERS" --topic "$topic" --data-dir "$d/speed$n"
+    pids_here+=("$last_pid")
+  done
+  a="127.0.0.1:$(free_port)"
+  spawn cluster-serve1 STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
+    --topic "$topic" --data-dir "$d/arch" --http "$a"
+  pids_here+=("$last_pid")
+  "$BENCH" watch --url "http://$a" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
+    --started-at-ns "$t0" --label "cluster: consumed and mirrored" >"$work/cluster-consume.txt" ||
+    { tail -n 30 "$work/cluster-serve1.log" >&2; die "the cluster did not cover the backlog"; }
+  secs=$(val secs "$work/cluster-consume.txt")
+  figure cluster.consume_and_mirror "$(calc "$secs" 3)" s
+  figure cluster.consume_and_mirror_rate "$(calc "$total / $secs")" events/s
+  b="127.0.0.1:$(free_port)"
+  t0=$(now_ns)
+  spawn cluster-serve2 STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
+    --topic "$topic" --data-dir "$d/arch" --http "$b" --admin-key "$key"
+  pids_here+=("$last_pid")
+  "$BENCH" watch --url "http://$b" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
+    --started-at-ns "$t0" --label "cluster: a new mirror filled" >"$work/cluster-fill.txt" ||
+    { tail -n 30 "$work/cluster-serve2.log" >&2; die "the second mirror did not fill"; }
+  secs=$(val secs "$work/cluster-fill.txt")
+  figure cluster.mirror_fill "$(calc "$secs" 3)" s
+  figure cluster.mirror_fill_rate "$(calc "$total / $secs")" events/s
+  figure cluster.mirror_bytes "$(du -sb "$d/arch/serve" | cut -f 1)" bytes
+  if "$STRATA" verify --brokers "$BROKERS" --topic "$topic" --data-dir "$d/arch" --url "http://$b" --admin-key "$key" \
+      >"$work/cluster-verify.txt" 2>&1 && grep -q ' 0 differences' "$work/cluster-verify.txt"; then
+    check cluster.verify ok "$(grep -m 1 'keys compared' "$work/cluster-verify.txt")"
+  else
+    tail -n 5 "$work/cluster-verify.txt" >&2
+    check cluster.verify fail "$(tail -n 1 "$work/cluster-verify.txt")"
+  fi
+  local p
+  for p in "${pids_here[@]}"; do stop_pid "$p"; done
+  rm -rf "$d"
+}
+
 bench_recovery() {
   local topic="bench-recovery" dd="$work/recovery-data" head=$((backlog / 10)) t0 spid
   [ "$head" -ge 2 ] || head=2
@@ -945,6 +998,11 @@ fi
 if wants recovery; then
   start_broker recovery
   bench_recovery
+  stop_broker
+fi
+if wants cluster; then
+  start_broker cluster
+  bench_cluster
   stop_broker
 fi
 if wants hostile; then

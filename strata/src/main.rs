@@ -256,6 +256,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "invalid configuration: serve.speed: \"cluster\" is for `strata serve`; `strata up` serves its own speed layer"
                 );
             }
+            if cfg.speed.http.is_some() {
+                anyhow::bail!(
+                    "invalid configuration: speed.http: an instance of a speed cluster runs as `strata speed`; `strata up` serves its own speed layer"
+                );
+            }
             let batch_every = cfg.batch.every_secs.map(std::time::Duration::from_secs);
             if !start(&cfg, &shutdown).await? {
                 return Ok(());

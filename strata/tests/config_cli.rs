@@ -216,6 +216,45 @@ fn unknown_keys_stop_start_up_naming_the_key() {
     assert!(!data_dir.exists(), "nothing was created");
 }
 
+/// The cluster keys: a bad value stops start-up naming the key, and `strata up`, which serves
+/// its own speed layer, refuses the keys of a speed cluster.
+#[test]
+fn bad_cluster_settings_stop_start_up_naming_the_key() {
+    for (var, value, key) in [
+        ("STRATA__SPEED__HTTP", "nowhere", "speed.http"),
+        (
+            "STRATA__SPEED__ADVERTISE",
+            "ftp://host:1",
+            "speed.advertise",
+        ),
+        ("STRATA__SERVE__SPEED", "remote", "serve.speed"),
+    ] {
+        let out = run(&["config", "--check"], &[(var, value)]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value} names {key}: {stderr}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    for (var, value, key) in [
+        ("STRATA__SERVE__SPEED", "cluster", "serve.speed"),
+        ("STRATA__SPEED__HTTP", "127.0.0.1:7070", "speed.http"),
+    ] {
+        let out = run(
+            &[
+                "up",
+                "--data-dir",
+                data_dir.to_str().expect("utf-8 temp path"),
+            ],
+            &[(var, value)],
+        );
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value} names {key}: {stderr}");
+        assert!(!data_dir.exists(), "nothing was created");
+    }
+}
+
 /// SIGTERM while a layer is still waiting for the broker at start-up (nothing listens on its
 /// address) stops it cleanly, exit 0, instead of the signal's default action killing it.
 #[cfg(unix)]
