@@ -752,13 +752,14 @@ bench_cluster() {
   spawn cluster-serve2 STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
     --topic "$topic" --data-dir "$d/arch" --http "$b" --admin-key "$key"
   pids_here+=("$last_pid")
+  local serve2=$last_pid
   "$BENCH" watch --url "http://$b" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
     --started-at-ns "$t0" --label "cluster: a new mirror filled" >"$work/cluster-fill.txt" ||
     { tail -n 30 "$work/cluster-serve2.log" >&2; die "the second mirror did not fill"; }
   secs=$(val secs "$work/cluster-fill.txt")
   figure cluster.mirror_fill "$(calc "$secs" 3)" s
   figure cluster.mirror_fill_rate "$(calc "$total / $secs")" events/s
-  figure cluster.mirror_bytes "$(du -sb "$d/arch/serve" | cut -f 1)" bytes
+  figure cluster.mirror_bytes "$(du -sb "$d/arch/serve/speed-mirror-$serve2" | cut -f 1)" bytes
   if "$STRATA" verify --brokers "$BROKERS" --topic "$topic" --data-dir "$d/arch" --url "http://$b" --admin-key "$key" \
       >"$work/cluster-verify.txt" 2>&1 && grep -q ' 0 differences' "$work/cluster-verify.txt"; then
     check cluster.verify ok "$(grep -m 1 'keys compared' "$work/cluster-verify.txt")"

@@ -158,7 +158,7 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                 }
             }
             let encoding = Instant::now();
-            fold.dedupe_state.1 = dedupe.encode_state();
+            fold.dedupe_state.1 = dedupe.encode_handover();
             fold.dedupe_state_us = encoding.elapsed().as_micros() as u64;
             Ok(fold)
         })

@@ -306,7 +306,7 @@ pub fn publish(data_dir: &Path, views: &ViewSet, manifest: Manifest) -> Result<M
 /// be strictly increasing (checked: anything else is an error and nothing is published).
 ///
 /// `dedupe` holds, per partition, the dedupe rule's state at the version's cutoff
-/// ([`crate::dedupe::PartitionDeduper::encode_state`]), written beside the views: a speed layer
+/// ([`crate::dedupe::PartitionDeduper::encode_handover`]), written beside the views: a speed layer
 /// that takes a partition over without state of its own starts from there
 /// ([`read_dedupe_state`]).
 pub fn publish_sorted(

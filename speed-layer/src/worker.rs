@@ -398,7 +398,7 @@ impl<L: Letters> Worker<L> {
         if self.state.part(p).next_offset > 0 {
             return Ok(());
         }
-        let Some((watermark, ids)) = strata_common::dedupe::decode_state(&seed.state) else {
+        let Some((watermark, ids)) = strata_common::dedupe::decode_handover(&seed.state) else {
             return Err(strata_common::Error::corrupt(
                 "batch version",
                 format!(
