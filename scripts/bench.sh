@@ -760,6 +760,17 @@ bench_cluster() {
   figure cluster.mirror_fill "$(calc "$secs" 3)" s
   figure cluster.mirror_fill_rate "$(calc "$total / $secs")" events/s
   figure cluster.mirror_bytes "$(du -sb "$d/arch/serve/speed-mirror-$serve2" | cut -f 1)" bytes
+  # Freshness through the cluster: from the produce call to the first answer of the second
+  # serving layer that holds the probe, a stream of 5,000 events/s into the two instances
+  # (each pull adds up to 100 ms).
+  log "cluster: freshness at 5000 events/s for $fresh_secs s"
+  "$BENCH" freshness --brokers "$BROKERS" --topic "$topic" --url "http://$b" --rate 5000 \
+    --secs "$fresh_secs" --sample "$fresh_sample" --patience-secs 60 >"$work/cluster-fresh.txt" ||
+    { tail -n 30 "$work/cluster-serve2.log" >&2; die "the cluster freshness probe failed"; }
+  figure cluster.freshness.5000.p50 "$(calc "$(val p50_ms "$work/cluster-fresh.txt")" 1)" ms
+  figure cluster.freshness.5000.p99 "$(calc "$(val p99_ms "$work/cluster-fresh.txt")" 1)" ms
+  figure cluster.freshness.5000.raw_p50 "$(calc "$(val raw_p50_ms "$work/cluster-fresh.txt")" 1)" ms
+  figure cluster.freshness.5000.probes "$(val probes "$work/cluster-fresh.txt")" count
   if "$STRATA" verify --brokers "$BROKERS" --topic "$topic" --data-dir "$d/arch" --url "http://$b" --admin-key "$key" \
       >"$work/cluster-verify.txt" 2>&1 && grep -q ' 0 differences' "$work/cluster-verify.txt"; then
     check cluster.verify ok "$(grep -m 1 'keys compared' "$work/cluster-verify.txt")"

@@ -98,13 +98,17 @@ impl ClusterSync {
     pub fn run(mut self, shutdown: CancellationToken) {
         let topic = cluster::members_topic(&self.cfg.kafka.topic);
         let mut consumer: Option<BaseConsumer> = None;
+        let mut next_open = Instant::now();
         tracing::info!(members = %topic, "mirroring the speed instances announced in the members topic");
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            if consumer.is_none() {
+            if consumer.is_none() && started >= next_open {
                 match members_consumer(&self.cfg, &topic) {
                     Ok(c) => consumer = Some(c),
-                    Err(e) => tracing::warn!(error = %e, "cannot read the members topic yet"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the members topic yet; retrying in 5 s");
+                        next_open = started + Duration::from_secs(5);
+                    }
                 }
             }
             if let Some(c) = &consumer {
