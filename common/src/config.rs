@@ -52,11 +52,11 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// `group` (default): partitions come from the consumer group, so several processes can
     /// share the topic; `all`: this process takes every partition itself.
-    pub assignment: crate::kafka::Assignment,
+    pub assignment: Assignment,
     /// At a record batch that cannot be decoded (corrupt, or an unknown codec): `stall` (default)
     /// waits there and reports the partition; `skip` passes over the undecodable records,
     /// recording the range in the dead-letter topic and the state.
-    pub undecodable: crate::undecodable::Policy,
+    pub undecodable: Policy,
     /// Extra librdkafka properties passed through unchanged (e.g. `security.protocol`).
     pub properties: BTreeMap<String, String>,
 }
@@ -273,8 +273,8 @@ impl Default for KafkaConfig {
             topic: "events".into(),
             group: "strata".into(),
             partitions: 4,
-            assignment: crate::kafka::Assignment::Group,
-            undecodable: crate::undecodable::Policy::Stall,
+            assignment: Assignment::Group,
+            undecodable: Policy::Stall,
             properties: BTreeMap::new(),
         }
     }
@@ -774,6 +774,42 @@ fn apply_env(table: toml::Table, mut overrides: Vec<EnvOverride>) -> Result<Conf
     }
 }
 
+/// How a consuming layer gets its partitions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Assignment {
+    /// Join the consumer group and take the partitions it hands out (the default): several
+    /// processes can share a topic, and the broker moves the partitions of a member that died
+    /// once its session times out (a restarted process gets them back then).
+    #[default]
+    Group,
+    /// Assign every partition of the topic to this process directly: no group membership, for
+    /// tools that want every partition. The group is used only to publish offsets.
+    All,
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "group" => Ok(Assignment::Group),
+            "all" => Ok(Assignment::All),
+            _ => Err(format!("{s:?} is neither \"group\" nor \"all\"")),
+        }
+    }
+}
+
+/// What a layer does at a batch it cannot decode (`kafka.undecodable`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Wait at the batch and report it (the default): nothing is skipped unless asked.
+    #[default]
+    Stall,
+    /// Move past the undecodable records, recording the range and the reason.
+    Skip,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,7 +882,7 @@ every-secs = 600
             ..Config::default()
         };
         want.kafka.brokers = "k1:9092,k2:9092".into();
-        want.kafka.assignment = crate::kafka::Assignment::All;
+        want.kafka.assignment = Assignment::All;
         want.kafka.properties = BTreeMap::from([("security.protocol".into(), "SSL".into())]);
         want.serve.max_limit = 250;
         want.serve.admin_key = Some("0123456789".into());
@@ -937,7 +973,7 @@ max-limit = 250
                 max: 1100.5
             }
         );
-        assert_eq!(c.kafka.assignment, crate::kafka::Assignment::All);
+        assert_eq!(c.kafka.assignment, Assignment::All);
         // Values are checked afterwards, naming the key.
         let e = c.check().expect_err("negative horizon").to_string();
         assert!(e.contains("dedupe.horizon-secs"), "{e}");

@@ -508,30 +508,7 @@ impl ConsumerContext for ResumeContext {
 /// A group consumer that resumes every partition at the layer's own stored position.
 pub type ResumingConsumer = BaseConsumer<ResumeContext>;
 
-/// How a consuming layer gets its partitions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Assignment {
-    /// Join the consumer group and take the partitions it hands out (the default): several
-    /// processes can share a topic, and the broker moves the partitions of a member that died
-    /// once its session times out (a restarted process gets them back then).
-    #[default]
-    Group,
-    /// Assign every partition of the topic to this process directly: no group membership, for
-    /// tools that want every partition. The group is used only to publish offsets.
-    All,
-}
-
-impl std::str::FromStr for Assignment {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "group" => Ok(Assignment::Group),
-            "all" => Ok(Assignment::All),
-            _ => Err(format!("{s:?} is neither \"group\" nor \"all\"")),
-        }
-    }
-}
+pub use crate::config::Assignment;
 
 /// A consumer of `topic` that resumes every partition at the position `positions` gives, taking
 /// partitions as `assignment` says; `group` receives the committed offsets.

@@ -35,16 +35,7 @@ pub const DLQ_CODE: &str = "undecodable_batch";
 /// The most offsets passed over at once: a range that does not end within it is not skipped.
 pub const MAX_SKIP: i64 = 1 << 24;
 
-/// What a layer does at a batch it cannot decode (`kafka.undecodable`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// Wait at the batch and report it (the default): nothing is skipped unless asked.
-    #[default]
-    Stall,
-    /// Move past the undecodable records, recording the range and the reason.
-    Skip,
-}
+pub use crate::config::Policy;
 
 /// A partition stopped in front of records it cannot decode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
