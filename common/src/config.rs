@@ -810,6 +810,17 @@ pub enum Policy {
     Skip,
 }
 
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "stall" => Ok(Policy::Stall),
+            "skip" => Ok(Policy::Skip),
+            _ => Err(format!("{s:?} is neither \"stall\" nor \"skip\"")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

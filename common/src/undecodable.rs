@@ -323,17 +323,6 @@ impl StallWatch {
     }
 }
 
-impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "stall" => Ok(Policy::Stall),
-            "skip" => Ok(Policy::Skip),
-            _ => Err(format!("{s:?} is neither \"stall\" nor \"skip\"")),
-        }
-    }
-}
-
 /// The archiver's stalled partitions, as JSON in the master dataset's directory `root` (for
 /// `/v1/status` and `/metrics`, in whichever process serves them); absent when none is.
 pub const STALLS_FILE: &str = "_stalled.json";
