@@ -726,6 +726,20 @@ freshness_at() { # address pid rate
 bench_cluster() {
   local topic="bench-cluster" d="$work/cluster" t0 total secs pids_here=() a b port
   local key="bench-cluster-admin-key"
+  # Spawns a mirroring `strata serve` on ADDR ($last_pid), waits until it covers the topic's
+  # $total messages (timed from T0), and reports the time and rate as figure NAME.
+  cluster_serve() { # name addr t0 figure label [serve args...]
+    local name="$1" addr="$2" since="$3" fig="$4" label="$5"; shift 5
+    spawn "$name" STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
+      --topic "$topic" --data-dir "$d/arch" --http "$addr" "$@"
+    pids_here+=("$last_pid")
+    "$BENCH" watch --url "http://$addr" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
+      --started-at-ns "$since" --label "cluster: $label" >"$work/$name.txt" ||
+      { tail -n 30 "$work/$name.log" >&2; die "cluster: $label did not happen"; }
+    secs=$(val secs "$work/$name.txt")
+    figure "$fig" "$(calc "$secs" 3)" s
+    figure "${fig}_rate" "$(calc "$total / $secs")" events/s
+  }
   produce "$topic" "$backlog" 3
   "$BENCH" end-offsets --brokers "$BROKERS" --topic "$topic" >"$work/cluster-ends.txt"
   total=$(val total "$work/cluster-ends.txt")
@@ -738,27 +752,11 @@ bench_cluster() {
     pids_here+=("$last_pid")
   done
   a="127.0.0.1:$(free_port)"
-  spawn cluster-serve1 STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
-    --topic "$topic" --data-dir "$d/arch" --http "$a"
-  pids_here+=("$last_pid")
-  "$BENCH" watch --url "http://$a" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
-    --started-at-ns "$t0" --label "cluster: consumed and mirrored" >"$work/cluster-consume.txt" ||
-    { tail -n 30 "$work/cluster-serve1.log" >&2; die "the cluster did not cover the backlog"; }
-  secs=$(val secs "$work/cluster-consume.txt")
-  figure cluster.consume_and_mirror "$(calc "$secs" 3)" s
-  figure cluster.consume_and_mirror_rate "$(calc "$total / $secs")" events/s
+  cluster_serve cluster-serve1 "$a" "$t0" cluster.consume_and_mirror "consumed and mirrored"
   b="127.0.0.1:$(free_port)"
-  t0=$(now_ns)
-  spawn cluster-serve2 STRATA__SERVE__SPEED=cluster "$STRATA" serve --brokers "$BROKERS" \
-    --topic "$topic" --data-dir "$d/arch" --http "$b" --admin-key "$key"
-  pids_here+=("$last_pid")
+  cluster_serve cluster-serve2 "$b" "$(now_ns)" cluster.mirror_fill "a new mirror filled" \
+    --admin-key "$key"
   local serve2=$last_pid
-  "$BENCH" watch --url "http://$b" --brokers "$BROKERS" --topic "$topic" --until-sum "$total" \
-    --started-at-ns "$t0" --label "cluster: a new mirror filled" >"$work/cluster-fill.txt" ||
-    { tail -n 30 "$work/cluster-serve2.log" >&2; die "the second mirror did not fill"; }
-  secs=$(val secs "$work/cluster-fill.txt")
-  figure cluster.mirror_fill "$(calc "$secs" 3)" s
-  figure cluster.mirror_fill_rate "$(calc "$total / $secs")" events/s
   figure cluster.mirror_bytes "$(du -sb "$d/arch/serve/speed-mirror-$serve2" | cut -f 1)" bytes
   # Freshness through the cluster: from the produce call to the first answer of the second
   # serving layer that holds the probe, a stream of 5,000 events/s into the two instances

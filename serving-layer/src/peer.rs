@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
 use crate::error::ApiError;
-use crate::{Error, Result};
+use crate::Result;
 
 /// What the endpoint serves: the instance's id, its state, the partitions it holds now.
 pub struct Peer {
@@ -84,12 +84,7 @@ pub async fn run(cfg: Config, peer: Arc<Peer>, shutdown: CancellationToken) -> R
     let (Some(addr), Some(url)) = (cfg.speed.http.clone(), cfg.speed_url()) else {
         return Ok(());
     };
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
+    let listener = crate::server::bind(&addr).await?;
     tracing::info!(addr = %addr, url = %url, id = %peer.id, "speed endpoint listening");
     let topic = cluster::members_topic(&cfg.kafka.topic);
     let announce = {

@@ -18,15 +18,20 @@ use crate::app::App;
 use crate::state::ServingState;
 use crate::{Error, Result};
 
+/// Binds a listen address, failing with an error that names it.
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
 /// Binds the listen address (failing clearly if it cannot), then serves until `shutdown`.
 pub async fn serve(state: Arc<ServingState>, shutdown: CancellationToken) -> Result<()> {
     let addr = state.cfg.serve.http.clone();
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
+    let listener = bind(&addr).await?;
     let local = listener.local_addr().map_err(|source| Error::Bind {
         addr: addr.clone(),
         source,
