@@ -506,6 +506,15 @@ impl Config {
             .or_else(|| self.speed.http.as_ref().map(|h| format!("http://{h}")))
     }
 
+    /// Where the speed layer reads published batch versions: `speed.batch-dir`, or the data
+    /// directory.
+    pub fn speed_batch_dir(&self) -> PathBuf {
+        self.speed
+            .batch_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.clone())
+    }
+
     pub fn speed_dir(&self) -> PathBuf {
         self.data_dir.join("speed")
     }

@@ -68,11 +68,7 @@ impl SpeedLayer {
             flush_every: Duration::from_millis(cfg.speed.flush_interval_ms),
             flush_max: cfg.speed.flush_max_events,
             data_dir: cfg.data_dir.clone(),
-            batch_dir: cfg
-                .speed
-                .batch_dir
-                .clone()
-                .unwrap_or_else(|| cfg.data_dir.clone()),
+            batch_dir: cfg.speed_batch_dir(),
             min_free_mb: cfg.min_free_mb,
         })
     }
@@ -87,13 +83,7 @@ impl SpeedLayer {
         // partition's first record), else at the start of what Kafka holds.
         let seeds: Arc<Mutex<BTreeMap<Partition, Seed>>> = Arc::default();
         let seeding = Arc::new(AtomicBool::new(false));
-        let (batch_dir, block_size) = (
-            cfg.speed
-                .batch_dir
-                .clone()
-                .unwrap_or_else(|| cfg.data_dir.clone()),
-            cfg.handoff.block_size,
-        );
+        let (batch_dir, block_size) = (cfg.speed_batch_dir(), cfg.handoff.block_size);
         let positions = {
             let (seeds, seeding) = (seeds.clone(), seeding.clone());
             Box::new(move |p| -> strata_common::Result<Option<i64>> {

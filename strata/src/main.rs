@@ -289,9 +289,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let endpoint = match cfg.speed_url() {
                 Some(url) => {
                     let members = strata_common::cluster::members_topic(&cfg.kafka.topic);
-                    kafka::ensure_compacted_topics(&cfg.kafka, &[(&members, 1)])
-                        .await
-                        .context("creating the members topic")?;
+                    let topics = [(members.as_str(), 1)];
+                    tokio::select! {
+                        r = kafka::ensure_compacted_topics(&cfg.kafka, &topics) => r.context("creating the members topic")?,
+                        () = shutdown.cancelled() => {
+                            tracing::info!("stopped during start-up, before consuming anything");
+                            return Ok(());
+                        }
+                    }
                     let peer = Arc::new(strata_serving::peer::Peer {
                         id: url,
                         db: speed.db(),
