@@ -78,12 +78,15 @@ impl SpeedLayer {
     pub fn run(self, shutdown: CancellationToken) -> Result<()> {
         let SpeedLayer { cfg, state, held } = self;
         let db = state.db();
-        // A partition the layer holds no state of starts at the newest batch version's cutoff
+        // In a speed cluster, a partition the instance holds no state of starts at the newest batch version's cutoff
         // when the version has the dedupe rule's state there (the worker is sent it before the
         // partition's first record), else at the start of what Kafka holds.
         let seeds: Arc<Mutex<BTreeMap<Partition, Seed>>> = Arc::default();
         let seeding = Arc::new(AtomicBool::new(false));
         let (batch_dir, block_size) = (cfg.speed_batch_dir(), cfg.handoff.block_size);
+        // Only an instance of a speed cluster (`speed.http`): a single speed layer reads every
+        // partition whole, so that its counters (accepted, rejected, copies) cover the topic.
+        let seeded = cfg.speed.http.is_some();
         let positions = {
             let (seeds, seeding) = (seeds.clone(), seeding.clone());
             Box::new(move |p| -> strata_common::Result<Option<i64>> {
@@ -92,6 +95,9 @@ impl SpeedLayer {
                     .map_err(|e| strata_common::Error::rocks("read speed offsets", e))?;
                 if let Some(at) = v.and_then(|b| speed_store::decode_i64(&b)) {
                     return Ok(Some(at));
+                }
+                if !seeded {
+                    return Ok(None);
                 }
                 match seed_of(&batch_dir, p, block_size) {
                     Ok(Some(seed)) => {
