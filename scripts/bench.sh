@@ -118,9 +118,10 @@ if wants serving && ! command -v wrk >/dev/null; then
   $SUDO apt-get install -y -qq wrk >/dev/null
 fi
 log "building strata and strata-bench (release)"
-cargo build --release --quiet -p strata -p strata-bench
+cargo build --release --quiet -p strata -p strata-bench -p strata-engine
 STRATA="$CARGO_TARGET_DIR/release/strata"
 BENCH="$CARGO_TARGET_DIR/release/strata-bench"
+ENGINE="$CARGO_TARGET_DIR/release/strata-engine"
 
 started=$(date +%s)
 load_at_start="$(cut -d ' ' -f 1-3 /proc/loadavg)"
@@ -861,6 +862,55 @@ recompute_secs() { # log
   calc "${ms:-nan} / 1000" 3
 }
 
+# The same recompute on Apache DataFusion in the strata-engine process, and on a Ballista
+# cluster of a scheduler and two executors (one task slot each) on this host, each run after a
+# local one on the same master dataset; every version's view files must equal the local one's.
+bench_engines() { # data-dir strata-batch-command...
+  local dd="$1"; shift
+  local cmd=("$@") r sched port eng df=() bl=() spids=() v_local v
+  sched="127.0.0.1:$(free_port)"
+  spawn engine-scheduler "$ENGINE" scheduler --bind "$sched"
+  spids+=("$last_pid")
+  for k in 1 2; do
+    port=$(free_port)
+    spawn "engine-executor-$k" "$ENGINE" executor --scheduler "$sched" --port "$port" --slots 1 --work-dir "$work/executor-$k"
+    spids+=("$last_pid")
+  done
+  sleep 3
+  same_views() { # v1 v2
+    local a b f
+    a="$dd/batch/versions/$(printf %010d "$1")" b="$dd/batch/versions/$(printf %010d "$2")"
+    for f in "$a"/*; do
+      case "$(basename "$f")" in manifest.json|dedupe.*) continue ;; esac
+      cmp -s "$f" "$b/$(basename "$f")" || { echo "$(basename "$f")"; return 1; }
+    done
+  }
+  for r in $(seq 1 "$runs"); do
+    for eng in local datafusion "df://$sched"; do
+      STRATA__BATCH__KEEP_VERSIONS=100 STRATA__BATCH__ENGINE="$eng" "${cmd[@]}" >"$work/engine-$r.log" 2>&1 ||
+        { tail -n 30 "$work/engine-$r.log" >&2; die "strata batch --once on $eng failed"; }
+      v=$(sed -n 's/.*"version": *\([0-9]*\).*/\1/p' "$dd/batch/CURRENT" 2>/dev/null | head -n 1)
+      case "$eng" in
+        local) v_local=$v ;;
+        datafusion) df+=("$(recompute_secs "$work/engine-$r.log")") ;;
+        *) bl+=("$(recompute_secs "$work/engine-$r.log")") ;;
+      esac
+      if [ "$eng" != local ]; then
+        if diff_file=$(same_views "$v_local" "$v"); then
+          check "batch.engine_equal.$r.${eng%%:*}" ok "version $v equals the local version $v_local"
+        else
+          check "batch.engine_equal.$r.${eng%%:*}" fail "$diff_file of version $v differs from the local version $v_local"
+        fi
+      fi
+      log "batch engines run $r/$runs: $eng version $v"
+    done
+    log "batch engines run $r/$runs: datafusion ${df[-1]} s, ballista ${bl[-1]} s"
+  done
+  figure batch.datafusion_recompute "$(calc "$(median "${df[@]}")" 3)" s "$(join_by , "${df[@]}")"
+  figure batch.ballista_recompute "$(calc "$(median "${bl[@]}")" 3)" s "$(join_by , "${bl[@]}")"
+  for p in "${spids[@]}"; do stop_pid "$p"; done
+}
+
 bench_batch() {
   ingest_topic
   duckdb_python
@@ -895,6 +945,7 @@ bench_batch() {
   figure batch.duckdb_views "$(calc "$duck_m" 3)" s "$(join_by , "${duck[@]}")"
   figure batch.duckdb_cooccurrence_self_join "$(calc "$joins_m" 3)" s "$(join_by , "${joins[@]}")"
   figure batch.strata_vs_duckdb "$(ratio "$strata_m" "$duck_m")" ratio
+  bench_engines "$dd" "${cmd[@]}"
   if "$BENCH" compare-batch --data-dir "$dd" --duckdb "$work/duckdb-1.json" >"$work/compare.txt" 2>"$work/compare.err"; then
     check batch.equal ok "$(tr '\n' ' ' <"$work/compare.txt")"
   else

@@ -41,6 +41,8 @@ if [ "$all" = 0 ]; then
     suite="$2"
     shift 2
     [ "${1:-}" != -- ] || shift
+    # The suites run the workspace's binaries (`strata-engine` too, which is not strata's own).
+    cargo build --release --workspace --bins
     cargo test --release --workspace --test e2e -- "$suite::" "$@"
   else
     cargo test --release --workspace "$@"
@@ -50,6 +52,8 @@ else
   # core instead of one suite at a time below. Every cargo call here selects the whole
   # workspace, so that all of them resolve the same features and share that one build.
   cargo test --release --workspace --all-targets --no-run
+  # The suites run the workspace's binaries (`strata-engine` too, which is not strata's own).
+  cargo build --release --workspace --bins
   # Everything that needs no broker: every crate's unit tests, doc tests and the integration
   # tests that are not end-to-end suites (those are the one test binary strata/tests/e2e/).
   others=()

@@ -8,9 +8,13 @@
 //! definitions in parallel with rayon, and publishes the result as a new batch version in one
 //! atomic step. [`retention`] rolls up device events past their age and deletes the raw segments
 //! they replaced once a version computed from the rollup is published. [`run`] schedules them.
+//! With `batch.engine` set to DataFusion or a Ballista cluster, the recompute runs in the
+//! `strata-engine` process instead ([`engine`]), over the same inputs and publishing the same
+//! version.
 
 pub mod archive;
 pub mod columnar;
+pub mod engine;
 pub mod error;
 pub mod recompute;
 pub mod retention;

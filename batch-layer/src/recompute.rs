@@ -1,41 +1,146 @@
 //! Recomputing every view from the master dataset, in parallel, and publishing the result.
 //!
-//! Each partition is folded in offset order (the dedupe rule needs it) into an [`IdFold`] (every
-//! view keyed by ids of that fold's names); the partitions' folds are then merged into entries in
-//! key order, view by view and time bucket by time bucket in parallel, and published.
+//! A recompute has three steps, and the engines that run it share the first and the last:
+//! [`inputs`] decides what is read (each partition's segments from the rollup generation's end up
+//! to its cutoff), a fold turns it into every view's entries, and [`publish`] writes them as a
+//! new version with the manifest. The fold here is the local one: each partition is folded in
+//! offset order (the dedupe rule needs it) into an [`IdFold`] (every view keyed by ids of that
+//! fold's names) on rayon's pool; the partitions' folds are then merged into entries in key
+//! order, view by view and time bucket by time bucket in parallel. `strata-engine` runs the same
+//! fold on Apache DataFusion, in process or on a Ballista cluster.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
 use strata_common::batch_store::{self, DatasetStats, Manifest};
-use strata_common::config::Config;
-use strata_common::dedupe::PartitionDeduper;
+use strata_common::config::{Config, Engine};
+use strata_common::dedupe::{Dedupe, PartitionDeduper};
 use strata_common::disk;
-use strata_common::handoff::{cutoff_below, Offsets};
+use strata_common::event::{Event, Rules};
+use strata_common::handoff::{cutoff_below, Offsets, Partition};
 use strata_common::progress::Progress;
 use strata_common::retention::Marks;
 use strata_common::time::{format_rfc3339, now_millis, Millis};
-use strata_common::views::{Gran, IdFold};
+use strata_common::views::{Entries, Gran, IdFold};
 
-use crate::retention::{self, Size};
+use crate::retention::{self, Generation, Size};
 use crate::segment::{self, Segment};
 use crate::Result;
 
 /// Segments parsed at once per partition: enough to keep every core busy.
 const CHUNK: usize = 8;
 
-/// What one partition contributes.
-struct PartitionFold {
-    views: IdFold,
-    events: u64,
-    duplicates: u64,
+/// What a recompute reads: per partition, the segments from the rollup generation's end (its
+/// start) up to its cutoff.
+pub struct Inputs {
+    pub started: Instant,
+    pub master: PathBuf,
+    pub segments: BTreeMap<Partition, Vec<Segment>>,
+    pub generation: Option<Generation>,
+    /// Where each partition's raw segments begin to count: below it, the rollup generation.
+    pub starts: Offsets,
+    pub cutoffs: Offsets,
+    /// Segments to read, over every partition.
+    pub total: usize,
+    raw_size: Size,
+    replaced: Size,
+}
+
+impl Inputs {
+    /// The segments of partition `p` that the recompute reads, in offset order.
+    pub fn wanted(&self, p: Partition) -> Vec<&Segment> {
+        let (start, cutoff) = (self.starts[&p], self.cutoffs[&p]);
+        self.segments.get(&p).map_or_else(Vec::new, |segs| {
+            segs.iter()
+                .filter(|s| s.start < cutoff && s.start >= start)
+                .collect()
+        })
+    }
+}
+
+/// What a fold produced: every view's entries in key order, and per-partition bookkeeping.
+pub struct Folded {
+    /// Chunks whose concatenation is sorted with no key twice.
+    pub entries: Vec<Entries>,
+    pub events: u64,
+    pub duplicates: u64,
     /// Raw events read, per type.
-    raw_rows: std::collections::BTreeMap<String, u64>,
-    /// The partition, and the dedupe rule's state at its cutoff, published with the version.
-    dedupe_state: (strata_common::handoff::Partition, Vec<u8>),
-    /// Microseconds spent encoding that state.
-    dedupe_state_us: u64,
+    pub raw_rows: BTreeMap<String, u64>,
+    /// Per partition, the dedupe rule's state at its cutoff (published with the version).
+    pub dedupe_states: BTreeMap<Partition, Vec<u8>>,
+    /// Microseconds spent encoding those states, summed over partitions.
+    pub dedupe_state_us: u64,
+}
+
+/// One partition's fold, whichever engine runs it: the rollup generation's prefix first, then
+/// its raw events in offset order through the dedupe rule into every view.
+pub struct PartitionFold {
+    pub partition: Partition,
+    pub views: IdFold,
+    pub events: u64,
+    pub duplicates: u64,
+    /// Raw events read, per type.
+    pub raw_rows: BTreeMap<String, u64>,
+    dedupe: PartitionDeduper,
+}
+
+impl PartitionFold {
+    /// The fold of partition `p` before its raw segments: the prefix `generation` rolled up
+    /// (kept events and rollup records), and the dedupe rule as it stood at the prefix's end.
+    pub fn start(
+        master: &Path,
+        generation: Option<&Generation>,
+        p: Partition,
+        rule: Dedupe,
+        rules: &Rules,
+    ) -> Result<Self> {
+        let mut fold = PartitionFold {
+            partition: p,
+            views: IdFold::new(),
+            events: 0,
+            duplicates: 0,
+            raw_rows: BTreeMap::new(),
+            dedupe: PartitionDeduper::new(rule),
+        };
+        let prefix = match generation {
+            Some(g) => retention::read_prefix(master, g, p, rule, rules)?,
+            None => None,
+        };
+        if let Some(pr) = prefix {
+            fold.events += pr.events();
+            fold.duplicates += pr.duplicates;
+            for (_, e) in &pr.kept {
+                fold.views.fold(e);
+            }
+            for r in &pr.rollups {
+                fold.views.fold_rollup(r);
+            }
+            fold.dedupe = pr.dedupe;
+        }
+        Ok(fold)
+    }
+
+    /// Adds the partition's next raw event (in offset order).
+    pub fn add(&mut self, e: &Event) {
+        *self.raw_rows.entry(e.type_name().to_string()).or_default() += 1;
+        if self.dedupe.admit(&e.id, e.ts) {
+            self.views.fold(e);
+            self.events += 1;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+
+    /// The dedupe rule's state now, as a version publishes it, and the microseconds its
+    /// encoding took.
+    pub fn dedupe_handover(&self) -> (Vec<u8>, u64) {
+        let encoding = Instant::now();
+        let state = self.dedupe.encode_handover();
+        (state, encoding.elapsed().as_micros() as u64)
+    }
 }
 
 /// Recomputes every view from the archive below the current cutoffs and publishes it as a new
@@ -45,10 +150,20 @@ pub fn recompute(cfg: &Config) -> Result<Manifest> {
 }
 
 /// [`recompute`], telling `on_progress(done, total)` segments as they are folded.
+/// Runs on the engine `batch.engine` names: here, or in `strata-engine` ([`crate::engine`]),
+/// which reports its own progress.
 pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Manifest> {
+    if cfg.batch.engine()? != Engine::Local {
+        return crate::engine::recompute(cfg);
+    }
+    let inputs = inputs(cfg)?;
+    let folded = fold_local(cfg, &inputs, on_progress)?;
+    publish(cfg, &inputs, folded)
+}
+
+/// Checks the disk, removes old and unfinished versions, and decides what the recompute reads.
+pub fn inputs(cfg: &Config) -> Result<Inputs> {
     let started = Instant::now();
-    let rules = cfg.validation.rules()?;
-    let rule = cfg.dedupe_rule();
     let block_size = cfg.handoff.block_size;
     disk::check(&cfg.data_dir, cfg.min_free_mb)?;
     let removed = batch_store::clean(&cfg.data_dir, cfg.batch.keep_versions)?;
@@ -58,7 +173,6 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let master = cfg.master_dir();
     let segments = segment::list(&master)?;
     let generation = retention::current(&master)?;
-    // Where each partition's raw segments begin to count: below it, the rollup generation.
     let starts: Offsets = segments
         .keys()
         .map(|&p| {
@@ -99,57 +213,44 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
             into.bytes += size;
         }
     }
-    let progress = Mutex::new(Progress::new("recompute segments", Some(total as u64)));
+    Ok(Inputs {
+        started,
+        master,
+        segments,
+        generation,
+        starts,
+        cutoffs,
+        total,
+        raw_size,
+        replaced,
+    })
+}
 
-    let folds: Vec<Result<PartitionFold>> = segments
+/// The local fold: partitions in parallel on rayon's pool, segments parsed in parallel chunks.
+fn fold_local(
+    cfg: &Config,
+    inputs: &Inputs,
+    on_progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Folded> {
+    let rules = cfg.validation.rules()?;
+    let rule = cfg.dedupe_rule();
+    let total = inputs.total;
+    let progress = Mutex::new(Progress::new("recompute segments", Some(total as u64)));
+    let folds: Vec<Result<(PartitionFold, Vec<u8>, u64)>> = inputs
+        .segments
         .par_iter()
-        .map(|(p, segs)| {
-            let cutoff = cutoffs[p];
-            let start = starts[p];
-            let wanted: Vec<&Segment> = segs
-                .iter()
-                .filter(|s| s.start < cutoff && s.start >= start)
-                .collect();
-            let mut fold = PartitionFold {
-                views: IdFold::new(),
-                events: 0,
-                duplicates: 0,
-                raw_rows: Default::default(),
-                dedupe_state: (*p, Vec::new()),
-                dedupe_state_us: 0,
-            };
-            let prefix = match &generation {
-                Some(g) => retention::read_prefix(&master, g, *p, rule, &rules)?,
-                None => None,
-            };
-            let mut dedupe = match prefix {
-                Some(pr) => {
-                    fold.events += pr.events();
-                    fold.duplicates += pr.duplicates;
-                    for (_, e) in &pr.kept {
-                        fold.views.fold(e);
-                    }
-                    for r in &pr.rollups {
-                        fold.views.fold_rollup(r);
-                    }
-                    pr.dedupe
-                }
-                None => PartitionDeduper::new(rule),
-            };
-            for chunk in wanted.chunks(CHUNK) {
+        .map(|(p, _)| {
+            let cutoff = inputs.cutoffs[p];
+            let mut fold =
+                PartitionFold::start(&inputs.master, inputs.generation.as_ref(), *p, rule, &rules)?;
+            for chunk in inputs.wanted(*p).chunks(CHUNK) {
                 let parsed: Vec<_> = chunk
                     .par_iter()
                     .map(|s| segment::read(s, cutoff, &rules))
                     .collect::<Result<_>>()?;
                 for events in parsed {
                     for (_, e) in events {
-                        *fold.raw_rows.entry(e.type_name().to_string()).or_default() += 1;
-                        if dedupe.admit(&e.id, e.ts) {
-                            fold.views.fold(&e);
-                            fold.events += 1;
-                        } else {
-                            fold.duplicates += 1;
-                        }
+                        fold.add(&e);
                     }
                 }
                 if let Ok(mut pr) = progress.lock() {
@@ -157,29 +258,49 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
                     on_progress(pr.done(), total as u64);
                 }
             }
-            let encoding = Instant::now();
-            fold.dedupe_state.1 = dedupe.encode_handover();
-            fold.dedupe_state_us = encoding.elapsed().as_micros() as u64;
-            Ok(fold)
+            let (state, us) = fold.dedupe_handover();
+            Ok((fold, state, us))
         })
         .collect();
-
-    let (mut events, mut duplicates) = (0, 0);
-    let mut raw_rows = std::collections::BTreeMap::new();
+    let mut out = Folded {
+        entries: Vec::new(),
+        events: 0,
+        duplicates: 0,
+        raw_rows: BTreeMap::new(),
+        dedupe_states: BTreeMap::new(),
+        dedupe_state_us: 0,
+    };
     let mut parts = Vec::with_capacity(folds.len());
-    let mut dedupe_states = std::collections::BTreeMap::new();
-    let mut dedupe_state_us = 0;
     for f in folds {
-        let f = f?;
-        dedupe_state_us += f.dedupe_state_us;
-        dedupe_states.insert(f.dedupe_state.0, f.dedupe_state.1);
-        events += f.events;
-        duplicates += f.duplicates;
+        let (f, state, us) = f?;
+        out.dedupe_state_us += us;
+        out.dedupe_states.insert(f.partition, state);
+        out.events += f.events;
+        out.duplicates += f.duplicates;
         for (t, n) in f.raw_rows {
-            *raw_rows.entry(t).or_default() += n;
+            *out.raw_rows.entry(t).or_default() += n;
         }
         parts.push(f.views);
     }
+    out.entries = IdFold::into_entries(parts);
+    if let Ok(pr) = progress.lock() {
+        pr.finish();
+    }
+    Ok(out)
+}
+
+/// Publishes a fold's entries as a new version: the retention marks applied, the manifest
+/// written with the cutoffs and the dataset's figures, the dedupe states beside it.
+pub fn publish(cfg: &Config, inputs: &Inputs, folded: Folded) -> Result<Manifest> {
+    let Folded {
+        mut entries,
+        events,
+        duplicates,
+        raw_rows,
+        dedupe_states,
+        dedupe_state_us,
+    } = folded;
+    let generation = &inputs.generation;
     let mut marks = generation
         .as_ref()
         .map(retention::Generation::marks)
@@ -192,7 +313,6 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
             item_minute_from: Some(from),
         });
     }
-    let mut entries = IdFold::into_entries(parts);
     if !marks.is_empty() {
         entries
             .par_iter_mut()
@@ -206,29 +326,26 @@ pub fn recompute_with(cfg: &Config, on_progress: &(dyn Fn(u64, u64) + Sync)) -> 
         Manifest {
             version: 0,
             published_at: format_rfc3339(now_millis()),
-            block_size,
-            cutoffs,
+            block_size: cfg.handoff.block_size,
+            cutoffs: inputs.cutoffs.clone(),
             events,
             duplicates,
             keys: 0,
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: inputs.started.elapsed().as_millis() as u64,
             retention: marks,
             rollup_generation: generation.as_ref().map(|g| g.generation),
             dataset: DatasetStats {
                 files: retention::dataset_files(
                     &raw_rows,
-                    raw_size,
-                    replaced,
-                    generation.as_ref().map(|g| (g, master.as_path())),
+                    inputs.raw_size,
+                    inputs.replaced,
+                    generation.as_ref().map(|g| (g, inputs.master.as_path())),
                 ),
             },
         },
         &dedupe_states,
     )?;
-    if let Ok(pr) = progress.lock() {
-        pr.finish();
-    }
-    let with_publish_ms = started.elapsed().as_millis() as u64;
+    let with_publish_ms = inputs.started.elapsed().as_millis() as u64;
     entries.into_par_iter().for_each(drop);
     // `ms`: the fold (the manifest's `duration_ms`); `with_publish_ms`: read, fold and the
     // version written and published, the span a peer engine is timed over in the benchmark.

@@ -85,7 +85,8 @@ fn versions_dir(data_dir: &Path) -> PathBuf {
     root(data_dir).join("versions")
 }
 
-fn version_dir(data_dir: &Path, version: u64) -> PathBuf {
+/// The directory of version `version`.
+pub fn version_dir(data_dir: &Path, version: u64) -> PathBuf {
     versions_dir(data_dir).join(format!("{version:010}"))
 }
 

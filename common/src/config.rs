@@ -120,6 +120,53 @@ pub struct BatchConfig {
     pub segment_max_age_ms: u64,
     /// Published versions kept on disk.
     pub keep_versions: usize,
+    /// What runs the recompute ([`Engine`]): `local` (rayon, in this process), `datafusion`
+    /// (Apache DataFusion, in the `strata-engine` process) or a Ballista scheduler's URL
+    /// (`df://host:port`: the recompute runs on that cluster's executors).
+    pub engine: String,
+}
+
+impl BatchConfig {
+    /// The engine `batch.engine` names; the error names the key.
+    pub fn engine(&self) -> Result<Engine> {
+        self.engine
+            .parse()
+            .map_err(|e: String| bad("batch.engine", e))
+    }
+}
+
+/// What runs a batch recompute (`batch.engine`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Rayon's pool in the batch layer's own process.
+    Local,
+    /// Apache DataFusion in the `strata-engine` process, on this host's cores.
+    DataFusion,
+    /// A Ballista cluster: the scheduler's `df://host:port`.
+    Ballista(String),
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "local" => Ok(Engine::Local),
+            "datafusion" => Ok(Engine::DataFusion),
+            url => {
+                let addr = url.strip_prefix("df://").ok_or_else(|| {
+                    format!("{url:?} is none of \"local\", \"datafusion\" or a Ballista scheduler's \"df://host:port\"")
+                })?;
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{url:?} names no port (df://host:port)"))?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(format!("{url:?} is not df://host:port"));
+                }
+                Ok(Engine::Ballista(url.to_string()))
+            }
+        }
+    }
 }
 
 /// What the master dataset and the batch versions keep (`common/src/retention.rs`,
@@ -314,6 +361,7 @@ impl Default for BatchConfig {
             segment_max_events: 100_000,
             segment_max_age_ms: 1_000,
             keep_versions: 2,
+            engine: "local".into(),
         }
     }
 }
@@ -395,6 +443,9 @@ impl Config {
         }
         if self.batch.every_secs == Some(0) {
             return Err(bad("batch.every-secs", "must be positive"));
+        }
+        if let Err(e) = self.batch.engine.parse::<Engine>() {
+            return Err(bad("batch.engine", &e));
         }
         if let Some(http) = &self.speed.http {
             if http.parse::<std::net::SocketAddr>().is_err() {

@@ -408,7 +408,7 @@ struct AllNames {
 }
 
 /// The entries of one view (or part of one), in key order.
-type Entries = Vec<(ViewKey, Partial)>;
+pub type Entries = Vec<(ViewKey, Partial)>;
 
 /// A piece of the merge, owning its inputs (in global ids); the pieces in order give the keys in
 /// order.

@@ -14,6 +14,7 @@ mod e2e_cluster;
 mod e2e_crash;
 mod e2e_dashboard;
 mod e2e_disk;
+mod e2e_engine;
 mod e2e_faults;
 mod e2e_hostile;
 mod e2e_producers;

@@ -107,6 +107,17 @@ impl Proc {
 
     /// [`Proc::spawn`] with extra environment variables.
     pub fn spawn_env(name: &str, args: &[String], env: &[(&str, &str)], log_dir: &Path) -> Proc {
+        Proc::spawn_bin(&strata_bin(), name, args, env, log_dir)
+    }
+
+    /// [`Proc::spawn_env`] of another binary (`strata-engine`).
+    pub fn spawn_bin(
+        bin: &Path,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -114,14 +125,14 @@ impl Proc {
             .open(&log)
             .expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(strata_bin())
+        let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
-            .expect("spawn strata");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         Proc {
             name: name.into(),
             child,
