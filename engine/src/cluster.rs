@@ -20,11 +20,15 @@ use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::SessionConfig;
 
 use crate::functions;
-use crate::plan::configure;
+use crate::plan::{configure, configure_ballista};
 
 fn session_config() -> SessionConfig {
     use ballista::prelude::SessionConfigExt;
-    configure(SessionConfig::new_with_ballista())
+    let config = SessionConfig::new_with_ballista();
+    configure_ballista(config.clone()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot set Ballista's settings for Strata");
+        configure(config)
+    })
 }
 
 /// Runs a scheduler on `bind` until the process is stopped.

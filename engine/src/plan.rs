@@ -49,6 +49,17 @@ pub fn configure(mut config: SessionConfig) -> SessionConfig {
     config
 }
 
+/// [`configure`], and Ballista's own settings: its adaptive planner is off, as its first
+/// stage's outputs reach a single final task twice through `CoalescePartitionsExec` under it (a
+/// key merged twice; the merge refuses it: seen with Ballista 55).
+pub fn configure_ballista(config: SessionConfig) -> datafusion::error::Result<SessionConfig> {
+    let mut config = configure(config);
+    config
+        .options_mut()
+        .set("ballista.planner.adaptive.enabled", "false")?;
+    Ok(config)
+}
+
 /// A session on `engine`, knowing Strata's functions.
 pub async fn context(engine: &Engine) -> Result<SessionContext> {
     match engine {
@@ -65,7 +76,7 @@ pub async fn context(engine: &Engine) -> Result<SessionContext> {
         Engine::Ballista(url) => {
             use ballista::prelude::{SessionConfigExt, SessionContextExt};
             let mut state = SessionStateBuilder::new()
-                .with_config(configure(SessionConfig::new_with_ballista()))
+                .with_config(configure_ballista(SessionConfig::new_with_ballista())?)
                 .with_default_features()
                 .build();
             for f in functions::all() {
