@@ -7,7 +7,8 @@
 //! (key, partial) records; `strata_merge` is the views' monoid, which merges the records of one
 //! key from every partition. [`plan`] builds the plan: one scan and fold per partition, their
 //! union, and the merge grouped by key. DataFusion runs it on this host's cores; Ballista runs
-//! each partition's fold as a task on an executor and the merge after a shuffle by key
+//! each partition's fold (and a partial merge) as a task on an executor and the final merge
+//! after the shuffle
 //! ([`cluster`] starts a scheduler and executors that know the two functions). The result is
 //! published by the same code as the local engine's, so the two versions are byte for byte the
 //! same.

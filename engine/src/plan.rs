@@ -5,13 +5,13 @@
 //!   scan Parquet (one file group, offset order) -> filter _offset < cutoff(p)
 //!     -> strata_fold(params(p), columns... ORDER BY _offset)        one record list
 //! union of the partitions -> unnest -> group by key: strata_merge(value)
+//!   (a partial merge per partition, then the final merge of every partition's partials)
 //! ```
 //!
 //! Each partition's scan is one file group: a partition's rows reach its fold whole and in
-//! offset order (the fold checks both). Round-robin repartitioning is off for the same reason;
-//! the merge is spread over `target_partitions` by a hash of the key. On Ballista each
-//! partition's fold is a task on an executor, and the merge runs after a shuffle by key. The
-//! records come back to this process, which publishes them exactly as the local engine does.
+//! offset order (the fold checks both). On Ballista each partition's fold, unnest and partial
+//! merge is a task on an executor, and the final merge a task after the shuffle. The records
+//! come back to this process, which publishes them exactly as the local engine does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
