@@ -867,7 +867,7 @@ recompute_secs() { # log
 # local one on the same master dataset; every version's view files must equal the local one's.
 bench_engines() { # data-dir strata-batch-command...
   local dd="$1"; shift
-  local cmd=("$@") r sched port eng df=() bl=() spids=() v_local v
+  local cmd=("$@") r sched port eng lo=() df=() bl=() spids=() v_local v
   sched="127.0.0.1:$(free_port)"
   spawn engine-scheduler "$ENGINE" scheduler --bind "$sched"
   spids+=("$last_pid")
@@ -891,7 +891,7 @@ bench_engines() { # data-dir strata-batch-command...
         { tail -n 30 "$work/engine-$r.log" >&2; die "strata batch --once on $eng failed"; }
       v=$(sed -n 's/.*"version": *\([0-9]*\).*/\1/p' "$dd/batch/CURRENT" 2>/dev/null | head -n 1)
       case "$eng" in
-        local) v_local=$v ;;
+        local) v_local=$v; lo+=("$(recompute_secs "$work/engine-$r.log")") ;;
         datafusion) df+=("$(recompute_secs "$work/engine-$r.log")") ;;
         *) bl+=("$(recompute_secs "$work/engine-$r.log")") ;;
       esac
@@ -904,8 +904,9 @@ bench_engines() { # data-dir strata-batch-command...
       fi
       log "batch engines run $r/$runs: $eng version $v"
     done
-    log "batch engines run $r/$runs: datafusion ${df[-1]} s, ballista ${bl[-1]} s"
+    log "batch engines run $r/$runs: local ${lo[-1]} s, datafusion ${df[-1]} s, ballista ${bl[-1]} s"
   done
+  figure batch.local_recompute_beside_engines "$(calc "$(median "${lo[@]}")" 3)" s "$(join_by , "${lo[@]}")"
   figure batch.datafusion_recompute "$(calc "$(median "${df[@]}")" 3)" s "$(join_by , "${df[@]}")"
   figure batch.ballista_recompute "$(calc "$(median "${bl[@]}")" 3)" s "$(join_by , "${bl[@]}")"
   for p in "${spids[@]}"; do stop_pid "$p"; done

@@ -886,6 +886,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn batch_engine_is_local_datafusion_or_a_scheduler_url_and_a_bad_one_names_the_key() {
+        assert_eq!("local".parse::<Engine>(), Ok(Engine::Local));
+        assert_eq!("datafusion".parse::<Engine>(), Ok(Engine::DataFusion));
+        assert_eq!(
+            "df://10.0.0.5:50050".parse::<Engine>(),
+            Ok(Engine::Ballista("df://10.0.0.5:50050".into()))
+        );
+        for bad in ["spark://x:1", "df://h", "df://:1", "df://h:port", ""] {
+            assert!(bad.parse::<Engine>().is_err(), "{bad:?} is refused");
+        }
+        let mut c = Config::default();
+        assert!(matches!(c.batch.engine(), Ok(Engine::Local)));
+        c.batch.engine = "spark://x:1".into();
+        let e = c.check().expect_err("refused").to_string();
+        assert!(
+            e.contains("batch.engine") && e.contains("spark://x:1"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults_pass_and_errors_name_keys() {
         Config::default().check().expect("defaults are valid");
         let mut c = Config::default();
