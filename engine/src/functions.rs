@@ -633,3 +633,150 @@ impl Accumulator for MergeAcc {
         self.update_batch(states)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{
+        Decimal128Array, Float64Array, Int32Array, Int64Array, StringArray,
+        TimestampMillisecondArray,
+    };
+    use strata_common::time::now_millis;
+    use strata_common::views::ItemStats;
+
+    fn acc(master: &std::path::Path, partition: Partition) -> FoldAcc {
+        let params = FoldParams {
+            partition,
+            validation: Validation::default(),
+            horizon_ms: 86_400_000,
+            master: master.to_path_buf(),
+            generation: None,
+        };
+        let rules = params.validation.rules().expect("rules");
+        FoldAcc {
+            params,
+            rules,
+            fold: None,
+            last_offset: None,
+            done: None,
+        }
+    }
+
+    /// Views of `(offset, id, item)`, as DataFusion hands the fold its columns.
+    fn views(rows: &[(i64, &str, &str)]) -> Vec<ArrayRef> {
+        let n = rows.len();
+        let ts = now_millis() - 60_000;
+        let none = || Arc::new(StringArray::from(vec![None::<&str>; n])) as ArrayRef;
+        vec![
+            Arc::new(StringArray::from(vec!["{}"; n])),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(TimestampMillisecondArray::from(vec![ts; n]).with_timezone("UTC")),
+            Arc::new(StringArray::from(vec!["view"; n])),
+            Arc::new(StringArray::from(vec!["u1"; n])),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+            none(),
+            Arc::new(Int64Array::from(vec![None; n])),
+            Arc::new(
+                Decimal128Array::from(vec![None; n])
+                    .with_precision_and_scale(18, 6)
+                    .expect("decimal"),
+            ),
+            Arc::new(Int32Array::from(vec![None; n])),
+            none(),
+            none(),
+            Arc::new(Float64Array::from(vec![None; n])),
+        ]
+    }
+
+    fn records(acc: &mut FoldAcc) -> Vec<(Vec<u8>, Vec<u8>)> {
+        acc.finish().expect("finish").clone()
+    }
+
+    fn item(records: &[(Vec<u8>, Vec<u8>)], name: &str) -> ItemStats {
+        let want = ViewKey::Item(name.into());
+        let (_, v) = records
+            .iter()
+            .find(|(k, _)| k[0] == records::VIEW && records::view_key(k).ok() == Some(want.clone()))
+            .expect("the item's record");
+        match records::partial(v).expect("a partial") {
+            Partial::Item(s) => s,
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn a_row_at_or_below_the_last_offset_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = acc(dir.path(), 3);
+        a.update_batch(&views(&[(5, "a", "i1"), (6, "b", "i1")]))
+            .expect("in order");
+        let e = a
+            .update_batch(&views(&[(6, "c", "i1")]))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("out of offset order") && e.contains("partition 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_fold_counts_an_id_once_and_the_merge_adds_partitions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = acc(dir.path(), 0);
+        a.update_batch(&views(&[(1, "x", "i1"), (2, "x", "i1"), (3, "y", "i1")]))
+            .expect("fold");
+        let ra = records(&mut a);
+        let meta = ra
+            .iter()
+            .find(|(k, _)| k[0] == records::PART)
+            .map(|(_, v)| records::meta(v).expect("meta"))
+            .expect("the partition's bookkeeping");
+        // Naive: three rows, one of them a copy of "x".
+        assert_eq!((meta.events, meta.duplicates), (2, 1));
+        assert_eq!(meta.raw_rows.get("view"), Some(&3));
+        assert_eq!(item(&ra, "i1").views, 2);
+
+        let mut b = acc(dir.path(), 1);
+        b.update_batch(&views(&[(1, "z", "i1")])).expect("fold");
+        let rb = records(&mut b);
+        let key = ra
+            .iter()
+            .find(|(k, v)| {
+                k[0] == records::VIEW && matches!(records::partial(v), Ok(Partial::Item(_)))
+            })
+            .map(|(k, _)| k.clone())
+            .expect("the item key");
+        let value = |rs: &[(Vec<u8>, Vec<u8>)]| {
+            rs.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+                .expect("a value")
+        };
+        let mut m = MergeAcc::default();
+        m.add(&value(&ra)).expect("first");
+        m.add(&value(&rb)).expect("second");
+        match records::partial(&m.value().expect("merged")).expect("a partial") {
+            Partial::Item(s) => assert_eq!(s.views, 3),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn the_merge_refuses_a_partition_folded_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = acc(dir.path(), 2);
+        a.update_batch(&views(&[(1, "x", "i1")])).expect("fold");
+        let ra = records(&mut a);
+        let part = ra
+            .iter()
+            .find(|(k, _)| k[0] == records::PART)
+            .map(|(_, v)| v.clone())
+            .expect("bookkeeping");
+        let mut m = MergeAcc::default();
+        m.add(&part).expect("once");
+        let e = m.add(&part).expect_err("twice").to_string();
+        assert!(e.contains("folded twice"), "{e}");
+    }
+}
