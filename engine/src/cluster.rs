@@ -20,7 +20,7 @@ use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::SessionConfig;
 
 use crate::functions;
-use crate::plan::{configure, configure_ballista};
+use crate::plan::{configure, configure_ballista, GRPC_MAX_MESSAGE};
 
 fn session_config() -> SessionConfig {
     use ballista::prelude::SessionConfigExt;
@@ -37,6 +37,9 @@ pub async fn scheduler(bind: SocketAddr) -> Result<()> {
         bind_host: bind.ip().to_string(),
         bind_port: bind.port(),
         external_host: bind.ip().to_string(),
+        grpc_server_max_decoding_message_size: GRPC_MAX_MESSAGE,
+        grpc_server_max_encoding_message_size: GRPC_MAX_MESSAGE,
+        grpc_client_max_message_size: GRPC_MAX_MESSAGE,
         ..Default::default()
     }
     .with_override_config_producer(Arc::new(session_config))
@@ -86,6 +89,8 @@ pub async fn executor(s: ExecutorSettings) -> Result<()> {
             n => n,
         },
         work_dir: Some(s.work_dir.display().to_string()),
+        grpc_max_decoding_message_size: GRPC_MAX_MESSAGE,
+        grpc_max_encoding_message_size: GRPC_MAX_MESSAGE,
         override_function_registry: Some(Arc::new(registry)),
         override_config_producer: Some(Arc::new(session_config)),
         ..Default::default()
