@@ -495,8 +495,8 @@ impl Accumulator for FoldAcc {
     }
 }
 
-/// Row `i` of a binary column.
-fn binary(a: &ArrayRef, i: usize) -> Result<&[u8]> {
+/// Row `i` of a binary column, whichever binary type DataFusion gave it.
+pub(crate) fn binary(a: &ArrayRef, i: usize) -> Result<&[u8]> {
     if let Some(a) = a.as_binary_opt::<i32>() {
         Ok(a.value(i))
     } else if let Some(a) = a.as_binary_opt::<i64>() {
@@ -504,7 +504,7 @@ fn binary(a: &ArrayRef, i: usize) -> Result<&[u8]> {
     } else if let Some(a) = a.as_binary_view_opt() {
         Ok(a.value(i))
     } else {
-        exec_err!("{MERGE}: a column of {}, not binary", a.data_type())
+        exec_err!("a column of {}, not binary", a.data_type())
     }
 }
 

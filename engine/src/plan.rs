@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use datafusion::arrow::array::{Array, AsArray};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -230,7 +229,10 @@ pub async fn fold(
         for b in batches? {
             let (k, v) = (b.column(0), b.column(1));
             for i in 0..b.num_rows() {
-                records.push((bytes(k, i)?.to_vec(), bytes(v, i)?.to_vec()));
+                records.push((
+                    functions::binary(k, i)?.to_vec(),
+                    functions::binary(v, i)?.to_vec(),
+                ));
             }
         }
     }
@@ -241,18 +243,6 @@ pub async fn fold(
         "engine result received"
     );
     gather(inputs, records)
-}
-
-fn bytes(a: &Arc<dyn Array>, i: usize) -> Result<&[u8]> {
-    if let Some(a) = a.as_binary_opt::<i32>() {
-        Ok(a.value(i))
-    } else if let Some(a) = a.as_binary_view_opt() {
-        Ok(a.value(i))
-    } else if let Some(a) = a.as_binary_opt::<i64>() {
-        Ok(a.value(i))
-    } else {
-        bail!("the engine returned a column of {}", a.data_type())
-    }
 }
 
 /// The records as a fold's result: entries in key order (values of one key merged), and per
