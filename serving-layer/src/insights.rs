@@ -88,8 +88,8 @@ pub fn top_items(
 ) -> Result<Value, ApiError> {
     let event_type = check_type(event_type)?;
     state.with_merge(|m| {
-        let totals = item_totals(windows, m, window, now_millis())?;
-        let ranked = totals.top(event_type, category, limit);
+        let key = window.buckets(now_millis());
+        let (ranked, as_of) = windows.top(m, key, event_type, category, limit)?;
         let items: Vec<Value> = ranked
             .iter()
             .map(|(item, count)| json!({"item": item, "count": count}))
@@ -99,7 +99,7 @@ pub fn top_items(
             "window": window_name(window),
             "category": category,
             "items": items,
-            "as_of": m.as_of,
+            "as_of": as_of,
         }))
     })
 }

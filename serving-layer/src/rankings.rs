@@ -12,13 +12,18 @@
 //! touch are ranked from their merged totals. The top `n` are among those and the first `n` of
 //! the base's ranking that the last blocks do not touch.
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use strata_common::handoff::BlockRange;
-use strata_common::views::{FastMap, ItemStats, Monoid, Name};
+use strata_common::handoff::{BlockRange, Partition};
+use strata_common::speed_store::{scan_layer, LiveLayer};
+use strata_common::views::{FastMap, ItemStats, Monoid, Name, ViewKey};
 
 use crate::error::ApiError;
-use crate::state::{blocks_since, item_total, totals_range, Merge, PerState, Totals, TotalsKey};
+use crate::state::{
+    blocks_since, item_total, totals_range, AsOf, Merge, PerState, StateId, Totals, TotalsKey,
+};
 
 /// How many bases are kept (the least recently asked go first).
 const BASES_KEPT: usize = 8;
@@ -123,12 +128,30 @@ impl Base {
 
 /// What each partition's last block adds to a base, read once per state and window: the
 /// items touched, with their merged totals (the base's and the last blocks'), and by base
-/// number whether an item is touched.
+/// number whether an item is touched. What a query ranks them by is sorted once per state too
+/// (on first use), so that a request reads the first few of a ranking instead of every item
+/// touched.
 #[derive(Default)]
 pub struct Open {
     merged: Totals,
     touched: Vec<bool>,
+    /// Per event type: the touched items with a count above 0, most first, ties by name.
+    rankings: Mutex<FastMap<&'static str, Arc<OpenRanking>>>,
+    /// Per baseline window, event type, least recent count and the windows' hours: the trend
+    /// rows of the items the last blocks touch in this (the recent) window or in the baseline,
+    /// best first.
+    trends: Mutex<FastMap<TrendOpenKey, Arc<Vec<TrendRow>>>>,
 }
+
+/// Touched items of one ranking: (item, merged count, category).
+type OpenRanking = Vec<(Name, u64, Option<Name>)>;
+
+/// Which trend rows of an [`Open`]: the baseline window, the event type, the least recent count
+/// and the two windows' hours (as bits).
+type TrendOpenKey = (TotalsKey, &'static str, u64, u64, u64);
+
+/// A trending answer's row: item, score, recent count, baseline count without the recent one.
+pub type TrendRow = (Name, f64, u64, u64);
 
 impl Open {
     /// `adds` (the last blocks' totals) over `base`.
@@ -148,12 +171,35 @@ impl Open {
                 (item, merged)
             })
             .collect();
-        Open { merged, touched }
+        Open {
+            merged,
+            touched,
+            ..Open::default()
+        }
     }
 
     /// Whether the last blocks touch an item.
     pub fn touches(&self, item: &str) -> bool {
         self.merged.contains_key(item)
+    }
+
+    /// The touched items with a count of `event_type` above 0, most first, ties by name.
+    fn ranking(&self, event_type: &'static str) -> Arc<OpenRanking> {
+        let kept = self.rankings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = kept.get(event_type) {
+            return r.clone();
+        }
+        drop(kept);
+        let mut ranked: OpenRanking = (self.merged.iter())
+            .filter_map(|(item, s)| {
+                let c = s.count(event_type).filter(|&c| c > 0)?;
+                Some((item.clone(), c, s.category.clone()))
+            })
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let ranked = Arc::new(ranked);
+        let mut kept = self.rankings.lock().unwrap_or_else(|e| e.into_inner());
+        kept.entry(event_type).or_insert(ranked).clone()
     }
 }
 
@@ -184,23 +230,24 @@ impl ItemTotals {
         event_type: &'static str,
         category: Option<&str>,
         limit: usize,
-    ) -> Vec<(&Name, u64)> {
-        let mut ranked: Vec<(&Name, u64)> = Vec::new();
-        self.for_each_open(|item, s| {
-            if category.is_some() && s.category.as_deref() != category {
-                return;
-            }
-            if let Some(c) = s.count(event_type).filter(|&c| c > 0) {
-                ranked.push((item, c));
-            }
-        });
+    ) -> Vec<(Name, u64)> {
+        let mut ranked: Vec<(Name, u64)> = Vec::new();
+        // The touched items' ranking is in the same order as the answer, so the first `limit`
+        // of it in the category are the only touched ones that can be in the answer.
+        let open = self.open.ranking(event_type);
+        let in_category = (open.iter())
+            .filter(|(_, _, c)| category.is_none() || c.as_deref() == category)
+            .take(limit);
+        for (item, c, _) in in_category {
+            ranked.push((item.clone(), *c));
+        }
         let order = self.base.ranking(event_type, category);
         for n in self.untouched(&order).take(limit) {
             let b = &self.base;
-            ranked.push((b.name(n), b.stats(n).count(event_type).unwrap_or(0)));
+            ranked.push((b.name(n).clone(), b.stats(n).count(event_type).unwrap_or(0)));
         }
         top_n(&mut ranked, limit, |a, b| {
-            b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
         });
         ranked
     }
@@ -214,6 +261,11 @@ impl ItemTotals {
     }
 }
 
+/// The order of trend rows: best score first, ties by name.
+fn trend_order(a: &TrendRow, b: &TrendRow) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+}
+
 /// The bases asked for lately, and the trending rankings read from them.
 #[derive(Default)]
 pub struct TotalsMemo {
@@ -222,7 +274,171 @@ pub struct TotalsMemo {
     /// The last blocks' totals per window, for one state: read by one request of the state
     /// while the others wait, then shared.
     open: Mutex<PerState<FastMap<TotalsKey, Arc<Open>>>>,
+    /// Per live layer (by address, held) and window: the layer's per-item totals.
+    layers: Mutex<FastMap<(usize, TotalsKey), LayerTotals>>,
+    /// Per window, its totals kept current for rankings (the least recently asked first).
+    current: Mutex<Vec<(TotalsKey, CurrentSlot)>>,
 }
+
+/// A live layer, held so that its address stays its own, and its per-item totals.
+type LayerTotals = (Arc<LiveLayer>, Arc<Totals>);
+
+/// One window's [`Current`], locked while it is moved forward and read.
+type CurrentSlot = Arc<Mutex<Option<Current>>>;
+
+/// One window's totals kept current for rankings. A live stream makes a new state every few
+/// milliseconds, and reading every item the last blocks touch for each state cost more than the
+/// requests themselves; instead, the totals are moved from one state to the next by what the
+/// speed journal says the last blocks added in between, and each ranking of the touched items
+/// is kept sorted as they move. A request then reads the first entries of two rankings. A
+/// request of an earlier state than the one kept is answered from the kept one (a later state,
+/// exact as of its own `as_of`); read again whole when the base changes (a batch version, a
+/// block finished, the window moved on) or the journal does not chain.
+pub struct Current {
+    state: StateId,
+    base: Arc<Base>,
+    /// The last blocks covered, and each partition's next offset covered in them.
+    open: Vec<BlockRange>,
+    covered: BTreeMap<Partition, i64>,
+    /// The items the last blocks touch, with their merged totals (the base's and theirs).
+    merged: Totals,
+    /// By base number: whether the last blocks touch an item.
+    touched: Vec<bool>,
+    /// Per event type asked for: the touched items with a count above 0, most first, ties by
+    /// name.
+    rankings: FastMap<&'static str, BTreeSet<(Reverse<u64>, Name)>>,
+    as_of: AsOf,
+    flushed_at: Option<i64>,
+}
+
+impl Current {
+    /// `adds` (the last blocks `open`'s totals, as of next offsets `covered`) over `base`, in
+    /// state `at`.
+    fn build(
+        base: Arc<Base>,
+        (open, covered): (Vec<BlockRange>, BTreeMap<Partition, i64>),
+        adds: Totals,
+        (at, as_of, flushed_at): (StateId, AsOf, Option<i64>),
+    ) -> Self {
+        let Open {
+            merged, touched, ..
+        } = Open::over(&base, adds);
+        Current {
+            state: at,
+            base,
+            open,
+            covered,
+            merged,
+            touched,
+            rankings: FastMap::default(),
+            as_of,
+            flushed_at,
+        }
+    }
+
+    fn moved_to(&mut self, m: &Merge<'_>, at: StateId, covered: BTreeMap<Partition, i64>) {
+        self.state = at;
+        self.covered = covered;
+        self.as_of = m.as_of.clone();
+        self.flushed_at = m.speed_meta.flushed_at;
+    }
+
+    /// The state's `as_of`, its age taken now.
+    fn as_of(&self) -> AsOf {
+        let mut a = self.as_of.clone();
+        if let Some(t) = self.flushed_at {
+            a.speed.age_ms = Some((strata_common::time::now_millis() - t).max(0));
+        }
+        a
+    }
+
+    /// Adds what the last blocks added to one item since.
+    fn add(&mut self, item: &Name, s: &ItemStats) {
+        let before = self.merged.get(item).cloned();
+        let after = match self.merged.get_mut(item) {
+            Some(m) => {
+                m.merge(s);
+                m.clone()
+            }
+            None => {
+                let mut m = match self.base.number(item) {
+                    Some(n) => {
+                        self.touched[n as usize] = true;
+                        self.base.stats(n).clone()
+                    }
+                    None => ItemStats::default(),
+                };
+                m.merge(s);
+                self.merged.insert(item.clone(), m.clone());
+                m
+            }
+        };
+        // An item touched before moves within the touched ones' rankings; one touched now for
+        // the first time joins them (and leaves the base's, by `touched`).
+        for (t, ranked) in self.rankings.iter_mut() {
+            if let Some(old) = before.as_ref().and_then(|b| b.count(t)).filter(|&c| c > 0) {
+                ranked.remove(&(Reverse(old), item.clone()));
+            }
+            if let Some(new) = after.count(t).filter(|&c| c > 0) {
+                ranked.insert((Reverse(new), item.clone()));
+            }
+        }
+    }
+
+    /// Sorts the touched items with a count of `event_type` above 0, most first, ties by
+    /// name, unless that ranking is kept already.
+    fn rank(&mut self, event_type: &'static str) {
+        let merged = &self.merged;
+        self.rankings.entry(event_type).or_insert_with(|| {
+            (merged.iter())
+                .filter_map(|(item, s)| {
+                    let c = s.count(event_type).filter(|&c| c > 0)?;
+                    Some((Reverse(c), item.clone()))
+                })
+                .collect()
+        });
+    }
+
+    /// The `limit` items with the most events of `event_type` (in `category`, if one), most
+    /// first, ties by name: the first `limit` touched ones in the category, and the first
+    /// `limit` of the base's ranking that are not touched.
+    fn top(
+        &mut self,
+        event_type: &'static str,
+        category: Option<&str>,
+        limit: usize,
+    ) -> Vec<(Name, u64)> {
+        let mut rows: Vec<(Name, u64)> = Vec::new();
+        self.rank(event_type);
+        let Some(ranking) = self.rankings.get(event_type) else {
+            return rows;
+        };
+        let merged = &self.merged;
+        let in_category = |item: &Name| {
+            category.is_none() || merged.get(item).and_then(|s| s.category.as_deref()) == category
+        };
+        for (Reverse(c), item) in ranking.iter().filter(|(_, i)| in_category(i)).take(limit) {
+            rows.push((item.clone(), *c));
+        }
+        let order = self.base.ranking(event_type, category);
+        let touched = &self.touched;
+        let untouched = (order.iter().copied())
+            .filter(|&n| !touched.get(n as usize).copied().unwrap_or(false))
+            .take(limit);
+        for n in untouched {
+            let b = &self.base;
+            rows.push((b.name(n).clone(), b.stats(n).count(event_type).unwrap_or(0)));
+        }
+        top_n(&mut rows, limit, |a, b| {
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+        });
+        rows
+    }
+}
+
+/// How many live layers' totals are kept (per window) before they are all dropped: a live
+/// block is held in at most a few layers per partition.
+const LAYERS_KEPT: usize = 512;
 
 /// Which trending ranking: the recent and the baseline window's bases, the event type and the
 /// least recent count.
@@ -243,14 +459,8 @@ impl TotalsMemo {
         let (done, open_blocks) = m.speed_blocks();
         let base = self.base(m, key, done)?;
         let read = || -> Result<Arc<Open>, ApiError> {
-            let mut open = Totals::default();
-            let (prefix, start) = totals_range(key);
-            m.scan_speed_in(&open_blocks, &prefix, Some(&start), &mut |k, p| {
-                if let Some((item, s)) = item_total(&k, &p) {
-                    open.entry(item.clone()).or_default().merge(s);
-                }
-            })?;
-            Ok(Arc::new(Open::over(&base, open)))
+            let adds = self.open_adds(m, key, &open_blocks)?;
+            Ok(Arc::new(Open::over(&base, adds)))
         };
         let Some(at) = m.state_id else {
             let open = read()?;
@@ -276,6 +486,140 @@ impl TotalsMemo {
             }
         };
         Ok(ItemTotals { base, open })
+    }
+
+    /// What the last blocks `open` add to the totals over the buckets `key` names.
+    fn open_adds(
+        &self,
+        m: &Merge<'_>,
+        key: TotalsKey,
+        open: &[BlockRange],
+    ) -> Result<Totals, ApiError> {
+        let mut adds = Totals::default();
+        let (prefix, start) = totals_range(key);
+        m.scan_finished_in(open, &prefix, Some(&start), &mut |k, p| {
+            if let Some((item, s)) = item_total(&k, &p) {
+                adds.entry(item.clone()).or_default().merge(s);
+            }
+        })?;
+        // A live block's layers outlive the state: each layer's totals are read once.
+        for layer in m.live_layers(open) {
+            for (item, s) in self.layer_totals(&layer, key)?.iter() {
+                adds.entry(item.clone()).or_default().merge(s);
+            }
+        }
+        Ok(adds)
+    }
+
+    /// The `limit` items with the most events of `event_type` (in `category`, if one) over the
+    /// buckets `key` names, most first, ties by name, and the state they are of: the state of
+    /// `m`, or a later one (see [`Current`]).
+    pub fn top(
+        &self,
+        m: &Merge<'_>,
+        key: TotalsKey,
+        event_type: &'static str,
+        category: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(Name, u64)>, AsOf), ApiError> {
+        let Some(at) = m.state_id else {
+            let totals = self.totals(m, key)?;
+            return Ok((totals.top(event_type, category, limit), m.as_of.clone()));
+        };
+        let slot = {
+            let mut kept = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let found = kept.iter().position(|(k, _)| *k == key);
+            let slot = match found {
+                Some(i) => kept.remove(i).1,
+                None => Arc::default(),
+            };
+            if kept.len() >= BASES_KEPT {
+                kept.remove(0);
+            }
+            kept.push((key, slot.clone()));
+            slot
+        };
+        let mut cur = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = (cur.as_ref()).is_some_and(|c| c.state == at || c.state.is_past(at));
+        if !fresh {
+            let (done, open) = m.speed_blocks();
+            let base = self.base(m, key, done)?;
+            let next = m.next_offsets(&open);
+            let mut advanced = false;
+            if let Some(c) = cur
+                .as_mut()
+                .filter(|c| c.base.stamp == base.stamp && c.open == open)
+            {
+                let (prefix, start) = totals_range(key);
+                let in_window = |k: &ViewKey| {
+                    matches!(k, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
+                        let e = k.encode();
+                        e.starts_with(&prefix) && e >= start
+                    }
+                };
+                if let Some(deltas) = m.journal_since(&open, &c.covered, &next, in_window)? {
+                    for (k, p) in &deltas {
+                        if let Some((item, s)) = item_total(k, p) {
+                            c.add(item, s);
+                        }
+                    }
+                    c.moved_to(m, at, next.clone());
+                    advanced = true;
+                }
+            }
+            if !advanced {
+                let adds = self.open_adds(m, key, &open)?;
+                let state = (at, m.as_of.clone(), m.speed_meta.flushed_at);
+                *cur = Some(Current::build(base, (open, next), adds, state));
+            }
+        }
+        let Some(c) = cur.as_mut() else {
+            return Err(ApiError::internal("no totals kept for the window"));
+        };
+        Ok((c.top(event_type, category, limit), c.as_of()))
+    }
+
+    /// One live layer's per-item totals over the buckets `key` names: read once per layer and
+    /// kept while the layer is among those asked for lately.
+    fn layer_totals(
+        &self,
+        layer: &Arc<LiveLayer>,
+        key: TotalsKey,
+    ) -> Result<Arc<Totals>, ApiError> {
+        let id = (Arc::as_ptr(layer) as usize, key);
+        if let Some((_, t)) = (self.layers.lock().unwrap_or_else(|e| e.into_inner())).get(&id) {
+            return Ok(t.clone());
+        }
+        let (prefix, start) = totals_range(key);
+        let mut totals = Totals::default();
+        let mut bad = false;
+        scan_layer(
+            layer,
+            &start,
+            &prefix,
+            &mut |k, p| match ViewKey::decode(k) {
+                Some(k) => {
+                    if let Some((item, s)) = item_total(&k, p) {
+                        totals.entry(item.clone()).or_default().merge(s);
+                    }
+                }
+                None => bad = true,
+            },
+        );
+        if bad {
+            return Err(ApiError::internal(
+                "a live block holds an undecodable view key",
+            ));
+        }
+        let totals = Arc::new(totals);
+        let mut kept = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= LAYERS_KEPT {
+            // Layers merged away or of finished blocks are asked for no more.
+            kept.clear();
+        }
+        // The layer is kept with its totals, so its address is not reused while kept.
+        kept.insert(id, (layer.clone(), totals.clone()));
+        Ok(totals)
     }
 
     /// The items of `recent`'s base with at least `min_support` events of `event_type`, by
@@ -316,7 +660,8 @@ impl TotalsMemo {
     /// The `limit` items of `recent` with at least `min_support` events of `event_type` that
     /// trend most against `baseline`, best first, ties by name: (item, score, recent count,
     /// baseline count without the recent one). Those the last blocks touch in either window
-    /// are scored from their merged totals; the rest keep their place in the bases' ranking.
+    /// are scored from their merged totals (once per state: [`TotalsMemo::trending_open`]); the
+    /// rest keep their place in the bases' ranking.
     pub fn trending_top(
         &self,
         recent: &ItemTotals,
@@ -325,9 +670,50 @@ impl TotalsMemo {
         min_support: u64,
         hours: (f64, f64),
         limit: usize,
-    ) -> Vec<(Name, f64, u64, u64)> {
+    ) -> Vec<TrendRow> {
+        let open = Self::trending_open(recent, baseline, event_type, min_support, hours);
+        let mut rows: Vec<TrendRow> = open.iter().take(limit).cloned().collect();
+        let order = self.trending(recent, baseline, event_type, min_support, hours);
+        let untouched = (recent.untouched(&order))
+            .filter(|&n| !baseline.open.touches(recent.base.name(n)))
+            .take(limit);
+        for n in untouched {
+            let item = recent.base.name(n);
+            let count = |s: Option<&ItemStats>| s.and_then(|s| s.count(event_type));
+            let Some(r) = count(recent.get(item)).filter(|&r| r >= min_support) else {
+                continue;
+            };
+            let (before, score) =
+                trend(r, count(baseline.get(item)).unwrap_or(r), hours.0, hours.1);
+            rows.push((item.clone(), score, r, before));
+        }
+        top_n(&mut rows, limit, trend_order);
+        rows
+    }
+
+    /// The trend rows of the items the last blocks touch in either window (each once), scored
+    /// from their merged totals, best first, ties by name: computed once per state (kept in
+    /// the recent window's [`Open`], which is of one state, keyed by the baseline window).
+    fn trending_open(
+        recent: &ItemTotals,
+        baseline: &ItemTotals,
+        event_type: &'static str,
+        min_support: u64,
+        hours: (f64, f64),
+    ) -> Arc<Vec<TrendRow>> {
+        let key = (
+            baseline.base.key,
+            event_type,
+            min_support,
+            hours.0.to_bits(),
+            hours.1.to_bits(),
+        );
+        let trends = &recent.open.trends;
+        if let Some(found) = (trends.lock().unwrap_or_else(|e| e.into_inner())).get(&key) {
+            return found.clone();
+        }
         let count = |s: Option<&ItemStats>| s.and_then(|s| s.count(event_type));
-        let mut rows: Vec<(Name, f64, u64, u64)> = Vec::new();
+        let mut rows: Vec<TrendRow> = Vec::new();
         let mut add = |item: &Name, r: Option<&ItemStats>, b: Option<&ItemStats>| {
             let Some(r) = count(r).filter(|&r| r >= min_support) else {
                 return;
@@ -335,25 +721,19 @@ impl TotalsMemo {
             let (before, score) = trend(r, count(b).unwrap_or(r), hours.0, hours.1);
             rows.push((item.clone(), score, r, before));
         };
-        // The items the last blocks touch in either window, each once.
         recent.for_each_open(|item, r| add(item, Some(r), baseline.get(item)));
         baseline.for_each_open(|item, b| {
             if !recent.open.touches(item) {
                 add(item, recent.get(item), Some(b));
             }
         });
-        let order = self.trending(recent, baseline, event_type, min_support, hours);
-        let untouched = (recent.untouched(&order))
-            .filter(|&n| !baseline.open.touches(recent.base.name(n)))
-            .take(limit);
-        for n in untouched {
-            let item = recent.base.name(n);
-            add(item, recent.get(item), baseline.get(item));
+        rows.sort_unstable_by(trend_order);
+        let rows = Arc::new(rows);
+        let mut kept = trends.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= RANKINGS_KEPT {
+            kept.clear();
         }
-        top_n(&mut rows, limit, |a, b| {
-            b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
-        });
-        rows
+        kept.entry(key).or_insert(rows).clone()
     }
 
     fn base(
@@ -524,6 +904,65 @@ mod tests {
                     .map(|(i, c)| (i.clone(), c))
                     .collect();
                 assert_eq!(got, want, "round {round}, {event_type}, {category:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn totals_kept_current_rank_as_a_sort_of_every_merged_total_after_each_delta() {
+        let mut rng = Rng(5);
+        let as_of = AsOf {
+            batch: None,
+            speed: crate::state::SpeedAsOf {
+                offsets: BTreeMap::new(),
+                updated_at: None,
+                age_ms: None,
+            },
+            coverage: BTreeMap::new(),
+            cluster: None,
+        };
+        let at = StateId {
+            batch_version: None,
+            speed_sequence: Some(0),
+        };
+        for round in 0..100 {
+            let (n, most) = (1 + rng.below(200), 1 + rng.below(40));
+            let (base, open) = totals(&mut rng, n, most);
+            // The naive merge, item by item, kept beside.
+            let mut all = base.clone();
+            for (item, s) in open.iter() {
+                all.entry(item.clone()).or_default().merge(s);
+            }
+            let base = Arc::new(Base::build(None, None, Vec::new(), base));
+            let empty = (Vec::new(), BTreeMap::new());
+            let mut c = Current::build(base, empty, open, (at, as_of.clone(), None));
+            for step in 0..30 {
+                // A delta: a few items, some the base and the last blocks never had.
+                for _ in 0..1 + rng.below(4) {
+                    let item: Name = format!("i{}", rng.below(n + 20)).into();
+                    let s = stats(&mut rng, 3);
+                    c.add(&item, &s);
+                    all.entry(item).or_default().merge(&s);
+                }
+                let (event_type, category) = match rng.below(4) {
+                    0 => ("view", None),
+                    1 => ("purchase", None),
+                    2 => ("view", Some("a")),
+                    _ => ("purchase", Some("c")),
+                };
+                let limit = 1 + rng.below(25) as usize;
+                let mut want: Vec<(Name, u64)> = (all.iter())
+                    .filter(|(_, s)| category.is_none() || s.category.as_deref() == category)
+                    .map(|(i, s)| (i.clone(), s.count(event_type).unwrap_or(0)))
+                    .filter(|(_, c)| *c > 0)
+                    .collect();
+                want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                want.truncate(limit);
+                let got = c.top(event_type, category, limit);
+                assert_eq!(
+                    got, want,
+                    "round {round}, step {step}, {event_type}, {category:?}"
+                );
             }
         }
     }

@@ -263,10 +263,7 @@ impl CoMemo {
             kept[slot] = Some(((version, done), chain.clone()));
             chain
         };
-        let next: BTreeMap<Partition, i64> = (m.speed_meta.speed_partitions().into_iter())
-            .filter(|(p, _)| open.iter().any(|r| r.partition == *p))
-            .map(|(p, s)| (p, s.next_offset))
-            .collect();
+        let next = m.next_offsets(&open);
         let mut kept = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(o) = &mut kept[slot] {
             let same = Arc::ptr_eq(&o.finished, &chain)
@@ -287,7 +284,9 @@ impl CoMemo {
                 return Ok(Arc::new(layers));
             }
             if same && o.increments < OPEN_REFRESH {
-                if let Some(deltas) = journal_since(m, &open, &o.covered, &next)? {
+                if let Some(deltas) =
+                    m.journal_since(&open, &o.covered, &next, speed_store::co_occurrence)?
+                {
                     let under = o.layers.clone();
                     let upper = {
                         let layers = under.iter().map(|l| &**l).collect();
@@ -334,53 +333,6 @@ impl CoMemo {
         });
         Ok(layers)
     }
-}
-
-/// The co-occurrence views' deltas the journal holds for the last blocks `open` from offsets
-/// `covered` to `next`; `None` if the journal does not hold all of them (entries not chained
-/// from `covered` to `next`, e.g. written by a speed layer without a journal, or of another
-/// block).
-fn journal_since(
-    m: &Merge<'_>,
-    open: &[BlockRange],
-    covered: &BTreeMap<Partition, i64>,
-    next: &BTreeMap<Partition, i64>,
-) -> Result<Option<Vec<(ViewKey, Partial)>>, ApiError> {
-    let mut deltas = Vec::new();
-    for r in open {
-        let (Some(&from), Some(&to)) = (covered.get(&r.partition), next.get(&r.partition)) else {
-            return Ok(None);
-        };
-        if from == to {
-            continue;
-        }
-        let (mut at, mut whole) = (from, true);
-        m.speed_journal(r.partition, from, &mut |e| {
-            if !whole || e.end > to {
-                return;
-            }
-            if e.start != at {
-                whole = false;
-                return;
-            }
-            at = e.end;
-            // The journal holds every view's deltas; the layers are of the co-occurrence views.
-            for (block, key, partial) in e.deltas {
-                if !speed_store::co_occurrence(&key) {
-                    continue;
-                }
-                if block != r.last {
-                    whole = false;
-                    return;
-                }
-                deltas.push((key, partial));
-            }
-        })?;
-        if !whole || at != to {
-            return Ok(None);
-        }
-    }
-    Ok(Some(deltas))
 }
 
 fn rows_of(index: &CoIndex, layers: &Layers, item: &str, keep: usize) -> Option<Arc<CoRows>> {

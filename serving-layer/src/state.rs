@@ -11,7 +11,7 @@ use strata_common::config::{Config, SpeedSource};
 use strata_common::handoff::{
     coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition,
 };
-use strata_common::speed_store::{SpeedMeta, SpeedReader, ViewReads};
+use strata_common::speed_store::{self, SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::version_file::VersionFile;
 use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
@@ -391,6 +391,28 @@ impl Merge<'_> {
         Ok(())
     }
 
+    /// [`Merge::scan_speed_in`] without the live blocks, whose layers [`Merge::live_layers`]
+    /// gives.
+    pub fn scan_finished_in(
+        &self,
+        ranges: &[BlockRange],
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        f: &mut dyn FnMut(ViewKey, Partial),
+    ) -> Result<(), ApiError> {
+        if let Some((db, reads)) = self.speed {
+            reads.scan_finished(db, ranges, prefix, from, f)?;
+        }
+        Ok(())
+    }
+
+    /// The layers of the live blocks within `ranges` (see [`speed_store::LiveLayer`]).
+    pub fn live_layers(&self, ranges: &[BlockRange]) -> Vec<Arc<speed_store::LiveLayer>> {
+        self.speed
+            .map(|(_, reads)| reads.live_layers(ranges))
+            .unwrap_or_default()
+    }
+
     /// Calls `f` with partition `p`'s journal entries ending after offset `after`, in the
     /// snapshot this merge reads (see [`strata_common::speed_store::JournalEntry`]).
     pub fn speed_journal(
@@ -403,6 +425,62 @@ impl Merge<'_> {
             reads.journal(db, p, after, f)?;
         }
         Ok(())
+    }
+
+    /// The deltas of the views `keep` accepts that the journal holds for the last blocks `open`
+    /// (see [`Merge::speed_blocks`]) from offsets `covered` to `next`, per partition; `None` if
+    /// the journal does not hold all of them (entries not chained from `covered` to `next`,
+    /// e.g. written by a speed layer without a journal, or of another block).
+    pub fn journal_since(
+        &self,
+        open: &[BlockRange],
+        covered: &BTreeMap<Partition, i64>,
+        next: &BTreeMap<Partition, i64>,
+        keep: impl Fn(&ViewKey) -> bool,
+    ) -> Result<Option<Vec<(ViewKey, Partial)>>, ApiError> {
+        let mut deltas = Vec::new();
+        for r in open {
+            let (Some(&from), Some(&to)) = (covered.get(&r.partition), next.get(&r.partition))
+            else {
+                return Ok(None);
+            };
+            if from == to {
+                continue;
+            }
+            let (mut at, mut whole) = (from, true);
+            self.speed_journal(r.partition, from, &mut |e| {
+                if !whole || e.end > to {
+                    return;
+                }
+                if e.start != at {
+                    whole = false;
+                    return;
+                }
+                at = e.end;
+                for (block, key, partial) in e.deltas {
+                    if !keep(&key) {
+                        continue;
+                    }
+                    if block != r.last {
+                        whole = false;
+                        return;
+                    }
+                    deltas.push((key, partial));
+                }
+            })?;
+            if !whole || at != to {
+                return Ok(None);
+            }
+        }
+        Ok(Some(deltas))
+    }
+
+    /// Each partition's next offset in this merge's speed state, for the partitions of `open`.
+    pub fn next_offsets(&self, open: &[BlockRange]) -> BTreeMap<Partition, i64> {
+        (self.speed_meta.speed_partitions().into_iter())
+            .filter(|(p, _)| open.iter().any(|r| r.partition == *p))
+            .map(|(p, s)| (p, s.next_offset))
+            .collect()
     }
 
     /// The speed blocks this merge reads, split into those every partition has consumed past
