@@ -133,10 +133,9 @@ pub fn trending(
     }
     state.with_merge(|m| {
         let now = now_millis();
-        let recent = item_totals(windows, m, window, now)?;
-        let base = item_totals(windows, m, baseline, now)?;
+        let keys = (window.buckets(now), baseline.buckets(now));
         let hours = (window.hours(), baseline.hours() - window.hours());
-        let rows = windows.trending_top(&recent, &base, event_type, min_support, hours, limit);
+        let (rows, as_of) = windows.trending_now(m, keys, event_type, min_support, hours, limit)?;
         let rest_hours = hours.1;
         let items: Vec<Value> = rows
             .iter()
@@ -157,7 +156,7 @@ pub fn trending(
             "baseline": window_name(baseline),
             "min_support": min_support,
             "items": items,
-            "as_of": m.as_of,
+            "as_of": as_of,
         }))
     })
 }

@@ -278,6 +278,144 @@ pub struct TotalsMemo {
     layers: Mutex<FastMap<(usize, TotalsKey), LayerTotals>>,
     /// Per window, its totals kept current for rankings (the least recently asked first).
     current: Mutex<Vec<(TotalsKey, CurrentSlot)>>,
+    /// Per pair of windows (and their hours), their totals kept current for trending.
+    trend_current: Mutex<Vec<(TrendId, TrendSlot)>>,
+}
+
+/// Which [`TrendCurrent`]: the recent and the baseline window, and their hours (as bits).
+type TrendId = (TotalsKey, TotalsKey, u64, u64);
+
+/// One pair of windows' [`TrendCurrent`], locked while it is moved forward and read.
+type TrendSlot = Arc<Mutex<Option<TrendCurrent>>>;
+
+/// A trending ranking's key: the score's bits (non-negative floats order as their bits), best
+/// first, then the item.
+type ScoreKey = (Reverse<u64>, Name);
+
+/// Two windows' totals kept current together (see [`Current`]), for trending: per event type
+/// and least recent count asked for, the items the last blocks touch in either window, by
+/// trend score, kept sorted as their totals move.
+pub struct TrendCurrent {
+    recent: Current,
+    baseline: Current,
+    hours: (f64, f64),
+    rankings: FastMap<(&'static str, u64), BTreeSet<ScoreKey>>,
+}
+
+impl TrendCurrent {
+    /// `item`'s trend row, if it has at least `min_support` events of `event_type` in the
+    /// recent window.
+    fn row(&self, item: &Name, event_type: &'static str, min_support: u64) -> Option<TrendRow> {
+        let count = |c: &Current| {
+            (c.merged.get(item))
+                .or_else(|| c.base.get(item))
+                .and_then(|s| s.count(event_type))
+        };
+        let r = count(&self.recent).filter(|&r| r >= min_support)?;
+        let (before, score) = trend(
+            r,
+            count(&self.baseline).unwrap_or(r),
+            self.hours.0,
+            self.hours.1,
+        );
+        Some((item.clone(), score, r, before))
+    }
+
+    fn touched(&self, item: &Name) -> bool {
+        self.recent.merged.contains_key(item) || self.baseline.merged.contains_key(item)
+    }
+
+    /// Adds what the last blocks added since: per item, its totals and whether they count in
+    /// the recent window and in the baseline.
+    fn add(&mut self, deltas: &[(&Name, &ItemStats, bool, bool)]) {
+        let mut items: Vec<&Name> = deltas.iter().map(|d| d.0).collect();
+        items.sort_unstable();
+        items.dedup();
+        let keys: Vec<(&'static str, u64)> = self.rankings.keys().copied().collect();
+        for item in &items {
+            for &(t, min) in &keys {
+                if !self.touched(item) {
+                    continue;
+                }
+                if let Some((_, score, ..)) = self.row(item, t, min) {
+                    if let Some(r) = self.rankings.get_mut(&(t, min)) {
+                        r.remove(&(Reverse(score.to_bits()), (*item).clone()));
+                    }
+                }
+            }
+        }
+        for &(item, s, in_recent, in_baseline) in deltas {
+            if in_recent {
+                self.recent.add(item, s);
+            }
+            if in_baseline {
+                self.baseline.add(item, s);
+            }
+        }
+        for item in &items {
+            for &(t, min) in &keys {
+                if let Some((_, score, ..)) = self.row(item, t, min) {
+                    if let Some(r) = self.rankings.get_mut(&(t, min)) {
+                        r.insert((Reverse(score.to_bits()), (*item).clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `limit` items with at least `min_support` events of `event_type` in the recent
+    /// window that trend most, best first, ties by name: the first `limit` touched ones, and
+    /// the first `limit` of the bases' trending `order` that neither window's last blocks
+    /// touch.
+    fn top(
+        &mut self,
+        order: &[u32],
+        event_type: &'static str,
+        min_support: u64,
+        limit: usize,
+    ) -> Vec<TrendRow> {
+        let mut rows = self.top_touched(event_type, min_support, limit);
+        let (recent, baseline) = (&self.recent, &self.baseline);
+        let untouched = (order.iter().copied())
+            .filter(|&n| !recent.touched.get(n as usize).copied().unwrap_or(false))
+            .filter(|&n| !baseline.merged.contains_key(recent.base.name(n)))
+            .take(limit);
+        for n in untouched {
+            if let Some(row) = self.row(recent.base.name(n), event_type, min_support) {
+                rows.push(row);
+            }
+        }
+        top_n(&mut rows, limit, trend_order);
+        rows
+    }
+
+    /// The first `limit` of the touched items' trend rows, best first, ties by name.
+    fn top_touched(
+        &mut self,
+        event_type: &'static str,
+        min_support: u64,
+        limit: usize,
+    ) -> Vec<TrendRow> {
+        if !self.rankings.contains_key(&(event_type, min_support)) {
+            let mut items: Vec<&Name> = (self.recent.merged.keys())
+                .chain(self.baseline.merged.keys())
+                .collect();
+            items.sort_unstable();
+            items.dedup();
+            let ranked: BTreeSet<ScoreKey> = (items.into_iter())
+                .filter_map(|i| self.row(i, event_type, min_support))
+                .map(|(i, score, ..)| (Reverse(score.to_bits()), i))
+                .collect();
+            self.rankings.insert((event_type, min_support), ranked);
+        }
+        let Some(ranked) = self.rankings.get(&(event_type, min_support)) else {
+            return Vec::new();
+        };
+        (ranked.iter())
+            .take(limit)
+            .filter_map(|(_, i)| self.row(i, event_type, min_support))
+            .collect()
+    }
 }
 
 /// A live layer, held so that its address stays its own, and its per-item totals.
@@ -579,6 +717,100 @@ impl TotalsMemo {
         Ok((c.top(event_type, category, limit), c.as_of()))
     }
 
+    /// The `limit` items of the window `keys.0` with at least `min_support` events of
+    /// `event_type` that trend most against the baseline window `keys.1`, best first, ties by
+    /// name (see [`TotalsMemo::trending_top`]), and the state they are of: the state of `m`, or
+    /// a later one (see [`TrendCurrent`]).
+    pub fn trending_now(
+        &self,
+        m: &Merge<'_>,
+        keys: (TotalsKey, TotalsKey),
+        event_type: &'static str,
+        min_support: u64,
+        hours: (f64, f64),
+        limit: usize,
+    ) -> Result<(Vec<TrendRow>, AsOf), ApiError> {
+        let Some(at) = m.state_id else {
+            let recent = self.totals(m, keys.0)?;
+            let baseline = self.totals(m, keys.1)?;
+            let rows = self.trending_top(&recent, &baseline, event_type, min_support, hours, limit);
+            return Ok((rows, m.as_of.clone()));
+        };
+        let id = (keys.0, keys.1, hours.0.to_bits(), hours.1.to_bits());
+        let slot = {
+            let mut kept = self.trend_current.lock().unwrap_or_else(|e| e.into_inner());
+            let found = kept.iter().position(|(k, _)| *k == id);
+            let slot = match found {
+                Some(i) => kept.remove(i).1,
+                None => Arc::default(),
+            };
+            if kept.len() >= BASES_KEPT {
+                kept.remove(0);
+            }
+            kept.push((id, slot.clone()));
+            slot
+        };
+        let mut cur = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh =
+            (cur.as_ref()).is_some_and(|c| c.recent.state == at || c.recent.state.is_past(at));
+        if !fresh {
+            let (done, open) = m.speed_blocks();
+            let recent = self.base(m, keys.0, done.clone())?;
+            let baseline = self.base(m, keys.1, done)?;
+            let next = m.next_offsets(&open);
+            let mut advanced = false;
+            if let Some(c) = cur.as_mut().filter(|c| {
+                c.recent.base.stamp == recent.stamp
+                    && c.baseline.base.stamp == baseline.stamp
+                    && c.recent.open == open
+            }) {
+                let ranges = (totals_range(keys.0), totals_range(keys.1));
+                let in_range = |k: &ViewKey, (prefix, start): &(Vec<u8>, Vec<u8>)| {
+                    matches!(k, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
+                        let e = k.encode();
+                        e.starts_with(prefix) && e >= *start
+                    }
+                };
+                let in_either = |k: &ViewKey| in_range(k, &ranges.0) || in_range(k, &ranges.1);
+                let covered = c.recent.covered.clone();
+                if let Some(deltas) = m.journal_since(&open, &covered, &next, in_either)? {
+                    let deltas = (deltas.iter())
+                        .filter_map(|(k, p)| {
+                            let (item, s) = item_total(k, p)?;
+                            Some((item, s, in_range(k, &ranges.0), in_range(k, &ranges.1)))
+                        })
+                        .collect::<Vec<_>>();
+                    c.add(&deltas);
+                    c.recent.moved_to(m, at, next.clone());
+                    c.baseline.moved_to(m, at, next.clone());
+                    advanced = true;
+                }
+            }
+            if !advanced {
+                let state = (at, m.as_of.clone(), m.speed_meta.flushed_at);
+                let adds = self.open_adds(m, keys.0, &open)?;
+                let r = Current::build(recent, (open.clone(), next.clone()), adds, state.clone());
+                let adds = self.open_adds(m, keys.1, &open)?;
+                let b = Current::build(baseline, (open, next), adds, state);
+                *cur = Some(TrendCurrent {
+                    recent: r,
+                    baseline: b,
+                    hours,
+                    rankings: FastMap::default(),
+                });
+            }
+        }
+        let Some(c) = cur.as_mut() else {
+            return Err(ApiError::internal("no totals kept for the windows"));
+        };
+        let bases = (&*c.recent.base, &*c.baseline.base);
+        let order = self.trending(bases, event_type, min_support, hours);
+        Ok((
+            c.top(&order, event_type, min_support, limit),
+            c.recent.as_of(),
+        ))
+    }
+
     /// One live layer's per-item totals over the buckets `key` names: read once per layer and
     /// kept while the layer is among those asked for lately.
     fn layer_totals(
@@ -627,13 +859,11 @@ impl TotalsMemo {
     /// bases.
     fn trending(
         &self,
-        recent: &ItemTotals,
-        baseline: &ItemTotals,
+        (r, b): (&Base, &Base),
         event_type: &'static str,
         min_support: u64,
         hours: (f64, f64),
     ) -> Arc<Vec<u32>> {
-        let (r, b) = (&recent.base, &baseline.base);
         let key = (r.stamp, b.stamp, event_type, min_support);
         if let Some(found) = (self.trending.lock().unwrap_or_else(|e| e.into_inner())).get(&key) {
             return found.clone();
@@ -673,7 +903,8 @@ impl TotalsMemo {
     ) -> Vec<TrendRow> {
         let open = Self::trending_open(recent, baseline, event_type, min_support, hours);
         let mut rows: Vec<TrendRow> = open.iter().take(limit).cloned().collect();
-        let order = self.trending(recent, baseline, event_type, min_support, hours);
+        let bases = (&*recent.base, &*baseline.base);
+        let order = self.trending(bases, event_type, min_support, hours);
         let untouched = (recent.untouched(&order))
             .filter(|&n| !baseline.open.touches(recent.base.name(n)))
             .take(limit);
@@ -963,6 +1194,95 @@ mod tests {
                     got, want,
                     "round {round}, step {step}, {event_type}, {category:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn trends_kept_current_equal_a_sort_of_every_merged_score_after_each_delta() {
+        let mut rng = Rng(13);
+        let memo = TotalsMemo::default();
+        let as_of = AsOf {
+            batch: None,
+            speed: crate::state::SpeedAsOf {
+                offsets: BTreeMap::new(),
+                updated_at: None,
+                age_ms: None,
+            },
+            coverage: BTreeMap::new(),
+            cluster: None,
+        };
+        let at = StateId {
+            batch_version: None,
+            speed_sequence: Some(0),
+        };
+        let hours = (1.0, 23.0);
+        for round in 0..60 {
+            let n = 1 + rng.below(150);
+            let (recent_base, recent_open) = totals(&mut rng, n, 20);
+            let (mut long_base, mut long_open) = totals(&mut rng, n, 60);
+            for (item, s) in &recent_base {
+                long_base.entry(item.clone()).or_default().merge(s);
+            }
+            for (item, s) in &recent_open {
+                long_open.entry(item.clone()).or_default().merge(s);
+            }
+            let naive = |base: &Totals, open: &Totals| {
+                let mut all = base.clone();
+                for (item, s) in open {
+                    all.entry(item.clone()).or_default().merge(s);
+                }
+                all
+            };
+            let (mut recent_all, mut long_all) = (
+                naive(&recent_base, &recent_open),
+                naive(&long_base, &long_open),
+            );
+            let build = |base: Totals, open: Totals| {
+                let base = Arc::new(Base::build(None, None, Vec::new(), base));
+                let empty = (Vec::new(), BTreeMap::new());
+                Current::build(base, empty, open, (at, as_of.clone(), None))
+            };
+            let mut c = TrendCurrent {
+                recent: build(recent_base, recent_open),
+                baseline: build(long_base, long_open),
+                hours,
+                rankings: FastMap::default(),
+            };
+            for step in 0..25 {
+                // A delta: a few items; an event in the recent window is in the baseline too,
+                // and some count in the baseline only (older than the recent window).
+                let mut deltas: Vec<(Name, ItemStats, bool, bool)> = Vec::new();
+                for _ in 0..1 + rng.below(4) {
+                    let item: Name = format!("i{}", rng.below(n + 10)).into();
+                    let recent = rng.below(4) > 0;
+                    deltas.push((item, stats(&mut rng, 3), recent, true));
+                }
+                for (item, s, recent, _) in &deltas {
+                    if *recent {
+                        recent_all.entry(item.clone()).or_default().merge(s);
+                    }
+                    long_all.entry(item.clone()).or_default().merge(s);
+                }
+                let refs: Vec<(&Name, &ItemStats, bool, bool)> =
+                    deltas.iter().map(|(i, s, r, b)| (i, s, *r, *b)).collect();
+                c.add(&refs);
+                let (min_support, limit) = (1 + rng.below(4), 1 + rng.below(20) as usize);
+                let mut want: Vec<TrendRow> = (recent_all.iter())
+                    .filter(|(_, s)| s.views >= min_support)
+                    .map(|(i, s)| {
+                        let b = long_all.get(i).map_or(s.views, |l| l.views);
+                        let before = b.saturating_sub(s.views);
+                        let score = s.views as f64 / ((before as f64 + 1.0) / 23.0);
+                        (i.clone(), score, s.views, before)
+                    })
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                want.truncate(limit);
+                let bases = (&*c.recent.base, &*c.baseline.base);
+                let order = memo.trending(bases, "view", min_support, hours);
+                let got = c.top(&order, "view", min_support, limit);
+                assert_eq!(got, want, "round {round}, step {step}");
             }
         }
     }
