@@ -514,11 +514,14 @@ fn scan_prefixed(
     what: &'static str,
     mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let iter = db.iterator_cf_opt(
-        handle,
-        reads.read_options(),
-        IteratorMode::From(start, Direction::Forward),
-    );
+    let mut opts = reads.read_options();
+    // Bounded, so that the iterator stops at the prefix's end instead of stepping over the
+    // deleted entries past it (a partition's dropped journal entries, a dropped block's keys)
+    // to find the next live key.
+    if let Some(end) = prefix_end(prefix) {
+        opts.set_iterate_upper_bound(end);
+    }
+    let iter = db.iterator_cf_opt(handle, opts, IteratorMode::From(start, Direction::Forward));
     for item in iter {
         let (k, v) = item.map_err(|e| Error::rocks(what, e))?;
         if !k.starts_with(prefix) {
@@ -527,6 +530,19 @@ fn scan_prefixed(
         f(&k, &v)?;
     }
     Ok(())
+}
+
+/// The first key past every key that starts with `prefix` (`None`: no such key, the prefix
+/// being all 0xff bytes or empty).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// The journal key of the flush that brought partition `p` to next offset `end`.
@@ -1246,6 +1262,14 @@ impl<R: Reads> ViewReads for View<'_, R> {
 mod tests {
     use super::*;
     use crate::views::ItemStats;
+
+    #[test]
+    fn a_prefix_ends_at_the_first_key_past_it() {
+        assert_eq!(prefix_end(&[0, 0, 0, 3]), Some(vec![0, 0, 0, 4]));
+        assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(&[]), None);
+    }
 
     fn next_offset_seen(reader: &SpeedReader) -> Option<Offset> {
         reader
