@@ -1204,14 +1204,7 @@ impl<R: Reads> ViewReads for View<'_, R> {
         from: Option<&[u8]>,
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()> {
-        scan_view(
-            db,
-            self.reads,
-            &self.finished(ranges),
-            key_prefix,
-            from,
-            &mut *f,
-        )?;
+        self.scan_finished(db, ranges, key_prefix, from, &mut *f)?;
         let start = from.filter(|s| *s > key_prefix).unwrap_or(key_prefix);
         let mut bad = false;
         for l in self.live_in(ranges) {

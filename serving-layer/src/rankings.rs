@@ -261,6 +261,21 @@ impl ItemTotals {
     }
 }
 
+/// The slot of `key` among `kept` (made empty if there is none), now the most recently asked;
+/// the least recently asked go first past [`BASES_KEPT`].
+fn slot_of<K: PartialEq, T>(kept: &Slots<K, T>, key: K) -> Slot<T> {
+    let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = match kept.iter().position(|(k, _)| *k == key) {
+        Some(i) => kept.remove(i).1,
+        None => Arc::default(),
+    };
+    if kept.len() >= BASES_KEPT {
+        kept.remove(0);
+    }
+    kept.push((key, slot.clone()));
+    slot
+}
+
 /// The order of trend rows: best score first, ties by name.
 fn trend_order(a: &TrendRow, b: &TrendRow) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
@@ -421,8 +436,14 @@ impl TrendCurrent {
 /// A live layer, held so that its address stays its own, and its per-item totals.
 type LayerTotals = (Arc<LiveLayer>, Arc<Totals>);
 
-/// One window's [`Current`], locked while it is moved forward and read.
-type CurrentSlot = Arc<Mutex<Option<Current>>>;
+/// What is kept current for one window (or pair), locked while it is moved forward and read.
+type Slot<T> = Arc<Mutex<Option<T>>>;
+
+/// Slots by what they are of, the least recently asked first.
+type Slots<K, T> = Mutex<Vec<(K, Slot<T>)>>;
+
+/// One window's [`Current`].
+type CurrentSlot = Slot<Current>;
 
 /// One window's totals kept current for rankings. A live stream makes a new state every few
 /// milliseconds, and reading every item the last blocks touch for each state cost more than the
@@ -664,19 +685,7 @@ impl TotalsMemo {
             let totals = self.totals(m, key)?;
             return Ok((totals.top(event_type, category, limit), m.as_of.clone()));
         };
-        let slot = {
-            let mut kept = self.current.lock().unwrap_or_else(|e| e.into_inner());
-            let found = kept.iter().position(|(k, _)| *k == key);
-            let slot = match found {
-                Some(i) => kept.remove(i).1,
-                None => Arc::default(),
-            };
-            if kept.len() >= BASES_KEPT {
-                kept.remove(0);
-            }
-            kept.push((key, slot.clone()));
-            slot
-        };
+        let slot = slot_of(&self.current, key);
         let mut cur = slot.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = (cur.as_ref()).is_some_and(|c| c.state == at || c.state.is_past(at));
         if !fresh {
@@ -737,19 +746,7 @@ impl TotalsMemo {
             return Ok((rows, m.as_of.clone()));
         };
         let id = (keys.0, keys.1, hours.0.to_bits(), hours.1.to_bits());
-        let slot = {
-            let mut kept = self.trend_current.lock().unwrap_or_else(|e| e.into_inner());
-            let found = kept.iter().position(|(k, _)| *k == id);
-            let slot = match found {
-                Some(i) => kept.remove(i).1,
-                None => Arc::default(),
-            };
-            if kept.len() >= BASES_KEPT {
-                kept.remove(0);
-            }
-            kept.push((id, slot.clone()));
-            slot
-        };
+        let slot = slot_of(&self.trend_current, id);
         let mut cur = slot.lock().unwrap_or_else(|e| e.into_inner());
         let fresh =
             (cur.as_ref()).is_some_and(|c| c.recent.state == at || c.recent.state.is_past(at));
@@ -1139,9 +1136,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn totals_kept_current_rank_as_a_sort_of_every_merged_total_after_each_delta() {
-        let mut rng = Rng(5);
+    /// A state and its `as_of`, for totals kept current outside a merge.
+    fn a_state() -> (StateId, AsOf) {
         let as_of = AsOf {
             batch: None,
             speed: crate::state::SpeedAsOf {
@@ -1156,6 +1152,13 @@ mod tests {
             batch_version: None,
             speed_sequence: Some(0),
         };
+        (at, as_of)
+    }
+
+    #[test]
+    fn totals_kept_current_rank_as_a_sort_of_every_merged_total_after_each_delta() {
+        let mut rng = Rng(5);
+        let (at, as_of) = a_state();
         for round in 0..100 {
             let (n, most) = (1 + rng.below(200), 1 + rng.below(40));
             let (base, open) = totals(&mut rng, n, most);
@@ -1202,20 +1205,7 @@ mod tests {
     fn trends_kept_current_equal_a_sort_of_every_merged_score_after_each_delta() {
         let mut rng = Rng(13);
         let memo = TotalsMemo::default();
-        let as_of = AsOf {
-            batch: None,
-            speed: crate::state::SpeedAsOf {
-                offsets: BTreeMap::new(),
-                updated_at: None,
-                age_ms: None,
-            },
-            coverage: BTreeMap::new(),
-            cluster: None,
-        };
-        let at = StateId {
-            batch_version: None,
-            speed_sequence: Some(0),
-        };
+        let (at, as_of) = a_state();
         let hours = (1.0, 23.0);
         for round in 0..60 {
             let n = 1 + rng.below(150);
