@@ -597,7 +597,7 @@ impl Current {
 
 /// How many live layers' totals are kept (per window) before they are all dropped: a live
 /// block is held in at most a few layers per partition.
-const LAYERS_KEPT: usize = 512;
+const LAYERS_KEPT: usize = 64;
 
 /// Which trending ranking: the recent and the baseline window's bases, the event type and the
 /// least recent count.
