@@ -828,6 +828,9 @@ impl Letters for DeadLetters {
     }
 }
 
+/// How long librdkafka tries to deliver one dead letter before `flush` sends it again.
+const DEAD_LETTER_TIMEOUT_MS: &str = "30000";
+
 impl DeadLetters {
     pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
         let producer = client_config_with(
@@ -836,6 +839,10 @@ impl DeadLetters {
                 ("linger.ms", "5"),
                 ("message.max.bytes", "10000000"),
                 ("enable.idempotence", "true"),
+                // After a broker restart an idempotent producer's queued letters were seen
+                // waiting out the whole default of 300 s before they failed and `flush` sent
+                // them again, while the layer's offsets waited on them. 30 s bounds that wait.
+                ("message.timeout.ms", DEAD_LETTER_TIMEOUT_MS),
             ],
         )
         .create_with_context(DeliveryTracker::new("dead-letter"))
