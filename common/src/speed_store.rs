@@ -731,11 +731,7 @@ impl LiveBlock {
 
     /// Every key's merged partial, in key order.
     pub fn merged(&self) -> BTreeMap<Vec<u8>, Partial> {
-        let mut out = BTreeMap::new();
-        for l in &self.layers {
-            merge_into(&mut out, l.iter().map(|(k, p)| (k.clone(), p.clone())));
-        }
-        out
+        merge_layers(&self.layers)
     }
 
     /// Adds a newer layer. Past [`LIVE_LAYERS`], the layers after the first are merged into
@@ -754,14 +750,20 @@ impl LiveBlock {
             } else {
                 1
             };
-            let mut out = BTreeMap::new();
-            for l in &self.layers[from..] {
-                merge_into(&mut out, l.iter().map(|(k, p)| (k.clone(), p.clone())));
-            }
+            let merged = merge_layers(&self.layers[from..]);
             self.layers.truncate(from);
-            self.layers.push(Arc::new(out));
+            self.layers.push(Arc::new(merged));
         }
     }
+}
+
+/// `layers` merged into one, oldest first.
+fn merge_layers(layers: &[Arc<LiveLayer>]) -> LiveLayer {
+    let mut out = BTreeMap::new();
+    for l in layers {
+        merge_into(&mut out, l.iter().map(|(k, p)| (k.clone(), p.clone())));
+    }
+    out
 }
 
 fn merge_into(

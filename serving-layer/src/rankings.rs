@@ -22,7 +22,8 @@ use strata_common::views::{FastMap, ItemStats, Monoid, Name, ViewKey};
 
 use crate::error::ApiError;
 use crate::state::{
-    blocks_since, item_total, totals_range, AsOf, Merge, PerState, StateId, Totals, TotalsKey,
+    blocks_since, in_totals, item_total, totals_range, AsOf, Merge, PerState, StateId, Totals,
+    TotalsKey,
 };
 
 /// How many bases are kept (the least recently asked go first).
@@ -137,18 +138,10 @@ pub struct Open {
     touched: Vec<bool>,
     /// Per event type: the touched items with a count above 0, most first, ties by name.
     rankings: Mutex<FastMap<&'static str, Arc<OpenRanking>>>,
-    /// Per baseline window, event type, least recent count and the windows' hours: the trend
-    /// rows of the items the last blocks touch in this (the recent) window or in the baseline,
-    /// best first.
-    trends: Mutex<FastMap<TrendOpenKey, Arc<Vec<TrendRow>>>>,
 }
 
 /// Touched items of one ranking: (item, merged count, category).
 type OpenRanking = Vec<(Name, u64, Option<Name>)>;
-
-/// Which trend rows of an [`Open`]: the baseline window, the event type, the least recent count
-/// and the two windows' hours (as bits).
-type TrendOpenKey = (TotalsKey, &'static str, u64, u64, u64);
 
 /// A trending answer's row: item, score, recent count, baseline count without the recent one.
 pub type TrendRow = (Name, f64, u64, u64);
@@ -347,11 +340,9 @@ impl TrendCurrent {
         items.sort_unstable();
         items.dedup();
         let keys: Vec<(&'static str, u64)> = self.rankings.keys().copied().collect();
-        for item in &items {
+        // Only touched items are in the rankings.
+        for item in items.iter().filter(|i| self.touched(i)) {
             for &(t, min) in &keys {
-                if !self.touched(item) {
-                    continue;
-                }
                 if let Some((_, score, ..)) = self.row(item, t, min) {
                     if let Some(r) = self.rankings.get_mut(&(t, min)) {
                         r.remove(&(Reverse(score.to_bits()), (*item).clone()));
@@ -697,13 +688,8 @@ impl TotalsMemo {
                 .as_mut()
                 .filter(|c| c.base.stamp == base.stamp && c.open == open)
             {
-                let (prefix, start) = totals_range(key);
-                let in_window = |k: &ViewKey| {
-                    matches!(k, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
-                        let e = k.encode();
-                        e.starts_with(&prefix) && e >= start
-                    }
-                };
+                let range = totals_range(key);
+                let in_window = |k: &ViewKey| in_totals(k, &range);
                 if let Some(deltas) = m.journal_since(&open, &c.covered, &next, in_window)? {
                     for (k, p) in &deltas {
                         if let Some((item, s)) = item_total(k, p) {
@@ -762,12 +748,7 @@ impl TotalsMemo {
                     && c.recent.open == open
             }) {
                 let ranges = (totals_range(keys.0), totals_range(keys.1));
-                let in_range = |k: &ViewKey, (prefix, start): &(Vec<u8>, Vec<u8>)| {
-                    matches!(k, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
-                        let e = k.encode();
-                        e.starts_with(prefix) && e >= *start
-                    }
-                };
+                let in_range = in_totals;
                 let in_either = |k: &ViewKey| in_range(k, &ranges.0) || in_range(k, &ranges.1);
                 let covered = c.recent.covered.clone();
                 if let Some(deltas) = m.journal_since(&open, &covered, &next, in_either)? {
@@ -887,8 +868,8 @@ impl TotalsMemo {
     /// The `limit` items of `recent` with at least `min_support` events of `event_type` that
     /// trend most against `baseline`, best first, ties by name: (item, score, recent count,
     /// baseline count without the recent one). Those the last blocks touch in either window
-    /// are scored from their merged totals (once per state: [`TotalsMemo::trending_open`]); the
-    /// rest keep their place in the bases' ranking.
+    /// are scored from their merged totals; the rest keep their place in the bases' ranking.
+    /// For a merge of no known state ([`TotalsMemo::trending_now`] keeps the others current).
     pub fn trending_top(
         &self,
         recent: &ItemTotals,
@@ -898,48 +879,6 @@ impl TotalsMemo {
         hours: (f64, f64),
         limit: usize,
     ) -> Vec<TrendRow> {
-        let open = Self::trending_open(recent, baseline, event_type, min_support, hours);
-        let mut rows: Vec<TrendRow> = open.iter().take(limit).cloned().collect();
-        let bases = (&*recent.base, &*baseline.base);
-        let order = self.trending(bases, event_type, min_support, hours);
-        let untouched = (recent.untouched(&order))
-            .filter(|&n| !baseline.open.touches(recent.base.name(n)))
-            .take(limit);
-        for n in untouched {
-            let item = recent.base.name(n);
-            let count = |s: Option<&ItemStats>| s.and_then(|s| s.count(event_type));
-            let Some(r) = count(recent.get(item)).filter(|&r| r >= min_support) else {
-                continue;
-            };
-            let (before, score) =
-                trend(r, count(baseline.get(item)).unwrap_or(r), hours.0, hours.1);
-            rows.push((item.clone(), score, r, before));
-        }
-        top_n(&mut rows, limit, trend_order);
-        rows
-    }
-
-    /// The trend rows of the items the last blocks touch in either window (each once), scored
-    /// from their merged totals, best first, ties by name: computed once per state (kept in
-    /// the recent window's [`Open`], which is of one state, keyed by the baseline window).
-    fn trending_open(
-        recent: &ItemTotals,
-        baseline: &ItemTotals,
-        event_type: &'static str,
-        min_support: u64,
-        hours: (f64, f64),
-    ) -> Arc<Vec<TrendRow>> {
-        let key = (
-            baseline.base.key,
-            event_type,
-            min_support,
-            hours.0.to_bits(),
-            hours.1.to_bits(),
-        );
-        let trends = &recent.open.trends;
-        if let Some(found) = (trends.lock().unwrap_or_else(|e| e.into_inner())).get(&key) {
-            return found.clone();
-        }
         let count = |s: Option<&ItemStats>| s.and_then(|s| s.count(event_type));
         let mut rows: Vec<TrendRow> = Vec::new();
         let mut add = |item: &Name, r: Option<&ItemStats>, b: Option<&ItemStats>| {
@@ -949,19 +888,24 @@ impl TotalsMemo {
             let (before, score) = trend(r, count(b).unwrap_or(r), hours.0, hours.1);
             rows.push((item.clone(), score, r, before));
         };
+        // The items the last blocks touch in either window, each once.
         recent.for_each_open(|item, r| add(item, Some(r), baseline.get(item)));
         baseline.for_each_open(|item, b| {
             if !recent.open.touches(item) {
                 add(item, recent.get(item), Some(b));
             }
         });
-        rows.sort_unstable_by(trend_order);
-        let rows = Arc::new(rows);
-        let mut kept = trends.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() >= RANKINGS_KEPT {
-            kept.clear();
+        let bases = (&*recent.base, &*baseline.base);
+        let order = self.trending(bases, event_type, min_support, hours);
+        let untouched = (recent.untouched(&order))
+            .filter(|&n| !baseline.open.touches(recent.base.name(n)))
+            .take(limit);
+        for n in untouched {
+            let item = recent.base.name(n);
+            add(item, recent.get(item), baseline.get(item));
         }
-        kept.entry(key).or_insert(rows).clone()
+        top_n(&mut rows, limit, trend_order);
+        rows
     }
 
     fn base(

@@ -58,6 +58,14 @@ pub fn totals_range(key: TotalsKey) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
+/// Whether `key` is one of the keys item totals over `range` (see [`totals_range`]) are made of.
+pub fn in_totals(key: &ViewKey, (prefix, start): &(Vec<u8>, Vec<u8>)) -> bool {
+    matches!(key, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
+        let e = key.encode();
+        e.starts_with(prefix) && e >= *start
+    }
+}
+
 /// The item and the totals a key of item totals holds (all-time, or one series bucket).
 pub fn item_total<'a>(key: &'a ViewKey, p: &'a Partial) -> Option<(&'a Name, &'a ItemStats)> {
     match (key, p) {
