@@ -341,7 +341,8 @@ impl TrendCurrent {
         items.dedup();
         let keys: Vec<(&'static str, u64)> = self.rankings.keys().copied().collect();
         // Only touched items are in the rankings.
-        for item in items.iter().filter(|i| self.touched(i)) {
+        let was_touched: Vec<&Name> = items.iter().copied().filter(|i| self.touched(i)).collect();
+        for item in &was_touched {
             for &(t, min) in &keys {
                 if let Some((_, score, ..)) = self.row(item, t, min) {
                     if let Some(r) = self.rankings.get_mut(&(t, min)) {
