@@ -14,6 +14,9 @@ const M: usize = 1 << P;
 /// Above this many set registers the sketch switches to the dense form.
 const SPARSE_MAX: usize = M / 8;
 
+/// How many registers a sketch has.
+pub const REGISTERS: usize = M;
+
 /// The relative standard error of [`Hll::estimate`].
 pub const STANDARD_ERROR: f64 = 0.023;
 

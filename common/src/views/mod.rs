@@ -31,7 +31,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-pub use hll::{hash64, register, Hll, STANDARD_ERROR as HLL_STANDARD_ERROR};
+pub use hll::{
+    hash64, register, Hll, REGISTERS as HLL_REGISTERS, STANDARD_ERROR as HLL_STANDARD_ERROR,
+};
 pub use idfold::{Entries, IdFold, Interner};
 pub use key::{tag, Basis, Gran, ViewKey};
 pub use stats::{DeviceStats, ItemStats, Recent, SeriesStats, Set};
