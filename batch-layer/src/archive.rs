@@ -57,7 +57,8 @@ pub fn run(
         Ok(resume.get(&p).copied())
     });
     let group = cfg.consumer_group("archive");
-    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
+    let member = kafka::member_id(&root, "archive")?;
+    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions)?;
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
     let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);

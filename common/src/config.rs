@@ -53,6 +53,12 @@ pub struct KafkaConfig {
     /// `group` (default): partitions come from the consumer group, so several processes can
     /// share the topic; `all`: this process takes every partition itself.
     pub assignment: Assignment,
+    /// With `assignment = group`: each consumer joins as a static member, its
+    /// `group.instance.id` kept in its state directory, so that a restarted process takes its
+    /// partitions back at once instead of waiting for its dead predecessor's session to expire
+    /// (`session.timeout.ms`, 10 s); a process stopped for good then releases its partitions
+    /// after that timeout rather than at once.
+    pub static_membership: bool,
     /// At a record batch that cannot be decoded (corrupt, or an unknown codec): `stall` (default)
     /// waits there and reports the partition; `skip` passes over the undecodable records,
     /// recording the range in the dead-letter topic and the state.
@@ -321,6 +327,7 @@ impl Default for KafkaConfig {
             group: "strata".into(),
             partitions: 4,
             assignment: Assignment::Group,
+            static_membership: true,
             undecodable: Policy::Stall,
             properties: BTreeMap::new(),
         }
@@ -956,6 +963,7 @@ data-dir = "/srv/strata"
 [kafka]
 brokers = "k1:9092,k2:9092"
 assignment = "all"
+static-membership = false
 [kafka.properties]
 "security.protocol" = "SSL"
 [serve]
@@ -975,6 +983,7 @@ every-secs = 600
         };
         want.kafka.brokers = "k1:9092,k2:9092".into();
         want.kafka.assignment = Assignment::All;
+        want.kafka.static_membership = false;
         want.kafka.properties = BTreeMap::from([("security.protocol".into(), "SSL".into())]);
         want.serve.max_limit = 250;
         want.serve.admin_key = Some("0123456789".into());

@@ -7,6 +7,7 @@
 //! committed to the group afterwards, so that standard tools show the lag.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -510,11 +511,43 @@ pub type ResumingConsumer = BaseConsumer<ResumeContext>;
 
 pub use crate::config::Assignment;
 
+/// The `group.instance.id` of the consumer whose state lives in `dir`, made once and kept in
+/// `dir/.group-member-id`: the same id across restarts, so that the broker gives a restarted
+/// process its predecessor's partitions without a rebalance (static membership), and a
+/// different one for every state directory (two processes never share one: the state's lock).
+pub fn member_id(dir: &Path, role: &str) -> Result<String> {
+    let path = dir.join(".group-member-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    let id = format!("strata-{role}-{:016x}", h.finish());
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(".tmp-group-member-id");
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(id)
+}
+
 /// A consumer of `topic` that resumes every partition at the position `positions` gives, taking
-/// partitions as `assignment` says; `group` receives the committed offsets.
+/// partitions as `assignment` says; `group` receives the committed offsets. `member` is the
+/// consumer's `group.instance.id` (static membership: [`member_id`]), when the configuration
+/// asks for one.
 pub fn resuming_consumer(
     cfg: &KafkaConfig,
     group: &str,
+    member: Option<&str>,
     positions: Box<PositionFn>,
 ) -> Result<ResumingConsumer> {
     let ctx = ResumeContext {
@@ -523,6 +556,8 @@ pub fn resuming_consumer(
         assigned: Mutex::new(Vec::new()),
         generation: AtomicU64::new(0),
     };
+    let member = member.filter(|_| cfg.static_membership && cfg.assignment == Assignment::Group);
+    let static_member = member.map(|m| ("group.instance.id", m));
     let c = client_config_with(
         cfg,
         &[
@@ -542,7 +577,10 @@ pub fn resuming_consumer(
             // bookkeeping: about 107 MiB in a heap profile of the speed layer). 16 MiB is two
             // seconds of consumption at 50,000 events/s of 160 bytes.
             ("queued.max.messages.kbytes", "16384"),
-        ],
+        ]
+        .into_iter()
+        .chain(static_member)
+        .collect::<Vec<_>>(),
     );
     let consumer: ResumingConsumer = c
         .create_with_context(ctx)

@@ -118,7 +118,8 @@ impl SpeedLayer {
             })
         };
         let group = cfg.consumer_group("speed");
-        let consumer = kafka::resuming_consumer(&cfg.kafka, &group, positions)?;
+        let member = kafka::member_id(state.path(), "speed")?;
+        let consumer = kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions)?;
         let topic = cfg.kafka.topic.clone();
         let workers = cfg.speed.workers();
         let path = state.path().to_path_buf();

@@ -1,7 +1,9 @@
 //! Crash anywhere: the layers run as separate processes (`strata speed`, `strata batch --every 2s`,
 //! `strata serve`) while a seeded stream is produced, and a seeded schedule kills one of them with
 //! SIGKILL every fraction of a second, at least 20 times, restarting it at once. At the end every
-//! answer must equal the ground truth. `STRATA_CRASH_SEED=<n>` replays a schedule.
+//! answer must equal the ground truth. `STRATA_CRASH_SEED=<n>` replays a schedule. Each restarted
+//! speed layer and archiver gets its partitions back at once (static group membership), not
+//! after its killed predecessor's session expires.
 
 use std::time::{Duration, Instant};
 
@@ -170,6 +172,22 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
     for p in &mut procs {
         p.assert_running();
     }
+    // Static membership: every restart that reached its assignment reached it well within the
+    // 10 s session its killed predecessor left behind (a dynamic member waits for it to expire).
+    for role in ["speed", "batch"] {
+        let log =
+            std::fs::read_to_string(dir.path().join(format!("{role}.log"))).unwrap_or_default();
+        let waits = assignment_waits(&log);
+        eprintln!("{role}: start to partitions assigned, ms: {waits:?}");
+        assert!(
+            waits.len() >= 3,
+            "{role}: too few restarts reached an assignment: {waits:?}"
+        );
+        assert!(
+            waits.iter().all(|&ms| ms < 5_000),
+            "{role}: a restart waited for its partitions: {waits:?}"
+        );
+    }
     dir.remove();
     eprintln!(
         "e2e_crash: seed {seed}, {} kills, {} messages, {checked} answers checked, {:.1}s",
@@ -177,4 +195,52 @@ fn kill_nine_in_a_loop_loses_nothing_and_counts_nothing_twice() {
         truth.messages,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Milliseconds since the Unix epoch of a log line's leading RFC 3339 UTC timestamp
+/// (`2026-12-07T04:35:07.847779Z`).
+fn log_millis(line: &str) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| line.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi) = (num(11..13)?, num(14..16)?);
+    let secs: f64 = line.get(17..line.find('Z')?)?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some(((days * 24 + h) * 60 + mi) * 60_000 + (secs * 1000.0) as i64)
+}
+
+/// For each start of a consuming layer in `log` (the appended logs of its successive processes)
+/// that was followed by a partition assignment before the next start: the milliseconds between.
+fn assignment_waits(log: &str) -> Vec<i64> {
+    let mut waits = Vec::new();
+    let mut started: Option<i64> = None;
+    for line in log.lines() {
+        if line.contains("speed layer consuming") || line.contains("archiver consuming") {
+            started = log_millis(line);
+        } else if line.contains("partitions assigned") {
+            if let (Some(t0), Some(t)) = (started.take(), log_millis(line)) {
+                waits.push(t - t0);
+            }
+        }
+    }
+    waits
+}
+
+#[test]
+fn log_times_and_waits_are_read_from_the_lines() {
+    assert_eq!(log_millis("1970-01-01T00:00:01.5Z x"), Some(1_500));
+    assert_eq!(
+        log_millis("2026-12-07T04:35:07.847779Z  INFO"),
+        Some(1_796_618_107_847)
+    );
+    let log = "2026-12-07T04:35:07.000Z speed layer consuming\n\
+               2026-12-07T04:35:07.050Z partitions assigned\n\
+               2026-12-07T04:35:09.000Z speed layer consuming\n\
+               2026-12-07T04:35:10.000Z speed layer consuming\n\
+               2026-12-07T04:35:19.500Z partitions assigned\n";
+    assert_eq!(assignment_waits(log), vec![50, 9_500]);
 }
