@@ -14,7 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use strata_common::handoff::{BlockRange, Partition};
 use strata_common::speed_store::{scan_layer, LiveLayer};
@@ -425,8 +425,9 @@ impl TrendCurrent {
     }
 }
 
-/// A live layer, held so that its address stays its own, and its per-item totals.
-type LayerTotals = (Arc<LiveLayer>, Arc<Totals>);
+/// A live layer, weakly (its address stays its own while the weak pointer lives, but its
+/// partials go when the last reader lets it go), and its per-item totals.
+type LayerTotals = (Weak<LiveLayer>, Arc<Totals>);
 
 /// What is kept current for one window (or pair), locked while it is moved forward and read.
 type Slot<T> = Arc<Mutex<Option<T>>>;
@@ -799,6 +800,8 @@ impl TotalsMemo {
     ) -> Result<Arc<Totals>, ApiError> {
         let id = (Arc::as_ptr(layer) as usize, key);
         if let Some((_, t)) = (self.layers.lock().unwrap_or_else(|e| e.into_inner())).get(&id) {
+            // The weak pointer keeps the address from being reused, so the entry is this
+            // layer's.
             return Ok(t.clone());
         }
         let (prefix, start) = totals_range(key);
@@ -825,11 +828,14 @@ impl TotalsMemo {
         let totals = Arc::new(totals);
         let mut kept = self.layers.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= LAYERS_KEPT {
-            // Layers merged away or of finished blocks are asked for no more.
-            kept.clear();
+            // Layers merged away or of finished blocks are asked for no more: their readers let
+            // them go.
+            kept.retain(|_, (l, _)| l.strong_count() > 0);
+            if kept.len() >= LAYERS_KEPT {
+                kept.clear();
+            }
         }
-        // The layer is kept with its totals, so its address is not reused while kept.
-        kept.insert(id, (layer.clone(), totals.clone()));
+        kept.insert(id, (Arc::downgrade(layer), totals.clone()));
         Ok(totals)
     }
 
