@@ -52,13 +52,18 @@ pub fn run(
     if let Ok(mut s) = status.lock() {
         s.archived = ends.clone();
     }
-    let resume = ends.clone();
-    let positions = Box::new(move |p: Partition| -> strata_common::Result<Option<i64>> {
-        Ok(resume.get(&p).copied())
-    });
     let group = cfg.consumer_group("archive");
     let member = kafka::member_id(&root, "archive")?;
-    let consumer = kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions)?;
+    // A consumer resuming every partition at `from` (what is archived, or at a new consumer
+    // after a fencing, what is read: the loop passes over what it has).
+    let new_consumer = |from: BTreeMap<Partition, Offset>| {
+        let positions = Box::new(move |p: Partition| -> strata_common::Result<Option<i64>> {
+            Ok(from.get(&p).copied())
+        });
+        kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions)
+    };
+    let mut consumer = new_consumer(ends.clone())?;
+    let mut fences = kafka::Fences::default();
     let topic = cfg.kafka.topic.clone();
     let max_events = cfg.batch.segment_max_events;
     let max_age = Duration::from_millis(cfg.batch.segment_max_age_ms);
@@ -107,7 +112,12 @@ pub fn run(
         if let Some(result) = polled {
             match result {
                 Err(e) => {
-                    kafka::check_fatal(&consumer, "archiver")?;
+                    if kafka::check_fatal(&consumer, "archiver", &mut fences)?
+                        == kafka::Fatal::Fenced
+                    {
+                        consumer = new_consumer(next.clone())?;
+                        continue;
+                    }
                     // An undecodable batch: the stall watch finds its partition.
                     if !stalls.on_error(&e) {
                         tracing::warn!(error = %e, "archiver consume error; retrying");

@@ -667,27 +667,85 @@ pub fn seek<C: ConsumerContext>(
 }
 
 /// Fails when librdkafka has raised a fatal error on the consumer (it consumes nothing more
-/// after one: e.g. a static member fenced by another with the same `group.instance.id`), so the
-/// layer stops with the reason instead of polling a dead client; a restart resumes at the
-/// stored offsets.
-pub fn check_fatal<C: ConsumerContext>(consumer: &BaseConsumer<C>, layer: &str) -> Result<()> {
+/// after one), so the layer stops with the reason instead of polling a dead client; a restart
+/// resumes at the stored offsets. A static member's fencing is not such a failure the first time
+/// in a while: `fences` says whether to start a new consumer instead (see [`Fences`]).
+pub fn check_fatal<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    layer: &str,
+    fences: &mut Fences,
+) -> Result<Fatal> {
     match consumer.client().fatal_error() {
+        Some((RDKafkaErrorCode::FencedInstanceId, reason)) => {
+            fences.fenced(layer, &reason)?;
+            Ok(Fatal::Fenced)
+        }
         Some((code, reason)) => Err(Error::Other(format!(
             "the {layer}'s Kafka consumer failed fatally ({code:?}): {reason}"
         ))),
-        None => Ok(()),
+        None => Ok(Fatal::No),
     }
 }
 
-/// Commits `offsets` (next offsets to read) to the consumer group, without waiting. Only for
-/// lag visibility: positions come from the layer's own state.
+/// What [`check_fatal`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fatal {
+    No,
+    /// Fenced as a static member: the consumer is dead; start a new one (at the layer's own
+    /// positions, as a restarted process would).
+    Fenced,
+}
+
+/// How long after one fencing another one stops the layer.
+const FENCED_AGAIN: Duration = Duration::from_secs(60);
+
+/// The static member's fencings. librdkafka fences a static member by itself after a
+/// coordinator outage longer than its session (the session times out, it joins again under a
+/// new member id, and a request still carrying the old one is refused: an open librdkafka
+/// issue). Its state directory's lock keeps any other process of this `group.instance.id` away,
+/// so a fencing is taken for that and answered with a new consumer; a second one within a
+/// minute means another consumer does hold the id (a copy of the state directory elsewhere),
+/// and stops the layer with that reason.
+#[derive(Debug, Default)]
+pub struct Fences {
+    last: Option<std::time::Instant>,
+}
+
+impl Fences {
+    fn fenced(&mut self, layer: &str, reason: &str) -> Result<()> {
+        if let Some(t) = self.last.filter(|t| t.elapsed() < FENCED_AGAIN) {
+            return Err(Error::Other(format!(
+                "the {layer}'s Kafka consumer was fenced twice in {:.0} s ({reason}): another \
+                 consumer holds its group.instance.id (a copy of its state directory, with \
+                 .group-member-id, running elsewhere?)",
+                t.elapsed().as_secs_f64()
+            )));
+        }
+        tracing::warn!(layer, reason, "the consumer was fenced as a static member (librdkafka does so by itself after a coordinator outage longer than its session); joining again with a new consumer at the stored positions");
+        self.last = Some(std::time::Instant::now());
+        Ok(())
+    }
+}
+
+/// Commits `offsets` (next offsets to read) of the partitions the consumer holds to the
+/// consumer group, without waiting. Only for lag visibility: positions come from the layer's
+/// own state. Nothing is committed while the consumer holds no partition (a rebalance, a lost
+/// session): a commit sent across a rejoin carries the old member id, which a static member is
+/// fenced for.
 pub fn commit_for_lag<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     offsets: &Offsets,
 ) {
+    let Ok(held) = consumer.assignment() else {
+        return;
+    };
+    let held: Vec<Partition> = (held.elements().iter())
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect();
     let mut tpl = TopicPartitionList::new();
-    for (&p, &o) in offsets {
+    for (&p, &o) in offsets.iter().filter(|(p, _)| held.contains(p)) {
         if tpl
             .add_partition_offset(topic, p, Offset::Offset(o))
             .is_err()

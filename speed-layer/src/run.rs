@@ -87,8 +87,9 @@ impl SpeedLayer {
         // Only an instance of a speed cluster (`speed.http`): a single speed layer reads every
         // partition whole, so that its counters (accepted, rejected, copies) cover the topic.
         let seeded = cfg.speed.http.is_some();
-        let positions = {
-            let (seeds, seeding) = (seeds.clone(), seeding.clone());
+        let positions = || {
+            let (seeds, seeding, db) = (seeds.clone(), seeding.clone(), db.clone());
+            let batch_dir = batch_dir.clone();
             Box::new(move |p| -> strata_common::Result<Option<i64>> {
                 let v = db
                     .get_cf(speed_store::cf(&db, Cf::Meta)?, meta_key::next_offset(p))
@@ -119,7 +120,10 @@ impl SpeedLayer {
         };
         let group = cfg.consumer_group("speed");
         let member = kafka::member_id(state.path(), "speed")?;
-        let consumer = kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions)?;
+        let new_consumer =
+            || kafka::resuming_consumer(&cfg.kafka, &group, Some(&member), positions());
+        let mut consumer = new_consumer()?;
+        let mut fences = kafka::Fences::default();
         let topic = cfg.kafka.topic.clone();
         let workers = cfg.speed.workers();
         let path = state.path().to_path_buf();
@@ -183,7 +187,14 @@ impl SpeedLayer {
                         }
                     }
                     Some(Err(e)) => {
-                        kafka::check_fatal(&consumer, "speed layer")?;
+                        if kafka::check_fatal(&consumer, "speed layer", &mut fences)?
+                            == kafka::Fatal::Fenced
+                        {
+                            // Records handed to the workers and not yet written come again
+                            // from the stored offsets; the workers pass over those they have.
+                            consumer = new_consumer()?;
+                            continue;
+                        }
                         // An undecodable batch is fetched again at once, without delaying the
                         // other partitions; the stall watch finds which partition it is.
                         if !stalls.on_error(&e) {

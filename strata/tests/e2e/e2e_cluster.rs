@@ -296,3 +296,84 @@ fn speed_instances_in_a_group_serve_exact_answers_through_a_kill_and_a_join() {
     serve_a.assert_running();
     serve_b.assert_running();
 }
+
+/// Two speed instances given one `group.instance.id` (a state directory copied with its
+/// `.group-member-id`): the broker fences one, it joins again with a new consumer (what a
+/// fencing after a coordinator outage needs) and fences the other in turn; fenced a second time
+/// within a minute, a process stops with a message that names the cause, and the other goes on
+/// holding every partition and consuming.
+#[test]
+fn two_instances_of_one_member_id_end_with_one_and_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique_topic("e2e-fenced");
+    let data = |n: usize| dir.path().join(format!("speed{n}"));
+    let common = layer_args(&topic, &data(1), 2000, None);
+    let now = now_millis();
+    run_strata(&generate_args(
+        &common,
+        &gen_config(41, 4_000, now - 3_600_000, 3_600_000, false),
+    ));
+    let speed = |n: usize| {
+        let mut args = vec!["speed".to_string()];
+        args.extend(layer_args(&topic, &data(n), 2000, None));
+        Proc::spawn(&format!("speed{n}"), &args, dir.path())
+    };
+    let assigned = |p: &Proc| {
+        std::fs::read_to_string(&p.log)
+            .unwrap_or_default()
+            .contains("partitions assigned")
+    };
+    let mut first = speed(1);
+    wait_for(
+        "the first instance's partitions",
+        Duration::from_secs(60),
+        || assigned(&first).then_some(()),
+    );
+    // The second gets the first one's member id.
+    let id_file = |n: usize| data(n).join("speed").join(".group-member-id");
+    std::fs::create_dir_all(data(2).join("speed")).expect("second state directory");
+    std::fs::copy(id_file(1), id_file(2)).expect("copy the member id");
+    let mut second = speed(2);
+    let (stopped, log) = wait_for("one instance to stop", Duration::from_secs(60), || {
+        for p in [&mut first, &mut second] {
+            if p.exit_status().is_some() {
+                return Some((p.name.clone(), p.tail()));
+            }
+        }
+        None
+    });
+    assert!(
+        log.contains("fenced twice") && log.contains(".group-member-id"),
+        "{stopped} stopped without naming the cause: {log}"
+    );
+    let survivor = if stopped == "speed1" {
+        &mut second
+    } else {
+        &mut first
+    };
+    // The survivor was fenced once and joined again, and goes on: new records reach it.
+    let joined = std::fs::read_to_string(&survivor.log).unwrap_or_default();
+    assert!(
+        joined.contains("joining again with a new consumer"),
+        "{}",
+        survivor.tail()
+    );
+    let accepted = |p: &Proc| -> u64 {
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        (log.lines().rev())
+            .find(|l| l.contains("speed layer progress"))
+            .and_then(|l| l.split("accepted=").nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = accepted(survivor);
+    run_strata(&generate_args(
+        &common,
+        &gen_config(42, 2_000, now - 1_800_000, 1_800_000, false),
+    ));
+    wait_for(
+        "the survivor to go on consuming",
+        Duration::from_secs(60),
+        || (accepted(survivor) >= before + 1_000).then_some(()),
+    );
+    survivor.assert_running();
+}
