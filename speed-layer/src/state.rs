@@ -428,6 +428,10 @@ impl SpeedState {
                         .map_err(rocks("finish a finished block's file"))?;
                 }
                 let file = self.path.join(format!("finished-p{p}.sst"));
+                // Unlinked first, never truncated: ingesting moves the file in as a hard link,
+                // so after a crash between the ingestion and the removal of this name, writing
+                // through it would overwrite a file of the database.
+                let _ = std::fs::remove_file(&file);
                 let w = SstFileWriter::create(&opts);
                 w.open(&file)
                     .map_err(rocks("open a finished block's file"))?;
@@ -948,6 +952,22 @@ mod tests {
                 check(&follower, offset + 1);
             }
         }
+    }
+
+    #[test]
+    fn a_file_name_left_linked_to_an_ingested_file_is_not_written_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = SpeedState::open(dir.path(), 100).expect("open");
+        // A crash after an ingestion and before its source name went: the name and a database
+        // file are one inode.
+        let ingested = dir.path().join("ingested-copy");
+        std::fs::write(&ingested, b"a file of the database").expect("write");
+        std::fs::hard_link(&ingested, dir.path().join("finished-p0.sst")).expect("link");
+        consume(&mut state, 0, 250, 10);
+        assert_eq!(
+            std::fs::read(&ingested).expect("read"),
+            b"a file of the database"
+        );
     }
 
     #[test]
