@@ -696,33 +696,50 @@ pub enum Fatal {
     Fenced,
 }
 
-/// How long after one fencing another one stops the layer.
+/// How long after one fencing another one stops the layer, and how long after a consume error
+/// (the broker unreachable, a lost session) a fencing is taken for librdkafka's own.
 const FENCED_AGAIN: Duration = Duration::from_secs(60);
 
 /// The static member's fencings. librdkafka fences a static member by itself after a
 /// coordinator outage longer than its session (the session times out, it joins again under a
 /// new member id, and a request still carrying the old one is refused: an open librdkafka
-/// issue). Its state directory's lock keeps any other process of this `group.instance.id` away,
-/// so a fencing is taken for that and answered with a new consumer; a second one within a
-/// minute means another consumer does hold the id (a copy of the state directory elsewhere),
-/// and stops the layer with that reason.
+/// issue, seen here after every broker restart of `e2e_broker`). A fencing within a minute of a
+/// consume error is taken for that, and answered with a new consumer. Otherwise the broker was
+/// answering all along, so another consumer holds the `group.instance.id` (a copy of the state
+/// directory running elsewhere: the directory's lock keeps a second process on this host away):
+/// a first such fencing is still answered with a new consumer, a second one within a minute
+/// stops the layer with that reason.
 #[derive(Debug, Default)]
 pub struct Fences {
     last: Option<std::time::Instant>,
+    last_error: Option<std::time::Instant>,
 }
 
 impl Fences {
+    /// Records a consume error other than a fatal one.
+    pub fn consume_error(&mut self) {
+        self.last_error = Some(std::time::Instant::now());
+    }
+
     fn fenced(&mut self, layer: &str, reason: &str) -> Result<()> {
-        if let Some(t) = self.last.filter(|t| t.elapsed() < FENCED_AGAIN) {
+        let after_error = self.last_error.is_some_and(|t| t.elapsed() < FENCED_AGAIN);
+        if let Some(t) = self
+            .last
+            .filter(|t| !after_error && t.elapsed() < FENCED_AGAIN)
+        {
             return Err(Error::Other(format!(
-                "the {layer}'s Kafka consumer was fenced twice in {:.0} s ({reason}): another \
-                 consumer holds its group.instance.id (a copy of its state directory, with \
-                 .group-member-id, running elsewhere?)",
+                "the {layer}'s Kafka consumer was fenced twice in {:.0} s with the broker \
+                 answering ({reason}): another consumer holds its group.instance.id (a copy of \
+                 its state directory, with .group-member-id, running elsewhere?)",
                 t.elapsed().as_secs_f64()
             )));
         }
-        tracing::warn!(layer, reason, "the consumer was fenced as a static member (librdkafka does so by itself after a coordinator outage longer than its session); joining again with a new consumer at the stored positions");
-        self.last = Some(std::time::Instant::now());
+        if after_error {
+            tracing::warn!(layer, reason, "the consumer was fenced as a static member after a broker outage (librdkafka does so by itself when its session was lost); joining again with a new consumer at the stored positions");
+        } else {
+            tracing::warn!(layer, reason, "the consumer was fenced as a static member with the broker answering; joining again with a new consumer at the stored positions (a second fencing within a minute stops the layer)");
+            self.last = Some(std::time::Instant::now());
+        }
         Ok(())
     }
 }

@@ -173,6 +173,10 @@ fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
     }
     tokio::task::spawn_blocking(move || {
         let mut probe: Option<BaseConsumer> = None;
+        // Failed probes in a row: past three (6 s), the client is made anew, so that one that
+        // outlived a broker restart in a bad way (stale metadata, a connection it keeps
+        // retrying) does not keep the layer unready once the broker is back.
+        let mut failed = 0u32;
         while !shutdown.is_cancelled() {
             if probe.is_none() {
                 match kafka::client_config(&state.cfg.kafka).create() {
@@ -190,7 +194,12 @@ fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
                             Ok(hw)
                         }
                     });
+                failed = if hw.is_ok() { 0 } else { failed + 1 };
                 state.broker_probed(hw);
+                if failed >= 3 {
+                    failed = 0;
+                    probe = None;
+                }
             }
             for _ in 0..20 {
                 if shutdown.is_cancelled() {

@@ -119,7 +119,10 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     );
     // A wait that times out here says what each layer was doing (a stall or a crash).
     let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_speed_offsets(&addr, truth.messages)
+        wait_speed_offsets(&addr, truth.messages);
+        wait_for("ready again", Duration::from_secs(60), || {
+            (get_json(&addr, "/readyz").0 == 200).then_some(())
+        });
     }));
     if let Err(e) = waited {
         for p in &procs {
@@ -127,9 +130,6 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         }
         std::panic::resume_unwind(e);
     }
-    wait_for("ready again", Duration::from_secs(60), || {
-        (get_json(&addr, "/readyz").0 == 200).then_some(())
-    });
     let (_, st) = get_json(&addr, "/v1/status");
     assert_eq!(st["broker"]["reachable"], true, "{st}");
     let after = truth.check(&addr) + truth.check_insights(&addr);

@@ -343,7 +343,7 @@ fn two_instances_of_one_member_id_end_with_one_and_a_clear_error() {
         None
     });
     assert!(
-        log.contains("fenced twice") && log.contains(".group-member-id"),
+        log.contains("fenced twice") && log.contains("with the broker answering"),
         "{stopped} stopped without naming the cause: {log}"
     );
     let survivor = if stopped == "speed1" {
