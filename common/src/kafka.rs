@@ -846,6 +846,7 @@ impl ProducerContext for DeliveryTracker {
 /// past a letter before [`DeadLetters::flush`] says it is delivered.
 pub struct DeadLetters {
     producer: ThreadedProducer<DeliveryTracker>,
+    cfg: KafkaConfig,
     topic: String,
     unacked: Vec<Letter>,
 }
@@ -922,8 +923,13 @@ impl Letters for DeadLetters {
                     tracing::warn!(
                         failed = n,
                         letters = self.unacked.len(),
-                        "dead letters were not delivered; sending them again"
+                        "dead letters were not delivered; sending them again with a new producer"
                     );
+                    // A producer that outlived a broker restart was seen timing every letter
+                    // out for minutes on end (`e2e_broker`); a new one starts from fresh
+                    // metadata and a new producer id. The letters are kept until acknowledged,
+                    // so nothing is lost (at-least-once, as before).
+                    self.producer = Self::producer(&self.cfg)?;
                     for l in &self.unacked {
                         self.produce(l)?;
                     }
@@ -946,7 +952,16 @@ const DEAD_LETTER_TIMEOUT_MS: &str = "30000";
 
 impl DeadLetters {
     pub fn new(cfg: &KafkaConfig, topic: String) -> Result<Self> {
-        let producer = client_config_with(
+        Ok(DeadLetters {
+            producer: Self::producer(cfg)?,
+            cfg: cfg.clone(),
+            topic,
+            unacked: Vec::new(),
+        })
+    }
+
+    fn producer(cfg: &KafkaConfig) -> Result<ThreadedProducer<DeliveryTracker>> {
+        client_config_with(
             cfg,
             &[
                 ("linger.ms", "5"),
@@ -959,12 +974,7 @@ impl DeadLetters {
             ],
         )
         .create_with_context(DeliveryTracker::new("dead-letter"))
-        .map_err(|e| Error::kafka("create dead-letter producer", e))?;
-        Ok(DeadLetters {
-            producer,
-            topic,
-            unacked: Vec::new(),
-        })
+        .map_err(|e| Error::kafka("create dead-letter producer", e))
     }
 
     fn produce(&self, l: &Letter) -> Result<()> {
