@@ -118,7 +118,6 @@ pub fn run(
                         consumer = new_consumer(next.clone())?;
                         continue;
                     }
-                    fences.consume_error();
                     // An undecodable batch: the stall watch finds its partition.
                     if !stalls.on_error(&e) {
                         tracing::warn!(error = %e, "archiver consume error; retrying");

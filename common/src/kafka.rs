@@ -666,10 +666,11 @@ pub fn seek<C: ConsumerContext>(
         .map_err(|e| Error::kafka(format!("seek {topic}/{p} to {offset}"), e))
 }
 
-/// Fails when librdkafka has raised a fatal error on the consumer (it consumes nothing more
-/// after one), so the layer stops with the reason instead of polling a dead client; a restart
-/// resumes at the stored offsets. A static member's fencing is not such a failure the first time
-/// in a while: `fences` says whether to start a new consumer instead (see [`Fences`]).
+/// After a consume error: fails when librdkafka has raised a fatal error on the consumer (it
+/// consumes nothing more after one), so the layer stops with the reason instead of polling a
+/// dead client; a restart resumes at the stored offsets. A static member's fencing is not such a
+/// failure the first time in a while: `fences` says whether to start a new consumer instead (see
+/// [`Fences`]). Any other error is recorded in `fences` as a consume error.
 pub fn check_fatal<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     layer: &str,
@@ -683,7 +684,10 @@ pub fn check_fatal<C: ConsumerContext>(
         Some((code, reason)) => Err(Error::Other(format!(
             "the {layer}'s Kafka consumer failed fatally ({code:?}): {reason}"
         ))),
-        None => Ok(Fatal::No),
+        None => {
+            fences.last_error = Some(std::time::Instant::now());
+            Ok(Fatal::No)
+        }
     }
 }
 
@@ -716,11 +720,6 @@ pub struct Fences {
 }
 
 impl Fences {
-    /// Records a consume error other than a fatal one.
-    pub fn consume_error(&mut self) {
-        self.last_error = Some(std::time::Instant::now());
-    }
-
     fn fenced(&mut self, layer: &str, reason: &str) -> Result<()> {
         let after_error = self.last_error.is_some_and(|t| t.elapsed() < FENCED_AGAIN);
         if let Some(t) = self

@@ -195,7 +195,6 @@ impl SpeedLayer {
                             consumer = new_consumer()?;
                             continue;
                         }
-                        fences.consume_error();
                         // An undecodable batch is fetched again at once, without delaying the
                         // other partitions; the stall watch finds which partition it is.
                         if !stalls.on_error(&e) {
