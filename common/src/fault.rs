@@ -69,11 +69,15 @@ fn armed() -> Option<&'static Armed> {
 /// The step `name` is reached: aborts the process if `STRATA_FAULT` names it (and this is the
 /// time it names).
 pub fn point(name: &str) {
-    let Some(a) = armed() else {
-        return;
-    };
-    if a.name == name && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+    if tripped(name) {
         eprintln!("fault point {name}: aborting (STRATA_FAULT)");
         std::process::abort();
     }
+}
+
+/// The step `name` is reached: true if `STRATA_FAULT` names it and this is the time it names.
+/// For a condition that a test cannot bring about at will (`generate.stalled`: a producer that
+/// gets no acknowledgement), which the caller then handles as if it had happened.
+pub fn tripped(name: &str) -> bool {
+    armed().is_some_and(|a| a.name == name && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at)
 }

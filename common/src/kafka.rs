@@ -344,7 +344,7 @@ impl ClientContext for ResumeContext {
 }
 
 /// librdkafka's own log lines, through `tracing` like everything else.
-fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+pub fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -362,7 +362,7 @@ fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 /// keeps retrying on its own and the layer carries on once the broker is back. librdkafka
 /// reports an unreachable broker many times a second; each kind of error is logged at most once
 /// per [`ERROR_LOG_EVERY`], with the number of its reports left out since.
-fn forward_error(error: &rdkafka::error::KafkaError, reason: &str) {
+pub fn forward_error(error: &rdkafka::error::KafkaError, reason: &str) {
     let kind = error.to_string();
     if let Some(left_out) = ERROR_LOG.admit(&kind, std::time::Instant::now()) {
         tracing::warn!(target: "librdkafka", error = %error, left_out, "kafka client: {reason}");
