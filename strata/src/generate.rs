@@ -267,6 +267,9 @@ impl<'a> Sender<'a> {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         drop(old);
+        // A produce request the broker had read before the connection closed is still written;
+        // give it time to land before reading the topic.
+        std::thread::sleep(Duration::from_secs(2));
         if reports {
             self.take(&last);
         }
