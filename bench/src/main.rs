@@ -469,6 +469,7 @@ async fn hello(addr: &str) -> Result<()> {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    strata_common::process::set_up();
     let cli = Cli::parse();
     let mut out = Out::default();
     match run(cli, &mut out) {

@@ -25,6 +25,7 @@ pub mod fault;
 pub mod generate;
 pub mod handoff;
 pub mod kafka;
+pub mod process;
 pub mod progress;
 pub mod retention;
 pub mod speed_store;

@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    strata_common::process::set_up();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -23,6 +23,7 @@ use cli::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    strata_common::process::set_up();
     let cli = Cli::parse();
     init_logs(&cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
