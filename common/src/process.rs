@@ -5,11 +5,10 @@
 ///
 /// The allocator (mimalloc) asks the kernel for huge pages where it offers them (`madvise`
 /// mode, Debian's default), and a 2 MiB page stays resident while any byte of it is in use. The
-/// serving layer over a 10M-event version, asked the bench's spread keys, peaked at 550 MiB with
-/// 304 MiB of it in huge pages, and at 457 MiB with them off, run for run on the same data with
-/// no loss of requests per second (docs/PERFORMANCE.md). Whether the kernel has huge pages to
-/// give depends on how fragmented its memory is, so without this the same run peaked anywhere
-/// from 395 to 593 MiB.
+/// serving layer over a 10M-event version, asked the bench's spread keys, peaked at 630 MiB with
+/// 316 MiB of it in huge pages, and at 473 MiB with them off, back to back on the same data
+/// (docs/PERFORMANCE.md). Whether the kernel has huge pages to give depends on how fragmented
+/// its memory is at the time, so the same run peaked anywhere from 395 to 630 MiB before.
 pub fn set_up() {
     if std::env::var("STRATA_HUGE_PAGES").is_ok_and(|v| v == "on") {
         return;
@@ -17,4 +16,21 @@ pub fn set_up() {
     // Not every kernel has the call (before Linux 3.15); the process then runs as it would
     // have, and the logs are not yet set up to say so.
     let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_pages_are_off_for_the_process_after_set_up() {
+        if std::env::var("STRATA_HUGE_PAGES").is_ok_and(|v| v == "on") {
+            panic!("STRATA_HUGE_PAGES=on is set: this test checks the default");
+        }
+        set_up();
+        assert_eq!(
+            rustix::thread::transparent_huge_pages_are_disabled().ok(),
+            Some(true)
+        );
+    }
 }
