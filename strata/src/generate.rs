@@ -164,7 +164,11 @@ impl ProducerContext for Deliveries {
 
 impl<'a> Sender<'a> {
     fn new(cfg: &'a KafkaConfig) -> anyhow::Result<Self> {
-        let read_from = topic_ends(cfg)?;
+        // A topic created a moment ago may not have its leaders yet.
+        let read_from =
+            kafka::with_retries("reading the topic's ends", Duration::from_secs(60), || {
+                topic_ends(cfg).map_err(|e| strata_common::Error::Other(format!("{e:#}")))
+            })?;
         Ok(Sender {
             cfg,
             producer: new_producer(cfg)?,
