@@ -167,7 +167,7 @@ impl<'a> Sender<'a> {
         // A topic created a moment ago may not have its leaders yet.
         let read_from =
             kafka::with_retries("reading the topic's ends", Duration::from_secs(60), || {
-                topic_ends(cfg).map_err(|e| strata_common::Error::Other(format!("{e:#}")))
+                topic_ends(cfg)
             })?;
         Ok(Sender {
             cfg,
@@ -282,12 +282,11 @@ impl<'a> Sender<'a> {
                 self.found_in_topic()
                     .map_err(|e| strata_common::Error::Other(format!("{e:#}")))
             })?;
-        let mut resend: Vec<usize> = self.unacked.keys().copied().collect();
-        resend.sort_unstable();
-        resend.retain(|seq| !found.contains(seq));
         for seq in &found {
             self.unacked.remove(seq);
         }
+        let mut resend: Vec<usize> = self.unacked.keys().copied().collect();
+        resend.sort_unstable();
         let (already, again) = (found.len(), resend.len());
         for seq in resend {
             if let Some(g) = self.unacked.remove(&seq) {
@@ -316,7 +315,6 @@ impl<'a> Sender<'a> {
                 .or_default()
                 .push(seq);
         }
-        let ends = topic_ends(self.cfg)?;
         let consumer: BaseConsumer = kafka::client_config_with(
             self.cfg,
             &[
@@ -329,6 +327,7 @@ impl<'a> Sender<'a> {
         )
         .create()
         .context("creating a consumer to read the topic back")?;
+        let ends = kafka::high_watermarks(&consumer, &self.cfg.topic)?;
         let mut tpl = TopicPartitionList::new();
         let mut open = BTreeMap::new();
         for (&p, &end) in &ends {
@@ -389,11 +388,11 @@ fn new_producer(cfg: &KafkaConfig) -> anyhow::Result<ThreadedProducer<Deliveries
 }
 
 /// Each partition's end (its high watermark).
-fn topic_ends(cfg: &KafkaConfig) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let consumer: BaseConsumer = kafka::client_config(cfg)
-        .create()
-        .context("creating a client to read the topic's ends")?;
-    Ok(kafka::high_watermarks(&consumer, &cfg.topic)?)
+fn topic_ends(cfg: &KafkaConfig) -> strata_common::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = kafka::client_config(cfg).create().map_err(|e| {
+        strata_common::Error::kafka("creating a client to read the topic's ends", e)
+    })?;
+    kafka::high_watermarks(&consumer, &cfg.topic)
 }
 
 /// A message's identity for the read-back: its key and payload, hashed.
