@@ -573,10 +573,14 @@ pub fn resuming_consumer(
             ("fetch.wait.max.ms", "50"),
             ("queued.min.messages", "200000"),
             // Prefetch keeps fetching while fewer than `queued.min.messages` wait, up to this
-            // many KiB of payloads (librdkafka's default is 64 MiB, plus its per-message
-            // bookkeeping: about 107 MiB in a heap profile of the speed layer). 16 MiB is two
-            // seconds of consumption at 50,000 events/s of 160 bytes.
-            ("queued.max.messages.kbytes", "16384"),
+            // many KiB of payloads per partition (librdkafka's default is 64 MiB, plus its
+            // per-message bookkeeping: about 107 MiB in a heap profile of the speed layer). 4 MiB
+            // a partition is half a second of consumption at 150,000 events/s over 4 partitions.
+            ("queued.max.messages.kbytes", "4096"),
+            // A partition whose prefetch is full is fetched again this soon after the layer
+            // takes from it. librdkafka waits 1 s by default: with the smaller prefetch above
+            // that wait cut the speed layer's rate to a third (docs/PERFORMANCE.md).
+            ("fetch.queue.backoff.ms", "10"),
         ]
         .into_iter()
         .chain(static_member)
