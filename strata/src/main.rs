@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command};
 
-/// mimalloc rather than glibc's malloc: see the workspace manifest.
+/// mimalloc rather than glibc's malloc: see the workspace manifest. The `system-allocator`
+/// feature leaves glibc's malloc in place, for heap profilers that hook it (heaptrack).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
