@@ -26,8 +26,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
-    ReadOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    Options, ReadOptions, DB,
 };
 
 use crate::handoff::{block_of, BlockRange, Offset, Partition, SpeedPartition};
@@ -56,6 +56,10 @@ impl Cf {
         }
     }
 }
+
+/// The block cache of the `blocks` family: its data blocks, and the index and filter of each of
+/// its tables.
+const BLOCKS_CACHE_BYTES: usize = 64 << 20;
 
 fn db_options() -> Options {
     let mut opts = Options::default();
@@ -108,6 +112,17 @@ impl Cf {
             // there once the ids outgrew the upper levels (the layer slowed from 46,000 to
             // 17,000 events/s over 10 million events). 10 bits per id: 12 MiB per 10 million.
             opts.set_optimize_filters_for_hits(self == Cf::Blocks);
+            if self == Cf::Blocks {
+                // The finished blocks' tables grow with history, and RocksDB holds every open
+                // table's index and filter in the heap unless they go through the block cache:
+                // over 55 million view keys the speed layer's peak was 120 MiB above its peak
+                // over 14 million (docs/PERFORMANCE.md). Through a cache of fixed size they
+                // take at most its capacity, the newest and most read first; the writer reads
+                // none of them, a reader sharing its database keeps the ones it asks for.
+                table.set_block_cache(&Cache::new_lru_cache(BLOCKS_CACHE_BYTES));
+                table.set_cache_index_and_filter_blocks(true);
+                opts.set_block_based_table_factory(&table);
+            }
         }
         opts
     }
@@ -124,6 +139,34 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
         .iter()
         .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf.options()))
         .collect()
+}
+
+/// What RocksDB holds in memory for the speed state, in bytes, summed over its families: the
+/// memtables (active and waiting to be flushed), the open tables' readers (their index and
+/// filter blocks where these are not in a block cache) and the block caches' contents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RocksMemory {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
+}
+
+/// Reads [`RocksMemory`] from RocksDB's properties; a property it does not report counts 0.
+pub fn rocks_memory(db: &DB) -> RocksMemory {
+    let mut m = RocksMemory::default();
+    for &family in &Cf::ALL {
+        let Ok(handle) = cf(db, family) else { continue };
+        let prop = |name: &str| {
+            db.property_int_value_cf(handle, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        m.memtables += prop("rocksdb.cur-size-all-mem-tables");
+        m.table_readers += prop("rocksdb.estimate-table-readers-mem");
+        m.block_cache += prop("rocksdb.block-cache-usage");
+    }
+    m
 }
 
 /// Opens (creating if missing) the speed state for writing.

@@ -127,6 +127,7 @@ impl SpeedLayer {
         let topic = cfg.kafka.topic.clone();
         let workers = cfg.speed.workers();
         let path = state.path().to_path_buf();
+        let db = state.db();
         let settings = Self::settings(&cfg)?;
         let (kafka_cfg, dlq_topic) = (cfg.kafka.clone(), cfg.dlq_topic());
         // Per partition: the offset after the last record handed to a worker, or the last
@@ -245,6 +246,15 @@ impl SpeedLayer {
                 }
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let secs = last_log.elapsed().as_secs_f64();
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let m = speed_store::rocks_memory(&db);
+                        tracing::debug!(
+                            memtables_mib = m.memtables >> 20,
+                            table_readers_mib = m.table_readers >> 20,
+                            block_cache_mib = m.block_cache >> 20,
+                            "speed state memory in RocksDB"
+                        );
+                    }
                     let parts = shared.parts();
                     let (accepted, rejected, duplicates) =
                         parts.values().fold((0, 0, 0), |(a, r, d), m| {
