@@ -1316,6 +1316,47 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_blocks_index_and_filter_go_through_the_block_cache_not_the_heap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_primary(&dir.path().join("state")).expect("open");
+        let file = dir.path().join("block.sst");
+        let opts = block_file_options();
+        let mut w = rocksdb::SstFileWriter::create(&opts);
+        w.open(&file).expect("open file");
+        // 200,000 keys: a filter of about 244 KiB at 10 bits a key, and an index beside it.
+        for i in 0..200_000u32 {
+            let mut key = block_prefix(0, 0);
+            key.extend_from_slice(format!("item-{i:08}").as_bytes());
+            w.put(&key, [1u8; 24]).expect("put");
+        }
+        w.finish().expect("finish");
+        db.ingest_external_file_cf(cf(&db, Cf::Blocks).expect("cf"), vec![&file])
+            .expect("ingest");
+        let blocks = cf(&db, Cf::Blocks).expect("cf");
+        let prop = |name: &str| {
+            db.property_int_value_cf(blocks, name)
+                .expect("property")
+                .expect("reported")
+        };
+        let mut key = block_prefix(0, 0);
+        key.extend_from_slice(b"item-00000042");
+        assert!(db.get_cf(blocks, &key).expect("get").is_some());
+        let readers = prop("rocksdb.estimate-table-readers-mem");
+        let cached = prop("rocksdb.block-cache-usage");
+        assert!(
+            readers < 64 << 10,
+            "the table reader holds {readers} bytes in the heap"
+        );
+        assert!(
+            cached > 200 << 10,
+            "the block cache holds only {cached} bytes"
+        );
+        assert!(cached <= BLOCKS_CACHE_BYTES as u64);
+        let m = rocks_memory(&db);
+        assert!(m.block_cache >= cached && m.table_readers >= readers);
+    }
+
+    #[test]
     fn readers_see_every_write_of_the_meta_family() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Arc::new(open_primary(dir.path()).expect("open"));
