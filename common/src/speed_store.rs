@@ -88,7 +88,9 @@ impl Cf {
         }
     }
 
-    fn options(self) -> Options {
+    /// The family's options. `cache` is the block cache its tables' index and filter blocks go
+    /// through (the `blocks` family only); without one they are built the same way.
+    fn options(self, cache: Option<&Cache>) -> Options {
         let mut opts = Options::default();
         opts.set_write_buffer_size(self.write_buffer_size());
         opts.set_max_write_buffer_number(2);
@@ -104,6 +106,16 @@ impl Cf {
             // without reading the table's index and data blocks, for 10 bits a key.
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
+            if let Some(cache) = cache.filter(|_| self == Cf::Blocks) {
+                // The finished blocks' tables grow with history, and RocksDB holds every open
+                // table's index and filter in the heap unless they go through the block cache:
+                // 92 MiB over 55 million view keys, about 1.7 MiB more each million
+                // (docs/PERFORMANCE.md). Through a cache of fixed size they take at most its
+                // capacity, the newest and most read first; the writer reads none of them, a
+                // reader sharing its database keeps the ones it asks for.
+                table.set_block_cache(cache);
+                table.set_cache_index_and_filter_blocks(true);
+            }
             opts.set_block_based_table_factory(&table);
             // Blocks: no filter for the last level, which holds most keys: a filter there would
             // cost its memory (about 60 MiB more peak RSS over 14 million keys) to spare one
@@ -112,32 +124,23 @@ impl Cf {
             // there once the ids outgrew the upper levels (the layer slowed from 46,000 to
             // 17,000 events/s over 10 million events). 10 bits per id: 12 MiB per 10 million.
             opts.set_optimize_filters_for_hits(self == Cf::Blocks);
-            if self == Cf::Blocks {
-                // The finished blocks' tables grow with history, and RocksDB holds every open
-                // table's index and filter in the heap unless they go through the block cache:
-                // over 55 million view keys the speed layer's peak was 120 MiB above its peak
-                // over 14 million (docs/PERFORMANCE.md). Through a cache of fixed size they
-                // take at most its capacity, the newest and most read first; the writer reads
-                // none of them, a reader sharing its database keeps the ones it asks for.
-                table.set_block_cache(&Cache::new_lru_cache(BLOCKS_CACHE_BYTES));
-                table.set_cache_index_and_filter_blocks(true);
-                opts.set_block_based_table_factory(&table);
-            }
         }
         opts
     }
 }
 
 /// The options finished blocks' SST files are built with: those of the `blocks` family (its
-/// Bloom filter, its compression).
+/// Bloom filter, its compression). Building a file reads no table, so it needs no cache.
 pub fn block_file_options() -> Options {
-    Cf::Blocks.options()
+    Cf::Blocks.options(None)
 }
 
+/// The families of one open database, with one block cache for the `blocks` family.
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    let cache = Cache::new_lru_cache(BLOCKS_CACHE_BYTES);
     Cf::ALL
         .iter()
-        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf.options()))
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf.options(Some(&cache))))
         .collect()
 }
 
@@ -1330,9 +1333,9 @@ mod tests {
             w.put(&key, [1u8; 24]).expect("put");
         }
         w.finish().expect("finish");
-        db.ingest_external_file_cf(cf(&db, Cf::Blocks).expect("cf"), vec![&file])
-            .expect("ingest");
         let blocks = cf(&db, Cf::Blocks).expect("cf");
+        db.ingest_external_file_cf(blocks, vec![&file])
+            .expect("ingest");
         let prop = |name: &str| {
             db.property_int_value_cf(blocks, name)
                 .expect("property")
