@@ -620,17 +620,53 @@ pub type JournalDelta = (u64, Vec<u8>, Vec<u8>);
 /// Encodes a journal value: `start`, then per delta its block, its encoded key and partial
 /// (each with a 4-byte length).
 pub fn encode_journal(start: i64, deltas: &[JournalDelta]) -> Vec<u8> {
-    let size: usize = deltas.iter().map(|(_, k, v)| 16 + k.len() + v.len()).sum();
-    let mut out = Vec::with_capacity(8 + size);
-    out.extend_from_slice(&encode_i64(start));
+    let mut value = JournalValue::default();
     for (block, k, v) in deltas {
-        out.extend_from_slice(&block.to_be_bytes());
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v);
+        value.push_raw(*block, k, v);
     }
-    out
+    value.finish(start)
+}
+
+/// A journal value being written delta by delta, encoded in place (what [`encode_journal`]
+/// returns for the same deltas).
+pub struct JournalValue(Vec<u8>);
+
+impl Default for JournalValue {
+    fn default() -> Self {
+        // `start` comes first, written by `finish`.
+        JournalValue(vec![0; 8])
+    }
+}
+
+impl JournalValue {
+    /// Appends a delta as view key and partial.
+    pub fn push(&mut self, block: u64, key: &ViewKey, partial: &Partial) {
+        self.0.extend_from_slice(&block.to_be_bytes());
+        self.field(|out| key.encode_into(out));
+        self.field(|out| partial.encode_into(out));
+    }
+
+    /// Appends a delta already encoded.
+    pub fn push_raw(&mut self, block: u64, key: &[u8], partial: &[u8]) {
+        self.0.extend_from_slice(&block.to_be_bytes());
+        self.field(|out| out.extend_from_slice(key));
+        self.field(|out| out.extend_from_slice(partial));
+    }
+
+    /// Writes a 4-byte length, then what `write` appends, then the length it appended.
+    fn field(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        write(&mut self.0);
+        let len = (self.0.len() - at - 4) as u32;
+        self.0[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The value, starting at offset `start`.
+    pub fn finish(mut self, start: i64) -> Vec<u8> {
+        self.0[..8].copy_from_slice(&encode_i64(start));
+        self.0
+    }
 }
 
 /// A journal entry's offsets and its deltas as stored: (block, encoded key, encoded partial).
@@ -1466,5 +1502,71 @@ mod tests {
         })
         .expect("scan");
         assert_eq!(after, vec![later]);
+    }
+
+    #[test]
+    fn a_journal_value_written_in_place_decodes_to_the_deltas_pushed() {
+        use crate::views::{Hll, Recent, Set};
+        let deltas = vec![
+            (
+                3u64,
+                ViewKey::Item("i1".into()),
+                Partial::Item(ItemStats {
+                    views: 2,
+                    revenue_micros: -7,
+                    category: Some("a-category-name-longer-than-inline".into()),
+                    ..ItemStats::default()
+                }),
+            ),
+            (
+                4,
+                ViewKey::ItemDayUsers {
+                    day: 86_400_000,
+                    item: "i2".into(),
+                },
+                Partial::Distinct(Hll::of("u1")),
+            ),
+            (
+                4,
+                ViewKey::UserItems {
+                    basis: crate::views::Basis::View,
+                    user: "u1".into(),
+                },
+                Partial::Recent(Recent(BTreeMap::from([("i9".into(), 5)]))),
+            ),
+            (
+                5,
+                ViewKey::ItemUsers {
+                    basis: crate::views::Basis::Purchase,
+                    item: "i3".into(),
+                },
+                Partial::Set(Set(["u2".into(), "u3".into()].into())),
+            ),
+        ];
+        let mut value = JournalValue::default();
+        for (block, key, partial) in &deltas {
+            value.push(*block, key, partial);
+        }
+        let value = value.finish(-1);
+        let raw = decode_raw(&journal_key(0, 99), &value).expect("decodes");
+        assert_eq!((raw.start, raw.end), (-1, 99));
+        let got: Vec<(u64, ViewKey, Partial)> = raw
+            .deltas
+            .iter()
+            .map(|&(b, k, v)| {
+                (
+                    b,
+                    ViewKey::decode(k).expect("key"),
+                    Partial::decode(v).expect("partial"),
+                )
+            })
+            .collect();
+        assert_eq!(got, deltas);
+        // The same bytes as the deltas encoded one by one.
+        let encoded: Vec<JournalDelta> = deltas
+            .iter()
+            .map(|(b, k, p)| (*b, k.encode(), p.encode()))
+            .collect();
+        assert_eq!(encode_journal(-1, &encoded), value);
     }
 }

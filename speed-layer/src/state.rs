@@ -2,6 +2,7 @@
 //! writing each block once when it is finished, and dropping blocks that a published batch
 //! version covers.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use rocksdb::{IngestExternalFileOptions, SstFileWriter, WriteBatch, WriteOptions
 use strata_common::handoff::{block_of, Offsets, Partition};
 use strata_common::speed_store::{
     self, block_prefix, cf, decode_i64, dedupe_key, encode_i64, encode_journal, journal_key,
-    meta_key, Cf, PartitionMeta,
+    meta_key, Cf, JournalValue, PartitionMeta,
 };
 use strata_common::time::Millis;
 use strata_common::undecodable::Stall;
@@ -300,17 +301,14 @@ impl SpeedState {
         let mut batch = WriteBatch::default();
         // Every delta goes to the journal (readers build the live blocks from it) and into the
         // block's values held here; nothing is written per view key until the block is done.
-        let mut journal: HashMap<Partition, Vec<speed_store::JournalDelta>> = HashMap::new();
+        let mut journal: HashMap<Partition, JournalValue> = HashMap::new();
         for ((p, block, key), partial) in pending.deltas.drain() {
-            journal
-                .entry(p)
-                .or_default()
-                .push((block, key.encode(), partial.encode()));
+            journal.entry(p).or_default().push(block, &key, &partial);
             let values = self.hot.entry(p).or_default().entry(block).or_default();
-            match values.get_mut(&key) {
-                Some(v) => v.absorb(partial),
-                None => {
-                    values.insert(key, partial);
+            match values.entry(key) {
+                Entry::Occupied(mut v) => v.get_mut().absorb(partial),
+                Entry::Vacant(v) => {
+                    v.insert(partial);
                 }
             }
         }
@@ -341,7 +339,7 @@ impl SpeedState {
                 batch.put_cf(
                     journal_cf,
                     journal_key(p, m.next_offset),
-                    encode_journal(start, &deltas),
+                    deltas.finish(start),
                 );
                 let newest = block_of(m.next_offset - 1, self.block_size);
                 if held.is_none_or(|b| newest > b) {
@@ -441,19 +439,26 @@ impl SpeedState {
             let Some((_, writer)) = open.as_mut() else {
                 continue;
             };
-            let mut entries: Vec<(Vec<u8>, Partial)> =
-                values.into_iter().map(|(k, v)| (k.encode(), v)).collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let mut key = block_prefix(p, block);
+            // Sorted by encoded key; the partials stay where they are, indexed.
+            let mut partials: Vec<Partial> = Vec::with_capacity(values.len());
+            let mut keys: Vec<(Vec<u8>, usize)> = Vec::with_capacity(values.len());
+            for (k, v) in values {
+                let mut key = block_prefix(p, block);
+                k.encode_into(&mut key);
+                keys.push((key, partials.len()));
+                partials.push(v);
+            }
+            keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             // The marker first (the block's prefix alone sorts before its keys).
             writer
-                .put(&key, [])
+                .put(block_prefix(p, block), [])
                 .map_err(rocks("write a finished block"))?;
-            for (k, v) in entries {
-                key.truncate(12);
-                key.extend_from_slice(&k);
+            let mut value = Vec::new();
+            for (key, i) in keys {
+                value.clear();
+                partials[i].encode_into(&mut value);
                 writer
-                    .put(&key, v.encode())
+                    .put(&key, &value)
                     .map_err(rocks("write a finished block"))?;
             }
         }

@@ -196,7 +196,14 @@ impl ViewKey {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![self.tag()];
+        let mut out = Vec::with_capacity(32);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded key to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(self.tag());
         match self {
             ViewKey::Item(s) | ViewKey::Device(s) => out.extend_from_slice(s.as_bytes()),
             ViewKey::ItemSeries { gran, start, item } => {
@@ -227,7 +234,6 @@ impl ViewKey {
                 out.extend_from_slice(metric.as_bytes());
             }
         }
-        out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<ViewKey> {

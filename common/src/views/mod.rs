@@ -120,6 +120,16 @@ impl Partial {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
+    /// Appends the encoded partial to `out` (what [`Partial::encode`] returns), with no
+    /// allocation of its own.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let len = out.len();
+        if postcard::serialize_with_flavor(self, Append(out)).is_err() {
+            // Encoding into memory does not fail; were it to, nothing is appended.
+            out.truncate(len);
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Option<Partial> {
         postcard::from_bytes(bytes).ok()
     }
@@ -129,6 +139,27 @@ impl Partial {
             Partial::Item(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+/// A postcard flavor that appends to a vector it borrows.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
