@@ -8,11 +8,13 @@ use strata_common::handoff::Partition;
 use strata_common::time::Millis;
 use strata_common::views::{contributions, FastMap, Partial, ViewKey};
 
-/// Deltas of one flush: partials per (partition, block, view key), ids newly remembered by the
-/// dedupe rule, and which partitions moved.
+/// Deltas of one flush: partials per (partition, block) and view key, ids newly remembered by
+/// the dedupe rule, and which partitions moved.
 #[derive(Default)]
 pub struct Pending {
-    pub deltas: FastMap<(Partition, u64, ViewKey), Partial>,
+    /// One map per block: an event's contributions look their block up once, and a flush
+    /// drains each map into its block's values (keeping the map's room for the next flush).
+    pub deltas: BTreeMap<(Partition, u64), FastMap<ViewKey, Partial>>,
     /// Per partition, ids newly remembered and their expiry.
     pub remembered: BTreeMap<Partition, FastMap<String, Millis>>,
     pub touched: BTreeSet<Partition>,
@@ -22,12 +24,11 @@ pub struct Pending {
 impl Pending {
     /// Folds a counted event into the block it belongs to.
     pub fn fold(&mut self, partition: Partition, block: u64, event: &Event) {
-        contributions(event, |key, partial| {
-            match self.deltas.entry((partition, block, key)) {
-                Entry::Occupied(mut existing) => existing.get_mut().absorb(partial),
-                Entry::Vacant(slot) => {
-                    slot.insert(partial);
-                }
+        let deltas = self.deltas.entry((partition, block)).or_default();
+        contributions(event, |key, partial| match deltas.entry(key) {
+            Entry::Occupied(mut existing) => existing.get_mut().absorb(partial),
+            Entry::Vacant(slot) => {
+                slot.insert(partial);
             }
         });
     }
@@ -44,5 +45,11 @@ impl Pending {
 
     pub fn is_empty(&self) -> bool {
         self.messages == 0 && self.touched.is_empty()
+    }
+
+    /// Drops the (drained) maps of partition `p`'s blocks before `live`.
+    pub fn forget_before(&mut self, p: Partition, live: u64) {
+        self.deltas
+            .retain(|&(q, block), m| q != p || block >= live || !m.is_empty());
     }
 }

@@ -37,6 +37,9 @@ pub struct SpeedState {
     /// flush finishes): every value of the block, since the journal holds only deltas and the
     /// block is written whole, once, when it is finished.
     hot: HashMap<Partition, BTreeMap<u64, FastMap<ViewKey, Partial>>>,
+    /// Per partition, how many keys its last finished block held: a new block's values are
+    /// given that much room at once instead of growing to it by rehashing.
+    block_keys: HashMap<Partition, usize>,
     /// Each partition's stored position when the state was opened.
     opened_at: BTreeMap<Partition, i64>,
     /// This state's share of the partitions: those with `p % count == index`.
@@ -119,6 +122,7 @@ impl SpeedState {
                 .collect(),
             parts: meta.partitions,
             hot,
+            block_keys: HashMap::new(),
             shard: (0, 1),
             filter: None,
             journal: HashMap::new(),
@@ -156,6 +160,7 @@ impl SpeedState {
                         .filter(|(p, _)| owns(p))
                         .map(|(&p, &o)| (p, o))
                         .collect(),
+                    block_keys: HashMap::new(),
                     shard: (i, n),
                     filter: None,
                     journal: HashMap::new(),
@@ -302,13 +307,25 @@ impl SpeedState {
         // Every delta goes to the journal (readers build the live blocks from it) and into the
         // block's values held here; nothing is written per view key until the block is done.
         let mut journal: HashMap<Partition, JournalValue> = HashMap::new();
-        for ((p, block, key), partial) in pending.deltas.drain() {
-            journal.entry(p).or_default().push(block, &key, &partial);
-            let values = self.hot.entry(p).or_default().entry(block).or_default();
-            match values.entry(key) {
-                Entry::Occupied(mut v) => v.get_mut().absorb(partial),
-                Entry::Vacant(v) => {
-                    v.insert(partial);
+        for (&(p, block), deltas) in pending.deltas.iter_mut() {
+            if deltas.is_empty() {
+                continue;
+            }
+            let journal = journal.entry(p).or_default();
+            let room = self.block_keys.get(&p).copied().unwrap_or(0);
+            let values = self
+                .hot
+                .entry(p)
+                .or_default()
+                .entry(block)
+                .or_insert_with(|| FastMap::with_capacity_and_hasher(room, Default::default()));
+            for (key, partial) in deltas.drain() {
+                journal.push(block, &key, &partial);
+                match values.entry(key) {
+                    Entry::Occupied(mut v) => v.get_mut().absorb(partial),
+                    Entry::Vacant(v) => {
+                        v.insert(partial);
+                    }
                 }
             }
         }
@@ -351,9 +368,11 @@ impl SpeedState {
             }
             // The blocks the partition's next offset has left are finished: written whole below.
             let live = block_of(m.next_offset, self.block_size);
+            pending.forget_before(p, live);
             if let Some(blocks) = self.hot.get_mut(&p) {
                 let keep = blocks.split_off(&live);
                 for (block, values) in std::mem::replace(blocks, keep) {
+                    self.block_keys.insert(p, values.len());
                     if block >= m.first_live_block && !values.is_empty() {
                         finished.push((p, block, values));
                         m.written_block = Some(block);
