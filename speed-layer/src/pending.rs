@@ -1,12 +1,11 @@
 //! What the speed layer has folded since its last flush.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use strata_common::event::Event;
 use strata_common::handoff::Partition;
 use strata_common::time::Millis;
-use strata_common::views::{contributions, FastMap, Partial, ViewKey};
+use strata_common::views::{fold_into, FastMap, Partial, ViewKey};
 
 /// Deltas of one flush: partials per (partition, block) and view key, ids newly remembered by
 /// the dedupe rule, and which partitions moved.
@@ -24,13 +23,7 @@ pub struct Pending {
 impl Pending {
     /// Folds a counted event into the block it belongs to.
     pub fn fold(&mut self, partition: Partition, block: u64, event: &Event) {
-        let deltas = self.deltas.entry((partition, block)).or_default();
-        contributions(event, |key, partial| match deltas.entry(key) {
-            Entry::Occupied(mut existing) => existing.get_mut().absorb(partial),
-            Entry::Vacant(slot) => {
-                slot.insert(partial);
-            }
-        });
+        fold_into(self.deltas.entry((partition, block)).or_default(), event);
     }
 
     /// Remembers an id until `expiry` (written with the next flush).

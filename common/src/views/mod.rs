@@ -439,6 +439,176 @@ pub fn contributions(event: &Event, emit: impl FnMut(ViewKey, Partial)) {
     contribute(event, &mut Keyed(emit));
 }
 
+/// Folds everything `event` contributes into `map`, merging into a key's partial in place:
+/// the same map as absorbing each pair of [`contributions`], without building a partial (a
+/// sketch, a set, a map of one name) for a key the map holds already.
+pub fn fold_into(map: &mut FastMap<ViewKey, Partial>, event: &Event) {
+    contribute(event, &mut InPlace(map));
+}
+
+/// [`fold_into`]'s sink.
+struct InPlace<'a>(&'a mut FastMap<ViewKey, Partial>);
+
+impl InPlace<'_> {
+    /// Merges into `key`'s partial with `merge`, which returns `false` if the partial is of
+    /// another view (corrupt input: then `build()` is absorbed, which keeps it unchanged), or
+    /// inserts `build()`.
+    fn fold(
+        &mut self,
+        key: ViewKey,
+        merge: impl FnOnce(&mut Partial) -> bool,
+        build: impl FnOnce() -> Partial,
+    ) {
+        match self.0.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if !merge(e.get_mut()) {
+                    e.get_mut().absorb(build());
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(build());
+            }
+        }
+    }
+
+    fn item_stats(&mut self, key: ViewKey, delta: &ItemStats) {
+        self.fold(
+            key,
+            |p| match p {
+                Partial::Item(a) => {
+                    a.merge(delta);
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Item(delta.clone()),
+        );
+    }
+
+    fn device_stats(&mut self, key: ViewKey, delta: &DeviceStats) {
+        self.fold(
+            key,
+            |p| match p {
+                Partial::Device(a) => {
+                    a.merge(delta);
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Device(delta.clone()),
+        );
+    }
+}
+
+impl Sink for InPlace<'_> {
+    fn item(&mut self, item: &str, delta: &ItemStats) {
+        self.item_stats(ViewKey::Item(Name::from(item)), delta);
+    }
+
+    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
+        let key = ViewKey::ItemSeries {
+            gran,
+            start,
+            item: Name::from(item),
+        };
+        self.item_stats(key, delta);
+    }
+
+    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
+        let key = ViewKey::ItemDayUsers {
+            day,
+            item: Name::from(item),
+        };
+        self.fold(
+            key,
+            |p| match p {
+                Partial::Distinct(h) => {
+                    h.insert(user);
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Distinct(Hll::of(user)),
+        );
+    }
+
+    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
+        let key = ViewKey::UserItems {
+            basis,
+            user: Name::from(user),
+        };
+        self.fold(
+            key,
+            |p| match p {
+                Partial::Recent(r) => {
+                    match r.0.get_mut(item) {
+                        Some(t) => *t = (*t).max(ts),
+                        None => {
+                            r.0.insert(Name::from(item), ts);
+                        }
+                    }
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)]))),
+        );
+    }
+
+    fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
+        let key = ViewKey::ItemUsers {
+            basis,
+            item: Name::from(item),
+        };
+        self.fold(
+            key,
+            |p| match p {
+                Partial::Set(s) => {
+                    if !s.0.contains(user) {
+                        s.0.insert(Name::from(user));
+                    }
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Set(Set(BTreeSet::from([Name::from(user)]))),
+        );
+    }
+
+    fn device(&mut self, device: &str, delta: &DeviceStats) {
+        self.device_stats(ViewKey::Device(Name::from(device)), delta);
+    }
+
+    fn device_metric_hour(
+        &mut self,
+        start: Millis,
+        device: &str,
+        metric: &str,
+        delta: &DeviceStats,
+    ) {
+        let key = ViewKey::DeviceMetricHour {
+            start,
+            device: Name::from(device),
+            metric: Name::from(metric),
+        };
+        self.device_stats(key, delta);
+    }
+
+    fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
+        self.fold(
+            ViewKey::Series { gran, start },
+            |p| match p {
+                Partial::Series(s) => {
+                    s.add(delta, delta.user.map(hll::hash64));
+                    true
+                }
+                _ => false,
+            },
+            || Partial::Series(delta.to_stats()),
+        );
+    }
+}
+
 /// Device events of one device (and metric, for readings) in one hour, rolled up: what the
 /// retention step keeps in the master dataset instead of the raw heartbeats and readings
 /// (`batch-layer/src/retention.rs`). `stats` is the merge of what each event contributed to the
@@ -660,6 +830,23 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn folding_in_place_equals_absorbing_each_contribution(events in proptest::collection::vec(arb_event(), 0..300)) {
+            let mut in_place: FastMap<ViewKey, Partial> = FastMap::default();
+            let mut absorbed: FastMap<ViewKey, Partial> = FastMap::default();
+            for e in &events {
+                fold_into(&mut in_place, e);
+                contributions(e, |k, p| match absorbed.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().merge(&p),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(p);
+                    }
+                });
+            }
+            prop_assert!(events.is_empty() || !in_place.is_empty());
+            prop_assert_eq!(in_place, absorbed);
+        }
+
         #[test]
         fn fold_of_whole_equals_merge_of_parts(events in proptest::collection::vec(arb_event(), 0..200), cuts in proptest::collection::vec(0..200usize, 0..5)) {
             let whole = fold_all(&events);
