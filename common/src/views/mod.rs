@@ -471,32 +471,35 @@ impl InPlace<'_> {
         }
     }
 
-    fn item_stats(&mut self, key: ViewKey, delta: &ItemStats) {
+    /// Merges `delta` into `key`'s partial of the view `as_mut` picks, or inserts `wrap` of it.
+    fn monoid<T: Monoid + Clone>(
+        &mut self,
+        key: ViewKey,
+        delta: &T,
+        as_mut: fn(&mut Partial) -> Option<&mut T>,
+        wrap: fn(T) -> Partial,
+    ) {
         self.fold(
             key,
-            |p| match p {
-                Partial::Item(a) => {
-                    a.merge(delta);
-                    true
-                }
-                _ => false,
-            },
-            || Partial::Item(delta.clone()),
+            |p| as_mut(p).map(|a| a.merge(delta)).is_some(),
+            || wrap(delta.clone()),
         );
     }
 
+    fn item_stats(&mut self, key: ViewKey, delta: &ItemStats) {
+        let as_mut: fn(&mut Partial) -> Option<&mut ItemStats> = |p| match p {
+            Partial::Item(a) => Some(a),
+            _ => None,
+        };
+        self.monoid(key, delta, as_mut, Partial::Item);
+    }
+
     fn device_stats(&mut self, key: ViewKey, delta: &DeviceStats) {
-        self.fold(
-            key,
-            |p| match p {
-                Partial::Device(a) => {
-                    a.merge(delta);
-                    true
-                }
-                _ => false,
-            },
-            || Partial::Device(delta.clone()),
-        );
+        let as_mut: fn(&mut Partial) -> Option<&mut DeviceStats> = |p| match p {
+            Partial::Device(a) => Some(a),
+            _ => None,
+        };
+        self.monoid(key, delta, as_mut, Partial::Device);
     }
 }
 
@@ -521,12 +524,12 @@ impl Sink for InPlace<'_> {
         };
         self.fold(
             key,
-            |p| match p {
-                Partial::Distinct(h) => {
-                    h.insert(user);
-                    true
-                }
-                _ => false,
+            |p| {
+                let Partial::Distinct(h) = p else {
+                    return false;
+                };
+                h.insert(user);
+                true
             },
             || Partial::Distinct(Hll::of(user)),
         );
@@ -539,17 +542,16 @@ impl Sink for InPlace<'_> {
         };
         self.fold(
             key,
-            |p| match p {
-                Partial::Recent(r) => {
-                    match r.0.get_mut(item) {
-                        Some(t) => *t = (*t).max(ts),
-                        None => {
-                            r.0.insert(Name::from(item), ts);
-                        }
-                    }
-                    true
+            |p| {
+                let Partial::Recent(r) = p else {
+                    return false;
+                };
+                if let Some(t) = r.0.get_mut(item) {
+                    *t = (*t).max(ts);
+                } else {
+                    r.0.insert(Name::from(item), ts);
                 }
-                _ => false,
+                true
             },
             || Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)]))),
         );
@@ -562,14 +564,14 @@ impl Sink for InPlace<'_> {
         };
         self.fold(
             key,
-            |p| match p {
-                Partial::Set(s) => {
-                    if !s.0.contains(user) {
-                        s.0.insert(Name::from(user));
-                    }
-                    true
+            |p| {
+                let Partial::Set(s) = p else {
+                    return false;
+                };
+                if !s.0.contains(user) {
+                    s.0.insert(Name::from(user));
                 }
-                _ => false,
+                true
             },
             || Partial::Set(Set(BTreeSet::from([Name::from(user)]))),
         );

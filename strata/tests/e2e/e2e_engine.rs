@@ -175,8 +175,11 @@ fn datafusion_and_a_ballista_cluster_publish_the_local_version() {
         dir.path(),
     )];
     let mut executor_logs = Vec::new();
+    // Each executor binds its port and the next one: the pairs are kept apart.
+    let mut taken = vec![scheduler_port];
     for k in 0..2 {
-        let port = free_port();
+        let port = free_port_pair(&taken);
+        taken.extend([port, port + 1]);
         let work = dir.path().join(format!("executor-{k}"));
         let p = Proc::spawn_bin(
             &engine_bin(),

@@ -34,6 +34,22 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A free port `p` whose next port is free too, neither in `taken`: for a process that binds
+/// both (a Ballista executor binds its port and the next one for gRPC).
+pub fn free_port_pair(taken: &[u16]) -> u16 {
+    for _ in 0..1000 {
+        let p = free_port();
+        let Some(q) = p.checked_add(1) else { continue };
+        if taken.contains(&p) || taken.contains(&q) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", q)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports in 1000 tries");
+}
+
 /// The flags every layer of one test shares: broker, topic, data directory, block size, and the
 /// HTTP address if given.
 pub fn layer_args(
