@@ -350,235 +350,94 @@ pub fn contribute(event: &Event, sink: &mut impl Sink) {
     }
 }
 
-/// [`contribute`] in keyed form: each delta as a (key, partial) pair.
-struct Keyed<F>(F);
-
-impl<F: FnMut(ViewKey, Partial)> Sink for Keyed<F> {
-    fn item(&mut self, item: &str, delta: &ItemStats) {
-        (self.0)(
-            ViewKey::Item(Name::from(item)),
-            Partial::Item(delta.clone()),
-        );
-    }
-
-    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
-        (self.0)(
-            ViewKey::ItemSeries {
-                gran,
-                start,
-                item: Name::from(item),
-            },
-            Partial::Item(delta.clone()),
-        );
-    }
-
-    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
-        (self.0)(
-            ViewKey::ItemDayUsers {
-                day,
-                item: Name::from(item),
-            },
-            Partial::Distinct(Hll::of(user)),
-        );
-    }
-
-    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
-        (self.0)(
-            ViewKey::UserItems {
-                basis,
-                user: Name::from(user),
-            },
-            Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)]))),
-        );
-    }
-
-    fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
-        (self.0)(
-            ViewKey::ItemUsers {
-                basis,
-                item: Name::from(item),
-            },
-            Partial::Set(Set(BTreeSet::from([Name::from(user)]))),
-        );
-    }
-
-    fn device(&mut self, device: &str, delta: &DeviceStats) {
-        (self.0)(
-            ViewKey::Device(Name::from(device)),
-            Partial::Device(delta.clone()),
-        );
-    }
-
-    fn device_metric_hour(
-        &mut self,
-        start: Millis,
-        device: &str,
-        metric: &str,
-        delta: &DeviceStats,
-    ) {
-        (self.0)(
-            ViewKey::DeviceMetricHour {
-                start,
-                device: Name::from(device),
-                metric: Name::from(metric),
-            },
-            Partial::Device(delta.clone()),
-        );
-    }
-
-    fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
-        (self.0)(
-            ViewKey::Series { gran, start },
-            Partial::Series(delta.to_stats()),
-        );
-    }
+/// What one event adds to one view key, borrowed from the event: [`Delta::to_partial`] builds
+/// it as a partial, [`Delta::merge_into`] merges it into a partial in place.
+#[derive(Clone, Copy)]
+enum Delta<'a> {
+    Item(&'a ItemStats),
+    Device(&'a DeviceStats),
+    Series(&'a SeriesDelta<'a>),
+    /// A user, for a distinct-count sketch.
+    Distinct(&'a str),
+    /// An item seen at a time.
+    Recent(&'a str, Millis),
+    /// A name, for a set.
+    Set(&'a str),
 }
 
-/// Calls `emit` with each (key, partial) an event contributes: [`contribute`] in keyed form.
-pub fn contributions(event: &Event, emit: impl FnMut(ViewKey, Partial)) {
-    contribute(event, &mut Keyed(emit));
-}
-
-/// Folds everything `event` contributes into `map`, merging into a key's partial in place:
-/// the same map as absorbing each pair of [`contributions`], without building a partial (a
-/// sketch, a set, a map of one name) for a key the map holds already.
-pub fn fold_into(map: &mut FastMap<ViewKey, Partial>, event: &Event) {
-    contribute(event, &mut InPlace(map));
-}
-
-/// [`fold_into`]'s sink.
-struct InPlace<'a>(&'a mut FastMap<ViewKey, Partial>);
-
-impl InPlace<'_> {
-    /// Merges into `key`'s partial with `merge`, which returns `false` if the partial is of
-    /// another view (corrupt input: then `build()` is absorbed, which keeps it unchanged), or
-    /// inserts `build()`.
-    fn fold(
-        &mut self,
-        key: ViewKey,
-        merge: impl FnOnce(&mut Partial) -> bool,
-        build: impl FnOnce() -> Partial,
-    ) {
-        match self.0.entry(key) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                if !merge(e.get_mut()) {
-                    e.get_mut().absorb(build());
-                }
+impl Delta<'_> {
+    fn to_partial(self) -> Partial {
+        match self {
+            Delta::Item(d) => Partial::Item(d.clone()),
+            Delta::Device(d) => Partial::Device(d.clone()),
+            Delta::Series(d) => Partial::Series(d.to_stats()),
+            Delta::Distinct(user) => Partial::Distinct(Hll::of(user)),
+            Delta::Recent(item, ts) => {
+                Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)])))
             }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(build());
-            }
+            Delta::Set(name) => Partial::Set(Set(BTreeSet::from([Name::from(name)]))),
         }
     }
 
-    /// Merges `delta` into `key`'s partial of the view `as_mut` picks, or inserts `wrap` of it.
-    fn monoid<T: Monoid + Clone>(
-        &mut self,
-        key: ViewKey,
-        delta: &T,
-        as_mut: fn(&mut Partial) -> Option<&mut T>,
-        wrap: fn(T) -> Partial,
-    ) {
-        self.fold(
-            key,
-            |p| as_mut(p).map(|a| a.merge(delta)).is_some(),
-            || wrap(delta.clone()),
-        );
-    }
-
-    fn item_stats(&mut self, key: ViewKey, delta: &ItemStats) {
-        let as_mut: fn(&mut Partial) -> Option<&mut ItemStats> = |p| match p {
-            Partial::Item(a) => Some(a),
-            _ => None,
-        };
-        self.monoid(key, delta, as_mut, Partial::Item);
-    }
-
-    fn device_stats(&mut self, key: ViewKey, delta: &DeviceStats) {
-        let as_mut: fn(&mut Partial) -> Option<&mut DeviceStats> = |p| match p {
-            Partial::Device(a) => Some(a),
-            _ => None,
-        };
-        self.monoid(key, delta, as_mut, Partial::Device);
-    }
-}
-
-impl Sink for InPlace<'_> {
-    fn item(&mut self, item: &str, delta: &ItemStats) {
-        self.item_stats(ViewKey::Item(Name::from(item)), delta);
-    }
-
-    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
-        let key = ViewKey::ItemSeries {
-            gran,
-            start,
-            item: Name::from(item),
-        };
-        self.item_stats(key, delta);
-    }
-
-    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
-        let key = ViewKey::ItemDayUsers {
-            day,
-            item: Name::from(item),
-        };
-        self.fold(
-            key,
-            |p| {
-                let Partial::Distinct(h) = p else {
-                    return false;
-                };
-                h.insert(user);
-                true
-            },
-            || Partial::Distinct(Hll::of(user)),
-        );
-    }
-
-    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
-        let key = ViewKey::UserItems {
-            basis,
-            user: Name::from(user),
-        };
-        self.fold(
-            key,
-            |p| {
-                let Partial::Recent(r) = p else {
-                    return false;
-                };
+    /// Merges the delta into `p` as `p.merge(&self.to_partial())` would, without building that;
+    /// `false` if `p` is of another view (corrupt input), which is left unchanged.
+    fn merge_into(self, p: &mut Partial) -> bool {
+        match (p, self) {
+            (Partial::Item(a), Delta::Item(d)) => a.merge(d),
+            (Partial::Device(a), Delta::Device(d)) => a.merge(d),
+            (Partial::Series(a), Delta::Series(d)) => a.add(d, d.user.map(hll::hash64)),
+            (Partial::Distinct(h), Delta::Distinct(user)) => h.insert(user),
+            (Partial::Recent(r), Delta::Recent(item, ts)) => {
                 if let Some(t) = r.0.get_mut(item) {
                     *t = (*t).max(ts);
                 } else {
                     r.0.insert(Name::from(item), ts);
                 }
-                true
-            },
-            || Partial::Recent(Recent(BTreeMap::from([(Name::from(item), ts)]))),
+            }
+            (Partial::Set(s), Delta::Set(name)) => {
+                if !s.0.contains(name) {
+                    s.0.insert(Name::from(name));
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// [`contribute`] in keyed form: each contribution as its view key and its [`Delta`].
+struct Keyed<F>(F);
+
+impl<F: FnMut(ViewKey, Delta<'_>)> Sink for Keyed<F> {
+    fn item(&mut self, item: &str, delta: &ItemStats) {
+        (self.0)(ViewKey::Item(Name::from(item)), Delta::Item(delta));
+    }
+
+    fn item_series(&mut self, gran: Gran, start: Millis, item: &str, delta: &ItemStats) {
+        let item = Name::from(item);
+        (self.0)(
+            ViewKey::ItemSeries { gran, start, item },
+            Delta::Item(delta),
         );
+    }
+
+    fn item_day_user(&mut self, day: Millis, item: &str, user: &str) {
+        let item = Name::from(item);
+        (self.0)(ViewKey::ItemDayUsers { day, item }, Delta::Distinct(user));
+    }
+
+    fn user_item(&mut self, basis: Basis, user: &str, item: &str, ts: Millis) {
+        let user = Name::from(user);
+        (self.0)(ViewKey::UserItems { basis, user }, Delta::Recent(item, ts));
     }
 
     fn item_user(&mut self, basis: Basis, item: &str, user: &str) {
-        let key = ViewKey::ItemUsers {
-            basis,
-            item: Name::from(item),
-        };
-        self.fold(
-            key,
-            |p| {
-                let Partial::Set(s) = p else {
-                    return false;
-                };
-                if !s.0.contains(user) {
-                    s.0.insert(Name::from(user));
-                }
-                true
-            },
-            || Partial::Set(Set(BTreeSet::from([Name::from(user)]))),
-        );
+        let item = Name::from(item);
+        (self.0)(ViewKey::ItemUsers { basis, item }, Delta::Set(user));
     }
 
     fn device(&mut self, device: &str, delta: &DeviceStats) {
-        self.device_stats(ViewKey::Device(Name::from(device)), delta);
+        (self.0)(ViewKey::Device(Name::from(device)), Delta::Device(delta));
     }
 
     fn device_metric_hour(
@@ -593,22 +452,40 @@ impl Sink for InPlace<'_> {
             device: Name::from(device),
             metric: Name::from(metric),
         };
-        self.device_stats(key, delta);
+        (self.0)(key, Delta::Device(delta));
     }
 
     fn series(&mut self, gran: Gran, start: Millis, delta: &SeriesDelta<'_>) {
-        self.fold(
-            ViewKey::Series { gran, start },
-            |p| match p {
-                Partial::Series(s) => {
-                    s.add(delta, delta.user.map(hll::hash64));
-                    true
-                }
-                _ => false,
-            },
-            || Partial::Series(delta.to_stats()),
-        );
+        (self.0)(ViewKey::Series { gran, start }, Delta::Series(delta));
     }
+}
+
+/// Calls `emit` with each (key, partial) an event contributes: [`contribute`] in keyed form.
+pub fn contributions(event: &Event, mut emit: impl FnMut(ViewKey, Partial)) {
+    contribute(
+        event,
+        &mut Keyed(|key, d: Delta<'_>| emit(key, d.to_partial())),
+    );
+}
+
+/// Folds everything `event` contributes into `map`, merging into a key's partial in place:
+/// the same map as absorbing each pair of [`contributions`], without building a partial (a
+/// sketch, a set, a map of one name) for a key the map holds already.
+pub fn fold_into(map: &mut FastMap<ViewKey, Partial>, event: &Event) {
+    contribute(
+        event,
+        &mut Keyed(|key, d: Delta<'_>| match map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if !d.merge_into(e.get_mut()) {
+                    // Of another view (corrupt input): absorbing keeps it unchanged too.
+                    e.get_mut().absorb(d.to_partial());
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(d.to_partial());
+            }
+        }),
+    );
 }
 
 /// Device events of one device (and metric, for readings) in one hour, rolled up: what the
@@ -679,8 +556,8 @@ pub fn contribute_rollup(r: &Rollup, sink: &mut impl Sink) {
 }
 
 /// [`contribute_rollup`] in keyed form.
-pub fn rollup_contributions(r: &Rollup, emit: impl FnMut(ViewKey, Partial)) {
-    contribute_rollup(r, &mut Keyed(emit));
+pub fn rollup_contributions(r: &Rollup, mut emit: impl FnMut(ViewKey, Partial)) {
+    contribute_rollup(r, &mut Keyed(|key, d: Delta<'_>| emit(key, d.to_partial())));
 }
 
 /// The map monoid over all view keys: what a layer holds for a range of events.
