@@ -2,7 +2,6 @@
 //! writing each block once when it is finished, and dropping blocks that a published batch
 //! version covers.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use strata_common::speed_store::{
 };
 use strata_common::time::Millis;
 use strata_common::undecodable::Stall;
-use strata_common::views::{FastMap, Partial, ViewKey};
+use strata_common::views::{absorb_into, FastMap, Partial, ViewKey};
 
 use crate::filter::IdFilter;
 use crate::pending::Pending;
@@ -321,12 +320,7 @@ impl SpeedState {
                 .or_insert_with(|| FastMap::with_capacity_and_hasher(room, Default::default()));
             for (key, partial) in deltas.drain() {
                 journal.push(block, &key, &partial);
-                match values.entry(key) {
-                    Entry::Occupied(mut v) => v.get_mut().absorb(partial),
-                    Entry::Vacant(v) => {
-                        v.insert(partial);
-                    }
-                }
+                absorb_into(values, key, partial);
             }
         }
         let mut ids: Vec<(Vec<u8>, i64)> = std::mem::take(&mut pending.remembered)

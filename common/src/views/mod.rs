@@ -580,9 +580,19 @@ pub fn at_id<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
     &mut v[i]
 }
 
+/// Merges `partial` into `key`'s entry of `map` (or makes it the entry), consuming it.
+pub fn absorb_into(map: &mut FastMap<ViewKey, Partial>, key: ViewKey, partial: Partial) {
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(partial),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(partial);
+        }
+    }
+}
+
 impl ViewSet {
     pub fn fold(&mut self, event: &Event) {
-        contributions(event, |k, p| self.add_owned(k, p));
+        fold_into(&mut self.entries, event);
     }
 
     /// Folds a rollup record ([`contribute_rollup`]).
@@ -592,12 +602,7 @@ impl ViewSet {
 
     /// Merges one partial into the set, consuming it.
     pub fn add_owned(&mut self, key: ViewKey, partial: Partial) {
-        match self.entries.entry(key) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(partial),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(partial);
-            }
-        }
+        absorb_into(&mut self.entries, key, partial);
     }
 
     /// Merges one partial into the set.
