@@ -276,6 +276,10 @@ pub struct ServeConfig {
     /// (per basis, the batch version's and the finished speed blocks'), half for item
     /// recommendations' ranked rows per state. 0 keeps none (each is counted when asked).
     pub memo_mb: usize,
+    /// Finished speed blocks merged into one file (a run) for point reads, so that reading a
+    /// key looks in one run per this many blocks instead of in every block past the batch
+    /// cutoffs; 0 reads every block.
+    pub run_blocks: u64,
     /// Expected range of each reading metric; device windows outside it are flagged.
     pub metric_bounds: BTreeMap<String, MetricBounds>,
     /// Where `strata serve` reads the speed tail: `local`, the speed layer's state under the
@@ -387,6 +391,7 @@ impl Default for ServeConfig {
             max_limit: 1_000,
             answer_cache: 10_000,
             memo_mb: 96,
+            run_blocks: 8,
             speed: SpeedSource::Local,
             metric_bounds: BTreeMap::from([
                 (

@@ -7,7 +7,8 @@
 //! 1. **Sources.** The batch version's views and its co-occurrence index ([`cooccur`]); the speed
 //!    tail, from the speed layer's RocksDB (the same database in one process, a follower across
 //!    processes) or from a mirror of several speed instances ([`cluster`]; [`peer`] is the
-//!    instances' side).
+//!    instances' side). [`tail`] merges the speed layer's finished blocks into runs, so that a
+//!    point read looks in a few files rather than one table per block.
 //! 2. **The merge.** [`state`] holds the loaded batch version and the speed reader and hands each
 //!    query one consistent merge of both, with `as_of`: what it covers.
 //! 3. **The queries.** [`query`], [`insights`], [`rankings`], [`recommend`], [`devices`] read a
@@ -32,6 +33,7 @@ pub mod rankings;
 pub mod recommend;
 pub mod server;
 pub mod state;
+pub mod tail;
 
 pub use error::{ApiError, Error, Result};
 pub use state::ServingState;

@@ -419,7 +419,8 @@ pub fn for_user(
         };
         let n = merged.items();
         let audience = &stack.audiences;
-        let excluded: Vec<u32> = bought.keys().filter_map(|i| merged.item(i)).collect();
+        let mut excluded: Vec<u32> = bought.keys().filter_map(|i| merged.item(i)).collect();
+        excluded.sort_unstable();
         let mut score = vec![0f64; n];
         let mut from = vec![0u16; n];
         let mut seen: Vec<u32> = Vec::new();
@@ -443,7 +444,7 @@ pub fn for_user(
                 from[o] |= 1 << at;
             });
         }
-        seen.retain(|o| !excluded.contains(o));
+        seen.retain(|o| excluded.binary_search(o).is_err());
         let mut rows: Vec<(&Name, f64, u16)> = seen
             .iter()
             .filter_map(|&o| Some((merged.name_of(o)?, score[o as usize], from[o as usize])))

@@ -18,6 +18,7 @@ use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, P
 
 use crate::cooccur::CoIndex;
 use crate::error::ApiError;
+use crate::tail::{Runs, Tail};
 
 /// A published batch version, read from its file ([`VersionFile`]: the index of its blocks in
 /// memory, a block read when asked for), sorted by encoded key so that one view, or one time
@@ -190,6 +191,8 @@ pub struct ServingState {
     high_watermarks: RwLock<Option<Offsets>>,
     /// What the last probes of the broker found.
     broker: RwLock<BrokerHealth>,
+    /// The finished speed blocks merged into runs for point reads (`serve.run-blocks`).
+    runs: Option<Arc<Runs>>,
 }
 
 /// Whether the broker answered the serving layer's last probe, and since when it has not.
@@ -247,6 +250,10 @@ pub struct Merge<'a> {
     batch: Option<&'a LoadedBatch>,
     speed: Option<(&'a DB, &'a dyn ViewReads)>,
     ranges: Vec<BlockRange>,
+    /// The runs of finished blocks point reads look in ([`crate::tail`]), and `ranges` without
+    /// their blocks.
+    tail: Tail,
+    point_ranges: Vec<BlockRange>,
     pub speed_meta: Arc<SpeedMeta>,
     pub as_of: AsOf,
     /// Which state this merge reads, when known exactly.
@@ -320,12 +327,24 @@ impl Merge<'_> {
         key: &ViewKey,
         f: impl FnOnce(Option<&Partial>) -> T,
     ) -> Result<T, ApiError> {
+        let encoded = key.encode();
         let batch = match self.batch {
-            Some(b) => b.views.get(&key.encode())?,
+            Some(b) => b.views.get(&encoded)?,
             None => None,
         };
         let speed = match self.speed {
-            Some((db, reads)) => reads.partial(db, &self.ranges, key)?,
+            Some((db, reads)) => {
+                let mut acc = reads.partial(db, &self.point_ranges, key)?;
+                for run in &self.tail.runs {
+                    if let Some(p) = run.get(&encoded)? {
+                        match &mut acc {
+                            Some(a) => a.merge(&p),
+                            None => acc = Some(p),
+                        }
+                    }
+                }
+                acc
+            }
             None => None,
         };
         Ok(with_merged(
@@ -495,27 +514,30 @@ impl Merge<'_> {
     /// (never written again: their values stay as they are until a batch version covers them) and
     /// each partition's last block, which may still be written.
     pub fn speed_blocks(&self) -> (Vec<BlockRange>, Vec<BlockRange>) {
-        let mut done = Vec::new();
-        let mut open = Vec::new();
-        for r in &self.ranges {
-            if r.last > r.first {
-                done.push(BlockRange {
-                    last: r.last - 1,
-                    ..*r
-                });
-            }
-            open.push(BlockRange {
+        let open = (self.ranges.iter())
+            .map(|r| BlockRange {
                 first: r.last,
                 ..*r
-            });
-        }
-        (done, open)
+            })
+            .collect();
+        (finished_of(&self.ranges), open)
     }
 
     /// Every merged partial of one view (by key tag).
     pub fn all(&self, tag: u8) -> Result<BTreeMap<ViewKey, Partial>, ApiError> {
         self.collect(&[tag], None, |_| true)
     }
+}
+
+/// The blocks of `ranges` before each partition's last (the finished ones).
+fn finished_of(ranges: &[BlockRange]) -> Vec<BlockRange> {
+    (ranges.iter())
+        .filter(|r| r.last > r.first)
+        .map(|r| BlockRange {
+            last: r.last - 1,
+            ..*r
+        })
+        .collect()
 }
 
 /// The blocks of `now` that `before` does not hold, if `now` holds every block of `before` (each
@@ -562,6 +584,9 @@ impl ServingState {
     }
 
     fn build(cfg: Config, speed: Option<Arc<SpeedReader>>, follower: bool) -> Self {
+        let cfg_runs = cfg.serve.run_blocks;
+        let runs_dir =
+            (cfg.data_dir.join("serve")).join(format!("tail-runs-{}", std::process::id()));
         let s = ServingState {
             cfg,
             batch: RwLock::new(None),
@@ -569,6 +594,7 @@ impl ServingState {
             follower,
             high_watermarks: RwLock::new(None),
             broker: RwLock::new(BrokerHealth::default()),
+            runs: (cfg_runs > 0).then(|| Arc::new(Runs::new(runs_dir, cfg_runs))),
         };
         if let Err(e) = s.refresh_batch() {
             tracing::warn!(error = %e, "no batch version loaded yet");
@@ -792,6 +818,8 @@ impl ServingState {
                 batch: batch.as_deref(),
                 speed: None,
                 ranges: Vec::new(),
+                tail: Tail::default(),
+                point_ranges: Vec::new(),
                 speed_meta: Arc::default(),
                 as_of: AsOf {
                     batch: batch_as_of,
@@ -815,10 +843,23 @@ impl ServingState {
                 Err(e @ HandoffError::BatchTooOld { .. }) => return Ok(Attempt::StaleBatch(e)),
                 Err(e) => return Ok(Attempt::Done(Err(ApiError::unavailable(e.to_string())))),
             };
+            let done = finished_of(&ranges);
+            let version = batch.as_ref().map(|b| b.manifest.version);
+            let tail = match &self.runs {
+                Some(runs) => {
+                    let tail = runs.tail(version, &done);
+                    runs.maybe_build(&reader, version, speed_block_size, &done, &tail);
+                    tail
+                }
+                None => Tail::default(),
+            };
+            let point_ranges = tail.past_runs(&ranges);
             let merge = Merge {
                 batch: batch.as_deref(),
                 speed: Some((db, reads)),
                 ranges,
+                tail,
+                point_ranges,
                 as_of: AsOf {
                     batch: batch_as_of.clone(),
                     speed: SpeedAsOf::new(
