@@ -32,57 +32,112 @@ const FOOTER: usize = 32;
 
 /// Writes `entries` (their keys strictly increasing in encoded form) to `path`, fsynced.
 pub fn write(path: &Path, entries: &[(Vec<u8>, &Partial)]) -> Result<()> {
-    if let Some(w) = entries.windows(2).find(|w| w[0].0 >= w[1].0) {
-        return Err(Error::Other(format!(
-            "version entries out of key order: {:?} before {:?}",
-            ViewKey::decode(&w[0].0),
-            ViewKey::decode(&w[1].0)
-        )));
-    }
-    let io = |e| Error::io(path, e);
-    let file = File::create(path).map_err(io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let mut index: Vec<u8> = Vec::new();
-    let mut block: Vec<u8> = Vec::with_capacity(2 * BLOCK_BYTES);
-    let mut first: Option<&[u8]> = None;
-    let mut offset = 0u64;
-    let mut value = Vec::new();
-    let mut flush = |block: &mut Vec<u8>, first: &mut Option<&[u8]>, w: &mut BufWriter<File>| {
-        if let Some(key) = first.take() {
-            w.write_all(block).map_err(io)?;
-            index.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            index.extend_from_slice(key);
-            index.extend_from_slice(&offset.to_le_bytes());
-            index.extend_from_slice(&(block.len() as u32).to_le_bytes());
-            offset += block.len() as u64;
-            block.clear();
-        }
-        Ok::<(), Error>(())
-    };
+    let mut w = Writer::create(path)?;
     for (key, partial) in entries {
-        value.clear();
-        value = postcard::to_extend(*partial, value).map_err(|e| Error::Other(e.to_string()))?;
-        first.get_or_insert(key.as_slice());
-        block.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        block.extend_from_slice(key);
-        block.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        block.extend_from_slice(&value);
-        if block.len() >= BLOCK_BYTES {
-            flush(&mut block, &mut first, &mut w)?;
-        }
+        w.push(key, partial)?;
     }
-    flush(&mut block, &mut first, &mut w)?;
-    let index_len = index.len() as u64;
-    w.write_all(&index).map_err(io)?;
-    w.write_all(&offset.to_le_bytes()).map_err(io)?;
-    w.write_all(&index_len.to_le_bytes()).map_err(io)?;
-    w.write_all(&(entries.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(MAGIC).map_err(io)?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)
+    w.finish()
+}
+
+/// Writes a version file entry by entry, keys strictly increasing in encoded form.
+pub struct Writer {
+    path: PathBuf,
+    w: BufWriter<File>,
+    index: Vec<u8>,
+    block: Vec<u8>,
+    /// The first key of the block being filled, and the last key written.
+    first: Option<Vec<u8>>,
+    last: Option<Vec<u8>>,
+    offset: u64,
+    entries: u64,
+    value: Vec<u8>,
+}
+
+impl Writer {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        Ok(Writer {
+            path: path.to_path_buf(),
+            w: BufWriter::with_capacity(1 << 20, file),
+            index: Vec::new(),
+            block: Vec::with_capacity(2 * BLOCK_BYTES),
+            first: None,
+            last: None,
+            offset: 0,
+            entries: 0,
+            value: Vec::new(),
+        })
+    }
+
+    /// Adds the entry of `key` (encoded) and `partial`.
+    pub fn push(&mut self, key: &[u8], partial: &Partial) -> Result<()> {
+        let mut value = std::mem::take(&mut self.value);
+        value.clear();
+        value = postcard::to_extend(partial, value).map_err(|e| Error::Other(e.to_string()))?;
+        let pushed = self.push_raw(key, &value);
+        self.value = value;
+        pushed
+    }
+
+    /// Adds an entry whose value is already encoded (read from another version file).
+    pub fn push_raw(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        if let Some(last) = &self.last {
+            if last.as_slice() >= key {
+                return Err(Error::Other(format!(
+                    "version entries out of key order: {:?} before {:?}",
+                    ViewKey::decode(last),
+                    ViewKey::decode(key)
+                )));
+            }
+        }
+        self.last = Some(key.to_vec());
+        self.first.get_or_insert_with(|| key.to_vec());
+        self.block
+            .extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.block.extend_from_slice(key);
+        self.block
+            .extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.block.extend_from_slice(value);
+        self.entries += 1;
+        if self.block.len() >= BLOCK_BYTES {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> Result<()> {
+        if let Some(key) = self.first.take() {
+            self.w
+                .write_all(&self.block)
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.index
+                .extend_from_slice(&(key.len() as u32).to_le_bytes());
+            self.index.extend_from_slice(&key);
+            self.index.extend_from_slice(&self.offset.to_le_bytes());
+            self.index
+                .extend_from_slice(&(self.block.len() as u32).to_le_bytes());
+            self.offset += self.block.len() as u64;
+            self.block.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the last block, the index and the footer, and fsyncs the file.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush_block()?;
+        let path = self.path.clone();
+        let io = |e| Error::io(&path, e);
+        let index_len = self.index.len() as u64;
+        self.w.write_all(&self.index).map_err(io)?;
+        self.w.write_all(&self.offset.to_le_bytes()).map_err(io)?;
+        self.w.write_all(&index_len.to_le_bytes()).map_err(io)?;
+        self.w.write_all(&self.entries.to_le_bytes()).map_err(io)?;
+        self.w.write_all(MAGIC).map_err(io)?;
+        let file = (self.w)
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        file.sync_all().map_err(io)
+    }
 }
 
 /// Writes `entries` to `path` (see [`write`]) and opens it.
@@ -219,6 +274,16 @@ impl VersionFile {
         postcard::from_bytes(value).map_err(|e| Error::corrupt(self.path.display().to_string(), e))
     }
 
+    /// A reader of every entry in key order, a block at a time.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor {
+            file: self,
+            block: 0,
+            entries: Vec::new(),
+            at: 0,
+        }
+    }
+
     /// The partial stored under the encoded key `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<Partial>> {
         let Some(at) = self.block_of(key) else {
@@ -279,6 +344,48 @@ impl VersionFile {
     }
 }
 
+/// Every entry of a version file in key order (encoded key, encoded value), read a block at a
+/// time: for merging files without holding them.
+pub struct Cursor<'a> {
+    file: &'a VersionFile,
+    /// The next block to read.
+    block: usize,
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// The key of the next entry, `None` past the last; reads the next block when needed.
+    pub fn key(&mut self) -> Result<Option<&[u8]>> {
+        while self.at == self.entries.len() {
+            if self.block == self.file.blocks.len() {
+                return Ok(None);
+            }
+            self.entries.clear();
+            self.at = 0;
+            let entries = &mut self.entries;
+            self.file.entries_of(self.block, &mut |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                true
+            })?;
+            self.block += 1;
+        }
+        Ok(Some(&self.entries[self.at].0))
+    }
+
+    /// Takes the next entry (after [`Cursor::key`] found one).
+    pub fn take(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let e = self.entries.get_mut(self.at)?;
+        self.at += 1;
+        Some((std::mem::take(&mut e.0), std::mem::take(&mut e.1)))
+    }
+
+    /// Decodes an entry's value taken from this cursor.
+    pub fn decode(&self, value: &[u8]) -> Result<Partial> {
+        self.file.decode_value(value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +441,17 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert!(!got.is_empty());
+        // A cursor gives every entry, in order, across blocks.
+        let mut cursor = file.cursor();
+        let mut all = Vec::new();
+        while cursor.key().expect("read").is_some() {
+            let (k, v) = cursor.take().expect("entry");
+            all.push((k, cursor.decode(&v).expect("decode")));
+        }
+        let want: Vec<(Vec<u8>, Partial)> = (keys.iter().zip(&values))
+            .map(|((e, _), p)| (e.clone(), p.clone()))
+            .collect();
+        assert_eq!(all, want);
     }
 
     #[test]

@@ -26,6 +26,8 @@ use strata_common::views::Partial;
 pub struct Run {
     batch_version: Option<u64>,
     blocks: Vec<BlockRange>,
+    /// 0 for a run of blocks; a run merged from [`MERGED`] runs of level `l` is of level `l + 1`.
+    level: u32,
     file: VersionFile,
     path: PathBuf,
 }
@@ -42,6 +44,11 @@ impl Drop for Run {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// How many runs of one level, last in the chain, are merged into one of the next level: the
+/// runs a read looks in stay fewer than `MERGED` per level, and levels grow as the log of the
+/// blocks past the cutoffs.
+pub const MERGED: usize = 4;
 
 /// The runs of one serving layer, and the build under way (at most one).
 pub struct Runs {
@@ -144,6 +151,14 @@ impl Runs {
         if self.per_run == 0 || block_size == 0 {
             return;
         }
+        if let Some(merging) = tail.runs.last_chunk::<MERGED>() {
+            if merging.iter().all(|r| r.level == merging[0].level)
+                && !self.building.swap(true, Ordering::AcqRel)
+            {
+                self.merge(merging.to_vec(), version);
+                return;
+            }
+        }
         // The blocks left, per partition, taken in turn until a run's worth.
         let mut left: Vec<(Partition, u64, u64)> = done
             .iter()
@@ -187,6 +202,7 @@ impl Runs {
                         let run = Arc::new(Run {
                             batch_version: version,
                             blocks,
+                            level: 0,
                             file,
                             path,
                         });
@@ -217,6 +233,102 @@ impl Runs {
             self.building.store(false, Ordering::Release);
         }
     }
+}
+
+impl Runs {
+    /// Merges `runs` (consecutive in the chain, of one level) into one run in the background,
+    /// which takes their place if they are still in the chain.
+    fn merge(self: &Arc<Self>, runs: Vec<Arc<Run>>, version: Option<u64>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tail-runs".into())
+            .spawn(move || {
+                let n = me.written.fetch_add(1, Ordering::Relaxed);
+                let path = me.dir.join(format!("run-{n}.blocks"));
+                match merge_files(&runs, &path) {
+                    Ok(file) => {
+                        let mut blocks: BTreeMap<Partition, BlockRange> = BTreeMap::new();
+                        for b in runs.iter().flat_map(|r| &r.blocks) {
+                            let e = blocks.entry(b.partition).or_insert(*b);
+                            e.first = e.first.min(b.first);
+                            e.last = e.last.max(b.last);
+                        }
+                        let run = Arc::new(Run {
+                            batch_version: version,
+                            blocks: blocks.into_values().collect(),
+                            level: runs[0].level + 1,
+                            file,
+                            path,
+                        });
+                        let mut chain = me.chain.lock().unwrap_or_else(|e| e.into_inner());
+                        let at = chain.iter().position(|r| Arc::ptr_eq(r, &runs[0]));
+                        if let Some(at) = at.filter(|&at| {
+                            chain.len() >= at + runs.len()
+                                && (chain[at..at + runs.len()].iter().zip(&runs))
+                                    .all(|(a, b)| Arc::ptr_eq(a, b))
+                        }) {
+                            tracing::debug!(run = n, level = run.level, "tail runs merged");
+                            chain.splice(at..at + runs.len(), [run]);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        tracing::warn!(error = %e, "runs of finished speed blocks could not be merged; reading them apart");
+                    }
+                }
+                me.building.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start merging tail runs");
+            self.building.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Merges the files of `runs` into one at `path`, a block of each at a time: an entry only one
+/// of them holds is copied as it is, the partials of a key several hold are merged.
+fn merge_files(runs: &[Arc<Run>], path: &Path) -> strata_common::Result<VersionFile> {
+    let mut cursors: Vec<_> = runs.iter().map(|r| r.file.cursor()).collect();
+    let mut w = version_file::Writer::create(path)?;
+    loop {
+        let mut least: Option<Vec<u8>> = None;
+        for c in cursors.iter_mut() {
+            if let Some(k) = c.key()? {
+                if least.as_deref().is_none_or(|l| k < l) {
+                    least = Some(k.to_vec());
+                }
+            }
+        }
+        let Some(key) = least else {
+            break;
+        };
+        let mut values: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, c) in cursors.iter_mut().enumerate() {
+            if c.key()? == Some(key.as_slice()) {
+                if let Some((_, v)) = c.take() {
+                    values.push((i, v));
+                }
+            }
+        }
+        match values.as_slice() {
+            [(_, v)] => w.push_raw(&key, v)?,
+            _ => {
+                let mut acc: Option<Partial> = None;
+                for (i, v) in &values {
+                    let p = cursors[*i].decode(v)?;
+                    match &mut acc {
+                        Some(a) => a.merge(&p),
+                        None => acc = Some(p),
+                    }
+                }
+                if let Some(p) = acc {
+                    w.push(&key, &p)?;
+                }
+            }
+        }
+    }
+    w.finish()?;
+    VersionFile::open(path)
 }
 
 /// Removes the run directories beside `dir` (`<name>-<pid>`) of processes no longer running:
@@ -382,19 +494,37 @@ mod tests {
                 ..*r
             })
             .collect();
+        // Build until nothing more is built: runs of three blocks, merged four at a time.
         let mut tail = runs.tail(Some(1), &done);
-        for _ in 0..1000 {
+        for _ in 0..100 {
             runs.maybe_build(&reader, Some(1), BLOCK, &done, &tail);
             while runs.building.load(Ordering::Acquire) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            tail = runs.tail(Some(1), &done);
-            if tail.runs.len() as u64 == 2 * BLOCKS / 3 {
+            let next = runs.tail(Some(1), &done);
+            let same = next.runs.len() == tail.runs.len()
+                && next
+                    .runs
+                    .iter()
+                    .zip(&tail.runs)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            tail = next;
+            if same {
                 break;
             }
         }
-        // 20 finished blocks: six runs of three, two blocks read one by one.
-        assert_eq!(tail.runs.len(), 6);
+        // 20 finished blocks: six runs of three, the first four merged into one; two blocks
+        // read one by one.
+        let levels: Vec<u32> = tail.runs.iter().map(|r| r.level).collect();
+        assert_eq!(levels, [1, 0, 0]);
+        assert_eq!(
+            tail.runs[0]
+                .blocks
+                .iter()
+                .map(|b| b.last - b.first + 1)
+                .sum::<u64>(),
+            12
+        );
         let past = tail.past_runs(&ranges);
         let left: u64 = past.iter().map(|r| r.last - r.first).sum();
         assert_eq!(left, 2, "{past:?}");
@@ -427,7 +557,7 @@ mod tests {
         }
         // A new version's cutoffs: the runs go, and their files with them.
         let files = |d: &Path| std::fs::read_dir(d).map_or(0, |e| e.count());
-        assert_eq!(files(&dir.path().join("runs-1")), 6);
+        assert_eq!(files(&dir.path().join("runs-1")), 3);
         drop(tail);
         assert!(runs.tail(Some(2), &done).runs.is_empty());
         assert_eq!(files(&dir.path().join("runs-1")), 0);
