@@ -191,95 +191,94 @@ impl Runs {
             })
             .collect();
         let after = tail.runs.last().cloned();
-        let (me, reader) = (self.clone(), reader.clone());
-        let spawned = std::thread::Builder::new()
-            .name("tail-runs".into())
-            .spawn(move || {
-                let n = me.written.fetch_add(1, Ordering::Relaxed);
-                let path = me.dir.join(format!("run-{n}.blocks"));
-                match build(&reader, block_size, &blocks, &path) {
-                    Ok(Some(file)) => {
-                        let run = Arc::new(Run {
-                            batch_version: version,
-                            blocks,
-                            level: 0,
-                            file,
-                            path,
-                        });
-                        let mut chain = me.chain.lock().unwrap_or_else(|e| e.into_inner());
-                        // Only onto the runs it was chained after, over the same version.
-                        let last_is = match (&after, chain.last()) {
-                            (None, None) => true,
-                            (Some(a), Some(l)) => Arc::ptr_eq(a, l),
-                            _ => false,
-                        };
-                        if last_is && chain.first().is_none_or(|r| r.batch_version == version) {
-                            tracing::debug!(run = n, "tail run written");
-                            chain.push(run);
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        tracing::warn!(error = %e, "a run of finished speed blocks could not be written; reading the blocks");
-                    }
-                }
-                me.building.store(false, Ordering::Release);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a tail run's build");
-            self.building.store(false, Ordering::Release);
-        }
+        let reader = reader.clone();
+        self.in_background("written", move |me, path| {
+            let Some(file) = build(&reader, block_size, &blocks, &path)? else {
+                return Ok(None);
+            };
+            let run = Run {
+                batch_version: version,
+                blocks,
+                level: 0,
+                file,
+                path,
+            };
+            let mut chain = me.chain.lock().unwrap_or_else(|e| e.into_inner());
+            // Only onto the runs it was chained after, over the same version.
+            let last_is = match (&after, chain.last()) {
+                (None, None) => true,
+                (Some(a), Some(l)) => Arc::ptr_eq(a, l),
+                _ => false,
+            };
+            if last_is && chain.first().is_none_or(|r| r.batch_version == version) {
+                chain.push(Arc::new(run));
+                return Ok(Some(0));
+            }
+            Ok(None)
+        });
     }
-}
 
-impl Runs {
     /// Merges `runs` (consecutive in the chain, of one level) into one run in the background,
     /// which takes their place if they are still in the chain.
     fn merge(self: &Arc<Self>, runs: Vec<Arc<Run>>, version: Option<u64>) {
+        self.in_background("merged", move |me, path| {
+            let file = merge_files(&runs, &path)?;
+            let mut blocks: BTreeMap<Partition, BlockRange> = BTreeMap::new();
+            for b in runs.iter().flat_map(|r| &r.blocks) {
+                let e = blocks.entry(b.partition).or_insert(*b);
+                e.first = e.first.min(b.first);
+                e.last = e.last.max(b.last);
+            }
+            let level = runs[0].level + 1;
+            let run = Run {
+                batch_version: version,
+                blocks: blocks.into_values().collect(),
+                level,
+                file,
+                path,
+            };
+            let mut chain = me.chain.lock().unwrap_or_else(|e| e.into_inner());
+            let at = chain.iter().position(|r| Arc::ptr_eq(r, &runs[0]));
+            let Some(at) = at.filter(|&at| {
+                chain.len() >= at + runs.len()
+                    && (chain[at..at + runs.len()].iter().zip(&runs))
+                        .all(|(a, b)| Arc::ptr_eq(a, b))
+            }) else {
+                return Ok(None);
+            };
+            chain.splice(at..at + runs.len(), [Arc::new(run)]);
+            Ok(Some(level))
+        });
+    }
+
+    /// Runs `work` on a thread of its own with the path of a new run's file. `work` returns the
+    /// level of the run it added to the chain, or `None` (a run not added drops its file). The
+    /// build flag, set by the caller, is cleared when it ends.
+    fn in_background(
+        self: &Arc<Self>,
+        what: &'static str,
+        work: impl FnOnce(&Runs, PathBuf) -> strata_common::Result<Option<u32>> + Send + 'static,
+    ) {
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("tail-runs".into())
             .spawn(move || {
                 let n = me.written.fetch_add(1, Ordering::Relaxed);
                 let path = me.dir.join(format!("run-{n}.blocks"));
-                match merge_files(&runs, &path) {
-                    Ok(file) => {
-                        let mut blocks: BTreeMap<Partition, BlockRange> = BTreeMap::new();
-                        for b in runs.iter().flat_map(|r| &r.blocks) {
-                            let e = blocks.entry(b.partition).or_insert(*b);
-                            e.first = e.first.min(b.first);
-                            e.last = e.last.max(b.last);
-                        }
-                        let run = Arc::new(Run {
-                            batch_version: version,
-                            blocks: blocks.into_values().collect(),
-                            level: runs[0].level + 1,
-                            file,
-                            path,
-                        });
-                        let mut chain = me.chain.lock().unwrap_or_else(|e| e.into_inner());
-                        let at = chain.iter().position(|r| Arc::ptr_eq(r, &runs[0]));
-                        if let Some(at) = at.filter(|&at| {
-                            chain.len() >= at + runs.len()
-                                && (chain[at..at + runs.len()].iter().zip(&runs))
-                                    .all(|(a, b)| Arc::ptr_eq(a, b))
-                        }) {
-                            tracing::debug!(run = n, level = run.level, "tail runs merged");
-                            chain.splice(at..at + runs.len(), [run]);
-                        }
+                match work(&me, path.clone()) {
+                    Ok(Some(level)) => tracing::debug!(run = n, level, "tail run {what}"),
+                    Ok(None) => {
+                        let _ = std::fs::remove_file(&path);
                     }
                     Err(e) => {
                         let _ = std::fs::remove_file(&path);
-                        tracing::warn!(error = %e, "runs of finished speed blocks could not be merged; reading them apart");
+                        tracing::warn!(error = %e, "a run of finished speed blocks could not be {what}; reading what it would hold apart");
                     }
                 }
                 me.building.store(false, Ordering::Release);
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start merging tail runs");
+            tracing::warn!(error = %e, "cannot start a thread for the tail's runs");
             self.building.store(false, Ordering::Release);
         }
     }
