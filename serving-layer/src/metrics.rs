@@ -218,7 +218,35 @@ pub fn render(state: &ServingState, answers: &Answers, http_metrics: &HttpMetric
         "strata_answers_total{{source=\"computed\"}} {computed}"
     );
 
-    let meta = state.with_merge(|m| Ok(m.speed_meta.clone())).ok();
+    let merged = state
+        .with_merge(|m| Ok((m.speed_meta.clone(), m.tail_runs())))
+        .ok();
+    let meta = merged.as_ref().map(|(meta, _)| meta.clone());
+    if let Some((_, (runs, blocks))) = &merged {
+        gauge(
+            &mut out,
+            "strata_tail_runs",
+            "Runs of finished speed blocks a point read looks in now (serve.run-blocks).",
+            runs,
+        );
+        gauge(
+            &mut out,
+            "strata_tail_run_blocks",
+            "Finished speed blocks past the batch cutoffs that those runs hold.",
+            blocks,
+        );
+    }
+    header(
+        &mut out,
+        "strata_tail_run_files_total",
+        "counter",
+        "Run files of finished speed blocks started since start (written or given up).",
+    );
+    let _ = writeln!(
+        out,
+        "strata_tail_run_files_total {}",
+        state.tail_runs_written()
+    );
     if let Some(meta) = &meta {
         header(
             &mut out,

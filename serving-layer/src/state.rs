@@ -388,6 +388,15 @@ impl Merge<'_> {
         Ok(out)
     }
 
+    /// How many runs of finished blocks this merge's point reads look in, and how many blocks
+    /// they hold ([`crate::tail`]).
+    pub fn tail_runs(&self) -> (usize, u64) {
+        (
+            self.tail.runs.len(),
+            self.tail.runs.iter().map(|r| r.blocks()).sum(),
+        )
+    }
+
     /// The batch version of this merge, if there is one.
     pub fn batch(&self) -> Option<&LoadedBatch> {
         self.batch
@@ -624,6 +633,11 @@ impl ServingState {
             }
             Err(e) => tracing::warn!(error = %e, "cannot follow the speed state yet"),
         }
+    }
+
+    /// How many runs of finished speed blocks were written since start (0 with runs off).
+    pub fn tail_runs_written(&self) -> u64 {
+        self.runs.as_ref().map_or(0, |r| r.written())
     }
 
     /// The state an answer computed now would read (see [`crate::answers`]). Read it before

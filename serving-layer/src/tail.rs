@@ -33,6 +33,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// How many blocks this run holds.
+    pub fn blocks(&self) -> u64 {
+        self.blocks.iter().map(|b| b.last - b.first + 1).sum()
+    }
+
     /// The partial of the encoded key `key` over this run's blocks.
     pub fn get(&self, key: &[u8]) -> strata_common::Result<Option<Partial>> {
         self.file.get(key)
@@ -98,7 +103,7 @@ impl Runs {
         }
     }
 
-    /// How many runs were written since start.
+    /// How many run files were started since start (written, or given up).
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }

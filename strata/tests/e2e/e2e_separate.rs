@@ -1,6 +1,8 @@
 //! The layers as separate processes sharing one data directory: `strata speed`, `strata serve`
 //! (following the speed state as a RocksDB secondary) and `strata batch --once`. Restarting the
-//! speed layer alone, with kill -9, changes no answer.
+//! speed layer alone, with kill -9, changes no answer. The serving layer merges finished blocks
+//! two at a time into runs here (`serve.run-blocks`), and answers are checked while its point
+//! reads go through them.
 
 use std::time::Duration;
 
@@ -28,7 +30,12 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
     let now = now_millis();
     generate(21, 40_000, now - 2 * 3_600_000, &mut truth);
     let mut speed = Proc::spawn("speed", &with("speed"), dir.path());
-    let mut serve = Proc::spawn("serve", &with("serve"), dir.path());
+    let mut serve = Proc::spawn_env(
+        "serve",
+        &with("serve"),
+        &[("STRATA__SERVE__RUN_BLOCKS", "2")],
+        dir.path(),
+    );
     wait_http(&addr);
     wait_speed_offsets(&addr, truth.messages);
     truth.check(&addr);
@@ -53,9 +60,20 @@ fn separate_processes_answer_exactly_through_speed_restarts() {
     assert!(st["batch"]["events"].as_u64().unwrap_or(0) > 0, "{st}");
     truth.check(&addr);
 
-    // More events; then the speed layer alone is killed and restarted.
+    // More events; the serving layer's point reads go through runs of the finished blocks past
+    // the version (built when requests come); then the speed layer alone is killed and restarted.
     generate(22, 30_000, now - 3_600_000, &mut truth);
     wait_speed_offsets(&addr, truth.messages);
+    let held = wait_for("runs of finished blocks", Duration::from_secs(60), || {
+        let (_, text) = http(&addr, "GET", "/metrics", &[("Authorization", ADMIN_BEARER)]);
+        let blocks = text
+            .lines()
+            .find_map(|l| l.strip_prefix("strata_tail_run_blocks "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        (blocks >= 4).then_some(blocks)
+    });
+    eprintln!("point reads go through runs holding {held} finished blocks");
     truth.check(&addr);
     speed.kill9();
     generate(23, 10_000, now - 1_800_000, &mut truth);
