@@ -32,7 +32,7 @@ use rocksdb::{
 
 use crate::handoff::{block_of, BlockRange, Offset, Partition, SpeedPartition};
 use crate::time::Millis;
-use crate::views::{Partial, ViewKey};
+use crate::views::{absorb_opt, Partial, ViewKey};
 use crate::{Error, Result};
 
 /// The column families of the speed state.
@@ -508,10 +508,7 @@ pub fn read_partial(
         if let Some(bytes) = v {
             let p = Partial::decode(&bytes)
                 .ok_or_else(|| Error::corrupt("speed block", "undecodable partial"))?;
-            match &mut acc {
-                Some(a) => a.merge(&p),
-                None => acc = Some(p),
-            }
+            absorb_opt(&mut acc, p);
         }
     }
     Ok(acc)
@@ -1283,10 +1280,7 @@ impl<R: Reads> ViewReads for View<'_, R> {
         for l in self.live_in(ranges) {
             let k = encoded.get_or_insert_with(|| key.encode());
             if let Some(p) = l.get(k) {
-                match &mut acc {
-                    Some(a) => a.merge(&p),
-                    None => acc = Some(p),
-                }
+                absorb_opt(&mut acc, p);
             }
         }
         Ok(acc)

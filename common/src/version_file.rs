@@ -90,7 +90,13 @@ impl Writer {
                 )));
             }
         }
-        self.last = Some(key.to_vec());
+        match &mut self.last {
+            Some(last) => {
+                last.clear();
+                last.extend_from_slice(key);
+            }
+            None => self.last = Some(key.to_vec()),
+        }
         self.first.get_or_insert_with(|| key.to_vec());
         self.block
             .extend_from_slice(&(key.len() as u32).to_le_bytes());

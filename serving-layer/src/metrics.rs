@@ -245,7 +245,7 @@ pub fn render(state: &ServingState, answers: &Answers, http_metrics: &HttpMetric
     let _ = writeln!(
         out,
         "strata_tail_run_files_total {}",
-        state.tail_runs_written()
+        state.tail_run_files()
     );
     if let Some(meta) = &meta {
         header(

@@ -14,7 +14,9 @@ use strata_common::handoff::{
 use strata_common::speed_store::{self, SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
 use strata_common::version_file::VersionFile;
-use strata_common::views::{tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey};
+use strata_common::views::{
+    absorb_opt, tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey,
+};
 
 use crate::cooccur::CoIndex;
 use crate::error::ApiError;
@@ -337,10 +339,7 @@ impl Merge<'_> {
                 let mut acc = reads.partial(db, &self.point_ranges, key)?;
                 for run in &self.tail.runs {
                     if let Some(p) = run.get(&encoded)? {
-                        match &mut acc {
-                            Some(a) => a.merge(&p),
-                            None => acc = Some(p),
-                        }
+                        absorb_opt(&mut acc, p);
                     }
                 }
                 acc
@@ -635,9 +634,9 @@ impl ServingState {
         }
     }
 
-    /// How many runs of finished speed blocks were written since start (0 with runs off).
-    pub fn tail_runs_written(&self) -> u64 {
-        self.runs.as_ref().map_or(0, |r| r.written())
+    /// How many run files of finished speed blocks were started since start (0 with runs off).
+    pub fn tail_run_files(&self) -> u64 {
+        self.runs.as_ref().map_or(0, |r| r.started())
     }
 
     /// The state an answer computed now would read (see [`crate::answers`]). Read it before

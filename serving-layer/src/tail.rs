@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use strata_common::handoff::{BlockRange, Partition};
 use strata_common::speed_store::SpeedReader;
 use strata_common::version_file::{self, VersionFile};
-use strata_common::views::Partial;
+use strata_common::views::{absorb_opt, Partial};
 
 /// The merged partials of some finished blocks (per partition, one contiguous range).
 pub struct Run {
@@ -61,7 +61,8 @@ pub struct Runs {
     per_run: u64,
     chain: Mutex<Vec<Arc<Run>>>,
     building: AtomicBool,
-    written: AtomicU64,
+    /// Run files started (their numbers name them).
+    started: AtomicU64,
 }
 
 /// What a merge reads of the tail: the runs that hold the first finished blocks past the
@@ -99,13 +100,13 @@ impl Runs {
             per_run,
             chain: Mutex::default(),
             building: AtomicBool::new(false),
-            written: AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
     }
 
     /// How many run files were started since start (written, or given up).
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// The runs a merge over batch version `version` and the finished blocks `done` (per
@@ -268,7 +269,7 @@ impl Runs {
         let spawned = std::thread::Builder::new()
             .name("tail-runs".into())
             .spawn(move || {
-                let n = me.written.fetch_add(1, Ordering::Relaxed);
+                let n = me.started.fetch_add(1, Ordering::Relaxed);
                 let path = me.dir.join(format!("run-{n}.blocks"));
                 match work(&me, path.clone()) {
                     Ok(Some(level)) => tracing::debug!(run = n, level, "tail run {what}"),
@@ -319,11 +320,7 @@ fn merge_files(runs: &[Arc<Run>], path: &Path) -> strata_common::Result<VersionF
             _ => {
                 let mut acc: Option<Partial> = None;
                 for (i, v) in &values {
-                    let p = cursors[*i].decode(v)?;
-                    match &mut acc {
-                        Some(a) => a.merge(&p),
-                        None => acc = Some(p),
-                    }
+                    absorb_opt(&mut acc, cursors[*i].decode(v)?);
                 }
                 if let Some(p) = acc {
                     w.push(&key, &p)?;
@@ -370,7 +367,7 @@ fn build(
     blocks: &[BlockRange],
     path: &Path,
 ) -> strata_common::Result<Option<VersionFile>> {
-    let mut merged: BTreeMap<Vec<u8>, Partial> = BTreeMap::new();
+    let mut merged: BTreeMap<Vec<u8>, Option<Partial>> = BTreeMap::new();
     for r in blocks {
         for block in r.first..=r.last {
             let one = [BlockRange {
@@ -386,13 +383,8 @@ fn build(
                 if !held {
                     return Ok(false);
                 }
-                reads.scan_finished(db, &one, &[], None, &mut |key, p| match merged
-                    .get_mut(&key.encode())
-                {
-                    Some(m) => m.merge(&p),
-                    None => {
-                        merged.insert(key.encode(), p);
-                    }
+                reads.scan_finished(db, &one, &[], None, &mut |key, p| {
+                    absorb_opt(merged.entry(key.encode()).or_default(), p)
                 })?;
                 Ok(true)
             })?;
@@ -404,8 +396,14 @@ fn build(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| strata_common::Error::io(dir, e))?;
     }
-    let entries: Vec<(Vec<u8>, &Partial)> = merged.iter().map(|(k, p)| (k.clone(), p)).collect();
-    version_file::create(path, &entries).map(Some)
+    let mut w = version_file::Writer::create(path)?;
+    for (key, p) in &merged {
+        if let Some(p) = p {
+            w.push(key, p)?;
+        }
+    }
+    w.finish()?;
+    VersionFile::open(path).map(Some)
 }
 
 #[cfg(test)]

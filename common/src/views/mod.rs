@@ -580,6 +580,15 @@ pub fn at_id<T: Default>(v: &mut Vec<T>, id: u32) -> &mut T {
     &mut v[i]
 }
 
+/// Merges `partial` into `acc` (or makes it `acc`), consuming it: the sum of a key's partials
+/// read from several places.
+pub fn absorb_opt(acc: &mut Option<Partial>, partial: Partial) {
+    match acc {
+        Some(a) => a.absorb(partial),
+        None => *acc = Some(partial),
+    }
+}
+
 /// Merges `partial` into `key`'s entry of `map` (or makes it the entry), consuming it.
 pub fn absorb_into(map: &mut FastMap<ViewKey, Partial>, key: ViewKey, partial: Partial) {
     match map.entry(key) {
