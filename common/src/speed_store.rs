@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
@@ -147,13 +147,18 @@ pub fn block_file_options() -> Options {
 }
 
 /// The families of one open database, with one block cache for the `blocks` family.
-fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+fn descriptors(families: &[Cf]) -> Vec<ColumnFamilyDescriptor> {
     let cache = Cache::new_lru_cache(BLOCKS_CACHE_BYTES);
-    Cf::ALL
+    families
         .iter()
         .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf.options(Some(&cache))))
         .collect()
 }
+
+/// The families a follower opens: all but `dedupe`, which only the speed layer reads. A
+/// follower replays the writer's log into the families it has open and passes over the rest,
+/// so the event ids (one write per event, the log's most numerous entries) cost it nothing.
+const FOLLOWED: [Cf; 3] = [Cf::Blocks, Cf::Meta, Cf::Journal];
 
 /// What RocksDB holds in memory for the speed state, in bytes, summed over its families: the
 /// memtables (active and waiting to be flushed), the open tables' readers (their index and
@@ -186,7 +191,7 @@ pub fn rocks_memory(db: &DB) -> RocksMemory {
 /// Opens (creating if missing) the speed state for writing.
 pub fn open_primary(path: &Path) -> Result<DB> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-    DB::open_cf_descriptors(&db_options(), path, descriptors())
+    DB::open_cf_descriptors(&db_options(), path, descriptors(&Cf::ALL))
         .map_err(|e| Error::rocks("open speed state", e))
 }
 
@@ -201,7 +206,7 @@ pub fn open_secondary(path: &Path, scratch: &Path) -> Result<DB> {
     // serving process. Only the header at open and fatal messages are logged; a catch-up that
     // fails returns its error, which the serving layer reports itself.
     opts.set_log_level(rocksdb::LogLevel::Fatal);
-    DB::open_cf_descriptors_as_secondary(&opts, path, scratch, descriptors())
+    DB::open_cf_descriptors_as_secondary(&opts, path, scratch, descriptors(&FOLLOWED))
         .map_err(|e| Error::rocks("open speed state as a follower", e))
 }
 
@@ -948,6 +953,19 @@ pub fn read_live(
     Ok(out)
 }
 
+/// The number of each partition's live block, for the partitions of `meta` that have one (a
+/// next offset inside a block). Empty for a state without the layout mark, whose blocks are all
+/// in `blocks`.
+fn live_block_numbers(
+    meta: &SpeedMeta,
+) -> impl Iterator<Item = (Partition, &PartitionMeta, u64)> + '_ {
+    let block_size = meta.block_size.filter(|_| meta.layout == Some(LAYOUT));
+    meta.partitions.iter().filter_map(move |(&p, m)| {
+        let (size, next) = (block_size?, m.next_offset);
+        (next > 0 && !(next as u64).is_multiple_of(size)).then(|| (p, m, block_of(next, size)))
+    })
+}
+
 /// The live block of each partition of `meta` that has one (a next offset inside a block), read
 /// from the journal; `held` are live blocks read before, brought forward when they still apply.
 /// Empty for a state without the layout mark, whose blocks are all in `blocks`.
@@ -958,15 +976,11 @@ pub fn live_blocks(
     held: &BTreeMap<Partition, Arc<LiveBlock>>,
 ) -> Result<BTreeMap<Partition, Arc<LiveBlock>>> {
     let mut out = BTreeMap::new();
-    let Some(block_size) = meta.block_size.filter(|_| meta.layout == Some(LAYOUT)) else {
+    let Some(block_size) = meta.block_size else {
         return Ok(out);
     };
-    for (&p, m) in &meta.partitions {
+    for (p, m, block) in live_block_numbers(meta) {
         let next = m.next_offset;
-        if next <= 0 || (next as u64).is_multiple_of(block_size) {
-            continue;
-        }
-        let block = block_of(next, block_size);
         let live = match held.get(&p) {
             Some(h) if h.block == block && h.through == next => h.clone(),
             // Below the first live block nothing is folded: a batch version covers it.
@@ -1132,13 +1146,13 @@ impl SpeedReader {
         }
     }
 
-    /// The reads of one consistent view: its live blocks brought forward from the ones held
-    /// (one reader at a time brings them forward; the others wait and take its result).
-    /// `None` when a finished block the meta family names is not in `blocks` yet.
+    /// The reads of one consistent view; its live blocks are read on the first read that needs
+    /// them (see [`View`]). `None` when a finished block the meta family names is not in
+    /// `blocks` yet.
     fn view<'r, R: Reads>(
-        &self,
+        &'r self,
         reads: &'r R,
-        meta: &SpeedMeta,
+        meta: &Arc<SpeedMeta>,
         seq: Option<u64>,
     ) -> Result<Option<View<'r, R>>> {
         if seq.is_none() || *self.checked.lock().unwrap_or_else(|e| e.into_inner()) != seq {
@@ -1155,6 +1169,20 @@ impl SpeedReader {
             }
             *self.checked.lock().unwrap_or_else(|e| e.into_inner()) = seq;
         }
+        Ok(Some(View {
+            reads,
+            reader: self,
+            meta: meta.clone(),
+            live: OnceLock::new(),
+        }))
+    }
+
+    /// The live blocks of a view of `meta`, brought forward from the ones held.
+    fn live_of<R: Reads>(
+        &self,
+        reads: &R,
+        meta: &SpeedMeta,
+    ) -> Result<BTreeMap<Partition, Arc<LiveBlock>>> {
         let mut held = self.live.lock().unwrap_or_else(|e| e.into_inner());
         // Per partition, the held block this view's is, or the newest it can be brought
         // forward from.
@@ -1180,7 +1208,7 @@ impl SpeedReader {
                 kept.remove(0);
             }
         }
-        Ok(Some(View { reads, live }))
+        Ok(live)
     }
 
     /// The meta family at sequence number `seq` (unknown: `None`), read only when the cached
@@ -1228,7 +1256,7 @@ pub trait ViewReads {
         f: &mut dyn FnMut(ViewKey, Partial),
     ) -> Result<()>;
     /// The layers of the live blocks within `ranges` (see [`LiveLayer`]).
-    fn live_layers(&self, ranges: &[BlockRange]) -> Vec<Arc<LiveLayer>>;
+    fn live_layers(&self, ranges: &[BlockRange]) -> Result<Vec<Arc<LiveLayer>>>;
     /// See [`read_journal`].
     fn journal(
         &self,
@@ -1241,35 +1269,53 @@ pub trait ViewReads {
 
 /// The reads of one consistent view of a state: its finished blocks from `blocks`, each
 /// partition's live block from the journal (held in memory, see [`LiveBlock`]).
+///
+/// The live blocks are read on the view's first read that needs them, not when the view is
+/// made: an answer from the meta family alone (`/v1/status`, `/metrics`) folds no journal
+/// entry. Reading them brings forward the blocks the reader holds (one view at a time; the
+/// others wait and take its result).
 pub struct View<'r, R> {
     reads: &'r R,
-    live: BTreeMap<Partition, Arc<LiveBlock>>,
+    reader: &'r SpeedReader,
+    meta: Arc<SpeedMeta>,
+    live: OnceLock<BTreeMap<Partition, Arc<LiveBlock>>>,
 }
 
 impl<R: Reads> View<'_, R> {
+    fn live(&self) -> Result<&BTreeMap<Partition, Arc<LiveBlock>>> {
+        if let Some(live) = self.live.get() {
+            return Ok(live);
+        }
+        let live = self.reader.live_of(self.reads, &self.meta)?;
+        Ok(self.live.get_or_init(|| live))
+    }
+
     /// The ranges without the live blocks, which `blocks` does not hold (or holds keys of that
     /// are not yet theirs: a block ingested by a speed layer killed before its offsets moved).
     fn finished(&self, ranges: &[BlockRange]) -> Vec<BlockRange> {
+        let live: BTreeMap<Partition, u64> = (live_block_numbers(&self.meta))
+            .map(|(p, _, block)| (p, block))
+            .collect();
         ranges
             .iter()
-            .filter_map(|r| match self.live.get(&r.partition) {
+            .filter_map(|r| match live.get(&r.partition) {
                 // Lazily: a live block 0 has no block before it.
-                Some(l) if l.block <= r.last => (l.block > r.first).then(|| BlockRange {
-                    last: l.block - 1,
-                    ..*r
-                }),
+                Some(&l) if l <= r.last => (l > r.first).then(|| BlockRange { last: l - 1, ..*r }),
                 _ => Some(*r),
             })
             .collect()
     }
 
-    fn live_in<'a>(&'a self, ranges: &'a [BlockRange]) -> impl Iterator<Item = &'a LiveBlock> + 'a {
-        ranges.iter().filter_map(|r| {
-            self.live
-                .get(&r.partition)
+    fn live_in<'a>(
+        &'a self,
+        ranges: &'a [BlockRange],
+    ) -> Result<impl Iterator<Item = &'a LiveBlock> + 'a> {
+        let live = self.live()?;
+        Ok(ranges.iter().filter_map(|r| {
+            live.get(&r.partition)
                 .filter(|l| l.block >= r.first && l.block <= r.last)
                 .map(|l| &**l)
-        })
+        }))
     }
 }
 
@@ -1277,7 +1323,7 @@ impl<R: Reads> ViewReads for View<'_, R> {
     fn partial(&self, db: &DB, ranges: &[BlockRange], key: &ViewKey) -> Result<Option<Partial>> {
         let mut acc = read_partial(db, self.reads, &self.finished(ranges), key)?;
         let mut encoded = None;
-        for l in self.live_in(ranges) {
+        for l in self.live_in(ranges)? {
             let k = encoded.get_or_insert_with(|| key.encode());
             if let Some(p) = l.get(k) {
                 absorb_opt(&mut acc, p);
@@ -1296,7 +1342,7 @@ impl<R: Reads> ViewReads for View<'_, R> {
         self.scan_finished(db, ranges, key_prefix, from, &mut *f)?;
         let start = from.filter(|s| *s > key_prefix).unwrap_or(key_prefix);
         let mut bad = false;
-        for l in self.live_in(ranges) {
+        for l in self.live_in(ranges)? {
             l.scan(start, key_prefix, &mut |k, p| match ViewKey::decode(k) {
                 Some(key) => f(key, p.clone()),
                 None => bad = true,
@@ -1324,10 +1370,10 @@ impl<R: Reads> ViewReads for View<'_, R> {
             &mut *f,
         )
     }
-    fn live_layers(&self, ranges: &[BlockRange]) -> Vec<Arc<LiveLayer>> {
-        (self.live_in(ranges))
+    fn live_layers(&self, ranges: &[BlockRange]) -> Result<Vec<Arc<LiveLayer>>> {
+        Ok((self.live_in(ranges)?)
             .flat_map(|l| l.layers.iter().cloned())
-            .collect()
+            .collect())
     }
     fn journal(
         &self,
@@ -1457,6 +1503,63 @@ mod tests {
         reader.with_view(|_, _, _, _| Ok(())).expect("view");
         follower.catch_up().expect("catch up");
         follower.with_view(|_, _, _, _| Ok(())).expect("view");
+    }
+
+    #[test]
+    fn a_view_reads_its_live_blocks_only_when_a_read_needs_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(open_primary(dir.path()).expect("open"));
+        let meta = cf(&db, Cf::Meta).expect("cf");
+        for (k, v) in [
+            (meta_key::BLOCK_SIZE.to_vec(), 100),
+            (meta_key::LAYOUT.to_vec(), LAYOUT as i64),
+            (meta_key::next_offset(0), 50),
+        ] {
+            db.put_cf(meta, k, encode_i64(v)).expect("put");
+        }
+        // The journal reaches offset 40 only, short of the next offset 50: the live block
+        // cannot be read.
+        let key = ViewKey::Item("i1".into());
+        let views = |n| {
+            Partial::Item(ItemStats {
+                views: n,
+                ..Default::default()
+            })
+        };
+        let journal = cf(&db, Cf::Journal).expect("cf");
+        let mut value = JournalValue::default();
+        value.push(0, &key, &views(3));
+        db.put_cf(journal, journal_key(0, 40), value.finish(0))
+            .expect("put");
+        let reader = SpeedReader::shared(db.clone());
+        let ranges = [BlockRange {
+            partition: 0,
+            first: 0,
+            last: 0,
+        }];
+        // An answer from the meta family alone reads no journal, so it is given.
+        let next = reader
+            .with_view(|_, _, meta, _| Ok(meta.partitions.get(&0).map(|m| m.next_offset)))
+            .expect("a view of the meta family");
+        assert_eq!(next, Some(50));
+        assert!(reader.live.lock().expect("lock").is_empty());
+        let err = reader
+            .with_view(|db, reads, _, _| reads.partial(db, &ranges, &key))
+            .expect_err("the live block is short");
+        assert!(err.to_string().contains("journal"), "{err}");
+        // With the journal whole, a point read folds it, and the reader holds the block.
+        let mut value = JournalValue::default();
+        value.push(0, &key, &views(4));
+        db.put_cf(journal, journal_key(0, 50), value.finish(40))
+            .expect("put");
+        let got = reader
+            .with_view(|db, reads, _, _| reads.partial(db, &ranges, &key))
+            .expect("read");
+        assert_eq!(
+            got.as_ref().and_then(Partial::as_item).map(|s| s.views),
+            Some(7)
+        );
+        assert_eq!(reader.live.lock().expect("lock").len(), 1);
     }
 
     #[test]

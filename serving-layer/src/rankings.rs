@@ -655,7 +655,7 @@ impl TotalsMemo {
             }
         })?;
         // A live block's layers outlive the state: each layer's totals are read once.
-        for layer in m.live_layers(open) {
+        for layer in m.live_layers(open)? {
             for (item, s) in self.layer_totals(&layer, key)?.iter() {
                 adds.entry(item.clone()).or_default().merge(s);
             }

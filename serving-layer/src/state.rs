@@ -252,17 +252,45 @@ pub struct Merge<'a> {
     batch: Option<&'a LoadedBatch>,
     speed: Option<(&'a DB, &'a dyn ViewReads)>,
     ranges: Vec<BlockRange>,
-    /// The runs of finished blocks point reads look in ([`crate::tail`]), and `ranges` without
-    /// their blocks.
-    tail: Tail,
-    point_ranges: Vec<BlockRange>,
+    /// Where the runs of finished blocks come from ([`crate::tail`]).
+    runs: Option<RunsAt<'a>>,
+    /// The runs point reads look in, and `ranges` without their blocks: found on the first
+    /// point read, so that an answer making none (a ranking, `/v1/status`) neither walks the
+    /// runs nor starts building one.
+    tail: OnceLock<(Tail, Vec<BlockRange>)>,
     pub speed_meta: Arc<SpeedMeta>,
     pub as_of: AsOf,
     /// Which state this merge reads, when known exactly.
     pub state_id: Option<StateId>,
 }
 
+/// The runs of one serving state, and what a merge needs to find its own among them.
+struct RunsAt<'a> {
+    runs: &'a Arc<Runs>,
+    reader: &'a Arc<SpeedReader>,
+    version: Option<u64>,
+    block_size: u64,
+}
+
 impl Merge<'_> {
+    /// The runs point reads look in, and the ranges left past them; the first call may start
+    /// building the next run in the background.
+    fn point_tail(&self) -> &(Tail, Vec<BlockRange>) {
+        self.tail.get_or_init(|| {
+            let tail = match &self.runs {
+                Some(at) => {
+                    let done = finished_of(&self.ranges);
+                    let tail = at.runs.tail(at.version, &done);
+                    (at.runs).maybe_build(at.reader, at.version, at.block_size, &done, &tail);
+                    tail
+                }
+                None => Tail::default(),
+            };
+            let point_ranges = tail.past_runs(&self.ranges);
+            (tail, point_ranges)
+        })
+    }
+
     /// The minute buckets the batch version left out (`strata_common::retention`).
     pub fn retention(&self) -> strata_common::retention::Marks {
         self.batch.map(|b| b.manifest.retention).unwrap_or_default()
@@ -336,8 +364,9 @@ impl Merge<'_> {
         };
         let speed = match self.speed {
             Some((db, reads)) => {
-                let mut acc = reads.partial(db, &self.point_ranges, key)?;
-                for run in &self.tail.runs {
+                let (tail, point_ranges) = self.point_tail();
+                let mut acc = reads.partial(db, point_ranges, key)?;
+                for run in &tail.runs {
                     if let Some(p) = run.get(&encoded)? {
                         absorb_opt(&mut acc, p);
                     }
@@ -390,10 +419,8 @@ impl Merge<'_> {
     /// How many runs of finished blocks this merge's point reads look in, and how many blocks
     /// they hold ([`crate::tail`]).
     pub fn tail_runs(&self) -> (usize, u64) {
-        (
-            self.tail.runs.len(),
-            self.tail.runs.iter().map(|r| r.blocks()).sum(),
-        )
+        let (tail, _) = self.point_tail();
+        (tail.runs.len(), tail.runs.iter().map(|r| r.blocks()).sum())
     }
 
     /// The batch version of this merge, if there is one.
@@ -442,10 +469,14 @@ impl Merge<'_> {
     }
 
     /// The layers of the live blocks within `ranges` (see [`speed_store::LiveLayer`]).
-    pub fn live_layers(&self, ranges: &[BlockRange]) -> Vec<Arc<speed_store::LiveLayer>> {
-        self.speed
-            .map(|(_, reads)| reads.live_layers(ranges))
-            .unwrap_or_default()
+    pub fn live_layers(
+        &self,
+        ranges: &[BlockRange],
+    ) -> Result<Vec<Arc<speed_store::LiveLayer>>, ApiError> {
+        match self.speed {
+            Some((_, reads)) => Ok(reads.live_layers(ranges)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Calls `f` with partition `p`'s journal entries ending after offset `after`, in the
@@ -831,8 +862,8 @@ impl ServingState {
                 batch: batch.as_deref(),
                 speed: None,
                 ranges: Vec::new(),
-                tail: Tail::default(),
-                point_ranges: Vec::new(),
+                runs: None,
+                tail: OnceLock::new(),
                 speed_meta: Arc::default(),
                 as_of: AsOf {
                     batch: batch_as_of,
@@ -856,23 +887,17 @@ impl ServingState {
                 Err(e @ HandoffError::BatchTooOld { .. }) => return Ok(Attempt::StaleBatch(e)),
                 Err(e) => return Ok(Attempt::Done(Err(ApiError::unavailable(e.to_string())))),
             };
-            let done = finished_of(&ranges);
-            let version = batch.as_ref().map(|b| b.manifest.version);
-            let tail = match &self.runs {
-                Some(runs) => {
-                    let tail = runs.tail(version, &done);
-                    runs.maybe_build(&reader, version, speed_block_size, &done, &tail);
-                    tail
-                }
-                None => Tail::default(),
-            };
-            let point_ranges = tail.past_runs(&ranges);
             let merge = Merge {
                 batch: batch.as_deref(),
                 speed: Some((db, reads)),
                 ranges,
-                tail,
-                point_ranges,
+                runs: self.runs.as_ref().map(|runs| RunsAt {
+                    runs,
+                    reader: &reader,
+                    version: batch.as_ref().map(|b| b.manifest.version),
+                    block_size: speed_block_size,
+                }),
+                tail: OnceLock::new(),
                 as_of: AsOf {
                     batch: batch_as_of.clone(),
                     speed: SpeedAsOf::new(
