@@ -9,7 +9,7 @@ use serde::Serialize;
 use strata_common::batch_store::{self, Manifest};
 use strata_common::config::{Config, SpeedSource};
 use strata_common::handoff::{
-    coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition,
+    block_of, coverage, speed_ranges, BlockRange, HandoffError, Offsets, Partition,
 };
 use strata_common::speed_store::{self, SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
@@ -496,7 +496,8 @@ impl Merge<'_> {
     /// The deltas of the views `keep` accepts that the journal holds for the last blocks `open`
     /// (see [`Merge::speed_blocks`]) from offsets `covered` to `next`, per partition; `None` if
     /// the journal does not hold all of them (entries not chained from `covered` to `next`,
-    /// e.g. written by a speed layer without a journal, or of another block).
+    /// e.g. written by a speed layer without a journal, or reaching back before the block: an
+    /// entry holds no deltas of a block it finished).
     pub fn journal_since(
         &self,
         open: &[BlockRange],
@@ -504,6 +505,9 @@ impl Merge<'_> {
         next: &BTreeMap<Partition, i64>,
         keep: impl Fn(&ViewKey) -> bool,
     ) -> Result<Option<Vec<(ViewKey, Partial)>>, ApiError> {
+        let Some(block_size) = self.speed_meta.block_size else {
+            return Ok(None);
+        };
         let mut deltas = Vec::new();
         for r in open {
             let (Some(&from), Some(&to)) = (covered.get(&r.partition), next.get(&r.partition))
@@ -518,7 +522,7 @@ impl Merge<'_> {
                 if !whole || e.end > to {
                     return;
                 }
-                if e.start != at {
+                if e.start != at || block_of(e.start, block_size) != r.last {
                     whole = false;
                     return;
                 }

@@ -303,13 +303,17 @@ impl SpeedState {
         let meta = cf(&self.db, Cf::Meta)?;
         let journal_cf = cf(&self.db, Cf::Journal)?;
         let mut batch = WriteBatch::default();
-        // Every delta goes to the journal (readers build the live blocks from it) and into the
-        // block's values held here; nothing is written per view key until the block is done.
+        // Every delta goes into the block's values held here, and to the journal (readers build
+        // the live blocks from it) unless this flush finishes its block: such a block is written
+        // whole below, and no reader builds it from the journal. Nothing is written per view
+        // key until the block is done.
         let mut journal: HashMap<Partition, JournalValue> = HashMap::new();
         for (&(p, block), deltas) in pending.deltas.iter_mut() {
             if deltas.is_empty() {
                 continue;
             }
+            let next = self.parts.get(&p).map_or(0, |m| m.next_offset);
+            let journaled = block >= block_of(next, self.block_size);
             let journal = journal.entry(p).or_default();
             let room = self.block_keys.get(&p).copied().unwrap_or(0);
             let values = self
@@ -319,7 +323,9 @@ impl SpeedState {
                 .entry(block)
                 .or_insert_with(|| FastMap::with_capacity_and_hasher(room, Default::default()));
             for (key, partial) in deltas.drain() {
-                journal.push(block, &key, &partial);
+                if journaled {
+                    journal.push(block, &key, &partial);
+                }
                 absorb_into(values, key, partial);
             }
         }
@@ -773,6 +779,17 @@ mod tests {
             );
         }
         assert_eq!(entries.last().map(|e| e.end), Some(420));
+        // The flush that crossed into block 4 finished block 3 and wrote it whole: its entry
+        // holds block 4's deltas only.
+        assert!(first.start < 400, "an entry crosses into block 4");
+        for e in &entries {
+            assert!(
+                (e.deltas.iter()).all(|(b, _, _)| *b == block_of(e.end - 1, block_size)),
+                "the entry from {} to {} holds deltas of a block it finished",
+                e.start,
+                e.end
+            );
+        }
         // The newest block, merged from the deltas, equals a fold of its events from scratch;
         // and its audiences equal those counted naively.
         let mut from_journal: BTreeMap<Vec<u8>, Partial> = BTreeMap::new();
