@@ -18,9 +18,32 @@ pub fn set_up() {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
+/// The calling thread at the lowest scheduling priority (nice 19), for background work that
+/// should take only the CPU time nothing else wants: on Linux the nice value is per thread.
+/// Where the call fails, the thread keeps its priority.
+pub fn background_thread() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_background_thread_runs_at_nice_19_and_others_keep_theirs() {
+        let before = rustix::process::getpriority_process(None).expect("priority");
+        let inside = std::thread::spawn(|| {
+            background_thread();
+            rustix::process::getpriority_process(Some(rustix::thread::gettid())).expect("priority")
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(inside, 19);
+        assert_eq!(
+            rustix::process::getpriority_process(Some(rustix::thread::gettid())).expect("priority"),
+            before
+        );
+    }
 
     #[test]
     fn huge_pages_are_off_for_the_process_after_set_up() {

@@ -269,6 +269,9 @@ impl Runs {
         let spawned = std::thread::Builder::new()
             .name("tail-runs".into())
             .spawn(move || {
+                // Runs only spare point reads: they take what CPU time the speed layer (in
+                // `strata up`), the queries and the catch-up leave.
+                strata_common::process::background_thread();
                 let n = me.started.fetch_add(1, Ordering::Relaxed);
                 let path = me.dir.join(format!("run-{n}.blocks"));
                 match work(&me, path.clone()) {
