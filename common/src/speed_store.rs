@@ -1483,19 +1483,30 @@ mod tests {
         assert_eq!(next_offset_seen(&shared), Some(30));
     }
 
+    /// A state of blocks of 100 offsets in the current layout, with `more` meta keys.
+    fn state_of_blocks_of_100(dir: &Path, more: &[(Vec<u8>, i64)]) -> Arc<DB> {
+        let db = Arc::new(open_primary(dir).expect("open"));
+        let meta = cf(&db, Cf::Meta).expect("cf");
+        let layout = [
+            (meta_key::BLOCK_SIZE.to_vec(), 100),
+            (meta_key::LAYOUT.to_vec(), LAYOUT as i64),
+        ];
+        for (k, v) in layout.iter().chain(more) {
+            db.put_cf(meta, k, encode_i64(*v)).expect("put");
+        }
+        db
+    }
+
     #[test]
     fn a_view_is_refused_while_a_finished_block_named_by_the_meta_is_not_there() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(open_primary(dir.path()).expect("open"));
-        let meta = cf(&db, Cf::Meta).expect("cf");
-        for (k, v) in [
-            (meta_key::BLOCK_SIZE.to_vec(), 100),
-            (meta_key::LAYOUT.to_vec(), LAYOUT as i64),
-            (meta_key::next_offset(0), 200),
-            (meta_key::written_block(0), 1),
-        ] {
-            db.put_cf(meta, k, encode_i64(v)).expect("put");
-        }
+        let db = state_of_blocks_of_100(
+            dir.path(),
+            &[
+                (meta_key::next_offset(0), 200),
+                (meta_key::written_block(0), 1),
+            ],
+        );
         let reader = SpeedReader::shared(db.clone());
         let err = reader.with_view(|_, _, _, _| Ok(())).expect_err("refused");
         assert!(err.to_string().contains("missing"), "{err}");
@@ -1513,15 +1524,7 @@ mod tests {
     #[test]
     fn a_view_reads_its_live_blocks_only_when_a_read_needs_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(open_primary(dir.path()).expect("open"));
-        let meta = cf(&db, Cf::Meta).expect("cf");
-        for (k, v) in [
-            (meta_key::BLOCK_SIZE.to_vec(), 100),
-            (meta_key::LAYOUT.to_vec(), LAYOUT as i64),
-            (meta_key::next_offset(0), 50),
-        ] {
-            db.put_cf(meta, k, encode_i64(v)).expect("put");
-        }
+        let db = state_of_blocks_of_100(dir.path(), &[(meta_key::next_offset(0), 50)]);
         // The journal reaches offset 40 only, short of the next offset 50: the live block
         // cannot be read.
         let key = ViewKey::Item("i1".into());
