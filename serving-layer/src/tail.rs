@@ -522,14 +522,7 @@ mod tests {
         // read one by one.
         let levels: Vec<u32> = tail.runs.iter().map(|r| r.level).collect();
         assert_eq!(levels, [1, 0, 0]);
-        assert_eq!(
-            tail.runs[0]
-                .blocks
-                .iter()
-                .map(|b| b.last - b.first + 1)
-                .sum::<u64>(),
-            12
-        );
+        assert_eq!(tail.runs[0].blocks(), 12);
         let past = tail.past_runs(&ranges);
         let left: u64 = past.iter().map(|r| r.last - r.first).sum();
         assert_eq!(left, 2, "{past:?}");
