@@ -321,3 +321,47 @@ pub fn timeseries(state: &ServingState, q: &SeriesQuery) -> Result<Value, ApiErr
         Ok(answer)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::WINDOW_REACH;
+
+    /// A loaded version holds the item series from [`WINDOW_REACH`] before the bucket it was
+    /// loaded in; every window asked for later must start inside it.
+    #[test]
+    fn every_window_starts_within_the_reach_a_version_holds() {
+        for now in [
+            0,
+            59_999,
+            60_000,
+            3_599_999,
+            1_796_700_012_345,
+            1_796_703_600_000,
+        ] {
+            for later in [0, 1, 59_999, 3_600_000, 86_400_000 * 30] {
+                for w in [Window::Hour, Window::Day, Window::Week] {
+                    let Some((gran, from)) = w.buckets(now + later) else {
+                        panic!("{w:?} has buckets");
+                    };
+                    let Some((_, reach)) = WINDOW_REACH.iter().find(|(g, _)| *g == gran) else {
+                        panic!("{gran:?} of {w:?} is held");
+                    };
+                    assert!(
+                        from >= gran.floor(now) - reach * gran.millis(),
+                        "{w:?} {now} +{later}"
+                    );
+                }
+            }
+        }
+        // The longest window of each granularity reaches exactly that far.
+        assert_eq!(
+            Window::Hour.buckets(60_000 * 100),
+            Some((Gran::Minute, 60_000 * 41))
+        );
+        assert_eq!(
+            Window::Week.buckets(3_600_000 * 200),
+            Some((Gran::Hour, 3_600_000 * 33))
+        );
+    }
+}
