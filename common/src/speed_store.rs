@@ -32,7 +32,7 @@ use rocksdb::{
 
 use crate::handoff::{block_of, BlockRange, Offset, Partition, SpeedPartition};
 use crate::time::Millis;
-use crate::views::{absorb_opt, Partial, ViewKey};
+use crate::views::{absorb_opt, tag, Partial, ViewKey};
 use crate::{Error, Result};
 
 /// The column families of the speed state.
@@ -627,9 +627,10 @@ pub struct JournalEntry {
     pub deltas: Vec<(u64, ViewKey, Partial)>,
 }
 
-/// Whether a view key is one of the co-occurrence views (item audiences, user histories).
-pub fn co_occurrence(key: &ViewKey) -> bool {
-    matches!(key, ViewKey::ItemUsers { .. } | ViewKey::UserItems { .. })
+/// Whether an encoded view key is one of the co-occurrence views (item audiences, user
+/// histories): its first byte is the view's tag.
+pub fn co_occurrence(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&tag::ITEM_USERS) | Some(&tag::USER_ITEMS))
 }
 
 /// One delta as the journal is written: its block, encoded view key and encoded partial.
@@ -741,17 +742,22 @@ fn corrupt_journal(what: impl Into<String>) -> Error {
 }
 
 /// Calls `f` with partition `p`'s journal entries that end after offset `after`, in offset
-/// order.
+/// order, each with the deltas whose encoded view key `keep` accepts (decoded only those: most
+/// readers want a view or two of the many an entry holds).
 pub fn read_journal(
     db: &DB,
     reads: &impl Reads,
     p: Partition,
     after: i64,
+    keep: &dyn Fn(&[u8]) -> bool,
     f: &mut dyn FnMut(JournalEntry),
 ) -> Result<()> {
     read_journal_raw(db, reads, p, after, &mut |e| {
-        let mut deltas = Vec::with_capacity(e.deltas.len());
+        let mut deltas = Vec::new();
         for (block, k, v) in e.deltas {
+            if !keep(k) {
+                continue;
+            }
             let key = ViewKey::decode(k).ok_or_else(|| corrupt_journal("undecodable view key"))?;
             let partial =
                 Partial::decode(v).ok_or_else(|| corrupt_journal("undecodable partial"))?;
@@ -1268,6 +1274,7 @@ pub trait ViewReads {
         db: &DB,
         p: Partition,
         after: i64,
+        keep: &dyn Fn(&[u8]) -> bool,
         f: &mut dyn FnMut(JournalEntry),
     ) -> Result<()>;
 }
@@ -1385,9 +1392,10 @@ impl<R: Reads> ViewReads for View<'_, R> {
         db: &DB,
         p: Partition,
         after: i64,
+        keep: &dyn Fn(&[u8]) -> bool,
         f: &mut dyn FnMut(JournalEntry),
     ) -> Result<()> {
-        read_journal(db, self.reads, p, after, f)
+        read_journal(db, self.reads, p, after, keep, f)
     }
 }
 

@@ -691,7 +691,7 @@ impl TotalsMemo {
                 .filter(|c| c.base.stamp == base.stamp && c.open == open)
             {
                 let range = totals_range(key);
-                let in_window = |k: &ViewKey| in_totals(k, &range);
+                let in_window = |k: &[u8]| in_totals(k, &range);
                 if let Some(deltas) = m.journal_since(&open, &c.covered, &next, in_window)? {
                     for (k, p) in &deltas {
                         if let Some((item, s)) = item_total(k, p) {
@@ -751,13 +751,14 @@ impl TotalsMemo {
             }) {
                 let ranges = (totals_range(keys.0), totals_range(keys.1));
                 let in_range = in_totals;
-                let in_either = |k: &ViewKey| in_range(k, &ranges.0) || in_range(k, &ranges.1);
+                let in_either = |k: &[u8]| in_range(k, &ranges.0) || in_range(k, &ranges.1);
                 let covered = c.recent.covered.clone();
                 if let Some(deltas) = m.journal_since(&open, &covered, &next, in_either)? {
                     let deltas = (deltas.iter())
                         .filter_map(|(k, p)| {
                             let (item, s) = item_total(k, p)?;
-                            Some((item, s, in_range(k, &ranges.0), in_range(k, &ranges.1)))
+                            let e = k.encode();
+                            Some((item, s, in_range(&e, &ranges.0), in_range(&e, &ranges.1)))
                         })
                         .collect::<Vec<_>>();
                     c.add(&deltas);

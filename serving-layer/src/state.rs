@@ -363,12 +363,10 @@ pub fn totals_range(key: TotalsKey) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
-/// Whether `key` is one of the keys item totals over `range` (see [`totals_range`]) are made of.
-pub fn in_totals(key: &ViewKey, (prefix, start): &(Vec<u8>, Vec<u8>)) -> bool {
-    matches!(key, ViewKey::Item(_) | ViewKey::ItemSeries { .. }) && {
-        let e = key.encode();
-        e.starts_with(prefix) && e >= *start
-    }
+/// Whether an encoded view key is one of the keys item totals over `range` (see
+/// [`totals_range`]) are made of: the range's prefix is the view's tag (and granularity).
+pub fn in_totals(key: &[u8], (prefix, start): &(Vec<u8>, Vec<u8>)) -> bool {
+    key.starts_with(prefix) && key >= start.as_slice()
 }
 
 /// The item and the totals a key of item totals holds (all-time, or one series bucket).
@@ -801,19 +799,21 @@ impl Merge<'_> {
 
     /// Calls `f` with partition `p`'s journal entries ending after offset `after`, in the
     /// snapshot this merge reads (see [`strata_common::speed_store::JournalEntry`]).
+    /// Only the deltas whose encoded view key `keep` accepts are decoded and given.
     pub fn speed_journal(
         &self,
         p: strata_common::handoff::Partition,
         after: i64,
+        keep: &dyn Fn(&[u8]) -> bool,
         f: &mut dyn FnMut(strata_common::speed_store::JournalEntry),
     ) -> Result<(), ApiError> {
         if let Some((db, reads)) = self.speed {
-            reads.journal(db, p, after, f)?;
+            reads.journal(db, p, after, keep, f)?;
         }
         Ok(())
     }
 
-    /// The deltas of the views `keep` accepts that the journal holds for the last blocks `open`
+    /// The deltas of the views `keep` accepts (by encoded key) that the journal holds for the last blocks `open`
     /// (see [`Merge::speed_blocks`]) from offsets `covered` to `next`, per partition; `None` if
     /// the journal does not hold all of them (entries not chained from `covered` to `next`,
     /// e.g. written by a speed layer without a journal, or reaching back before the block: an
@@ -823,7 +823,7 @@ impl Merge<'_> {
         open: &[BlockRange],
         covered: &BTreeMap<Partition, i64>,
         next: &BTreeMap<Partition, i64>,
-        keep: impl Fn(&ViewKey) -> bool,
+        keep: impl Fn(&[u8]) -> bool,
     ) -> Result<Option<Vec<(ViewKey, Partial)>>, ApiError> {
         let Some(block_size) = self.speed_meta.block_size else {
             return Ok(None);
@@ -838,7 +838,7 @@ impl Merge<'_> {
                 continue;
             }
             let (mut at, mut whole) = (from, true);
-            self.speed_journal(r.partition, from, &mut |e| {
+            self.speed_journal(r.partition, from, &keep, &mut |e| {
                 if !whole || e.end > to {
                     return;
                 }
@@ -848,9 +848,6 @@ impl Merge<'_> {
                 }
                 at = e.end;
                 for (block, key, partial) in e.deltas {
-                    if !keep(&key) {
-                        continue;
-                    }
                     if block != r.last {
                         whole = false;
                         return;
@@ -1407,6 +1404,61 @@ mod tests {
                 // ones are scanned.
                 let recent = held.recent.as_ref().expect("recent");
                 assert_eq!(recent.totals(gran, from).is_some(), b >= 0, "{gran:?} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn totals_keys_are_known_by_their_encoded_bytes() {
+        use strata_common::views::Basis;
+        let t = 1_796_700_000_000;
+        let keys = [
+            ViewKey::Item("i1".into()),
+            ViewKey::Device("i1".into()),
+            ViewKey::ItemSeries {
+                gran: Gran::Minute,
+                start: t,
+                item: "i1".into(),
+            },
+            ViewKey::ItemSeries {
+                gran: Gran::Minute,
+                start: t - 60_000,
+                item: "i1".into(),
+            },
+            ViewKey::ItemSeries {
+                gran: Gran::Hour,
+                start: t,
+                item: "i1".into(),
+            },
+            ViewKey::Series {
+                gran: Gran::Minute,
+                start: t,
+            },
+            ViewKey::ItemDayUsers {
+                day: t,
+                item: "i1".into(),
+            },
+            ViewKey::UserItems {
+                basis: Basis::View,
+                user: "u1".into(),
+            },
+            ViewKey::ItemUsers {
+                basis: Basis::Purchase,
+                item: "i1".into(),
+            },
+        ];
+        for range in [None, Some((Gran::Minute, t)), Some((Gran::Hour, t - 1))] {
+            let r = totals_range(range);
+            for k in &keys {
+                // What the totals over the range are made of, said by the key's fields.
+                let want = match (k, range) {
+                    (ViewKey::Item(_), None) => true,
+                    (ViewKey::ItemSeries { gran, start, .. }, Some((g, from))) => {
+                        *gran == g && *start >= from
+                    }
+                    _ => false,
+                };
+                assert_eq!(in_totals(&k.encode(), &r), want, "{k:?} in {range:?}");
             }
         }
     }

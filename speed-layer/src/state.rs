@@ -761,7 +761,27 @@ mod tests {
         let mut state = SpeedState::open(dir.path(), block_size).expect("reopen");
         consume(&mut state, 250, 420, 13);
         let mut entries = Vec::new();
-        speed_store::read_journal(&state.db, &(), 0, -1, &mut |e| entries.push(e)).expect("read");
+        speed_store::read_journal(&state.db, &(), 0, -1, &|_| true, &mut |e| entries.push(e))
+            .expect("read");
+        // Read keeping the co-occurrence views only: the same entries, with exactly the deltas
+        // of those views.
+        let mut kept = Vec::new();
+        let keep = speed_store::co_occurrence;
+        speed_store::read_journal(&state.db, &(), 0, -1, &keep, &mut |e| kept.push(e))
+            .expect("read kept");
+        assert_eq!(kept.len(), entries.len());
+        let mut some = 0;
+        for (k, e) in kept.iter().zip(&entries) {
+            assert_eq!((k.start, k.end), (e.start, e.end));
+            let want: Vec<_> = (e.deltas.iter())
+                .filter(|(_, key, _)| {
+                    matches!(key, ViewKey::ItemUsers { .. } | ViewKey::UserItems { .. })
+                })
+                .collect();
+            assert_eq!(k.deltas.iter().collect::<Vec<_>>(), want);
+            some += want.len();
+        }
+        assert!(some > 0 && some < entries.iter().map(|e| e.deltas.len()).sum::<usize>());
         let first = entries.first().expect("entries");
         assert!(
             first.end > 400,
