@@ -85,7 +85,7 @@ struct Held {
 const SUFFIX_EVERY: usize = 10;
 
 /// One item's totals in one bucket: [`ItemStats`] with its names numbered. Held encoded, as
-/// LEB128 varints (about 12 bytes a row against 80 in memory): the item number's difference
+/// LEB128 varints (about 11 bytes a row against 80 in memory): the item number's difference
 /// from the row before (zigzag), the category's number plus one (0: none), the six counts, the
 /// revenue (zigzag).
 #[derive(Clone, Copy, Default)]
