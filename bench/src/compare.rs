@@ -166,14 +166,7 @@ pub fn run(data_dir: &Path, duckdb: &Path, out: &mut Out) -> Result<()> {
         let d = &mut digests[g];
         d.rows += 1;
         names[g].insert(item.as_str());
-        for (sum, v) in d.sums.iter_mut().zip([
-            s.views,
-            s.carts,
-            s.purchases,
-            s.quantity,
-            s.ratings,
-            s.rating_sum,
-        ]) {
+        for (sum, v) in d.sums.iter_mut().zip(s.counts()) {
             *sum += v;
         }
         d.revenue += s.revenue_micros;

@@ -59,9 +59,8 @@ pub const WINDOW_REACH: [(Gran, i64); 2] = [(Gran::Minute, 59), (Gran::Hour, 167
 struct RecentSeries {
     /// Item names by number.
     items: Vec<Name>,
-    /// Category names by number (in the order first met), and each number's rank in name order.
+    /// Category names by number.
     categories: Vec<Name>,
-    category_rank: Vec<u32>,
     /// Per granularity of [`WINDOW_REACH`].
     grans: Vec<Held>,
     rows: usize,
@@ -73,7 +72,7 @@ struct Held {
     gran: Gran,
     /// The first bucket a window may start at.
     first: Millis,
-    /// Each bucket's rows ([`ItemRow`]s, encoded), in time order.
+    /// Each bucket's rows (see [`Rows`]), in time order.
     buckets: Vec<(Millis, Vec<u8>)>,
     /// The sums of every bucket from each [`SUFFIX_EVERY`]th one on (the first, the tenth,
     /// ...), by item, encoded: a window's totals read one of these and fewer than
@@ -84,21 +83,14 @@ struct Held {
 /// How far apart the held sums of a granularity's last buckets start ([`Held::suffixes`]).
 const SUFFIX_EVERY: usize = 10;
 
-/// One item's totals in one bucket: [`ItemStats`] with its names numbered. Held encoded, as
-/// LEB128 varints (about 11 bytes a row against 80 in memory): the item number's difference
-/// from the row before (zigzag), the category's number plus one (0: none), the six counts, the
-/// revenue (zigzag).
-#[derive(Clone, Copy, Default)]
-struct ItemRow {
-    item: u32,
-    /// The category's number, or [`NO_CATEGORY`].
-    category: u32,
-    /// views, carts, purchases, quantity, ratings, rating_sum.
-    counts: [u64; 6],
-    revenue_micros: i128,
+/// Items' totals ([`ItemStats`] with the item and category names numbered) written one after
+/// another as LEB128 varints, about 11 bytes a row against 96 as an `ItemStats`: the item
+/// number's step from the row before (zigzag), the category's number plus one (0: none), the
+/// six counts of [`ItemStats::counts`], the revenue (zigzag).
+struct Rows {
+    out: Vec<u8>,
+    before: u32,
 }
-
-const NO_CATEGORY: u32 = u32::MAX;
 
 fn put_varint(out: &mut Vec<u8>, mut v: u128) {
     while v >= 0x80 {
@@ -143,164 +135,136 @@ fn unzigzag(v: u128) -> i128 {
     ((v >> 1) as i128) ^ -((v & 1) as i128)
 }
 
-impl ItemRow {
-    fn encode(&self, before: u32, out: &mut Vec<u8>) {
-        put_varint(out, zigzag(i128::from(self.item) - i128::from(before)));
-        put_varint(out, u128::from(self.category.wrapping_add(1)));
-        for c in self.counts {
-            put_varint(out, u128::from(c));
+impl Rows {
+    fn new() -> Self {
+        Rows {
+            out: Vec::new(),
+            before: 0,
         }
-        put_varint(out, zigzag(self.revenue_micros));
     }
 
-    #[inline]
-    fn decode(bytes: &[u8], at: &mut usize, before: u32) -> Option<ItemRow> {
-        let item = i128::from(before) + unzigzag(take_varint(bytes, at)?);
-        let category = u32::try_from(take_varint(bytes, at)?).ok()?.wrapping_sub(1);
-        let mut counts = [0u64; 6];
-        for c in &mut counts {
-            *c = u64::try_from(take_varint(bytes, at)?).ok()?;
+    /// Appends item `item`'s totals `s`, its category numbered `category` (`None`: none).
+    fn push(&mut self, item: u32, category: Option<u32>, s: &ItemStats) {
+        put_varint(
+            &mut self.out,
+            zigzag(i128::from(item) - i128::from(self.before)),
+        );
+        put_varint(&mut self.out, category.map_or(0, |c| u128::from(c) + 1));
+        for c in s.counts() {
+            put_varint(&mut self.out, u128::from(c));
         }
-        let revenue_micros = unzigzag(take_varint(bytes, at)?);
-        Some(ItemRow {
-            item: u32::try_from(item).ok()?,
-            category,
-            counts,
-            revenue_micros,
-        })
+        put_varint(&mut self.out, zigzag(s.revenue_micros));
+        self.before = item;
+    }
+
+    /// The encoded rows, their memory trimmed.
+    fn done(mut self) -> Vec<u8> {
+        self.out.shrink_to_fit();
+        self.out
+    }
+
+    /// Calls `f` with each row of `bytes`: its item number and totals, the category named from
+    /// `categories`. `None` if a row does not decode.
+    #[inline]
+    fn each(
+        bytes: &[u8],
+        categories: &[Name],
+        mut f: impl FnMut(u32, ItemStats) -> Option<()>,
+    ) -> Option<()> {
+        let (mut at, mut before) = (0, 0u32);
+        while at < bytes.len() {
+            let step = unzigzag(take_varint(bytes, &mut at)?);
+            let item = u32::try_from(i128::from(before) + step).ok()?;
+            let category = match take_varint(bytes, &mut at)? {
+                0 => None,
+                c => Some(categories.get(usize::try_from(c - 1).ok()?)?.clone()),
+            };
+            let mut counts = [0u64; 6];
+            for c in &mut counts {
+                *c = u64::try_from(take_varint(bytes, &mut at)?).ok()?;
+            }
+            let [views, carts, purchases, quantity, ratings, rating_sum] = counts;
+            let s = ItemStats {
+                views,
+                carts,
+                purchases,
+                quantity,
+                revenue_micros: unzigzag(take_varint(bytes, &mut at)?),
+                ratings,
+                rating_sum,
+                category,
+            };
+            f(item, s)?;
+            before = item;
+        }
+        Some(())
     }
 }
 
 impl RecentSeries {
     /// Reads the item series of `views` from the buckets [`WINDOW_REACH`] before `now`'s.
     fn read(views: &VersionFile, now: Millis) -> Result<Self, ApiError> {
-        let mut items: Vec<Name> = Vec::new();
-        let mut item_numbers: FastMap<Name, u32> = FastMap::default();
-        let mut categories: Vec<Name> = Vec::new();
-        let mut category_numbers: FastMap<Name, u32> = FastMap::default();
-        let mut grans = Vec::new();
-        let (mut count, mut bytes) = (0, 0);
+        let mut names = Numbering::default();
+        let (mut grans, mut count, mut bytes) = (Vec::new(), 0, 0);
         for (gran, reach) in WINDOW_REACH {
-            let from = gran.floor(now) - reach * gran.millis();
-            let mut rows: Vec<(Millis, Vec<u8>)> = Vec::new();
-            let mut before = 0u32;
+            let first = gran.floor(now) - reach * gran.millis();
+            let mut buckets: Vec<(Millis, Rows)> = Vec::new();
             let prefix = ViewKey::series_prefix(tag::ITEM_SERIES, gran);
-            let start = ViewKey::series_from(tag::ITEM_SERIES, gran, from);
-            views.scan(&prefix, Some(&start), &mut |k, p| {
+            let from = ViewKey::series_from(tag::ITEM_SERIES, gran, first);
+            views.scan(&prefix, Some(&from), &mut |k, p| {
                 let (ViewKey::ItemSeries { start, item, .. }, Partial::Item(s)) = (k, p) else {
                     return;
                 };
-                let next = items.len() as u32;
-                let item = *item_numbers.entry(item).or_insert_with_key(|name| {
-                    items.push(name.clone());
-                    next
-                });
-                let next = categories.len() as u32;
-                let category = s.category.map_or(NO_CATEGORY, |c| {
-                    *category_numbers.entry(c).or_insert_with_key(|name| {
-                        categories.push(name.clone());
-                        next
-                    })
-                });
-                let row = ItemRow {
-                    item,
-                    category,
-                    counts: [
-                        s.views,
-                        s.carts,
-                        s.purchases,
-                        s.quantity,
-                        s.ratings,
-                        s.rating_sum,
-                    ],
-                    revenue_micros: s.revenue_micros,
-                };
-                if rows.last().is_none_or(|(at, _)| *at != start) {
-                    rows.push((start, Vec::new()));
-                    before = 0;
+                if buckets.last().is_none_or(|(at, _)| *at != start) {
+                    buckets.push((start, Rows::new()));
                 }
-                if let Some((_, out)) = rows.last_mut() {
-                    row.encode(before, out);
-                    before = item;
+                if let Some((_, rows)) = buckets.last_mut() {
+                    let (item, category) = names.number(&item, &s.category);
+                    rows.push(item, category, &s);
                     count += 1;
                 }
             })?;
-            for (_, out) in &mut rows {
-                out.shrink_to_fit();
-                bytes += out.len();
+            // The held sums, from the last bucket back.
+            let mut sums: Vec<Option<ItemStats>> = Vec::new();
+            let mut suffixes = vec![Vec::new(); buckets.len().div_ceil(SUFFIX_EVERY)];
+            let buckets: Vec<(Millis, Vec<u8>)> = (buckets.into_iter())
+                .map(|(start, rows)| (start, rows.done()))
+                .collect();
+            for (i, (_, rows)) in buckets.iter().enumerate().rev() {
+                sums.resize(names.items.len(), None);
+                add_rows(rows, &names.categories, &mut sums).ok_or_else(|| {
+                    ApiError::internal("a held bucket of item series does not decode")
+                })?;
+                bytes += rows.len();
+                if i % SUFFIX_EVERY == 0 {
+                    let mut suffix = Rows::new();
+                    for (n, s) in sums.iter().enumerate() {
+                        if let Some(s) = s {
+                            // Every name in the sums was numbered when its rows were read.
+                            let category = (s.category.as_ref())
+                                .and_then(|c| names.category_numbers.get(c).copied());
+                            suffix.push(n as u32, category, s);
+                        }
+                    }
+                    let suffix = suffix.done();
+                    bytes += suffix.len();
+                    suffixes[i / SUFFIX_EVERY] = suffix;
+                }
             }
             grans.push(Held {
                 gran,
-                first: from,
-                buckets: rows,
-                suffixes: Vec::new(),
+                first,
+                buckets,
+                suffixes,
             });
         }
-        let mut by_name: Vec<u32> = (0..categories.len() as u32).collect();
-        by_name.sort_unstable_by(|&a, &b| categories[a as usize].cmp(&categories[b as usize]));
-        let mut category_rank = vec![0u32; categories.len()];
-        for (rank, &n) in by_name.iter().enumerate() {
-            category_rank[n as usize] = rank as u32;
-        }
-        let mut recent = RecentSeries {
-            items,
-            categories,
-            category_rank,
-            grans: Vec::new(),
+        Ok(RecentSeries {
+            items: names.items,
+            categories: names.categories,
+            grans,
             rows: count,
             bytes,
-        };
-        for mut held in grans {
-            let mut sums: Vec<Option<ItemRow>> = vec![None; recent.items.len()];
-            held.suffixes = vec![Vec::new(); held.buckets.len().div_ceil(SUFFIX_EVERY)];
-            for (i, (_, rows)) in held.buckets.iter().enumerate().rev() {
-                recent.add(rows, &mut sums).ok_or_else(|| {
-                    ApiError::internal("a held bucket of item series does not decode")
-                })?;
-                if i % SUFFIX_EVERY == 0 {
-                    let mut out = Vec::new();
-                    let mut before = 0;
-                    for row in sums.iter().flatten() {
-                        row.encode(before, &mut out);
-                        before = row.item;
-                    }
-                    out.shrink_to_fit();
-                    recent.bytes += out.len();
-                    held.suffixes[i / SUFFIX_EVERY] = out;
-                }
-            }
-            recent.grans.push(held);
-        }
-        Ok(recent)
-    }
-
-    /// Adds the encoded rows `bytes` to `sums` (by item number); `None` if they do not decode.
-    fn add(&self, bytes: &[u8], sums: &mut [Option<ItemRow>]) -> Option<()> {
-        let rank = |c: u32| self.category_rank.get(c as usize).copied();
-        let (mut at, mut before) = (0, 0);
-        while at < bytes.len() {
-            let row = ItemRow::decode(bytes, &mut at, before)?;
-            before = row.item;
-            let sum = sums
-                .get_mut(row.item as usize)?
-                .get_or_insert_with(|| ItemRow {
-                    item: row.item,
-                    category: NO_CATEGORY,
-                    ..ItemRow::default()
-                });
-            for (a, b) in sum.counts.iter_mut().zip(row.counts) {
-                *a += b;
-            }
-            sum.revenue_micros += row.revenue_micros;
-            // The smaller name wins, and a missing category is no candidate, as in
-            // `ItemStats::merge`.
-            if let Some(theirs) = rank(row.category) {
-                if rank(sum.category).is_none_or(|mine| theirs < mine) {
-                    sum.category = row.category;
-                }
-            }
-        }
-        Some(())
+        })
     }
 
     /// The totals over the buckets of `gran` from `from` on, if this holds them all.
@@ -309,40 +273,70 @@ impl RecentSeries {
         if from < held.first {
             return None;
         }
-        let mut sums: Vec<Option<ItemRow>> = vec![None; self.items.len()];
+        let mut sums: Vec<Option<ItemStats>> = vec![None; self.items.len()];
         let later = (held.buckets).partition_point(|(start, _)| *start < from);
         // The held sum from the next bucket that has one, and the buckets before it.
         let next = later.div_ceil(SUFFIX_EVERY);
         let upto = match held.suffixes.get(next) {
             Some(suffix) => {
-                self.add(suffix, &mut sums)?;
+                add_rows(suffix, &self.categories, &mut sums)?;
                 next * SUFFIX_EVERY
             }
             None => held.buckets.len(),
         };
         for (_, bytes) in &held.buckets[later..upto] {
-            self.add(bytes, &mut sums)?;
+            add_rows(bytes, &self.categories, &mut sums)?;
         }
         let mut totals = Totals::default();
         totals.reserve(sums.iter().filter(|s| s.is_some()).count());
-        for row in sums.into_iter().flatten() {
-            let [views, carts, purchases, quantity, ratings, rating_sum] = row.counts;
-            totals.insert(
-                self.items.get(row.item as usize)?.clone(),
-                ItemStats {
-                    views,
-                    carts,
-                    purchases,
-                    quantity,
-                    revenue_micros: row.revenue_micros,
-                    ratings,
-                    rating_sum,
-                    category: self.categories.get(row.category as usize).cloned(),
-                },
-            );
+        for (n, s) in sums.into_iter().enumerate() {
+            if let Some(s) = s {
+                totals.insert(self.items.get(n)?.clone(), s);
+            }
         }
         Some(totals)
     }
+}
+
+/// Item and category names numbered in the order first met.
+#[derive(Default)]
+struct Numbering {
+    items: Vec<Name>,
+    item_numbers: FastMap<Name, u32>,
+    categories: Vec<Name>,
+    category_numbers: FastMap<Name, u32>,
+}
+
+impl Numbering {
+    /// The numbers of `item` and `category`, given them if they have none yet.
+    fn number(&mut self, item: &Name, category: &Option<Name>) -> (u32, Option<u32>) {
+        (
+            number_of(&mut self.items, &mut self.item_numbers, item),
+            (category.as_ref())
+                .map(|c| number_of(&mut self.categories, &mut self.category_numbers, c)),
+        )
+    }
+}
+
+fn number_of(names: &mut Vec<Name>, numbers: &mut FastMap<Name, u32>, name: &Name) -> u32 {
+    if let Some(&n) = numbers.get(name) {
+        return n;
+    }
+    let n = names.len() as u32;
+    names.push(name.clone());
+    numbers.insert(name.clone(), n);
+    n
+}
+
+/// Merges the encoded rows `bytes` into `sums` (by item number); `None` if they do not decode.
+fn add_rows(bytes: &[u8], categories: &[Name], sums: &mut [Option<ItemStats>]) -> Option<()> {
+    Rows::each(bytes, categories, |item, s| {
+        match sums.get_mut(item as usize)? {
+            Some(sum) => sum.merge(&s),
+            empty => *empty = Some(s),
+        }
+        Some(())
+    })
 }
 
 /// Per-item totals.
@@ -1465,43 +1459,60 @@ mod tests {
 
     #[test]
     fn item_rows_decode_to_what_was_encoded() {
+        let categories = [Name::from("books"), Name::from("toys")];
         let rows = [
-            ItemRow {
-                item: 5,
-                category: NO_CATEGORY,
-                counts: [0, 1, 127, 128, u64::MAX, 1 << 40],
-                revenue_micros: i128::MIN,
-            },
-            ItemRow {
-                item: 0,
-                category: 0,
-                counts: [0; 6],
-                revenue_micros: i128::MAX,
-            },
-            ItemRow {
-                item: u32::MAX,
-                category: 3,
-                counts: [1; 6],
-                revenue_micros: -1,
-            },
+            (
+                5,
+                None,
+                ItemStats {
+                    views: 0,
+                    carts: 1,
+                    purchases: 127,
+                    quantity: 128,
+                    revenue_micros: i128::MIN,
+                    ratings: u64::MAX,
+                    rating_sum: 1 << 40,
+                    category: None,
+                },
+            ),
+            (
+                0,
+                Some(0),
+                ItemStats {
+                    revenue_micros: i128::MAX,
+                    category: Some(categories[0].clone()),
+                    ..ItemStats::default()
+                },
+            ),
+            (
+                u32::MAX,
+                Some(1),
+                ItemStats {
+                    views: 1,
+                    carts: 1,
+                    purchases: 1,
+                    quantity: 1,
+                    revenue_micros: -1,
+                    ratings: 1,
+                    rating_sum: 1,
+                    category: Some(categories[1].clone()),
+                },
+            ),
         ];
-        let mut out = Vec::new();
-        let mut before = 0;
-        for r in &rows {
-            r.encode(before, &mut out);
-            before = r.item;
+        let mut out = Rows::new();
+        for (item, category, s) in &rows {
+            out.push(*item, *category, s);
         }
-        let (mut at, mut before) = (0, 0);
-        for r in &rows {
-            let got = ItemRow::decode(&out, &mut at, before).expect("row");
-            assert_eq!(
-                (got.item, got.category, got.counts, got.revenue_micros),
-                (r.item, r.category, r.counts, r.revenue_micros)
-            );
-            before = got.item;
-        }
-        assert_eq!(at, out.len());
+        let out = out.done();
+        let mut got = Vec::new();
+        Rows::each(&out, &categories, |item, s| {
+            got.push((item, s));
+            Some(())
+        })
+        .expect("rows");
+        let want: Vec<(u32, ItemStats)> = rows.iter().map(|(i, _, s)| (*i, s.clone())).collect();
+        assert_eq!(got, want);
         // A row cut short is no row.
-        assert!(ItemRow::decode(&out[..3], &mut 0, 0).is_none());
+        assert!(Rows::each(&out[..3], &categories, |_, _| Some(())).is_none());
     }
 }

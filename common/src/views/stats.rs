@@ -36,6 +36,18 @@ impl ItemStats {
         }
     }
 
+    /// The counts that add up: views, carts, purchases, quantity, ratings, rating sum.
+    pub fn counts(&self) -> [u64; 6] {
+        [
+            self.views,
+            self.carts,
+            self.purchases,
+            self.quantity,
+            self.ratings,
+            self.rating_sum,
+        ]
+    }
+
     pub fn revenue(&self) -> f64 {
         self.revenue_micros as f64 / 1e6
     }
