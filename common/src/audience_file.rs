@@ -200,12 +200,9 @@ fn row_cost(a: &Audiences, histories: &[Vec<u32>], item: usize) -> u64 {
         .sum()
 }
 
-/// Rows costing fewer steps than this are counted by the serving layer when asked (well under
-/// a millisecond); those costing more are counted at publish and read from the rows file.
-pub const ROW_COST_MIN: u64 = 50_000;
-
-/// At most this many bytes of rows per basis and version, the costliest first.
-pub const ROWS_BYTES_MAX: u64 = 256 << 20;
+/// At most this many bytes of rows per basis and version, the costliest rows first; the rows
+/// left out are counted by the serving layer when asked.
+pub const ROWS_BYTES_MAX: u64 = 1 << 30;
 
 /// The file name of `basis`'s precounted rows in a version directory.
 pub fn rows_file_name(basis: Basis) -> &'static str {
@@ -215,94 +212,166 @@ pub fn rows_file_name(basis: Basis) -> &'static str {
     }
 }
 
-/// The rows of the items costliest to count (at least [`ROW_COST_MIN`] steps, costliest first,
-/// up to [`ROWS_BYTES_MAX`] of them), counted in parallel: (item, row).
-pub fn heavy_rows(a: &Audiences, histories: &[Vec<u32>]) -> Vec<(u32, Vec<(u32, u32)>)> {
-    rows_costing(a, histories, ROW_COST_MIN, ROWS_BYTES_MAX)
+/// What [`write_rows`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsWritten {
+    pub rows: usize,
+    pub entries: u64,
+    pub bytes: u64,
 }
 
-/// [`heavy_rows`] with the bounds given.
-pub fn rows_costing(
+/// How many rows are counted in parallel before they are written, in item order of cost.
+const ROWS_AT_ONCE: usize = 256;
+
+/// Counts the co-occurrence row of every item with an audience, costliest first, in parallel
+/// (rayon), and writes them to `path` until `max_bytes` of rows are written; syncs it.
+///
+/// Format, little-endian:
+///
+/// ```text
+///   magic "STRAROW2" | items u32
+///   rows: per row, its entries in ascending order of the other item:
+///         other item (the first as is, then the gap past the previous one) varint | users varint
+///   per item: start u64 (u64::MAX if its row is not here) | bytes u32 | entries u32
+///   the rows' byte count u64 | the byte count of everything before u64
+/// ```
+///
+/// A row is a few bytes an entry (gaps between the items a popular item co-occurs with are
+/// small), so every row of a version of 10M events fits in a few hundred MiB. Memory holds
+/// [`ROWS_AT_ONCE`] rows at a time.
+pub fn write_rows(
+    path: &Path,
     a: &Audiences,
     histories: &[Vec<u32>],
-    min_cost: u64,
     max_bytes: u64,
-) -> Vec<(u32, Vec<(u32, u32)>)> {
+) -> Result<RowsWritten> {
     use rayon::prelude::*;
-    let mut heavy: Vec<(u64, u32)> = (0..a.items.len())
-        .map(|i| (row_cost(a, histories, i), i as u32))
-        .filter(|&(cost, _)| cost >= min_cost.max(1))
-        .collect();
-    heavy.sort_unstable_by(|x, y| y.cmp(x));
-    // A row has at most one entry per other item and per step.
-    let mut bytes = 0u64;
-    heavy.retain(|&(cost, _)| {
-        bytes += 8 * cost.min(a.items.len() as u64);
-        bytes <= max_bytes
-    });
+    use std::io::Write;
     let n = a.items.len();
-    heavy
-        .par_iter()
-        .map_init(
-            || vec![0u32; n],
-            |counts, &(_, item)| {
-                let row = count_row(
-                    item,
-                    a.of_item(item as usize),
-                    |u| &histories[u as usize],
-                    counts,
-                );
-                (item, row)
-            },
-        )
-        .collect()
+    let mut order: Vec<(u64, u32)> = (0..n)
+        .map(|i| (row_cost(a, histories, i), i as u32))
+        .filter(|&(cost, _)| cost > 0)
+        .collect();
+    order.sort_unstable_by(|x, y| y.cmp(x));
+    let total: u64 = order.iter().map(|&(c, _)| c).sum();
+    let mut progress = crate::progress::Progress::new(
+        format!("counting {} co-occurrence rows (steps)", order.len()),
+        Some(total),
+    );
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| Error::io(path, e);
+    w.write_all(ROWS_MAGIC).map_err(io)?;
+    w.write_all(&(n as u32).to_le_bytes()).map_err(io)?;
+    let mut table = vec![(u64::MAX, 0u32, 0u32); n];
+    let mut written = RowsWritten {
+        rows: 0,
+        entries: 0,
+        bytes: 0,
+    };
+    'chunks: for chunk in order.chunks(ROWS_AT_ONCE) {
+        let rows: Vec<(u32, u32, Vec<u8>)> = chunk
+            .par_iter()
+            .map_init(
+                || vec![0u32; n],
+                |counts, &(_, item)| {
+                    let mut row = count_row(
+                        item,
+                        a.of_item(item as usize),
+                        |u| &histories[u as usize],
+                        counts,
+                    );
+                    row.sort_unstable();
+                    (item, row.len() as u32, encode_row(&row))
+                },
+            )
+            .collect();
+        for (item, entries, bytes) in rows {
+            if written.bytes + bytes.len() as u64 > max_bytes {
+                break 'chunks;
+            }
+            table[item as usize] = (written.bytes, bytes.len() as u32, entries);
+            w.write_all(&bytes).map_err(io)?;
+            written.rows += 1;
+            written.entries += u64::from(entries);
+            written.bytes += bytes.len() as u64;
+        }
+        progress.inc(chunk.iter().map(|&(c, _)| c).sum());
+    }
+    for (start, bytes, entries) in &table {
+        w.write_all(&start.to_le_bytes()).map_err(io)?;
+        w.write_all(&bytes.to_le_bytes()).map_err(io)?;
+        w.write_all(&entries.to_le_bytes()).map_err(io)?;
+    }
+    w.write_all(&written.bytes.to_le_bytes()).map_err(io)?;
+    let before = 12 + written.bytes + 16 * n as u64 + 8;
+    w.write_all(&before.to_le_bytes()).map_err(io)?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(written)
 }
 
-/// Writes the rows of some of `items` items ([`heavy_rows`]) to `path` and syncs it:
-/// magic "STRAROW1" | items u32 | per item: start u64, entries u32, held u32 (1 if its row is
-/// here) | entries (other item u32, users u32) | the byte count of everything before u64.
-pub fn write_rows(path: &Path, items: usize, rows: &[(u32, Vec<(u32, u32)>)]) -> Result<()> {
-    let mut table = vec![(0u64, 0u32, 0u32); items];
-    let entries: usize = rows.iter().map(|(_, r)| r.len()).sum();
-    let mut body = Vec::with_capacity(entries * 8);
-    for (item, row) in rows {
-        let slot = table
-            .get_mut(*item as usize)
-            .ok_or_else(|| Error::Other(format!("row of item {item} past {items} items")))?;
-        *slot = ((body.len() / 8) as u64, row.len() as u32, 1);
-        for &(o, c) in row {
-            body.extend_from_slice(&o.to_le_bytes());
-            body.extend_from_slice(&c.to_le_bytes());
+/// A row's entries (ascending by other item) in the rows file's form.
+fn encode_row(row: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() * 3);
+    let mut next = 0u32;
+    for &(other, users) in row {
+        put_varint(&mut out, other - next);
+        put_varint(&mut out, users);
+        next = other + 1;
+    }
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The varint at `at` in `bytes`, and where the next begins.
+#[inline]
+fn get_varint(bytes: &[u8], mut at: usize) -> Option<(u32, usize)> {
+    let first = *bytes.get(at)?;
+    if first < 0x80 {
+        return Some((u32::from(first), at + 1));
+    }
+    let mut v = 0u32;
+    for shift in (0..35).step_by(7) {
+        let b = *bytes.get(at)?;
+        at += 1;
+        v |= u32::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return Some((v, at));
         }
     }
-    let mut out = Vec::with_capacity(12 + items * 16 + body.len() + 8);
-    out.extend_from_slice(ROWS_MAGIC);
-    out.extend_from_slice(&(items as u32).to_le_bytes());
-    for (start, len, held) in &table {
-        out.extend_from_slice(&start.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&held.to_le_bytes());
-    }
-    out.extend_from_slice(&body);
-    let len = out.len() as u64;
-    out.extend_from_slice(&len.to_le_bytes());
-    crate::disk::write_synced(path, &out)
+    None
 }
 
-const ROWS_MAGIC: &[u8; 8] = b"STRAROW1";
+const ROWS_MAGIC: &[u8; 8] = b"STRAROW2";
 
 /// A version's precounted rows of one basis, read by item from its file when asked (the table
-/// of where each row lies is held; the rows stay on disk).
+/// of where each row lies is held; the rows stay on disk, in the page cache when read often).
 pub struct RowFile {
     file: std::fs::File,
     path: std::path::PathBuf,
-    /// Per item: the first entry, the entries, whether its row is in the file.
-    table: Vec<(u64, u32, bool)>,
-    body_at: u64,
+    /// Per item: where its row starts in the rows, its bytes and entries; `None` if the file
+    /// does not hold it.
+    table: Vec<Option<(u64, u32, u32)>>,
+}
+
+thread_local! {
+    /// A row's bytes as read: reused from one row to the next.
+    static ROW_BYTES: std::cell::RefCell<Vec<u8>> = Default::default();
 }
 
 impl RowFile {
-    /// Opens the rows at `path`; `None` if there is no such file.
+    /// Opens the rows at `path`; `None` if there is no such file. A file of another format
+    /// (a version published by an earlier release) is refused like a damaged one.
     pub fn open(path: &Path) -> Result<Option<RowFile>> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -315,54 +384,88 @@ impl RowFile {
         file.read_exact_at(&mut head, 0)
             .map_err(|e| Error::io(path, e))?;
         if &head[..8] != ROWS_MAGIC {
-            return Err(corrupt("not a rows file"));
+            return Err(corrupt("not a rows file of this format"));
         }
-        let items = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
-        let mut raw = vec![0u8; items * 16];
-        file.read_exact_at(&mut raw, 12)
+        let items = u64::from(le32(&head[8..12]));
+        let mut tail = [0u8; 16];
+        if size < 12 + 16 {
+            return Err(corrupt("truncated"));
+        }
+        file.read_exact_at(&mut tail, size - 16)
             .map_err(|e| Error::io(path, e))?;
-        let table: Vec<(u64, u32, bool)> = raw
-            .chunks_exact(16)
-            .map(|c| (le64(&c[0..8]), le32(&c[8..12]), le32(&c[12..16]) == 1))
-            .collect();
-        let body_at = 12 + items as u64 * 16;
-        let entries: u64 = table.iter().map(|&(_, l, _)| u64::from(l)).sum();
-        if size != body_at + entries * 8 + 8 {
+        let (body, before) = (le64(&tail[0..8]), le64(&tail[8..16]));
+        let expected = (body.checked_add(12 + 16 * items + 8)).filter(|&b| b == before);
+        if expected != Some(size - 8) {
             return Err(corrupt("truncated or damaged (length check)"));
         }
-        let in_body = table
-            .iter()
-            .all(|&(s, l, _)| s.checked_add(u64::from(l)).is_some_and(|e| e <= entries));
-        if !in_body {
-            return Err(corrupt("a row past the end"));
+        let mut raw = vec![0u8; items as usize * 16];
+        file.read_exact_at(&mut raw, 12 + body)
+            .map_err(|e| Error::io(path, e))?;
+        let mut table = Vec::with_capacity(items as usize);
+        for c in raw.chunks_exact(16) {
+            let (start, bytes, entries) = (le64(&c[0..8]), le32(&c[8..12]), le32(&c[12..16]));
+            if start == u64::MAX {
+                table.push(None);
+            } else if start
+                .checked_add(u64::from(bytes))
+                .is_some_and(|e| e <= body)
+            {
+                table.push(Some((12 + start, bytes, entries)));
+            } else {
+                return Err(corrupt("a row past the end"));
+            }
         }
         Ok(Some(RowFile {
             file,
             path: path.to_path_buf(),
             table,
-            body_at,
         }))
     }
 
     /// How many rows the file holds.
     pub fn rows(&self) -> usize {
-        self.table.iter().filter(|t| t.2).count()
+        self.table.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// Calls `f` with each (other item, users) of item `item`'s row, if the file holds it. On
+    /// an error (a row that does not decode), `f` may have been given part of the row: what it
+    /// was given is to be dropped.
+    pub fn for_each(&self, item: u32, mut f: impl FnMut(u32, u32)) -> Option<Result<()>> {
+        let (start, bytes, entries) = (*self.table.get(item as usize)?)?;
+        let items = self.table.len() as u64;
+        Some(ROW_BYTES.with_borrow_mut(|raw| {
+            raw.resize(bytes as usize, 0);
+            (self.file.read_exact_at(raw, start)).map_err(|e| Error::io(&self.path, e))?;
+            let (mut at, mut next, mut given) = (0usize, 0u64, 0u32);
+            while at < raw.len() {
+                let Some((gap, after)) = get_varint(raw, at) else {
+                    break;
+                };
+                let Some((users, after)) = get_varint(raw, after) else {
+                    break;
+                };
+                let other = next + u64::from(gap);
+                if other >= items {
+                    break;
+                }
+                f(other as u32, users);
+                (next, at, given) = (other + 1, after, given + 1);
+            }
+            if at != raw.len() || given != entries {
+                return Err(Error::corrupt(
+                    self.path.display().to_string(),
+                    format!("the row of item {item} does not decode"),
+                ));
+            }
+            Ok(())
+        }))
     }
 
     /// Item `item`'s row, if the file holds it.
     pub fn row(&self, item: u32) -> Option<Result<Vec<(u32, u32)>>> {
-        let &(start, len, held) = self.table.get(item as usize)?;
-        if !held {
-            return None;
-        }
-        let mut raw = vec![0u8; len as usize * 8];
-        if let Err(e) = self.file.read_exact_at(&mut raw, self.body_at + start * 8) {
-            return Some(Err(Error::io(&self.path, e)));
-        }
-        Some(Ok(raw
-            .chunks_exact(8)
-            .map(|c| (le32(&c[0..4]), le32(&c[4..8])))
-            .collect()))
+        let mut row = Vec::new();
+        let read = self.for_each(item, |o, c| row.push((o, c)))?;
+        Some(read.map(|()| row))
     }
 }
 
@@ -478,9 +581,8 @@ mod tests {
 
         // Rows counted at publish equal rows counted naively from the names.
         let histories = a.histories();
-        let rows = rows_costing(&a, &histories, 0, u64::MAX);
         let row_path = dir.path().join(rows_file_name(Basis::View));
-        write_rows(&row_path, a.items.len(), &rows).expect("write rows");
+        let written = write_rows(&row_path, &a, &histories, u64::MAX).expect("write rows");
         let file = RowFile::open(&row_path)
             .expect("open rows")
             .expect("rows file");
@@ -524,7 +626,9 @@ mod tests {
                 assert_eq!(got, Some(naive(item)), "{item}");
             }
         }
-        assert_eq!(file.rows(), 2, "rows of the items with a cost");
+        assert_eq!(file.rows(), 2, "rows of the items with an audience");
+        assert_eq!(written.rows, 2);
+        assert_eq!(written.entries, 2, "i1 and i2 co-occur once each way");
         let mut bytes = std::fs::read(&row_path).expect("bytes");
         bytes.pop();
         std::fs::write(&row_path, &bytes).expect("damage");

@@ -363,23 +363,28 @@ fn write_version(
     }
     version_file::write(&views_path(data_dir, manifest.version), &encoded)?;
     // The serving layer's co-occurrence index, numbered here once (crate::audience_file).
-    // And the rows of the items costliest to count: read, not counted, when asked.
+    // And every item's co-occurrence row, costliest first: read, not counted, when asked.
     for basis in Basis::ALL {
         let started = std::time::Instant::now();
         let audiences = Audiences::of(entries.iter().copied(), basis);
         audience_file::write(&dir.join(audience_file::file_name(basis)), &audiences)?;
         let histories = audiences.histories();
-        let rows = audience_file::heavy_rows(&audiences, &histories);
         let path = dir.join(audience_file::rows_file_name(basis));
-        audience_file::write_rows(&path, audiences.items.len(), &rows)?;
+        let rows = audience_file::write_rows(
+            &path,
+            &audiences,
+            &histories,
+            audience_file::ROWS_BYTES_MAX,
+        )?;
         tracing::info!(
             ?basis,
             items = audiences.items.len(),
             users = audiences.users.len(),
-            rows = rows.len(),
-            row_entries = rows.iter().map(|(_, r)| r.len()).sum::<usize>(),
+            rows = rows.rows,
+            row_entries = rows.entries,
+            row_bytes = rows.bytes,
             ms = started.elapsed().as_millis() as u64,
-            "numbered the audiences and counted the costliest rows"
+            "numbered the audiences and counted the co-occurrence rows"
         );
     }
     for (&p, state) in dedupe {

@@ -92,34 +92,51 @@ pub struct CoIndex {
     ids: [Interner; 2],
     /// By [`Side`], then by the owner's number.
     lists: [Vec<Vec<u32>>; 2],
-    /// The items' co-occurrence counts and audience sizes in the version alone, counted on
-    /// first use.
+    /// The items' co-occurrence counts in the version alone, counted on first use.
     memo: RowMemo,
+    /// The items' audience sizes in the version alone.
+    sizes: Sizes,
     /// The rows the batch layer counted at publish (the costliest items'), read when first
     /// asked instead of counted; only with the numbering they were counted in (the version's
     /// audiences file).
     rows: Option<RowFile>,
 }
 
-/// Co-occurrence counts kept for what never changes (a batch version, or a version with one
-/// layer over it): per item, (other item, users holding both), and every item's audience size.
+/// Co-occurrence counts kept for a batch version, which never changes: per item, (other item,
+/// users holding both).
 struct RowMemo {
     rows: Mutex<KeptRows>,
-    audiences: OnceLock<Arc<Vec<u32>>>,
     /// The most pairs kept.
     limit: usize,
+}
+
+/// Every item's audience size, counted once for what never changes (a batch version, or a
+/// version with one layer over it).
+#[derive(Default)]
+struct Sizes(OnceLock<Arc<Vec<u32>>>);
+
+/// A copy of a layer (made to take another layer into it) counts anew.
+impl Clone for Sizes {
+    fn clone(&self) -> Self {
+        Sizes::default()
+    }
+}
+
+/// A layer's users by the items of their histories in the index ([`Overlay::index_users`]):
+/// where each item's users start, then the users.
+#[derive(Default)]
+struct ByItem(OnceLock<(Vec<u32>, Vec<u32>)>);
+
+/// A copy of a layer (made to take another layer into it) indexes anew.
+impl Clone for ByItem {
+    fn clone(&self) -> Self {
+        ByItem::default()
+    }
 }
 
 impl Default for RowMemo {
     fn default() -> Self {
         RowMemo::holding(INDEX_ROW_PAIRS)
-    }
-}
-
-/// A copy of a layer (made to take another layer into it) counts anew.
-impl Clone for RowMemo {
-    fn clone(&self) -> Self {
-        RowMemo::holding(self.limit)
     }
 }
 
@@ -143,9 +160,14 @@ impl RowMemo {
     fn holding(limit: usize) -> Self {
         RowMemo {
             rows: Mutex::default(),
-            audiences: OnceLock::new(),
             limit,
         }
+    }
+
+    /// The kept row of `seed`, if any.
+    fn kept(&self, seed: u32) -> Option<Arc<Vec<(u32, u32)>>> {
+        let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.by_item.get(&seed).cloned()
     }
 
     /// The kept row of `seed`, or `count`'s (then kept, the oldest rows going first past
@@ -234,19 +256,11 @@ impl CoIndex {
         lists.get(of as usize).map_or(&[], Vec::as_slice)
     }
 
-    /// The co-occurrence counts of item `seed` in the version alone: every other item a user of
-    /// its audience holds, with the number of such users. A version never changes, so they are
-    /// counted once and kept (up to the memo's limit of pairs across items).
+    /// The co-occurrence counts of item `seed` in the version alone, counted here: every other
+    /// item a user of its audience holds, with the number of such users. A version never
+    /// changes, so they are counted once and kept (up to the memo's limit of pairs across items).
     fn row(&self, seed: u32) -> Arc<Vec<(u32, u32)>> {
         self.memo.row(seed, || {
-            if let Some(read) = self.rows.as_ref().and_then(|f| f.row(seed)) {
-                match read {
-                    Ok(row) => return row,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a precounted row cannot be read; counting it")
-                    }
-                }
-            }
             let mut counts = vec![0u32; self.ids[Kind::Item as usize].names.len()];
             count_row(
                 seed,
@@ -255,6 +269,32 @@ impl CoIndex {
                 &mut counts,
             )
         })
+    }
+
+    /// Counts item `seed`'s row in the version alone into `counter`, which is empty: a kept row, or the row the
+    /// batch layer counted (read from its file, not kept: its bytes stay in the page cache), or
+    /// one counted here (and kept).
+    fn row_into(&self, seed: u32, counter: &mut Counter) {
+        if let Some(row) = self.memo.kept(seed) {
+            for &(other, co) in row.iter() {
+                counter.bump(other, co);
+            }
+            return;
+        }
+        if let Some(file) = &self.rows {
+            match file.for_each(seed, |other, co| counter.bump(other, co)) {
+                Some(Ok(())) => return,
+                Some(Err(e)) => {
+                    // What the row gave before it failed is dropped.
+                    counter.drain(|_, _| {});
+                    tracing::warn!(error = %e, "a precounted row cannot be read; counting it")
+                }
+                None => {}
+            }
+        }
+        for &(other, co) in self.row(seed).iter() {
+            counter.bump(other, co);
+        }
     }
 }
 
@@ -304,8 +344,12 @@ impl Counter {
 /// they stay the same; the block being written is then a layer over it, read for each state.
 #[derive(Clone, Default)]
 pub struct Overlay {
-    /// Counts over the index and this layer alone, kept for when this is the lowest layer.
-    memo: RowMemo,
+    /// Audience sizes over the index and this layer alone, kept for when this is the lowest
+    /// layer.
+    sizes: Sizes,
+    /// Per item of the index, the users this layer adds history to whose history in the index
+    /// holds it.
+    by_item: ByItem,
     /// By [`Kind`]: the names none of the layers under this one numbers, numbered from `first`.
     ids: [Interner; 2],
     first: [usize; 2],
@@ -323,7 +367,6 @@ impl Overlay {
     ) -> Result<Self, ApiError> {
         let mut o = Overlay {
             first: [under.count(Kind::Item), under.count(Kind::User)],
-            memo: RowMemo::holding(under.index.memo.limit),
             ..Overlay::default()
         };
         for side in SIDES {
@@ -380,6 +423,37 @@ impl Overlay {
         self.added[side as usize]
             .get(&of)
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The users this layer adds history to whose history in `index` holds `item`, indexed
+    /// on first use: one step per item of their histories in the index.
+    fn index_users(&self, index: &CoIndex, item: u32) -> &[u32] {
+        let (starts, users) = self.by_item.0.get_or_init(|| {
+            let items = index.ids[Kind::Item as usize].names.len();
+            let mut starts = vec![0u32; items + 1];
+            let added = &self.added[Side::History as usize];
+            for &user in added.keys() {
+                for &i in index.list(Side::History, user) {
+                    starts[i as usize + 1] += 1;
+                }
+            }
+            for i in 0..items {
+                starts[i + 1] += starts[i];
+            }
+            let mut at = starts.clone();
+            let mut users = vec![0u32; starts[items] as usize];
+            for &user in added.keys() {
+                for &i in index.list(Side::History, user) {
+                    users[at[i as usize] as usize] = user;
+                    at[i as usize] += 1;
+                }
+            }
+            (starts, users)
+        });
+        match (starts.get(item as usize), starts.get(item as usize + 1)) {
+            (Some(&from), Some(&to)) => &users[from as usize..to as usize],
+            _ => &[],
+        }
     }
 }
 
@@ -514,88 +588,38 @@ impl Merged<'_> {
     }
 
     /// Counts into `counter` (as long as [`Merged::items`]) the items that co-occur with item
-    /// `seed`.
-    ///
-    /// With no layer, the version's row ([`CoIndex::row`]). Otherwise the row over the
-    /// version and the lowest layer, the finished blocks' (kept in that layer for as long as it
-    /// stands, [`RowMemo`]), plus what the layers over it change ([`Merged::count_upper`]).
+    /// `seed`: the version's row ([`CoIndex::row_into`]), plus what every layer changes
+    /// ([`Merged::count_upper`]). Nothing is counted
+    /// twice for a layer or kept per layer: with keys spread over every item, a kept row is
+    /// seldom asked again before the layers under it change.
     pub fn count_into(&self, seed: u32, counter: &mut Counter) {
-        let Some((&lowest, upper)) = self.layers.split_first() else {
-            if self.in_index(seed) {
-                for &(other, co) in self.index.row(seed).iter() {
-                    counter.bump(other, co);
-                }
-            }
-            return;
-        };
-        let lower = Merged {
-            index: self.index,
-            layers: vec![lowest],
-        };
-        if (seed as usize) < lower.count(Kind::Item) {
-            let row = lowest.memo.row(seed, || {
-                let mut below = Counter::new(lower.count(Kind::Item));
-                if self.in_index(seed) {
-                    for &(other, co) in self.index.row(seed).iter() {
-                        below.bump(other, co);
-                    }
-                }
-                let audience = [self.index.list(Side::Audience, seed), &[]];
-                lower.count_upper(seed, audience, &[lowest], &mut below);
-                below.take()
-            });
-            for &(other, co) in row.iter() {
-                counter.bump(other, co);
-            }
+        if self.in_index(seed) {
+            self.index.row_into(seed, counter);
         }
-        let audience = [
-            self.index.list(Side::Audience, seed),
-            lowest.added(Side::Audience, seed),
-        ];
-        self.count_upper(seed, audience, upper, counter);
+        self.count_upper(seed, counter);
     }
 
     fn in_index(&self, item: u32) -> bool {
         (item as usize) < self.index.ids[Kind::Item as usize].names.len()
     }
 
-    /// What the layers `upper` add to the counts of `seed` over the layers under them, whose
-    /// audience of `seed` is the union of the sorted lists `below`. Histories only grow, so a
-    /// user of that audience adds the items the layers add to their history, and a user the
-    /// layers add to the audience adds their whole merged history. Per layer, whichever is
-    /// fewer is walked: the audience, each member looked up in what the layer adds to
-    /// histories, or the histories the layer adds to, each looked up in the audience.
-    fn count_upper(
-        &self,
-        seed: u32,
-        below: [&[u32]; 2],
-        upper: &[&Overlay],
-        counter: &mut Counter,
-    ) {
-        let below_len = below[0].len() + below[1].len();
-        for layer in upper {
-            let histories = &layer.added[Side::History as usize];
-            if histories.len() < below_len {
-                for (user, items) in histories {
-                    if below.iter().any(|l| l.binary_search(user).is_ok()) {
-                        for &other in items {
-                            if other != seed {
-                                counter.bump(other, 1);
-                            }
-                        }
-                    }
-                }
-            } else {
-                for &user in below.iter().flat_map(|l| l.iter()) {
-                    for &other in layer.added(Side::History, user) {
-                        if other != seed {
-                            counter.bump(other, 1);
-                        }
+    /// What the layers add to the counts of `seed` in the version alone. Histories only grow,
+    /// so a user of the version's audience of `seed` adds the items the layers add to their
+    /// history (each layer knows which of its users hold `seed` in the version:
+    /// [`Overlay::index_users`]), and a user the layers add to the audience adds their whole
+    /// merged history. The cost grows with what the layers add near `seed`, not with its
+    /// audience.
+    fn count_upper(&self, seed: u32, counter: &mut Counter) {
+        for layer in &self.layers {
+            for &user in layer.index_users(self.index, seed) {
+                for &other in layer.added(Side::History, user) {
+                    if other != seed {
+                        counter.bump(other, 1);
                     }
                 }
             }
         }
-        for layer in upper {
+        for layer in &self.layers {
             for &user in layer.added(Side::Audience, seed) {
                 for other in self.list(Side::History, user) {
                     if other != seed {
@@ -617,16 +641,13 @@ impl Merged<'_> {
             )
         };
         let (below, upper) = match self.layers.split_first() {
-            None => (
-                self.index.memo.audiences.get_or_init(|| lens(self)),
-                &[][..],
-            ),
+            None => (self.index.sizes.0.get_or_init(|| lens(self)), &[][..]),
             Some((&lowest, upper)) => {
                 let lower = Merged {
                     index: self.index,
                     layers: vec![lowest],
                 };
-                (lowest.memo.audiences.get_or_init(|| lens(&lower)), upper)
+                (lowest.sizes.0.get_or_init(|| lens(&lower)), upper)
             }
         };
         let mut all = Vec::with_capacity(self.count(Kind::Item));
@@ -747,17 +768,40 @@ mod tests {
             );
             // And with every row counted at publish, read from the rows file.
             let audiences = Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View);
-            let rows = strata_common::audience_file::rows_costing(
+            let row_path = dir.path().join("rows");
+            let written = strata_common::audience_file::write_rows(
+                &row_path,
                 &audiences,
                 &audiences.histories(),
-                0,
                 u64::MAX,
-            );
-            let row_path = dir.path().join("rows");
-            strata_common::audience_file::write_rows(&row_path, audiences.items.len(), &rows)
-                .expect("rows file");
+            )
+            .expect("rows file");
             let file = RowFile::open(&row_path).expect("open").expect("rows file");
-            assert_eq!(file.rows(), rows.len());
+            assert_eq!(file.rows(), written.rows);
+            for item in 0..audiences.items.len() as u32 {
+                if let Some(row) = file.row(item) {
+                    row.expect("a written row decodes");
+                }
+            }
+            // And with only the costliest rows that fit in a few bytes written: the others are
+            // counted when asked.
+            let capped_path = dir.path().join("rows-capped");
+            let capped = strata_common::audience_file::write_rows(
+                &capped_path,
+                &audiences,
+                &audiences.histories(),
+                u64::from(below(64)),
+            )
+            .expect("capped rows file");
+            assert!(capped.rows <= written.rows && capped.bytes <= 64);
+            let capped = CoIndex::from_audiences(
+                Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View),
+                Some(
+                    RowFile::open(&capped_path)
+                        .expect("open")
+                        .expect("rows file"),
+                ),
+            );
             let precounted = CoIndex::from_audiences(audiences, Some(file));
             // And keeping no row at all (`serve.memo-mb = 0`), or only a few pairs.
             let unkept = CoIndex::build(&version, Basis::View)
@@ -770,6 +814,7 @@ mod tests {
                 ("scanned", &scanned),
                 ("numbered", &numbered),
                 ("precounted", &precounted),
+                ("capped", &capped),
                 ("unkept", &unkept),
                 ("few kept", &few),
             ] {

@@ -445,6 +445,13 @@ pub fn for_user(
             });
         }
         seen.retain(|o| excluded.binary_search(o).is_err());
+        // Ties are broken by name, so only the candidates scoring at least the `limit`-th best
+        // score need theirs.
+        if seen.len() > limit && limit > 0 {
+            let mut scores: Vec<f64> = seen.iter().map(|&o| score[o as usize]).collect();
+            let (_, &mut nth, _) = scores.select_nth_unstable_by(limit - 1, |a, b| b.total_cmp(a));
+            seen.retain(|&o| score[o as usize].total_cmp(&nth).is_ge());
+        }
         let mut rows: Vec<(&Name, f64, u16)> = seen
             .iter()
             .filter_map(|&o| Some((merged.name_of(o)?, score[o as usize], from[o as usize])))
