@@ -102,8 +102,8 @@ pub struct CoIndex {
     rows: Option<RowFile>,
 }
 
-/// Co-occurrence counts kept for a batch version, which never changes: per item, (other item,
-/// users holding both).
+/// Co-occurrence counts kept for what never changes (a batch version, or what a layer adds to
+/// it): per item, (other item, users holding both).
 struct RowMemo {
     rows: Mutex<KeptRows>,
     /// The most pairs kept.
@@ -137,6 +137,13 @@ impl Clone for ByItem {
 impl Default for RowMemo {
     fn default() -> Self {
         RowMemo::holding(INDEX_ROW_PAIRS)
+    }
+}
+
+/// A copy of a layer (made to take another layer into it) counts anew.
+impl Clone for RowMemo {
+    fn clone(&self) -> Self {
+        RowMemo::holding(self.limit)
     }
 }
 
@@ -271,30 +278,32 @@ impl CoIndex {
         })
     }
 
-    /// Counts item `seed`'s row in the version alone into `counter`, which is empty: a kept row, or the row the
-    /// batch layer counted (read from its file, not kept: its bytes stay in the page cache), or
-    /// one counted here (and kept).
-    fn row_into(&self, seed: u32, counter: &mut Counter) {
+    /// Calls `f` with each (other item, count) of item `seed`'s row in the version alone: a
+    /// kept row, or the row the batch layer counted (read from its file, not kept: its bytes
+    /// stay in the page cache) unless `counted`, or one counted here (and kept). An error is a
+    /// row of the file that does not decode; `f` may have been given part of it.
+    fn row_each(
+        &self,
+        seed: u32,
+        counted: bool,
+        mut f: impl FnMut(u32, u32),
+    ) -> Result<(), strata_common::error::Error> {
         if let Some(row) = self.memo.kept(seed) {
             for &(other, co) in row.iter() {
-                counter.bump(other, co);
+                f(other, co);
             }
-            return;
+            return Ok(());
         }
-        if let Some(file) = &self.rows {
-            match file.for_each(seed, |other, co| counter.bump(other, co)) {
-                Some(Ok(())) => return,
-                Some(Err(e)) => {
-                    // What the row gave before it failed is dropped.
-                    counter.drain(|_, _| {});
-                    tracing::warn!(error = %e, "a precounted row cannot be read; counting it")
-                }
-                None => {}
-            }
+        if let Some(read) = (self.rows.as_ref())
+            .filter(|_| !counted)
+            .and_then(|file| file.for_each(seed, &mut f))
+        {
+            return read;
         }
         for &(other, co) in self.row(seed).iter() {
-            counter.bump(other, co);
+            f(other, co);
         }
+        Ok(())
     }
 }
 
@@ -319,6 +328,11 @@ impl Counter {
             self.seen.push(item);
         }
         *c += by;
+    }
+
+    /// The count of `item`, taken: it is 0 from now on (and still among the items seen).
+    fn take_one(&mut self, item: u32) -> u32 {
+        std::mem::take(&mut self.counts[item as usize])
     }
 
     /// The counts taken, unordered; the counter is empty again.
@@ -350,6 +364,9 @@ pub struct Overlay {
     /// Per item of the index, the users this layer adds history to whose history in the index
     /// holds it.
     by_item: ByItem,
+    /// Per seed: what this layer adds to its counts over the index, kept for when this is the
+    /// lowest layer (up to as many pairs as the index's row memo).
+    deltas: RowMemo,
     /// By [`Kind`]: the names none of the layers under this one numbers, numbered from `first`.
     ids: [Interner; 2],
     first: [usize; 2],
@@ -367,6 +384,7 @@ impl Overlay {
     ) -> Result<Self, ApiError> {
         let mut o = Overlay {
             first: [under.count(Kind::Item), under.count(Kind::User)],
+            deltas: RowMemo::holding(under.index.memo.limit),
             ..Overlay::default()
         };
         for side in SIDES {
@@ -583,34 +601,94 @@ impl Merged<'_> {
     /// whose history holds both.
     pub fn counts(&self, seed: u32) -> Vec<(u32, u32)> {
         let mut counter = Counter::new(self.count(Kind::Item));
-        self.count_into(seed, &mut counter);
-        counter.take()
+        let mut row = Vec::new();
+        if let Err(e) = self.each_count(seed, &mut counter, false, |o, c| row.push((o, c))) {
+            tracing::warn!(error = %e, "a precounted row cannot be read; counting it");
+            row.clear();
+            let _counted = self.each_count(seed, &mut counter, true, |o, c| row.push((o, c)));
+        }
+        row
     }
 
-    /// Counts into `counter` (as long as [`Merged::items`]) the items that co-occur with item
-    /// `seed`: the version's row ([`CoIndex::row_into`]), plus what every layer changes
-    /// ([`Merged::count_upper`]). Nothing is counted
-    /// twice for a layer or kept per layer: with keys spread over every item, a kept row is
-    /// seldom asked again before the layers under it change.
-    pub fn count_into(&self, seed: u32, counter: &mut Counter) {
-        if self.in_index(seed) {
-            self.index.row_into(seed, counter);
-        }
+    /// Calls `f` once with each item that co-occurs with item `seed` and its count, unordered:
+    /// the version's row ([`CoIndex::row_each`]), each entry with what the layers change
+    /// ([`Merged::count_upper`]) added, then what only the layers hold. `counter` (as long as
+    /// [`Merged::items`], empty before and after) holds only what the layers change. With `counted`, the version's row is counted rather than read from
+    /// the batch layer's file. An error is a row of the file that does not decode; `f` may have
+    /// been given part of it.
+    pub fn each_count(
+        &self,
+        seed: u32,
+        counter: &mut Counter,
+        counted: bool,
+        mut f: impl FnMut(u32, u32),
+    ) -> Result<(), strata_common::error::Error> {
         self.count_upper(seed, counter);
+        if self.in_index(seed) {
+            let row = self.index.row_each(seed, counted, |other, co| {
+                f(other, co + counter.take_one(other))
+            });
+            if let Err(e) = row {
+                counter.drain(|_, _| {});
+                return Err(e);
+            }
+        }
+        counter.drain(|other, co| {
+            if co > 0 {
+                f(other, co)
+            }
+        });
+        Ok(())
     }
 
     fn in_index(&self, item: u32) -> bool {
         (item as usize) < self.index.ids[Kind::Item as usize].names.len()
     }
 
-    /// What the layers add to the counts of `seed` in the version alone. Histories only grow,
-    /// so a user of the version's audience of `seed` adds the items the layers add to their
-    /// history (each layer knows which of its users hold `seed` in the version:
-    /// [`Overlay::index_users`]), and a user the layers add to the audience adds their whole
-    /// merged history. The cost grows with what the layers add near `seed`, not with its
-    /// audience.
+    /// What the layers add to the counts of `seed` in the version alone, into `counter`
+    /// (empty). Histories only grow, so a user of the version's audience of `seed` adds the
+    /// items the layers add to their history, and a user the layers add to the audience adds
+    /// their whole merged history. The lowest layer's share (the finished blocks', which stands
+    /// for seconds to minutes) is kept in it per seed ([`Overlay::deltas`]); over it, the
+    /// users it added to the audience add what the layers over it add to their history, and the
+    /// layers over it add theirs ([`Merged::count_layers`]).
     fn count_upper(&self, seed: u32, counter: &mut Counter) {
-        for layer in &self.layers {
+        let Some((&lowest, upper)) = self.layers.split_first() else {
+            return;
+        };
+        let lower = Merged {
+            index: self.index,
+            layers: vec![lowest],
+        };
+        if (seed as usize) < lower.count(Kind::Item) {
+            let low = lowest.deltas.row(seed, || {
+                lower.count_layers(seed, 0, counter);
+                counter.take()
+            });
+            for &(other, co) in low.iter() {
+                counter.bump(other, co);
+            }
+        }
+        for &user in lowest.added(Side::Audience, seed) {
+            for layer in upper {
+                for &other in layer.added(Side::History, user) {
+                    if other != seed {
+                        counter.bump(other, 1);
+                    }
+                }
+            }
+        }
+        self.count_layers(seed, 1, counter);
+    }
+
+    /// What the layers from `from` on add to the counts of `seed`: the users of the version's
+    /// audience of `seed` add what each adds to their history (each layer knows which of its
+    /// users hold `seed` in the version: [`Overlay::index_users`]), and the users each adds to
+    /// the audience add their whole merged history. The cost grows with what the layers add
+    /// near `seed`, not with its audience.
+    fn count_layers(&self, seed: u32, from: usize, counter: &mut Counter) {
+        let layers = self.layers.get(from..).unwrap_or_default();
+        for layer in layers {
             for &user in layer.index_users(self.index, seed) {
                 for &other in layer.added(Side::History, user) {
                     if other != seed {
@@ -619,7 +697,7 @@ impl Merged<'_> {
                 }
             }
         }
-        for layer in &self.layers {
+        for layer in layers {
             for &user in layer.added(Side::Audience, seed) {
                 for other in self.list(Side::History, user) {
                     if other != seed {
@@ -706,6 +784,14 @@ mod tests {
             Ok(())
         })
         .expect("overlay")
+    }
+
+    /// The `keep` best rows of item `i{item}`, by name.
+    fn named_rows(m: &Merged<'_>, item: u32, keep: usize) -> Vec<(Name, u64, u64)> {
+        (m.rows(&format!("i{item}"), keep).into_iter())
+            .flat_map(|r| r.rows)
+            .map(|r| (r.item, r.co, r.users))
+            .collect()
     }
 
     /// Rows counted from the merged sets of every event, the naive way.
@@ -832,12 +918,7 @@ mod tests {
                     index,
                     layers: vec![&first, &second],
                 };
-                let rows = |item: u32| -> Vec<(Name, u64, u64)> {
-                    (merged.rows(&format!("i{item}"), usize::MAX).into_iter())
-                        .flat_map(|r| r.rows)
-                        .map(|r| (r.item, r.co, r.users))
-                        .collect()
-                };
+                let rows = |item: u32| named_rows(&merged, item, usize::MAX);
                 // Audience sizes by number, against a count of the users who saw each item.
                 let audiences = merged.audiences();
                 for item in 0..(items as u32 + 4) {
@@ -857,11 +938,7 @@ mod tests {
                     let want = naive(&events, item);
                     assert_eq!(rows(item), want, "{how}, round {round}, item i{item}");
                     // The best few alone are the first few of all.
-                    let few: Vec<(Name, u64, u64)> = (merged.rows(&format!("i{item}"), 3))
-                        .into_iter()
-                        .flat_map(|r| r.rows)
-                        .map(|r| (r.item, r.co, r.users))
-                        .collect();
+                    let few = named_rows(&merged, item, 3);
                     assert_eq!(
                         few,
                         want[..want.len().min(3)],
@@ -873,6 +950,24 @@ mod tests {
                     assert!(held <= index.memo.limit, "{how}: {held} pairs kept");
                     assert_eq!(again, want, "{how}, round {round}, item i{item}, again");
                 }
+                // A third layer over them: the lowest layer's kept additions (counted above,
+                // over the other two) still hold, and the rows equal those of every event.
+                let more: Vec<(u32, u32)> = (0..(1 + below(40)))
+                    .map(|_| (below(users + 6), below(items + 6)))
+                    .collect();
+                let third = layer(&merged, &more);
+                let all: Vec<(u32, u32)> = events.iter().chain(&more).copied().collect();
+                let over = Merged {
+                    index,
+                    layers: vec![&first, &second, &third],
+                };
+                for item in 0..(items as u32 + 6) {
+                    assert_eq!(
+                        named_rows(&over, item, usize::MAX),
+                        naive(&all, item),
+                        "{how}, round {round}, i{item}, a third layer"
+                    );
+                }
                 // The two layers taken into one count the same.
                 let mut one = first.clone();
                 one.absorb(&second);
@@ -881,13 +976,8 @@ mod tests {
                     layers: vec![&one],
                 };
                 for item in 0..(items as u32 + 4) {
-                    let got: Vec<(Name, u64, u64)> =
-                        (absorbed.rows(&format!("i{item}"), usize::MAX).into_iter())
-                            .flat_map(|r| r.rows)
-                            .map(|r| (r.item, r.co, r.users))
-                            .collect();
                     assert_eq!(
-                        got,
+                        named_rows(&absorbed, item, usize::MAX),
                         naive(&events, item),
                         "{how}, round {round}, item i{item}, absorbed"
                     );
