@@ -290,7 +290,11 @@ pub fn write_rows(
             if written.bytes + bytes.len() as u64 > max_bytes {
                 break 'chunks;
             }
-            table[item as usize] = (written.bytes, bytes.len() as u32, entries);
+            // A row past 4 GiB is left to be counted when asked.
+            let Ok(len) = u32::try_from(bytes.len()) else {
+                continue;
+            };
+            table[item as usize] = (written.bytes, len, entries);
             w.write_all(&bytes).map_err(io)?;
             written.rows += 1;
             written.entries += u64::from(entries);

@@ -96,9 +96,9 @@ pub struct CoIndex {
     memo: RowMemo,
     /// The items' audience sizes in the version alone.
     sizes: Sizes,
-    /// The rows the batch layer counted at publish (the costliest items'), read when first
-    /// asked instead of counted; only with the numbering they were counted in (the version's
-    /// audiences file).
+    /// The rows the batch layer counted at publish (every item's, up to the file's cap), read
+    /// per request instead of counted; only with the numbering they were counted in (the
+    /// version's audiences file).
     rows: Option<RowFile>,
 }
 
@@ -613,9 +613,9 @@ impl Merged<'_> {
     /// Calls `f` once with each item that co-occurs with item `seed` and its count, unordered:
     /// the version's row ([`CoIndex::row_each`]), each entry with what the layers change
     /// ([`Merged::count_upper`]) added, then what only the layers hold. `counter` (as long as
-    /// [`Merged::items`], empty before and after) holds only what the layers change. With `counted`, the version's row is counted rather than read from
-    /// the batch layer's file. An error is a row of the file that does not decode; `f` may have
-    /// been given part of it.
+    /// [`Merged::items`], empty before and after) holds only what the layers change. With
+    /// `counted`, the version's row is counted rather than read from the batch layer's file. An
+    /// error is a row of the file that does not decode; `f` may have been given part of it.
     pub fn each_count(
         &self,
         seed: u32,
