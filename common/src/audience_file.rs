@@ -22,6 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::varint;
 use crate::views::{Basis, FastMap, Name, Partial, ViewKey};
 
 const MAGIC: &[u8; 8] = b"STRAUD01";
@@ -322,38 +323,11 @@ fn encode_row(row: &[(u32, u32)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(row.len() * 3);
     let mut next = 0u32;
     for &(other, users) in row {
-        put_varint(&mut out, other - next);
-        put_varint(&mut out, users);
+        varint::put(&mut out, u128::from(other - next));
+        varint::put(&mut out, u128::from(users));
         next = other + 1;
     }
     out
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u32) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// The varint at `at` in `bytes`, and where the next begins.
-#[inline]
-fn get_varint(bytes: &[u8], mut at: usize) -> Option<(u32, usize)> {
-    let first = *bytes.get(at)?;
-    if first < 0x80 {
-        return Some((u32::from(first), at + 1));
-    }
-    let mut v = 0u32;
-    for shift in (0..35).step_by(7) {
-        let b = *bytes.get(at)?;
-        at += 1;
-        v |= u32::from(b & 0x7f).checked_shl(shift)?;
-        if b & 0x80 == 0 {
-            return Some((v, at));
-        }
-    }
-    None
 }
 
 const ROWS_MAGIC: &[u8; 8] = b"STRAROW2";
@@ -368,9 +342,12 @@ pub struct RowFile {
     table: Vec<Option<(u64, u32, u32)>>,
 }
 
+/// A row's bytes as read, and its entries as decoded.
+type RowScratch = (Vec<u8>, Vec<(u32, u32)>);
+
 thread_local! {
-    /// A row's bytes as read: reused from one row to the next.
-    static ROW_BYTES: std::cell::RefCell<Vec<u8>> = Default::default();
+    /// Reused from one row to the next.
+    static ROW_SCRATCH: std::cell::RefCell<RowScratch> = Default::default();
 }
 
 impl RowFile {
@@ -431,35 +408,37 @@ impl RowFile {
         self.table.iter().filter(|t| t.is_some()).count()
     }
 
-    /// Calls `f` with each (other item, users) of item `item`'s row, if the file holds it. On
-    /// an error (a row that does not decode), `f` may have been given part of the row: what it
-    /// was given is to be dropped.
+    /// Calls `f` with each (other item, users) of item `item`'s row, if the file holds it. The
+    /// row is read and decoded whole first: on an error (a row that does not decode), `f` was
+    /// given none of it.
     pub fn for_each(&self, item: u32, mut f: impl FnMut(u32, u32)) -> Option<Result<()>> {
         let (start, bytes, entries) = (*self.table.get(item as usize)?)?;
         let items = self.table.len() as u64;
-        Some(ROW_BYTES.with_borrow_mut(|raw| {
+        Some(ROW_SCRATCH.with_borrow_mut(|(raw, row)| {
             raw.resize(bytes as usize, 0);
             (self.file.read_exact_at(raw, start)).map_err(|e| Error::io(&self.path, e))?;
-            let (mut at, mut next, mut given) = (0usize, 0u64, 0u32);
+            row.clear();
+            let (mut at, mut next) = (0usize, 0u64);
             while at < raw.len() {
-                let Some((gap, after)) = get_varint(raw, at) else {
+                let entry = varint::take(raw, &mut at).and_then(|gap| {
+                    let other = next.checked_add(u64::try_from(gap).ok()?)?;
+                    let users = u32::try_from(varint::take(raw, &mut at)?).ok()?;
+                    (other < items).then_some((other as u32, users))
+                });
+                let Some((other, users)) = entry else {
                     break;
                 };
-                let Some((users, after)) = get_varint(raw, after) else {
-                    break;
-                };
-                let other = next + u64::from(gap);
-                if other >= items {
-                    break;
-                }
-                f(other as u32, users);
-                (next, at, given) = (other + 1, after, given + 1);
+                row.push((other, users));
+                next = u64::from(other) + 1;
             }
-            if at != raw.len() || given != entries {
+            if at != raw.len() || row.len() != entries as usize {
                 return Err(Error::corrupt(
                     self.path.display().to_string(),
                     format!("the row of item {item} does not decode"),
                 ));
+            }
+            for &(other, users) in row.iter() {
+                f(other, users);
             }
             Ok(())
         }))
@@ -546,6 +525,43 @@ mod tests {
                 .map(|u| Name::from(*u))
                 .collect::<BTreeSet<_>>())),
         )
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_is_refused_whole() {
+        // One user who saw three items: each item's row holds the two others.
+        let entries = [
+            audience(Basis::View, "i0", &["u0"]),
+            audience(Basis::View, "i1", &["u0"]),
+            audience(Basis::View, "i2", &["u0"]),
+        ];
+        let a = Audiences::of(entries.iter().map(|(k, p)| (k, p)), Basis::View);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(rows_file_name(Basis::View));
+        let written = write_rows(&path, &a, &a.histories(), u64::MAX).expect("write rows");
+        assert_eq!((written.rows, written.entries), (3, 6));
+        // The last row's last varint cut (its high bit set): that row is an error, with none
+        // of its entries given; the others read whole.
+        let mut bytes = std::fs::read(&path).expect("bytes");
+        bytes[12 + written.bytes as usize - 1] |= 0x80;
+        std::fs::write(&path, &bytes).expect("damage a row");
+        let file = RowFile::open(&path).expect("open").expect("rows file");
+        let (mut failed, mut whole) = (0, 0);
+        for item in 0..3 {
+            let mut given = 0;
+            match file.for_each(item, |_, _| given += 1) {
+                Some(Err(_)) => {
+                    assert_eq!(given, 0, "nothing of a damaged row is given");
+                    failed += 1;
+                }
+                Some(Ok(())) => {
+                    assert_eq!(given, 2, "row {item}");
+                    whole += 1;
+                }
+                None => panic!("row {item} is in the file"),
+            }
+        }
+        assert_eq!((failed, whole), (1, 2));
     }
 
     #[test]

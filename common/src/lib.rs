@@ -31,6 +31,7 @@ pub mod retention;
 pub mod speed_store;
 pub mod time;
 pub mod undecodable;
+pub mod varint;
 pub mod version_file;
 pub mod views;
 

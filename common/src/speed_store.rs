@@ -1157,6 +1157,14 @@ impl SpeedReader {
         }
     }
 
+    /// Reads the partitions' live blocks as of the newest view and holds them. Live blocks are
+    /// read whole from the journal on the first read that needs them (tens of milliseconds
+    /// under a stream) and brought forward from the ones held after that: a reader calls this
+    /// when it starts, so that its first request does not wait for them.
+    pub fn read_live(&self) -> Result<()> {
+        self.with_view(|_, reads, _, _| reads.read_live())
+    }
+
     /// The reads of one consistent view; its live blocks are read on the first read that needs
     /// them (see [`View`]). `None` when a finished block the meta family names is not in
     /// `blocks` yet.
@@ -1268,6 +1276,8 @@ pub trait ViewReads {
     ) -> Result<()>;
     /// The layers of the live blocks within `ranges` (see [`LiveLayer`]).
     fn live_layers(&self, ranges: &[BlockRange]) -> Result<Vec<Arc<LiveLayer>>>;
+    /// Reads this view's live blocks (see [`SpeedReader::read_live`]).
+    fn read_live(&self) -> Result<()>;
     /// See [`read_journal`].
     fn journal(
         &self,
@@ -1386,6 +1396,9 @@ impl<R: Reads> ViewReads for View<'_, R> {
         Ok((self.live_in(ranges)?)
             .flat_map(|l| l.layers.iter().cloned())
             .collect())
+    }
+    fn read_live(&self) -> Result<()> {
+        self.live().map(drop)
     }
     fn journal(
         &self,

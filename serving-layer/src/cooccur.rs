@@ -110,29 +110,28 @@ struct RowMemo {
     limit: usize,
 }
 
-/// Every item's audience size, counted once for what never changes (a batch version, or a
-/// version with one layer over it).
-#[derive(Default)]
-struct Sizes(OnceLock<Arc<Vec<u32>>>);
+/// What is derived once from what never changes (a batch version, or a version with one layer
+/// over it). A copy of a layer (made to take another layer into it) derives anew.
+struct Derived<T>(OnceLock<T>);
 
-/// A copy of a layer (made to take another layer into it) counts anew.
-impl Clone for Sizes {
-    fn clone(&self) -> Self {
-        Sizes::default()
+impl<T> Default for Derived<T> {
+    fn default() -> Self {
+        Derived(OnceLock::new())
     }
 }
+
+impl<T> Clone for Derived<T> {
+    fn clone(&self) -> Self {
+        Derived::default()
+    }
+}
+
+/// Every item's audience size, by number.
+type Sizes = Derived<Arc<Vec<u32>>>;
 
 /// A layer's users by the items of their histories in the index ([`Overlay::index_users`]):
 /// where each item's users start, then the users.
-#[derive(Default)]
-struct ByItem(OnceLock<(Vec<u32>, Vec<u32>)>);
-
-/// A copy of a layer (made to take another layer into it) indexes anew.
-impl Clone for ByItem {
-    fn clone(&self) -> Self {
-        ByItem::default()
-    }
-}
+type ByItem = Derived<(Vec<u32>, Vec<u32>)>;
 
 impl Default for RowMemo {
     fn default() -> Self {
@@ -280,30 +279,29 @@ impl CoIndex {
 
     /// Calls `f` with each (other item, count) of item `seed`'s row in the version alone: a
     /// kept row, or the row the batch layer counted (read from its file, not kept: its bytes
-    /// stay in the page cache) unless `counted`, or one counted here (and kept). An error is a
-    /// row of the file that does not decode; `f` may have been given part of it.
-    fn row_each(
-        &self,
-        seed: u32,
-        counted: bool,
-        mut f: impl FnMut(u32, u32),
-    ) -> Result<(), strata_common::error::Error> {
+    /// stay in the page cache), or one counted here (and kept), as for a row the file does not
+    /// hold or one it holds that does not decode (given none of it, [`RowFile::for_each`]).
+    fn row_each(&self, seed: u32, mut f: impl FnMut(u32, u32)) {
         if let Some(row) = self.memo.kept(seed) {
             for &(other, co) in row.iter() {
                 f(other, co);
             }
-            return Ok(());
+            return;
         }
-        if let Some(read) = (self.rows.as_ref())
-            .filter(|_| !counted)
+        match self
+            .rows
+            .as_ref()
             .and_then(|file| file.for_each(seed, &mut f))
         {
-            return read;
+            Some(Ok(())) => return,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "a precounted row cannot be read; counting it")
+            }
+            None => {}
         }
         for &(other, co) in self.row(seed).iter() {
             f(other, co);
         }
-        Ok(())
     }
 }
 
@@ -602,43 +600,24 @@ impl Merged<'_> {
     pub fn counts(&self, seed: u32) -> Vec<(u32, u32)> {
         let mut counter = Counter::new(self.count(Kind::Item));
         let mut row = Vec::new();
-        if let Err(e) = self.each_count(seed, &mut counter, false, |o, c| row.push((o, c))) {
-            tracing::warn!(error = %e, "a precounted row cannot be read; counting it");
-            row.clear();
-            let _counted = self.each_count(seed, &mut counter, true, |o, c| row.push((o, c)));
-        }
+        self.each_count(seed, &mut counter, |o, c| row.push((o, c)));
         row
     }
 
     /// Calls `f` once with each item that co-occurs with item `seed` and its count, unordered:
     /// the version's row ([`CoIndex::row_each`]), each entry with what the layers change
     /// ([`Merged::count_upper`]) added, then what only the layers hold. `counter` (as long as
-    /// [`Merged::items`], empty before and after) holds only what the layers change. With
-    /// `counted`, the version's row is counted rather than read from the batch layer's file. An
-    /// error is a row of the file that does not decode; `f` may have been given part of it.
-    pub fn each_count(
-        &self,
-        seed: u32,
-        counter: &mut Counter,
-        counted: bool,
-        mut f: impl FnMut(u32, u32),
-    ) -> Result<(), strata_common::error::Error> {
+    /// [`Merged::items`], empty before and after) holds only what the layers change.
+    pub fn each_count(&self, seed: u32, counter: &mut Counter, mut f: impl FnMut(u32, u32)) {
         self.count_upper(seed, counter);
         if self.in_index(seed) {
-            let row = self.index.row_each(seed, counted, |other, co| {
-                f(other, co + counter.take_one(other))
-            });
-            if let Err(e) = row {
-                counter.drain(|_, _| {});
-                return Err(e);
-            }
+            (self.index).row_each(seed, |other, co| f(other, co + counter.take_one(other)));
         }
         counter.drain(|other, co| {
             if co > 0 {
                 f(other, co)
             }
         });
-        Ok(())
     }
 
     fn in_index(&self, item: u32) -> bool {
@@ -786,6 +765,17 @@ mod tests {
         .expect("overlay")
     }
 
+    /// Where item `item`'s row lies in the bytes of a rows file (start, end), from its table.
+    fn row_span(bytes: &[u8], item: u32) -> (usize, usize) {
+        let n = bytes.len();
+        let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize;
+        let body = le64(&bytes[n - 16..n - 8]);
+        let entry = 12 + body + 16 * item as usize;
+        let start = 12 + le64(&bytes[entry..entry + 8]);
+        let len = u32::from_le_bytes(bytes[entry + 8..entry + 12].try_into().expect("4 bytes"));
+        (start, start + len as usize)
+    }
+
     /// The `keep` best rows of item `i{item}`, by name.
     fn named_rows(m: &Merged<'_>, item: u32, keep: usize) -> Vec<(Name, u64, u64)> {
         (m.rows(&format!("i{item}"), keep).into_iter())
@@ -888,6 +878,27 @@ mod tests {
                         .expect("rows file"),
                 ),
             );
+            // And with a rows file whose every row's last byte is damaged: each row is
+            // refused whole and counted instead.
+            let damaged_path = dir.path().join("rows-damaged");
+            let mut bytes = std::fs::read(&row_path).expect("rows bytes");
+            for item in 0..audiences.items.len() as u32 {
+                if let Some(Ok(row)) = file.row(item) {
+                    let (_, at) = row_span(&bytes, item);
+                    if !row.is_empty() {
+                        bytes[at - 1] |= 0x80;
+                    }
+                }
+            }
+            std::fs::write(&damaged_path, &bytes).expect("damaged rows");
+            let damaged = CoIndex::from_audiences(
+                Audiences::of(parts.iter().map(|(_, (k, p))| (k, p)), Basis::View),
+                Some(
+                    RowFile::open(&damaged_path)
+                        .expect("open")
+                        .expect("rows file"),
+                ),
+            );
             let precounted = CoIndex::from_audiences(audiences, Some(file));
             // And keeping no row at all (`serve.memo-mb = 0`), or only a few pairs.
             let unkept = CoIndex::build(&version, Basis::View)
@@ -901,6 +912,7 @@ mod tests {
                 ("numbered", &numbered),
                 ("precounted", &precounted),
                 ("capped", &capped),
+                ("damaged", &damaged),
                 ("unkept", &unkept),
                 ("few kept", &few),
             ] {

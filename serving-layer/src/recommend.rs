@@ -425,40 +425,23 @@ pub fn for_user(
         let mut from = vec![0u16; n];
         let mut seen: Vec<u32> = Vec::new();
         let mut counter = Counter::new(n);
-        // The version's rows are read from the batch layer's files; if one does not decode,
-        // the whole sum is made again with them counted.
-        for counted in [false, true] {
-            let mut sum = || {
-                for (at, (seed, _)) in recent.iter().enumerate() {
-                    let Some(id) = merged.item(seed) else {
-                        continue;
-                    };
-                    let n_a = u64::from(audience[id as usize]);
-                    if n_a == 0 {
-                        continue;
-                    }
-                    merged.each_count(id, &mut counter, counted, |other, co| {
-                        let o = other as usize;
-                        let users = u64::from(audience[o]).max(1);
-                        if from[o] == 0 {
-                            seen.push(other);
-                        }
-                        score[o] += f64::from(co) / (n_a as f64 * users as f64).sqrt();
-                        from[o] |= 1 << at;
-                    })?;
-                }
-                Ok::<(), strata_common::error::Error>(())
+        for (at, (seed, _)) in recent.iter().enumerate() {
+            let Some(id) = merged.item(seed) else {
+                continue;
             };
-            match sum() {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "a precounted row cannot be read; counting rows");
-                    for &o in &seen {
-                        (score[o as usize], from[o as usize]) = (0.0, 0);
-                    }
-                    seen.clear();
-                }
+            let n_a = u64::from(audience[id as usize]);
+            if n_a == 0 {
+                continue;
             }
+            merged.each_count(id, &mut counter, |other, co| {
+                let o = other as usize;
+                let users = u64::from(audience[o]).max(1);
+                if from[o] == 0 {
+                    seen.push(other);
+                }
+                score[o] += f64::from(co) / (n_a as f64 * users as f64).sqrt();
+                from[o] |= 1 << at;
+            });
         }
         seen.retain(|o| excluded.binary_search(o).is_err());
         // Ties are broken by name, so only the candidates scoring at least the `limit`-th best

@@ -10,7 +10,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use strata_common::config::ServeConfig;
 use strata_common::kafka;
-use strata_common::views::{Name, ViewKey};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -159,13 +158,8 @@ fn spawn_upkeep(state: Arc<ServingState>, shutdown: CancellationToken) {
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::task::spawn_blocking(move || {
-            // The partitions' live blocks are read from the speed journal on the first read
-            // of the speed data (tens of milliseconds under a stream) and brought forward from
-            // then on: read them here, so that the first request does not.
             state.catch_up();
-            if let Err(e) = state.with_merge(|m| m.get(&ViewKey::Item(Name::default()))) {
-                tracing::debug!(error = ?e, "the live blocks are read on the first request");
-            }
+            state.read_live();
             let mut ticks = 0u64;
             while !shutdown.is_cancelled() {
                 state.catch_up();

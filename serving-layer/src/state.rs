@@ -13,6 +13,7 @@ use strata_common::handoff::{
 };
 use strata_common::speed_store::{self, SpeedMeta, SpeedReader, ViewReads};
 use strata_common::time::Millis;
+use strata_common::varint::{put as put_varint, take as take_varint, unzigzag, zigzag};
 use strata_common::version_file::VersionFile;
 use strata_common::views::{
     absorb_opt, tag, Basis, FastMap, Gran, ItemStats, Monoid, Name, Partial, ViewKey,
@@ -90,49 +91,6 @@ const SUFFIX_EVERY: usize = 10;
 struct Rows {
     out: Vec<u8>,
     before: u32,
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u128) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads one varint of at most 128 bits; `None` past the end or past 128 bits.
-#[inline]
-fn take_varint(bytes: &[u8], at: &mut usize) -> Option<u128> {
-    let b = *bytes.get(*at)?;
-    *at += 1;
-    if b < 0x80 {
-        // Most values (counts in one bucket, an item number's step) take one byte.
-        return Some(u128::from(b));
-    }
-    let mut v = u128::from(b & 0x7f);
-    let mut shift = 7;
-    loop {
-        let b = *bytes.get(*at)?;
-        *at += 1;
-        if shift > 126 {
-            return None;
-        }
-        v |= u128::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(v);
-        }
-        shift += 7;
-    }
-}
-
-#[inline]
-fn zigzag(v: i128) -> u128 {
-    ((v << 1) ^ (v >> 127)) as u128
-}
-
-#[inline]
-fn unzigzag(v: u128) -> i128 {
-    ((v >> 1) as i128) ^ -((v & 1) as i128)
 }
 
 impl Rows {
@@ -807,11 +765,11 @@ impl Merge<'_> {
         Ok(())
     }
 
-    /// The deltas of the views `keep` accepts (by encoded key) that the journal holds for the last blocks `open`
-    /// (see [`Merge::speed_blocks`]) from offsets `covered` to `next`, per partition; `None` if
-    /// the journal does not hold all of them (entries not chained from `covered` to `next`,
-    /// e.g. written by a speed layer without a journal, or reaching back before the block: an
-    /// entry holds no deltas of a block it finished).
+    /// The deltas of the views `keep` accepts (by encoded key) that the journal holds for the
+    /// last blocks `open` (see [`Merge::speed_blocks`]) from offsets `covered` to `next`, per
+    /// partition; `None` if the journal does not hold all of them (entries not chained from
+    /// `covered` to `next`, e.g. written by a speed layer without a journal, or reaching back
+    /// before the block: an entry holds no deltas of a block it finished).
     pub fn journal_since(
         &self,
         open: &[BlockRange],
@@ -998,6 +956,14 @@ impl ServingState {
         StateId {
             batch_version,
             speed_sequence,
+        }
+    }
+
+    /// Reads the speed layer's live blocks before the first request needs them
+    /// ([`SpeedReader::read_live`]); a failure is left for a request to meet and report.
+    pub fn read_live(&self) {
+        if let Some(Err(e)) = self.speed_reader().map(|r| r.read_live()) {
+            tracing::debug!(error = %e, "the live blocks are read on the first request");
         }
     }
 
